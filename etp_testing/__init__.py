@@ -1,0 +1,1 @@
+"""etp_testing: the harness that proves ETP rules right."""

@@ -1,0 +1,191 @@
+r"""The reference D-RTRL and pp-prop executors: what "exact" means.
+
+One primitive ``P`` sits inside a diagonal recurrence with ``S`` hidden states
+per output element:
+
+.. math::
+
+   y_t = P(x_t, w), \qquad
+   h_t[\dots, a] = \sum_b A_t[\dots, a, b]\, h_{t-1}[\dots, b] + B_t[\dots, a]\, y_t,
+   \qquad L = \sum_t \langle c_t, h_t \rangle .
+
+:func:`unrolled_loss` writes that loop in plain JAX (``jax.grad`` of it is the
+truth); :func:`drtrl_gradient` computes the same gradient from the rules alone:
+
+.. math::
+
+   \varepsilon_t[\dots, a] = \sum_b \mathrm{yw\_to\_w}(A_t[\dots, a, b],
+       \varepsilon_{t-1}[\dots, b]) + \mathrm{instant}(x_t, B_t[\dots, a], w),
+   \qquad
+   \nabla_w L = \sum_t \sum_a \mathrm{solve}(c_t[\dots, a], \varepsilon_t[\dots, a]).
+
+The ``S`` axis is the trace's last axis; the executor ``vmap``\ s ``yw_to_w``
+over it.  For a batched primitive the instantaneous term is taken per example
+(each as a batch of one) unless the primitive provides ``instant_drtrl``, which
+then returns per-example traces for the whole batch itself.
+
+Where a weight reaches the primitive through ``fn`` (``element_wise(w, fn)``),
+``transforms={key: fn}`` applies ``fn`` to the raw weight, and the raw gradient
+is JAX's VJP of ``fn`` at the solved gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+import etp
+
+
+def jaxpr_vars(primitive, operands, params):
+  """The real jaxpr variables ``(x_var, y_var, weight_vars)`` of one bind."""
+  closed = jax.make_jaxpr(lambda *ops: primitive.bind(*ops, **params))(*operands)
+  eqns = [e for e in closed.jaxpr.eqns if e.primitive is primitive]
+  if len(eqns) != 1:
+    raise AssertionError(
+        f'tracing {primitive.name} gave {len(eqns)} equations of it, not 1')
+  eqn = eqns[0]
+  x_var = (None if primitive.x_invar_index is None
+           else eqn.invars[primitive.x_invar_index])
+  y_var = eqn.outvars[primitive.y_outvar_index]
+  weight_vars = {k: eqn.invars[i]
+                 for k, i in primitive.trainable_invars(params).items()}
+  return x_var, y_var, weight_vars
+
+
+def _bind_y(primitive, operands, params):
+  out = primitive.bind(*operands, **params)
+  return out[primitive.y_outvar_index] if primitive.multiple_results else out
+
+
+def _with_x(primitive, operands, x):
+  ops = list(operands)
+  if primitive.x_invar_index is not None:
+    ops[primitive.x_invar_index] = x
+  return ops
+
+
+def _with_weights(primitive, operands, params, weights: Mapping):
+  ops = list(operands)
+  for k, i in primitive.trainable_invars(params).items():
+    ops[i] = weights[k]
+  return ops
+
+
+def _apply_transforms(weights, transforms):
+  return {k: transforms[k](w) if k in transforms else w
+          for k, w in weights.items()}
+
+
+def unrolled_loss(primitive, operands, params, raw_weights: Mapping, xs, A, Bf,
+                  C, transforms: Optional[Mapping[str, Callable]] = None):
+  """``L = sum_t <c_t, h_t>`` of the recurrence, in plain JAX."""
+  transforms = transforms or {}
+  weights = _apply_transforms(raw_weights, transforms)
+  ops = _with_weights(primitive, operands, params, weights)
+  h = jnp.zeros(Bf.shape[1:], jnp.result_type(Bf, *weights.values()))
+  loss = 0.
+  for t in range(A.shape[0]):
+    x_t = None if xs is None else xs[t]
+    y = _bind_y(primitive, _with_x(primitive, ops, x_t), params)
+    h = jnp.einsum('...ab,...b->...a', A[t], h) + Bf[t] * y[..., None]
+    loss = loss + jnp.sum(C[t] * h)
+  return loss
+
+
+def autodiff_gradient(primitive, operands, params, xs, A, Bf, C,
+                      transforms=None) -> dict:
+  """``jax.grad`` of :func:`unrolled_loss` w.r.t. every raw weight."""
+  _, weights, _ = primitive.split_operands(operands, params)
+  return jax.grad(lambda w: unrolled_loss(primitive, operands, params, w, xs,
+                                          A, Bf, C, transforms))(weights)
+
+
+def instant_term(primitive, rules, x, g, weights, rule_params):
+  """The trace increment of one step (per example for batched primitives)."""
+  if rules.instant_drtrl is not None:
+    return rules.instant_drtrl(x, g, weights, **rule_params)
+  if primitive.batched:
+    one = lambda xi, gi: rules.xy_to_dw(xi[None], gi[None], weights,
+                                        **rule_params)
+    return jax.vmap(one)(x, g)
+  return rules.xy_to_dw(x, g, weights, **rule_params)
+
+
+def solve_term(rules, c, trace, weights, rule_params):
+  """A weight-shaped gradient from a learning signal and a trace."""
+  if rules.solve_drtrl is not None:
+    return rules.solve_drtrl(c, trace, **rule_params)
+  linked = rules.yw_to_w(c, trace, **rule_params)
+  return {k: v.reshape((-1,) + weights[k].shape).sum(0)
+          if v.ndim > weights[k].ndim else v for k, v in linked.items()}
+
+
+def drtrl_gradient(primitive, operands, params, xs, A, Bf, C, transforms=None,
+                   rules=None) -> dict:
+  """The gradient of :func:`unrolled_loss` from the ETP rules alone."""
+  rules = rules or etp.rules_of(primitive)
+  transforms = transforms or {}
+  _, raw_weights, rule_params = primitive.split_operands(operands, params)
+  weights = _apply_transforms(raw_weights, transforms)
+  ops = _with_weights(primitive, operands, params, weights)
+  n_state = A.shape[-1]
+  x0 = None if xs is None else xs[0]
+  x_var, y_var, weight_vars = jaxpr_vars(
+      primitive, _with_x(primitive, ops, x0), params)
+  trace = rules.init_drtrl(x_var, y_var, weight_vars, n_state)
+
+  link = lambda g, tr: rules.yw_to_w(g, tr, **rule_params)
+  # vmap over the trace's state axis b: sum_b yw_to_w(A[..., a, b], eps[..., b])
+  link_states = jax.vmap(link, in_axes=(-1, -1), out_axes=0)
+  grads = {k: jnp.zeros_like(w) for k, w in weights.items()}
+  for t in range(A.shape[0]):
+    x_t = None if xs is None else xs[t]
+    new_trace = []
+    for a in range(n_state):
+      carried = jax.tree.map(lambda v: v.sum(0), link_states(A[t][..., a, :],
+                                                             trace))
+      inst = instant_term(primitive, rules, x_t, Bf[t][..., a], weights,
+                          rule_params)
+      new_trace.append(jax.tree.map(jnp.add, carried, inst))
+    trace = jax.tree.map(lambda *vs: jnp.stack(vs, axis=-1), *new_trace)
+    for a in range(n_state):
+      solved = solve_term(rules, C[t][..., a],
+                          jax.tree.map(lambda v: v[..., a], trace), weights,
+                          rule_params)
+      grads = {k: grads[k] + solved[k] for k in grads}
+  # Through element_wise(w, fn): chain JAX's VJP of fn onto the solved grad.
+  return {k: jax.vjp(transforms[k], raw_weights[k])[1](g)[0]
+          if k in transforms else g for k, g in grads.items()}
+
+
+def pp_loss(primitive, operands, params, weights, xs, C, alpha):
+  """``L = sum_t <c_t, h_t>`` with ``h_t = alpha h_{t-1} + P(x_t, w)``."""
+  ops = _with_weights(primitive, operands, params, weights)
+  h, loss = 0., 0.
+  for t in range(xs.shape[0]):
+    h = alpha * h + _bind_y(primitive, _with_x(primitive, ops, xs[t]), params)
+    loss = loss + jnp.sum(C[t] * h)
+  return loss
+
+
+def pp_gradient(primitive, operands, params, xs, C, alpha, rules=None) -> dict:
+  r"""pp-prop's factorised gradient :math:`\sum_t \mathrm{xy\_to\_dw}(\varepsilon^x_t, c_t \odot \varepsilon^f)`.
+
+  With one state and a uniform scalar decay, the ``df`` trace is 1 (its shape
+  comes from ``init_pp``) and the input trace is
+  :math:`\varepsilon^x_t = \alpha \varepsilon^x_{t-1} + x_t`.
+  """
+  rules = rules or etp.rules_of(primitive)
+  _, weights, rule_params = primitive.split_operands(operands, params)
+  x_var, y_var, weight_vars = jaxpr_vars(primitive, operands, params)
+  eps_f = jnp.ones_like(rules.init_pp(x_var, y_var, weight_vars, 1)[..., 0])
+  eps_x = jnp.zeros_like(xs[0])
+  grads = {k: jnp.zeros_like(w) for k, w in weights.items()}
+  for t in range(xs.shape[0]):
+    eps_x = alpha * eps_x + xs[t]
+    dw = rules.xy_to_dw(eps_x, C[t] * eps_f, weights, **rule_params)
+    grads = {k: grads[k] + dw[k] for k in grads}
+  return grads
