@@ -1,1 +1,19 @@
-"""etp_testing: the harness that proves ETP rules right."""
+"""etp_testing: the harness that proves ETP rules right.
+
+``assert_rule_consistent(primitive, *operands, **params)`` runs the check
+battery on one case and raises :class:`RuleConsistencyError` on any failure;
+``check_with_hypothesis`` runs it on generated cases; ``strategies`` draws
+cases for the built-in primitive families.
+"""
+
+from etp_testing._src.errors import RuleConsistencyError
+from etp_testing._src.report import (CheckOutcome, ConsistencyReport, Finding)
+from etp_testing._src.runner import (assert_rule_consistent, check_names,
+                                     check_rules)
+from etp_testing._src import tolerances
+
+__all__ = [
+    'assert_rule_consistent', 'check_rules', 'check_names',
+    'RuleConsistencyError', 'ConsistencyReport', 'CheckOutcome', 'Finding',
+    'tolerances',
+]

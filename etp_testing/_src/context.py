@@ -1,0 +1,255 @@
+"""What every check gets: the case under test and the means to judge it.
+
+A :class:`CheckContext` holds one concrete case (a primitive, its operands and
+params), draws every other input a check needs from the seed, calls rules so
+that a raising or malformed rule becomes a :class:`RuleFailure` naming the rule
+and key, and compares results against oracles (recording a :class:`Finding`
+per comparison, with chex doing the closeness test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Any, Mapping, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import etp
+from etp_testing._src import tolerances
+from etp_testing._src.errors import CheckSkipped, RuleFailure
+from etp_testing._src.report import Finding
+
+
+@contextlib.contextmanager
+def x64_enabled(enabled: bool = True):
+  """Sets ``jax_enable_x64`` for the block and restores the old value."""
+  old = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', enabled)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_enable_x64', old)
+
+
+def shape_of(tree) -> Any:
+  return jax.tree.map(lambda v: tuple(np.shape(v)), tree)
+
+
+def _is_float(v) -> bool:
+  return jnp.issubdtype(jnp.result_type(v), jnp.inexact)
+
+
+def to_float64(tree):
+  """Floating leaves to float64 (call inside :func:`x64_enabled`)."""
+  return jax.tree.map(
+      lambda v: jnp.asarray(v, jnp.float64) if _is_float(v) else jnp.asarray(v),
+      tree)
+
+
+def max_errors(actual, expected):
+  """``(max_abs, max_rel, index)``; see ``tolerances`` for the definitions."""
+  a = np.asarray(actual, np.float64)
+  e = np.asarray(expected, np.float64)
+  diff = np.abs(a - e)
+  if diff.size == 0:
+    return 0.0, 0.0, ()
+  bad = ~np.isfinite(diff)
+  if bad.any():
+    flat = int(np.flatnonzero(bad)[0])
+    return float('inf'), float('inf'), tuple(
+        int(i) for i in np.unravel_index(flat, diff.shape))
+  flat = int(np.argmax(diff))
+  max_abs = float(diff.reshape(-1)[flat])
+  scale = float(np.max(np.abs(e))) if e.size else 0.0
+  max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else
+                                               float('inf'))
+  return max_abs, max_rel, tuple(int(i) for i in
+                                 np.unravel_index(flat, diff.shape))
+
+
+class CheckContext:
+  """One case under test plus the tools checks share.
+
+  Attributes:
+    primitive, rules: the primitive and its :class:`etp.EtpRules`.
+    operands: concrete operands in invar order.
+    params: the bind params.
+    x, weights, rule_params: from ``primitive.split_operands``.
+    seed, steps, n_states: as given to ``assert_rule_consistent``.
+    devices: the devices the device checks may use.
+    findings: what the current check recorded (reset per check).
+  """
+
+  def __init__(self, primitive, operands, params, *, seed: int = 0,
+               steps: int = 3, n_states=(1, 2), rtol=None, atol=None,
+               devices=None, fast: bool = False):
+    self.primitive = primitive
+    self.rules = etp.rules_of(primitive)
+    self.operands = tuple(jnp.asarray(o) for o in operands)
+    self.params = dict(params)
+    self.seed = int(seed)
+    self.steps = int(steps)
+    self.n_states = tuple(n_states)
+    self.rtol_override = rtol
+    self.atol_override = atol
+    self.devices = list(devices) if devices is not None else jax.devices()
+    self.fast = fast
+    self.findings: list = []
+    self.x, self.weights, self.rule_params = primitive.split_operands(
+        self.operands, self.params)
+
+  # ------------------------------------------------------------- the case
+  @property
+  def name(self) -> str:
+    return self.primitive.name
+
+  @property
+  def batched(self) -> bool:
+    return self.primitive.batched
+
+  def bind(self, *operands, **params):
+    """Binds the primitive; returns ``y`` (the ``y_outvar_index`` output)."""
+    out = self.primitive.bind(*operands, **(params or self.params))
+    return out[self.primitive.y_outvar_index] if self.primitive.multiple_results \
+        else out
+
+  def y(self):
+    return self.bind(*self.operands)
+
+  def with_operands(self, x=None, weights: Optional[Mapping] = None) -> list:
+    """The operands with ``x`` and/or some weights replaced."""
+    ops = list(self.operands)
+    if x is not None and self.primitive.x_invar_index is not None:
+      ops[self.primitive.x_invar_index] = x
+    for k, i in self.primitive.trainable_invars(self.params).items():
+      if weights is not None and k in weights:
+        ops[i] = weights[k]
+    return ops
+
+  def weight_dtype(self):
+    dts = [w.dtype for w in self.weights.values()]
+    return jnp.result_type(*dts) if dts else self.y().dtype
+
+  # ------------------------------------------------------- randomness
+  def key(self, tag: str):
+    """A PRNG key for ``tag``, fixed by the seed (stable across runs)."""
+    return jax.random.fold_in(jax.random.PRNGKey(self.seed),
+                              zlib.crc32(tag.encode()) & 0x7FFFFFFF)
+
+  def normal(self, tag: str, shape, dtype=None, scale: float = 1.0):
+    dtype = dtype or self.weight_dtype()
+    return (scale * jax.random.normal(self.key(tag), tuple(shape),
+                                      jnp.float32)).astype(dtype)
+
+  def uniform(self, tag: str, shape, dtype=None, minval=0.5, maxval=1.5):
+    dtype = dtype or self.weight_dtype()
+    return jax.random.uniform(self.key(tag), tuple(shape), jnp.float32,
+                              minval, maxval).astype(dtype)
+
+  # ------------------------------------------------------------ rules
+  def call_rule(self, rule_name: str, *args, rules=None, **kwargs):
+    """Calls a rule; anything it raises becomes a :class:`RuleFailure`."""
+    rules = rules or self.rules
+    rule = getattr(rules, rule_name)
+    if rule is None:
+      raise RuleFailure(rule_name, f'rule {rule_name!r} is not registered for '
+                        f'{self.name}')
+    try:
+      return rule(*args, **{**self.rule_params, **kwargs})
+    except RuleFailure:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      shapes = shape_of([a for a in args if not isinstance(a, jax.core.Var)])
+      raise RuleFailure(rule_name, f'{rule_name} raised {type(e).__name__}: '
+                        f'{e} (called with argument shapes {shapes})') from e
+
+  def check_keys(self, rule_name: str, tree, expected_keys) -> None:
+    """Fails unless ``tree`` is a dict with exactly ``expected_keys``."""
+    if not isinstance(tree, Mapping):
+      raise RuleFailure(rule_name, f'{rule_name} returned '
+                        f'{type(tree).__name__}, expected a dict with keys '
+                        f'{sorted(expected_keys)}')
+    got, want = set(tree), set(expected_keys)
+    if got != want:
+      raise RuleFailure(rule_name, f'{rule_name} returned keys {sorted(got)}, '
+                        f'expected {sorted(want)} (missing '
+                        f'{sorted(want - got)}, extra {sorted(got - want)})')
+
+  # ------------------------------------------------------- judgement
+  def tolerance(self, dtype, kind: str = 'exact') -> tuple:
+    rtol, atol = tolerances.tolerance(dtype, kind)
+    if self.rtol_override is not None:
+      rtol = self.rtol_override
+    if self.atol_override is not None:
+      atol = self.atol_override
+    return rtol, atol
+
+  def record(self, finding: Finding) -> Finding:
+    self.findings.append(finding)
+    return finding
+
+  def fail(self, rule: str, message: str, key=None, **fields) -> Finding:
+    """Records a failed finding without numbers (a structural problem)."""
+    return self.record(Finding(rule=rule, key=key, passed=False,
+                               message=message, **fields))
+
+  def compare(self, actual, expected, *, rule: str, key=None, what: str = '',
+              kind: str = 'exact', dtype=None, check_dtype: bool = False,
+              approximate: bool = False) -> Finding:
+    """Compares two arrays; records and returns a :class:`Finding`.
+
+    Shapes must match exactly; values must satisfy the norm-wise bound of
+    ``tolerances`` (checked with ``chex.assert_trees_all_close`` on the
+    scaled difference); non-finite values fail.  ``check_dtype`` also asks
+    for equal dtypes.  ``approximate`` records the error without failing.
+    """
+    actual = jnp.asarray(actual)
+    expected = jnp.asarray(expected)
+    dtype = dtype or expected.dtype
+    rtol, atol = self.tolerance(dtype, kind)
+    base = dict(rule=rule, key=key, actual_shape=tuple(actual.shape),
+                expected_shape=tuple(expected.shape),
+                dtype=str(actual.dtype), rtol=rtol, atol=atol,
+                approximate=approximate)
+    if actual.shape != expected.shape:
+      return self.record(Finding(passed=False, message=(
+          f'{what or "result"}: shape {tuple(actual.shape)} != expected '
+          f'{tuple(expected.shape)}'), **base))
+    if check_dtype and actual.dtype != expected.dtype:
+      return self.record(Finding(passed=False, message=(
+          f'{what or "result"}: dtype {actual.dtype} != expected '
+          f'{expected.dtype}'), **base))
+    max_abs, max_rel, index = max_errors(actual, expected)
+    scale = float(np.max(np.abs(np.asarray(expected, np.float64)))) \
+        if expected.size else 0.0
+    try:
+      chex.assert_tree_all_finite(actual)
+      # The norm-wise bound, through chex: |a - e| <= atol + rtol * scale.
+      chex.assert_trees_all_close(
+          np.asarray(actual, np.float64), np.asarray(expected, np.float64),
+          rtol=0.0, atol=atol + rtol * scale)
+      passed = True
+    except AssertionError:
+      passed = False
+    if approximate:
+      passed = True
+    return self.record(Finding(
+        passed=passed, message=what or 'compared', max_abs_err=max_abs,
+        max_rel_err=max_rel, index=index, **base))
+
+  def compare_trees(self, actual: Mapping, expected: Mapping, *, rule: str,
+                    what: str = '', kind: str = 'exact',
+                    check_dtype: bool = False, approximate_keys=()) -> list:
+    """:meth:`compare` per key of two dicts (after :meth:`check_keys`)."""
+    self.check_keys(rule, actual, expected.keys())
+    return [self.compare(actual[k], expected[k], rule=rule, key=k, what=what,
+                         kind=kind, check_dtype=check_dtype,
+                         approximate=k in approximate_keys)
+            for k in expected]
+
+  def skip(self, reason: str):
+    raise CheckSkipped(reason)

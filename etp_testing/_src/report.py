@@ -1,0 +1,194 @@
+"""Plain data records of what the harness measured, and their text form.
+
+A :class:`ConsistencyReport` holds one :class:`CheckOutcome` per check run, and
+each outcome the :class:`Finding` s it recorded: one per comparison or
+structural problem.  Everything is JSON-serialisable (``to_dict``/``to_json``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Optional
+
+# Outcome statuses.
+PASSED = 'passed'
+FAILED = 'failed'      # a comparison failed or a rule misbehaved
+ERROR = 'error'        # the check itself could not run the primitive/rules
+SKIPPED = 'skipped'    # cannot run here (the reason says why): never a pass
+MEASURED = 'measured'  # passed, and reports the error of approximate weights
+BAD_STATUSES = (FAILED, ERROR)
+
+
+def _json_float(v):
+  if v is None:
+    return None
+  v = float(v)
+  return v if math.isfinite(v) else repr(v)
+
+
+@dataclasses.dataclass
+class Finding:
+  """One comparison (or structural problem) inside a check.
+
+  Attributes:
+    rule: the rule or operation under test (``xy_to_dw``, ``impl``, ...).
+    key: the weight key, where there is one.
+    passed: whether it is within tolerance / well-formed.
+    message: what was compared, or what is wrong.
+    max_abs_err: ``max |actual - expected|``.
+    max_rel_err: ``max_abs_err / max |expected|``.
+    index: where ``max_abs_err`` occurs (in ``actual``'s shape).
+    actual_shape, expected_shape, dtype: of the compared arrays.
+    rtol, atol: the bound applied (see ``etp_testing._src.tolerances``).
+    approximate: the weight is declared approximate: measured, not judged.
+  """
+
+  rule: str
+  key: Optional[str] = None
+  passed: bool = True
+  message: str = ''
+  max_abs_err: Optional[float] = None
+  max_rel_err: Optional[float] = None
+  index: Optional[tuple] = None
+  actual_shape: Optional[tuple] = None
+  expected_shape: Optional[tuple] = None
+  dtype: Optional[str] = None
+  rtol: Optional[float] = None
+  atol: Optional[float] = None
+  approximate: bool = False
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    for k in ('max_abs_err', 'max_rel_err', 'rtol', 'atol'):
+      d[k] = _json_float(d[k])
+    for k in ('index', 'actual_shape', 'expected_shape'):
+      d[k] = None if d[k] is None else [int(i) for i in d[k]]
+    return d
+
+  def describe(self) -> str:
+    where = f'[{self.key}]' if self.key else ''
+    parts = [f'{self.rule}{where}: {self.message}']
+    if self.max_abs_err is not None:
+      parts.append(
+          f'max abs err {self.max_abs_err:.3g}, max rel err '
+          f'{self.max_rel_err:.3g} at index {self.index} '
+          f'(rtol {self.rtol:g}, atol {self.atol:g})')
+    if self.actual_shape is not None or self.expected_shape is not None:
+      parts.append(f'shapes actual {self.actual_shape} expected '
+                   f'{self.expected_shape}, dtype {self.dtype}')
+    return '; '.join(parts)
+
+
+@dataclasses.dataclass
+class CheckOutcome:
+  """The result of one named check on one primitive."""
+
+  name: str
+  status: str
+  findings: list = dataclasses.field(default_factory=list)
+  reason: str = ''
+  duration_s: float = 0.0
+
+  @property
+  def failed(self) -> bool:
+    return self.status in BAD_STATUSES
+
+  def worst(self) -> Optional[Finding]:
+    """The finding with the largest relative error (failed ones first)."""
+    measured = [f for f in self.findings if f.max_rel_err is not None]
+    if not measured:
+      return None
+    return max(measured, key=lambda f: (not f.passed, f.max_rel_err))
+
+  def to_dict(self) -> dict:
+    worst = self.worst()
+    return {
+        'name': self.name, 'status': self.status, 'reason': self.reason,
+        'duration_s': round(self.duration_s, 6),
+        'max_abs_err': _json_float(worst.max_abs_err) if worst else None,
+        'max_rel_err': _json_float(worst.max_rel_err) if worst else None,
+        'findings': [f.to_dict() for f in self.findings],
+    }
+
+
+@dataclasses.dataclass
+class ConsistencyReport:
+  """Everything :func:`etp_testing.assert_rule_consistent` measured."""
+
+  primitive: str
+  params: dict
+  operands: list          # [{'shape': [...], 'dtype': '...'}] in invar order
+  seed: int
+  outcomes: list = dataclasses.field(default_factory=list)
+  snippet: str = ''
+  jax_version: str = ''
+  devices: list = dataclasses.field(default_factory=list)
+  duration_s: float = 0.0
+
+  @property
+  def passed(self) -> bool:
+    return not any(o.failed for o in self.outcomes)
+
+  @property
+  def failures(self) -> list:
+    return [o for o in self.outcomes if o.failed]
+
+  def outcome(self, name: str) -> Optional[CheckOutcome]:
+    for o in self.outcomes:
+      if o.name == name:
+        return o
+    return None
+
+  def to_dict(self) -> dict:
+    return {
+        'primitive': self.primitive,
+        'params': {k: _jsonable(v) for k, v in self.params.items()},
+        'operands': self.operands, 'seed': self.seed,
+        'passed': self.passed,
+        'jax_version': self.jax_version, 'devices': self.devices,
+        'duration_s': round(self.duration_s, 6),
+        'outcomes': [o.to_dict() for o in self.outcomes],
+        'snippet': self.snippet,
+    }
+
+  def to_json(self, **kwargs) -> str:
+    return json.dumps(self.to_dict(), **kwargs)
+
+  def summary_line(self) -> str:
+    counts = {}
+    for o in self.outcomes:
+      counts[o.status] = counts.get(o.status, 0) + 1
+    return f'{self.primitive}: ' + ', '.join(
+        f'{n} {s}' for s, n in sorted(counts.items()))
+
+  def failure_message(self) -> str:
+    """The text of :class:`RuleConsistencyError`: headline, details, snippet."""
+    failed = self.failures
+    names = ', '.join(o.name for o in failed)
+    lines = [f'[etp_testing] {self.primitive} failed {len(failed)} check(s): '
+             f'{names}',
+             f'  params {self.params}, operands '
+             + ', '.join(f"{o['dtype']}{list(o['shape'])}" for o in self.operands)
+             + f', seed {self.seed}']
+    for o in failed:
+      lines.append(f'- {o.name} ({o.status})'
+                   + (f': {o.reason}' if o.reason else ''))
+      for f in o.findings:
+        if not f.passed:
+          lines.append(f'    {f.describe()}')
+    if self.snippet:
+      lines.append('Reproduce with:')
+      lines.extend('    ' + l for l in self.snippet.splitlines())
+    return '\n'.join(lines)
+
+
+def _jsonable(v: Any):
+  if isinstance(v, (str, int, float, bool)) or v is None:
+    return v
+  if isinstance(v, (tuple, list)):
+    return [_jsonable(i) for i in v]
+  if isinstance(v, dict):
+    return {str(k): _jsonable(i) for k, i in v.items()}
+  return repr(v)

@@ -1,0 +1,171 @@
+"""``assert_rule_consistent``: run the battery on one case and judge it."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import etp
+from etp_testing._src import checks as _checks  # registers the checks
+from etp_testing._src import snippet as _snippet
+from etp_testing._src.checks import registry as check_registry
+from etp_testing._src.context import CheckContext, x64_enabled
+from etp_testing._src.errors import (PREFIX, CheckSkipped, RuleConsistencyError,
+                                     RuleFailure)
+from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
+                                     CheckOutcome, ConsistencyReport, Finding)
+
+del _checks
+
+
+def resolve_devices(devices='all') -> list:
+  """``'all'``, ``'cpu'``, ``'gpu'`` or a list of devices -> a device list.
+
+  ``'gpu'`` with no GPU present gives an empty list; the device check then
+  reports itself skipped (never passed).
+  """
+  if devices is None or devices == 'all':
+    found = []
+    for backend in ('cpu', 'gpu', 'tpu'):
+      try:
+        found.extend(jax.devices(backend))
+      except RuntimeError:
+        pass
+    return found
+  if isinstance(devices, str):
+    try:
+      return list(jax.devices(devices))
+    except RuntimeError:
+      return []
+  return list(devices)
+
+
+def _operand_info(operands) -> list:
+  return [{'shape': [int(s) for s in np.shape(o)],
+           'dtype': str(jnp.result_type(o))} for o in operands]
+
+
+def _wants_x64(operands) -> bool:
+  return any(getattr(o, 'dtype', None) == np.float64 for o in operands)
+
+
+def _validate_case(primitive, operands, params) -> Optional[str]:
+  """Why the operands/params cannot be bound, or ``None``."""
+  if not etp.is_etp_primitive(primitive):
+    return (f'{primitive!r} is not an ETP primitive (create it with '
+            'etp.register_primitive)')
+  try:
+    jax.eval_shape(lambda *ops: primitive.bind(*ops, **params), *operands)
+  except Exception as e:  # pylint: disable=broad-except
+    shapes = [tuple(np.shape(o)) for o in operands]
+    return (f'the operands do not fit {primitive.name}: binding shapes '
+            f'{shapes} with params {params} raised {type(e).__name__}: {e}')
+  return None
+
+
+def run_check(name: str, ctx: CheckContext) -> CheckOutcome:
+  """Runs one check and turns whatever happens into a :class:`CheckOutcome`."""
+  spec = check_registry.get(name)
+  ctx.findings = []
+  start = time.perf_counter()
+  status, reason = PASSED, ''
+  try:
+    spec.fn(ctx)
+  except CheckSkipped as e:
+    status, reason = SKIPPED, str(e)
+  except RuleFailure as e:
+    ctx.fail(e.rule, e.message, key=e.key)
+  except Exception as e:  # pylint: disable=broad-except
+    status, reason = ERROR, f'{type(e).__name__}: {e}'
+  findings = list(ctx.findings)
+  if status == PASSED:
+    if any(not f.passed for f in findings):
+      status = FAILED
+      reason = '; '.join(sorted({f.rule for f in findings if not f.passed}))
+    elif any(f.approximate for f in findings):
+      status = MEASURED
+  return CheckOutcome(name=name, status=status, findings=findings,
+                      reason=reason, duration_s=time.perf_counter() - start)
+
+
+def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
+                seed: int = 0, steps: int = 3, n_state: Sequence[int] = (1, 2),
+                devices='all', fast: bool = False,
+                **params) -> ConsistencyReport:
+  """Like :func:`assert_rule_consistent`, but returns the report, never raises
+  for failed checks (only for unknown check names)."""
+  names = check_registry.select(checks)
+  n_states = (n_state,) if isinstance(n_state, int) else tuple(n_state)
+  name = getattr(primitive, 'name', repr(primitive))
+  report = ConsistencyReport(
+      primitive=name, params=dict(params), operands=_operand_info(operands),
+      seed=int(seed), jax_version=jax.__version__)
+  start = time.perf_counter()
+  old_x64 = jax.config.jax_enable_x64
+  try:
+    with x64_enabled(old_x64 or _wants_x64(operands)):
+      device_list = resolve_devices(devices)
+      report.devices = [str(d) for d in device_list]
+      report.snippet = _snippet.reproduction(
+          primitive, operands, params, seed=seed, checks=names, steps=steps,
+          n_state=n_states, devices=devices)
+      problem = _validate_case(primitive, operands, params)
+      if problem is not None:
+        report.outcomes.append(CheckOutcome(
+            name='operands', status=ERROR, reason=problem,
+            findings=[Finding(rule='bind', passed=False, message=problem)]))
+        return report
+      ctx = CheckContext(primitive, operands, params, seed=seed, steps=steps,
+                         n_states=n_states, rtol=rtol, atol=atol,
+                         devices=device_list, fast=fast)
+      for check_name in names:
+        report.outcomes.append(run_check(check_name, ctx))
+  finally:
+    # Leave global state as found, whatever a check or rule did to it.
+    jax.config.update('jax_enable_x64', old_x64)
+    report.duration_s = time.perf_counter() - start
+  return report
+
+
+def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
+                           atol=None, seed: int = 0, steps: int = 3,
+                           n_state: Sequence[int] = (1, 2), devices='all',
+                           fast: bool = False, **params) -> ConsistencyReport:
+  """Proves an ETP primitive's rules right on one case, or says what is wrong.
+
+  Args:
+    primitive: an ETP primitive (built-in or from ``etp.register_primitive``).
+    *operands: concrete operands in the primitive's invar order.
+    checks: ``'all'``, or names / groups / glob patterns (see ``check_names``).
+    rtol, atol: override the per-dtype tolerance table for every comparison.
+    seed: fixes every drawn input (cotangents, traces, recurrence
+      coefficients, the input sequence, directions).
+    steps: recurrence length for the D-RTRL and pp-prop checks.
+    n_state: hidden states per output for the D-RTRL check (int or tuple).
+    devices: ``'all'``, ``'cpu'``, ``'gpu'`` or a list of devices.
+    fast: random-projection mode for large layers (no full Jacobians).
+    **params: the primitive's bind params.
+
+  Returns:
+    The :class:`ConsistencyReport` (every check passed, measured or skipped).
+
+  Raises:
+    RuleConsistencyError: a check failed or could not run; its message names
+      the primitive, the failed checks and rules, the errors and where they
+      occur, and a snippet that reproduces the case; ``.report`` holds it all.
+  """
+  report = check_rules(primitive, *operands, checks=checks, rtol=rtol,
+                       atol=atol, seed=seed, steps=steps, n_state=n_state,
+                       devices=devices, fast=fast, **params)
+  if not report.passed:
+    raise RuleConsistencyError(report.failure_message(), report)
+  return report
+
+
+def check_names() -> tuple:
+  """Every check the harness has, in run order."""
+  return check_registry.check_names()

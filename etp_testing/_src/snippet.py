@@ -1,0 +1,61 @@
+"""Reproduction snippets: Python source that re-runs a failing case.
+
+Small operands are written inline at full precision; larger ones are saved to
+an ``.npz`` file in the temporary directory and loaded by the snippet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+
+import numpy as np
+
+INLINE_LIMIT = 64  # elements; larger operands go to an .npz file
+
+
+def _module_import(primitive):
+  module = getattr(getattr(primitive, 'impl_fn', None), '__module__', None)
+  if not module or module == '__main__' or module.startswith('etp.'):
+    return None
+  return module
+
+
+def _operand_source(operands):
+  arrays = [np.asarray(o) for o in operands]
+  if all(a.size <= INLINE_LIMIT for a in arrays):
+    return [f'np.array({a.tolist()!r}, dtype=np.{a.dtype.name})'
+            for a in arrays], []
+  digest = hashlib.sha1(b''.join(a.tobytes() for a in arrays)).hexdigest()[:12]
+  path = os.path.join(tempfile.gettempdir(), f'etp_testing_case_{digest}.npz')
+  try:
+    np.savez(path, *arrays)
+    return [f'case["arr_{i}"]' for i in range(len(arrays))], [
+        f'case = np.load({path!r})']
+  except OSError:
+    return [f'np.zeros({a.shape!r}, np.{a.dtype.name})  # data not saved'
+            for a in arrays], []
+
+
+def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
+                 devices='all') -> str:
+  """Source that re-runs ``assert_rule_consistent`` on this case."""
+  name = getattr(primitive, 'name', str(primitive))
+  lines = ['import jax', 'import numpy as np', 'import etp', 'import etp_testing']
+  module = _module_import(primitive)
+  if module:
+    lines.append(f'import {module}  # registers {name}')
+  if any(np.asarray(o).dtype == np.float64 for o in operands):
+    lines.append("jax.config.update('jax_enable_x64', True)")
+  ops, setup = _operand_source(operands)
+  lines.extend(setup)
+  lines.append(f'prim = next(p for p in etp.primitives() if p.name == {name!r})')
+  lines.append('operands = [' + ', '.join(ops) + ']')
+  kwargs = ''.join(f', {k}={v!r}' for k, v in params.items())
+  devices_arg = '' if devices == 'all' else f', devices={devices!r}'
+  lines.append(
+      f'etp_testing.assert_rule_consistent(prim, *operands, '
+      f'checks={list(checks)!r}, seed={seed}, steps={steps}, '
+      f'n_state={tuple(n_state)!r}{devices_arg}{kwargs})')
+  return '\n'.join(lines)

@@ -1,0 +1,57 @@
+"""The one tolerance table of the harness.
+
+Two kinds of comparison, each with a per-dtype ``(rtol, atol)``:
+
+* ``'exact'``: two computations that are mathematically equal and run in the
+  operands' dtype (a rule against ``jax.vjp``, D-RTRL against ``jax.grad``).
+  The error is rounding only, so the bound follows the dtype's epsilon.
+* ``'fd'``: a rule against central finite differences.  Finite differences
+  always run in float64 (the check turns x64 on and restores it), with a step
+  chosen for float64; their truncation and cancellation error (~1e-9 relative
+  for smooth primitives) sets the bound, whatever the operands' dtype.
+
+A comparison passes when ``max|actual - expected| <= atol + rtol * scale`` with
+``scale = max|expected|``: a norm-wise bound, so elements near zero do not turn
+rounding noise into a huge per-element relative error.  The reported relative
+error is ``max|actual - expected| / scale``.
+
+Every deliberately broken rule in the mutant catalog is off by O(1) relative
+error or more (a sign, a missing factor, a wrong axis), far above these bounds.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+# dtype name -> (rtol, atol)
+EXACT = {
+    'float64': (1e-10, 1e-12),
+    'float32': (2e-5, 1e-7),
+    'float16': (4e-3, 1e-4),
+    'bfloat16': (3e-2, 1e-3),
+}
+FD = {
+    'float64': (1e-6, 1e-9),
+}
+# Step of the central differences, relative to the direction's unit norm.
+FD_EPS = 1e-5
+
+TABLES = {'exact': EXACT, 'fd': FD}
+
+
+def dtype_name(dtype) -> str:
+  return np.dtype(jnp.dtype(dtype)).name if dtype is not None else 'float32'
+
+
+def tolerance(dtype, kind: str = 'exact') -> tuple:
+  """``(rtol, atol)`` for comparing values of ``dtype`` by ``kind``."""
+  table = TABLES[kind]
+  if kind == 'fd':
+    return table['float64']
+  name = dtype_name(dtype)
+  if name not in table:
+    # Integer or complex outputs are compared like float64 (exactly enough).
+    name = 'float64' if jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating) \
+        else 'float32'
+  return table[name]
