@@ -23,6 +23,10 @@ from etp_testing._src import tolerances
 from etp_testing._src.errors import CheckSkipped, RuleFailure
 from etp_testing._src.report import Finding
 
+# Above this many Jacobian entries (output size x weight size), fast mode is
+# chosen automatically: random projections instead of full Jacobians.
+FAST_MODE_THRESHOLD = 1_000_000
+
 
 @contextlib.contextmanager
 def x64_enabled(enabled: bool = True):
@@ -81,12 +85,14 @@ class CheckContext:
     x, weights, rule_params: from ``primitive.split_operands``.
     seed, steps, n_states: as given to ``assert_rule_consistent``.
     devices: the devices the device checks may use.
+    fast: random-projection mode (no full Jacobians); ``None`` chooses it
+      when the largest Jacobian exceeds ``FAST_MODE_THRESHOLD`` entries.
     findings: what the current check recorded (reset per check).
   """
 
   def __init__(self, primitive, operands, params, *, seed: int = 0,
                steps: int = 3, n_states=(1, 2), rtol=None, atol=None,
-               devices=None, fast: bool = False):
+               devices=None, fast=None):
     self.primitive = primitive
     self.rules = etp.rules_of(primitive)
     self.operands = tuple(jnp.asarray(o) for o in operands)
@@ -97,10 +103,11 @@ class CheckContext:
     self.rtol_override = rtol
     self.atol_override = atol
     self.devices = list(devices) if devices is not None else jax.devices()
-    self.fast = fast
     self.findings: list = []
     self.x, self.weights, self.rule_params = primitive.split_operands(
         self.operands, self.params)
+    self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
+        else bool(fast)
 
   # ------------------------------------------------------------- the case
   @property
@@ -119,6 +126,13 @@ class CheckContext:
 
   def y(self):
     return self.bind(*self.operands)
+
+  def jacobian_size(self) -> int:
+    """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
+    y = jax.eval_shape(lambda *ops: self.bind(*ops), *self.operands)
+    sizes = [int(np.prod(y.shape)) * int(np.size(w))
+             for w in self.weights.values()]
+    return max(sizes, default=0)
 
   def with_operands(self, x=None, weights: Optional[Mapping] = None) -> list:
     """The operands with ``x`` and/or some weights replaced."""

@@ -94,7 +94,7 @@ def run_check(name: str, ctx: CheckContext) -> CheckOutcome:
 
 def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                 seed: int = 0, steps: int = 3, n_state: Sequence[int] = (1, 2),
-                devices='all', fast: bool = False,
+                devices='all', fast=None,
                 **params) -> ConsistencyReport:
   """Like :func:`assert_rule_consistent`, but returns the report, never raises
   for failed checks (only for unknown check names)."""
@@ -134,7 +134,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
 def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
                            atol=None, seed: int = 0, steps: int = 3,
                            n_state: Sequence[int] = (1, 2), devices='all',
-                           fast: bool = False, **params) -> ConsistencyReport:
+                           fast=None, **params) -> ConsistencyReport:
   """Proves an ETP primitive's rules right on one case, or says what is wrong.
 
   Args:
@@ -147,7 +147,9 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
     steps: recurrence length for the D-RTRL and pp-prop checks.
     n_state: hidden states per output for the D-RTRL check (int or tuple).
     devices: ``'all'``, ``'cpu'``, ``'gpu'`` or a list of devices.
-    fast: random-projection mode for large layers (no full Jacobians).
+    fast: random-projection mode (no full Jacobians, sampled anchors);
+      ``None`` (default) turns it on above ``FAST_MODE_THRESHOLD`` Jacobian
+      entries, ``True``/``False`` force it.
     **params: the primitive's bind params.
 
   Returns:

@@ -9,7 +9,8 @@ shares the most machinery with JAX to the one that shares none:
 
 * ``xy_to_dw.vjp``: ``jax.vjp`` of the primitive (whose JVP comes from ``impl``);
 * ``xy_to_dw.jacrev``: the full Jacobian from ``jax.jacrev`` contracted with
-  ``g`` (small sizes only; skipped, with the reason, above ``JACREV_LIMIT``);
+  ``g``; in fast mode, or above ``JACREV_LIMIT`` entries, random projections
+  ``<xy_to_dw, v> == <g, J v>`` with ``J v`` from ``jax.jvp`` instead;
 * ``xy_to_dw.fd``: central finite differences of ``impl`` in float64 along
   random directions ``v`` per weight key:
   :math:`\langle \mathrm{xy\_to\_dw}_k, v \rangle \approx
@@ -30,6 +31,8 @@ from etp_testing._src.context import to_float64, x64_enabled
 JACREV_LIMIT = 2_000_000
 # Random directions per weight key for xy_to_dw.fd.
 FD_DIRECTIONS = 3
+# Random projections per weight key for xy_to_dw.jacrev in fast mode.
+JVP_PROJECTIONS = 3
 
 
 def _cotangent(ctx, tag='xy_to_dw.g'):
@@ -76,22 +79,47 @@ def check_vjp(ctx):
 
 @check('xy_to_dw.jacrev')
 def check_jacrev(ctx):
-  """``xy_to_dw`` equals the full Jacobian ``jax.jacrev`` contracted with ``g``."""
+  """``xy_to_dw`` equals the full Jacobian ``jax.jacrev`` contracted with ``g``.
+
+  In fast mode (chosen automatically above ``FAST_MODE_THRESHOLD`` Jacobian
+  entries) the Jacobian is never built: ``JVP_PROJECTIONS`` random directions
+  ``v`` per key compare ``<xy_to_dw_k, v>`` with ``<g, J_k v>`` from
+  ``jax.jvp`` (the dot-product test).  A rule that is off by ``d != 0`` passes
+  one projection only if ``|<d, v>|`` falls under the tolerance; for Gaussian
+  ``v`` that has probability about ``0.8 tol / |d|``, so ``n`` projections let
+  it through with probability ``(0.8 tol / |d|)^n``.
+  """
   require_weights(ctx)
-  y = ctx.y()
-  big = {k: y.size * w.size for k, w in ctx.weights.items()
-         if y.size * w.size > JACREV_LIMIT}
-  if big or ctx.fast:
-    ctx.skip('full Jacobian too large for ' + ', '.join(
-        f'{k} ({n:,} entries > {JACREV_LIMIT:,})' for k, n in big.items())
-             if big else 'fast mode: full Jacobians are not built')
   g = _cotangent(ctx)
-  jac = jax.jacrev(_y_of_weights(ctx))(ctx.weights)
   actual = _rule_grads(ctx, ctx.x, g, ctx.weights)
+  y_of = _y_of_weights(ctx)
+  y = ctx.y()
+  if ctx.fast or any(y.size * w.size > JACREV_LIMIT
+                     for w in ctx.weights.values()):
+    for k, w in ctx.weights.items():
+      rule_dd, jvp_dd = [], []
+      for d in range(JVP_PROJECTIONS):
+        v = ctx.normal(f'xy_to_dw.jacrev.v{d}.{k}', w.shape, w.dtype)
+        tangents = {j: (v if j == k else jnp.zeros_like(u))
+                    for j, u in ctx.weights.items()}
+        _, y_dot = jax.jvp(y_of, (ctx.weights,), (tangents,))
+        # Dot products on the host in float64: only the operands' rounding
+        # remains, not that of a long float32 reduction.
+        rule_dd.append(_dot64(actual[k], v))
+        jvp_dd.append(_dot64(g, y_dot))
+      ctx.compare(np.array(rule_dd), np.array(jvp_dd), rule='xy_to_dw',
+                  key=k, dtype=w.dtype, what=f'fast mode: <xy_to_dw, v> vs <g, J v> from '
+                  f'jax.jvp along {JVP_PROJECTIONS} random directions')
+    return
+  jac = jax.jacrev(y_of)(ctx.weights)
   for k in ctx.weights:
     expected = jnp.tensordot(g, jac[k], axes=g.ndim)
     ctx.compare(actual[k], expected, rule='xy_to_dw', key=k,
                 what='xy_to_dw vs jax.jacrev contracted with g')
+
+
+def _dot64(a, b) -> float:
+  return float(np.vdot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
 def directional_fd(f, w, v, eps):
