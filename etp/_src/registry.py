@@ -105,3 +105,23 @@ def primitive_by_name(name: str):
     if p.name == name:
       return p
   return None
+
+
+def call_init_rule(rule: Callable, x_var, y_var, weight_vars, n_state: int,
+                   params: Mapping):
+  """Calls ``init_drtrl``/``init_pp``, passing on the bind params it accepts.
+
+  The contract's signature is ``(x_var, y_var, weight_vars, n_state)``; a rule
+  that also needs a param (conv needs its layout to find the kernel's output
+  axis) names it as a keyword-only argument or takes ``**params``.
+  """
+  import inspect
+  try:
+    sig = inspect.signature(rule)
+  except (TypeError, ValueError):
+    return rule(x_var, y_var, weight_vars, n_state)
+  accepts_all = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+  named = {n for n, p in sig.parameters.items()
+           if p.kind is inspect.Parameter.KEYWORD_ONLY}
+  kwargs = {k: v for k, v in params.items() if accepts_all or k in named}
+  return rule(x_var, y_var, weight_vars, n_state, **kwargs)

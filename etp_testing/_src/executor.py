@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import etp
+from etp._src.registry import call_init_rule
 
 
 def jaxpr_vars(primitive, operands, params):
@@ -135,7 +136,8 @@ def drtrl_gradient(primitive, operands, params, xs, A, Bf, C, transforms=None,
   x0 = None if xs is None else xs[0]
   x_var, y_var, weight_vars = jaxpr_vars(
       primitive, _with_x(primitive, ops, x0), params)
-  trace = rules.init_drtrl(x_var, y_var, weight_vars, n_state)
+  trace = call_init_rule(rules.init_drtrl, x_var, y_var, weight_vars, n_state,
+                         rule_params)
 
   link = lambda g, tr: rules.yw_to_w(g, tr, **rule_params)
   # vmap over the trace's state axis b: sum_b yw_to_w(A[..., a, b], eps[..., b])
@@ -181,7 +183,8 @@ def pp_gradient(primitive, operands, params, xs, C, alpha, rules=None) -> dict:
   rules = rules or etp.rules_of(primitive)
   _, weights, rule_params = primitive.split_operands(operands, params)
   x_var, y_var, weight_vars = jaxpr_vars(primitive, operands, params)
-  eps_f = jnp.ones_like(rules.init_pp(x_var, y_var, weight_vars, 1)[..., 0])
+  eps_f = jnp.ones_like(call_init_rule(rules.init_pp, x_var, y_var,
+                                      weight_vars, 1, rule_params)[..., 0])
   eps_x = jnp.zeros_like(xs[0])
   grads = {k: jnp.zeros_like(w) for k, w in weights.items()}
   for t in range(xs.shape[0]):

@@ -1,0 +1,141 @@
+"""Large-layer checks: time and peak memory of the battery on layers people train.
+
+Each case runs in a fresh subprocess (so its peak resident memory is its own)
+and prints, per case: the battery's wall time (fast mode, chosen automatically
+at these sizes), the bare cost of one jitted forward plus one VJP of the same
+primitive measured in the same process, their ratio, and the peak resident
+memory.
+
+    python benchmarks/large_layers.py                # every case
+    python benchmarks/large_layers.py dense conv     # some cases
+    python benchmarks/large_layers.py --checks xy_to_dw.vjp,drtrl.exact
+
+Targets (issue 6): each large-layer check <= 20 s and <= 4 GiB peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+CASES = ('dense', 'conv', 'lora', 'sparse')
+
+
+def _build(name):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import etp
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: rng.standard_normal(s, dtype=np.float32)
+  if name == 'dense':      # 4096 x 4096, one example
+    return etp.etp_mv_p, (f32(4096), f32(4096, 4096) / 64, f32(4096)), \
+        {'has_bias': True}
+  if name == 'conv':       # 64 -> 64 channels, 32 x 32, 3 x 3 kernel, batch 8
+    x = f32(8, 64, 32, 32)
+    kernel = f32(64, 64, 3, 3) / 24
+    y = etp.conv(x, kernel, jnp.zeros(64))
+    eqn = [e for e in jax.make_jaxpr(lambda a, b, c: etp.conv(a, b, c))(
+        x, kernel, np.zeros(64, np.float32)).jaxpr.eqns
+           if e.primitive is etp.etp_conv_p][0]
+    del y
+    return etp.etp_conv_p, (x, kernel, f32(64)), dict(eqn.params)
+  if name == 'lora':       # rank 16 on 4096 x 4096
+    return etp.etp_lora_mv_p, (f32(4096), f32(4096, 16) / 64,
+                               f32(16, 4096) / 4), \
+        {'alpha': 0.5, 'has_bias': False}
+  if name == 'sparse':     # 4096 x 4096 at 1% density
+    n, nnz = 4096, int(0.01 * 4096 * 4096)
+    flat = rng.choice(n * n, size=nnz, replace=False)
+    indices = np.stack([flat // n, flat % n], axis=1).astype(np.int32)
+    return etp.etp_sp_mv_p, (f32(n), f32(nnz) / 8, indices), \
+        {'shape': (n, n), 'has_bias': False}
+  raise ValueError(name)
+
+
+def _bare_forward_vjp_seconds(prim, operands, params, repeat=5):
+  """Best-of-``repeat`` time of one jitted forward plus one VJP (compiled)."""
+  import jax
+  import numpy as np
+  _, weights, _ = prim.split_operands(operands, params)
+  index = prim.trainable_invars(params)
+
+  def fwd_vjp(weights, g):
+    def f(w):
+      ops = list(operands)
+      for k, i in index.items():
+        ops[i] = w[k]
+      return prim.bind(*ops, **params)
+    y, vjp = jax.vjp(f, weights)
+    return y, vjp(g)
+
+  y = jax.eval_shape(lambda: prim.bind(*operands, **params))
+  g = np.ones(y.shape, y.dtype)
+  run = jax.jit(fwd_vjp)
+  jax.block_until_ready(run(weights, g))
+  best = float('inf')
+  for _ in range(repeat):
+    t = time.perf_counter()
+    jax.block_until_ready(run(weights, g))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def run_case(name: str, checks: str) -> dict:
+  """Runs one case in this process; returns its figures."""
+  import resource
+  import etp_testing
+  prim, operands, params = _build(name)
+  bare = _bare_forward_vjp_seconds(prim, operands, params)
+  t = time.perf_counter()
+  report = etp_testing.check_rules(prim, *operands, checks=checks, seed=0,
+                                   steps=2, n_state=(1,), **params)
+  wall = time.perf_counter() - t
+  peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return {
+      'case': name, 'primitive': prim.name, 'battery_s': wall,
+      'bare_fwd_vjp_s': bare, 'ratio': wall / bare if bare else None,
+      'peak_gib': peak_kib / 2**20,
+      'per_check': {o.name: [o.status, round(o.duration_s, 3)]
+                    for o in report.outcomes},
+      'passed': report.passed,
+  }
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('cases', nargs='*', default=list(CASES))
+  parser.add_argument('--checks', default='all')
+  parser.add_argument('--child', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    print(json.dumps(run_case(args.child, args.checks)))
+    return 0
+  print(f'{"case":8} {"primitive":14} {"battery s":>10} {"fwd+vjp s":>10} '
+        f'{"ratio":>9} {"peak GiB":>9}  result')
+  failed = False
+  for name in args.cases:
+    proc = subprocess.run(
+        [sys.executable, __file__, '--child', name, '--checks', args.checks],
+        capture_output=True, text=True, env=dict(os.environ))
+    if proc.returncode != 0:
+      failed = True
+      print(f'{name:8} crashed:\n{proc.stderr[-2000:]}')
+      continue
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    failed |= not r['passed']
+    print(f'{r["case"]:8} {r["primitive"]:14} {r["battery_s"]:10.2f} '
+          f'{r["bare_fwd_vjp_s"]:10.4f} {r["ratio"]:9.0f} '
+          f'{r["peak_gib"]:9.2f}  {"pass" if r["passed"] else "FAIL"}')
+    slow = sorted(r['per_check'].items(), key=lambda kv: -kv[1][1])[:4]
+    print('         slowest checks: ' + ', '.join(
+        f'{k} {v[1]:.2f}s ({v[0]})' for k, v in slow))
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
