@@ -206,6 +206,11 @@ class CheckContext:
     self.findings.append(finding)
     return finding
 
+  def record_pass(self, rule: str, message: str, key=None) -> Finding:
+    """Records a passed structural finding (so a report shows what ran)."""
+    return self.record(Finding(rule=rule, key=key, passed=True,
+                               message=message))
+
   def fail(self, rule: str, message: str, key=None, **fields) -> Finding:
     """Records a failed finding without numbers (a structural problem)."""
     return self.record(Finding(rule=rule, key=key, passed=False,

@@ -1,0 +1,246 @@
+r"""D-RTRL and pp-prop: the rules composed, against ``jax.grad`` of the loop.
+
+* ``drtrl.exact``: the reference executor (``etp_testing._src.executor``) runs
+  ``steps`` steps of the diagonal recurrence for each ``n_state``, and its
+  gradient from the rules must equal ``jax.grad`` of the unrolled loop, per
+  weight.  Batched primitives also run on a batch of one example (a rule
+  right only for ``B = 1``, or only for ``B > 1``, fails one of the two).
+  ``gradient_enabled`` primitives also run through a non-linear ``fn``
+  (``element_wise(w, fn)``), so JAX's VJP of ``fn`` is chained on.  Weights the
+  primitive declares approximate are measured, not judged.
+* ``drtrl.instant``: where the primitive has ``instant_drtrl``/``solve_drtrl``:
+  :math:`\mathrm{solve}(c, \mathrm{instant}(x, g, w)) = \mathrm{xy\_to\_dw}(x, c \odot g, w)`.
+* ``pp.exact``: for a primitive linear in ``x``, pp-prop's factorised gradient
+  :math:`\sum_t \mathrm{xy\_to\_dw}(\varepsilon^x_t, c_t)` with
+  :math:`\varepsilon^x_t = \alpha \varepsilon^x_{t-1} + x_t` equals ``jax.grad``
+  of :math:`\sum_t \langle c_t, h_t \rangle`, :math:`h_t = \alpha h_{t-1} + P(x_t, w)`,
+  for every key whose ``xy_to_dw`` is homogeneous in ``x`` (not an affine
+  primitive's bias, which the finding reports as not applicable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from etp._src import registry
+from etp_testing._src import executor
+from etp_testing._src.checks.registry import check
+from etp_testing._src.errors import RuleFailure
+
+PP_ALPHA = 0.7
+# The non-linear fn that drtrl.exact puts in front of gradient_enabled markers.
+ELEMENT_WISE_FN = ('sin(w) + w**3 / 3', lambda w: jnp.sin(w) + w ** 3 / 3)
+
+
+def _guarded(name, rule):
+  if rule is None:
+    return None
+
+  @functools.wraps(rule)
+  def call(*args, **kwargs):
+    try:
+      return rule(*args, **kwargs)
+    except RuleFailure:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      shapes = [tuple(np.shape(a)) if hasattr(a, 'shape') else type(a).__name__
+                for a in args]
+      raise RuleFailure(name, f'{name} raised {type(e).__name__}: {e} '
+                        f'(argument shapes {shapes})') from e
+  return call
+
+
+@functools.lru_cache(maxsize=256)
+def guarded_rules(rules):
+  """The rules record with every rule's exceptions turned into RuleFailure
+  (cached, so jitted functions keyed on it are reused)."""
+  names = registry.SEED_RULES + registry.OPTIONAL_RULES
+  return dataclasses.replace(rules, **{n: _guarded(n, getattr(rules, n))
+                                       for n in names})
+
+
+def _y_shape_dtype(ctx, operands):
+  y = jax.eval_shape(lambda *o: ctx.bind(*o), *operands)
+  return tuple(y.shape), y.dtype
+
+
+def _recurrence(ctx, operands, n_state, tag):
+  """Inputs ``xs`` and coefficients ``A``, ``Bf``, ``C`` drawn from the seed."""
+  y_shape, dtype = _y_shape_dtype(ctx, operands)
+  x_index = ctx.primitive.x_invar_index
+  xs = None
+  if x_index is not None:
+    x = operands[x_index]
+    xs = ctx.normal(f'{tag}.xs', (ctx.steps,) + x.shape, x.dtype)
+  scale = 0.5 / math.sqrt(n_state)
+  a = ctx.normal(f'{tag}.A', (ctx.steps,) + y_shape + (n_state, n_state),
+                 dtype, scale)
+  bf = ctx.normal(f'{tag}.B', (ctx.steps,) + y_shape + (n_state,), dtype)
+  c = ctx.normal(f'{tag}.C', (ctx.steps,) + y_shape + (n_state,), dtype)
+  return xs, a, bf, c
+
+
+def _variants(ctx):
+  """``(label, operands, transforms)`` cases the executor runs."""
+  yield 'as given', ctx.operands, None
+  if ctx.batched and ctx.x is not None and ctx.x.shape[0] > 1:
+    yield 'batch of one', ctx.with_operands(x=ctx.x[:1]), None
+  if ctx.primitive.gradient_enabled:
+    label, fn = ELEMENT_WISE_FN
+    yield f'through element_wise(w, {label})', ctx.operands, {
+        k: fn for k in ctx.weights}
+
+
+def _hashable(params):
+  try:
+    key = tuple(sorted(params.items()))
+    hash(key)
+    return key
+  except TypeError:
+    return None
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled_gradients(primitive, params_key, rules, with_fn: bool):
+  """A jitted ``(operands, xs, A, B, C) -> (D-RTRL grads, jax.grad grads)``.
+
+  Cached per primitive, params and rules, so generated examples of the same
+  shapes reuse one compilation.
+  """
+  params = dict(params_key)
+  transforms = ({k: ELEMENT_WISE_FN[1]
+                 for k in primitive.trainable_invars(params)} if with_fn
+                else None)
+
+  def both(operands, xs, a, bf, c):
+    want = executor.autodiff_gradient(primitive, operands, params, xs, a, bf,
+                                      c, transforms)
+    got = executor.drtrl_gradient(primitive, operands, params, xs, a, bf, c,
+                                  transforms, rules=rules)
+    return got, want
+  return jax.jit(both)
+
+
+def _gradients(ctx, rules, operands, xs, a, bf, c, with_fn):
+  key = _hashable(ctx.params)
+  try:
+    if key is None:
+      transforms = ({k: ELEMENT_WISE_FN[1] for k in ctx.weights} if with_fn
+                    else None)
+      want = executor.autodiff_gradient(ctx.primitive, operands, ctx.params,
+                                        xs, a, bf, c, transforms)
+      got = executor.drtrl_gradient(ctx.primitive, operands, ctx.params, xs,
+                                    a, bf, c, transforms, rules=rules)
+      return got, want
+    return _compiled_gradients(ctx.primitive, key, rules, with_fn)(
+        list(operands), xs, a, bf, c)
+  except RuleFailure:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure('drtrl', f'the reference executor could not compose the '
+                      f'rules: {type(e).__name__}: {e}') from e
+
+
+@check('drtrl.exact')
+def check_drtrl_exact(ctx):
+  """The reference D-RTRL executor's gradient equals ``jax.grad`` of the
+  unrolled recurrence, per weight, for every ``n_state``."""
+  if not ctx.weights:
+    ctx.skip(f'{ctx.name} has no trainable operands')
+  rules = guarded_rules(ctx.rules)
+  for label, operands, transforms in _variants(ctx):
+    for n_state in ctx.n_states:
+      xs, a, bf, c = _recurrence(ctx, operands, n_state,
+                                 f'drtrl.{label}.{n_state}')
+      got, want = _gradients(ctx, rules, operands, xs, a, bf, c,
+                             transforms is not None)
+      ctx.check_keys('drtrl', got, want.keys())
+      for k in want:
+        ctx.compare(got[k], want[k], rule='drtrl', key=k,
+                    approximate=k in ctx.rules.approximate,
+                    what=f'D-RTRL vs jax.grad ({label}, steps={ctx.steps}, '
+                    f'n_state={n_state}'
+                    + (', declared approximate)' if k in ctx.rules.approximate
+                       else ')'))
+
+
+@check('drtrl.instant')
+def check_drtrl_instant(ctx):
+  """``solve_drtrl(c, instant_drtrl(x, g, w)) == xy_to_dw(x, c * g, w)``."""
+  if ctx.rules.instant_drtrl is None:
+    ctx.skip('no instant_drtrl/solve_drtrl: the defaults (xy_to_dw, yw_to_w) '
+             'are used, and drtrl.exact covers them')
+  y = ctx.y()
+  g = ctx.normal('drtrl.instant.g', y.shape, y.dtype)
+  c = ctx.normal('drtrl.instant.c', y.shape, y.dtype)
+  trace = ctx.call_rule('instant_drtrl', ctx.x, g, ctx.weights)
+  ctx.check_keys('instant_drtrl', trace, ctx.weights.keys())
+  solved = ctx.call_rule('solve_drtrl', c, trace)
+  ctx.check_keys('solve_drtrl', solved, ctx.weights.keys())
+  want = ctx.call_rule('xy_to_dw', ctx.x, c * g, ctx.weights)
+  ctx.check_keys('xy_to_dw', want, ctx.weights.keys())
+  for k in ctx.weights:
+    ctx.compare(solved[k], want[k], rule='solve_drtrl', key=k,
+                what='solve_drtrl(c, instant_drtrl(x, g, w)) vs '
+                'xy_to_dw(x, c*g, w)')
+
+
+def _close(ctx, a, b, dtype, scale=None) -> bool:
+  """``a == b`` within the table's bound, relative to ``scale``."""
+  rtol, atol = ctx.tolerance(dtype)
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if scale is None:
+    scale = max(float(np.max(np.abs(b), initial=0.0)),
+                float(np.max(np.abs(a), initial=0.0)))
+  return bool(np.max(np.abs(a - b), initial=0.0) <= atol + rtol * scale)
+
+
+@check('pp.exact')
+def check_pp_exact(ctx):
+  """pp-prop's factorised gradient is exact for a primitive linear in ``x``
+  (uniform decay, one state), for keys whose ``xy_to_dw`` is linear in ``x``."""
+  if ctx.x is None:
+    ctx.skip(f'{ctx.name} has no input x (pp-prop factorises over x)')
+  if not ctx.weights:
+    ctx.skip(f'{ctx.name} has no trainable operands')
+  x = ctx.x
+  x1 = ctx.normal('pp.x1', x.shape, x.dtype)
+  x2 = ctx.normal('pp.x2', x.shape, x.dtype)
+  p = lambda v: ctx.bind(*ctx.with_operands(x=v))
+  # Affine in x: P(x1 + x2) - P(x1) == P(x2) - P(0), up to rounding of P.
+  scale = 4 * float(jnp.max(jnp.abs(p(x1)))) + 4 * float(jnp.max(jnp.abs(p(x2))))
+  if not _close(ctx, p(x1 + x2) - p(x1), p(x2) - p(jnp.zeros_like(x)),
+                x.dtype, scale):
+    ctx.skip(f'{ctx.name} is not affine in x: the pp-prop factorisation '
+             'does not apply')
+  y = ctx.y()
+  g = ctx.normal('pp.g', y.shape, y.dtype)
+  dw1 = ctx.call_rule('xy_to_dw', x1, g, ctx.weights)
+  dw2 = ctx.call_rule('xy_to_dw', 2 * x1, g, ctx.weights)
+  ctx.check_keys('xy_to_dw', dw1, ctx.weights.keys())
+  keys = [k for k in ctx.weights
+          if _close(ctx, dw2[k], 2 * dw1[k], ctx.weights[k].dtype)]
+  for k in ctx.weights:
+    if k not in keys:
+      ctx.record_pass('xy_to_dw', key=k, message='not homogeneous in x (an '
+                      "affine primitive's bias): pp.exact does not apply")
+  if not keys:
+    ctx.skip('no weight has an xy_to_dw linear in x')
+  xs = ctx.normal('pp.xs', (ctx.steps,) + x.shape, x.dtype)
+  c = ctx.normal('pp.C', (ctx.steps,) + y.shape, y.dtype)
+  rules = guarded_rules(ctx.rules)
+  got = executor.pp_gradient(ctx.primitive, ctx.operands, ctx.params, xs, c,
+                             PP_ALPHA, rules=rules)
+  want = jax.grad(lambda w: executor.pp_loss(
+      ctx.primitive, ctx.operands, ctx.params, {**ctx.weights, **w}, xs, c,
+      PP_ALPHA))({k: ctx.weights[k] for k in keys})
+  for k in keys:
+    ctx.compare(got[k], want[k], rule='xy_to_dw', key=k,
+                what=f'pp-prop factorised gradient vs jax.grad (alpha='
+                f'{PP_ALPHA}, steps={ctx.steps})')

@@ -1,0 +1,127 @@
+r"""Checks of ``init_drtrl`` and ``init_pp``: keys, shapes, zeros and dtypes.
+
+Both rules receive real jaxpr variables, from tracing one bind of the
+primitive.  Each case runs twice: on the operands as given, and on float32
+copies with ``jax_enable_x64`` on, so a rule that follows the global default
+dtype (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
+returns float64 there and is caught.
+
+* ``init.drtrl``: per trainable key, zeros of shape
+  ``(*lead, *weight_shape, n_state)`` (``lead = (B,)`` for batched
+  primitives) or, where the primitive has ``instant_drtrl``, of the increment's
+  shape plus ``n_state``; dtype ``result_type`` of the ``x``/``y``/weight avals.
+* ``init.pp``: zeros ``(*y_shape, n_state)`` in ``y``'s dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from etp._src.registry import call_init_rule
+from etp_testing._src import executor
+from etp_testing._src.checks.registry import check
+from etp_testing._src.context import x64_enabled
+from etp_testing._src.errors import RuleFailure
+
+
+def _as_float32(operands):
+  return tuple(o.astype(jnp.float32) if jnp.issubdtype(o.dtype, jnp.floating)
+               else o for o in operands)
+
+
+def _variants(ctx):
+  """``(label, operands, x64)``: as given, and float32 under x64."""
+  yield 'operands as given', ctx.operands, bool(jax.config.jax_enable_x64)
+  yield 'float32 operands with x64 on', _as_float32(ctx.operands), True
+
+
+def _call_init(ctx, rule_name, operands, n_state):
+  x_var, y_var, weight_vars = executor.jaxpr_vars(ctx.primitive, operands,
+                                                  ctx.params)
+  _, _, rule_params = ctx.primitive.split_operands(operands, ctx.params)
+  rule = getattr(ctx.rules, rule_name)
+  if rule is None:
+    raise RuleFailure(rule_name, f'rule {rule_name!r} is not registered')
+  try:
+    out = call_init_rule(rule, x_var, y_var, weight_vars, n_state, rule_params)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure(rule_name, f'{rule_name} raised {type(e).__name__}: {e} '
+                      f'(n_state={n_state})') from e
+  dtypes = [v.aval.dtype for v in (x_var, y_var, *weight_vars.values())
+            if v is not None]
+  return out, y_var.aval, jnp.result_type(*dtypes)
+
+
+def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
+  value = jnp.asarray(value)
+  problems = []
+  if tuple(value.shape) != tuple(shape):
+    problems.append(f'shape {tuple(value.shape)} != expected {tuple(shape)}')
+  if value.dtype != dtype:
+    problems.append(f'dtype {value.dtype} != expected {dtype}')
+  if value.size and np.any(np.asarray(value) != 0):
+    problems.append(f'{int(np.count_nonzero(np.asarray(value)))} non-zero '
+                    'entries (a trace starts at zero)')
+  if problems:
+    ctx.fail(rule, f'{label}: ' + '; '.join(problems), key=key,
+             actual_shape=tuple(value.shape), expected_shape=tuple(shape),
+             dtype=str(value.dtype))
+  else:
+    ctx.record_pass(rule, key=key, message=f'{label}: zeros {tuple(shape)} '
+                    f'{dtype}')
+
+
+def _increment_shapes(ctx, operands):
+  """Leaf shapes of one trace increment (``instant_drtrl`` or the default)."""
+  x, weights, rule_params = ctx.primitive.split_operands(operands, ctx.params)
+  y = ctx.bind(*operands)
+  g = jnp.ones(y.shape, y.dtype)
+  try:
+    inc = executor.instant_term(ctx.primitive, ctx.rules, x, g, weights,
+                                rule_params)
+  except Exception as e:  # pylint: disable=broad-except
+    rule = 'instant_drtrl' if ctx.rules.instant_drtrl else 'xy_to_dw'
+    raise RuleFailure(rule, f'{rule} raised {type(e).__name__}: {e}') from e
+  return {k: tuple(np.shape(v)) for k, v in inc.items()}
+
+
+@check('init.drtrl')
+def check_init_drtrl(ctx):
+  """``init_drtrl``: the trainable keys, zeros, the trace's shape plus
+  ``n_state``, and the operands' result dtype (with x64 on and off)."""
+  if not ctx.weights:
+    ctx.skip(f'{ctx.name} has no trainable operands')
+  for label, operands, x64 in _variants(ctx):
+    with x64_enabled(x64):
+      operands = tuple(jnp.asarray(o) for o in operands)
+      if ctx.rules.instant_drtrl is not None:
+        trace_shapes = _increment_shapes(ctx, operands)
+      else:
+        _, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
+        y = jax.eval_shape(lambda *o: ctx.bind(*o), *operands)
+        lead = tuple(y.shape[:1]) if ctx.batched else ()
+        trace_shapes = {k: lead + tuple(w.shape) for k, w in weights.items()}
+      for n_state in ctx.n_states:
+        traces, _, dtype = _call_init(ctx, 'init_drtrl', operands, n_state)
+        ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
+        for k, shape in trace_shapes.items():
+          _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
+                        dtype, f'{label}, n_state={n_state}')
+
+
+@check('init.pp')
+def check_init_pp(ctx):
+  """``init_pp``: zeros ``(*y_shape, n_state)`` in ``y``'s dtype (x64 on/off)."""
+  for label, operands, x64 in _variants(ctx):
+    with x64_enabled(x64):
+      operands = tuple(jnp.asarray(o) for o in operands)
+      for n_state in ctx.n_states:
+        trace, y, _ = _call_init(ctx, 'init_pp', operands, n_state)
+        if isinstance(trace, dict):
+          raise RuleFailure('init_pp', 'init_pp returned a dict; it returns '
+                            'one array shaped (*y_shape, n_state)')
+        _expect_zeros(ctx, 'init_pp', None, trace,
+                      tuple(y.shape) + (n_state,), y.dtype,
+                      f'{label}, n_state={n_state}')

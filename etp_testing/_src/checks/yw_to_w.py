@@ -1,0 +1,237 @@
+r"""Checks of ``yw_to_w``, the y -> w link of the D-RTRL recurrence.
+
+* ``yw_to_w.anchor``: the sparsity pattern :math:`\mathrm{mask}(J)` of
+  :math:`J = \partial y / \partial w_k` is measured with ``jax.jvp`` along
+  one-hot directions at two random points (per example for batched
+  primitives).  A weight element is *anchored* when it reaches exactly one
+  output :math:`\pi(e)`; for a key whose elements are all anchored the rule
+  must give :math:`\mathrm{yw\_to\_w}(g, T)[e] = g[\pi(e)]\, T[e]`.  A key
+  whose elements reach several outputs needs ``instant_drtrl``/``solve_drtrl``
+  (then ``drtrl.exact`` judges it) or an ``approximate`` declaration (then the
+  spread is reported); otherwise the check fails and says how many outputs an
+  element reaches.  Above ``ANCHOR_SAMPLES`` weight elements (or in fast mode)
+  a seeded sample of elements is measured instead of all of them.
+* ``yw_to_w.linear``: linear in ``g``, and element-wise in the trace
+  (additive, and commuting with an element-wise mask).
+* ``yw_to_w.vmap``: the same answer with the batch kept, under ``jax.vmap``
+  with it stripped, and with extra leading axes on ``g`` and the trace.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from etp._src.registry import call_init_rule
+from etp_testing._src import executor
+from etp_testing._src.checks.registry import check
+from etp_testing._src.errors import RuleFailure
+from etp_testing._src.report import Finding
+
+# Weight elements whose Jacobian columns yw_to_w.anchor measures at most.
+ANCHOR_SAMPLES = 512
+FAST_ANCHOR_SAMPLES = 64
+
+
+def trace_shapes(ctx, operands=None) -> dict:
+  """Per-key trace shapes without the state axis, as ``init_drtrl`` says."""
+  operands = ctx.operands if operands is None else operands
+  x_var, y_var, weight_vars = executor.jaxpr_vars(ctx.primitive, operands,
+                                                  ctx.params)
+  try:
+    traces = call_init_rule(ctx.rules.init_drtrl, x_var, y_var, weight_vars, 1,
+                            ctx.rule_params)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure('init_drtrl', f'init_drtrl raised {type(e).__name__}: '
+                      f'{e}') from e
+  ctx.check_keys('init_drtrl', traces, ctx.weights.keys())
+  return {k: tuple(np.shape(v))[:-1] for k, v in traces.items()}
+
+
+def random_traces(ctx, tag, shapes, dtype):
+  return {k: ctx.normal(f'{tag}.{k}', s, dtype) for k, s in shapes.items()}
+
+
+def _example_operands(ctx, point: int):
+  """Random operands shaped like the case (one example for batched ones)."""
+  ops = []
+  for i, o in enumerate(ctx.operands):
+    if i == ctx.primitive.x_invar_index and ctx.batched:
+      o = o[:1]
+    if jnp.issubdtype(o.dtype, jnp.floating):
+      o = ctx.normal(f'yw_to_w.anchor.point{point}.{i}', o.shape, o.dtype)
+    ops.append(o)
+  return ops
+
+
+def _sample(ctx, size, key):
+  limit = FAST_ANCHOR_SAMPLES if ctx.fast else ANCHOR_SAMPLES
+  if size <= limit:
+    return np.arange(size)
+  rng = np.random.default_rng(ctx.seed + size)
+  return np.sort(rng.choice(size, limit, replace=False))
+
+
+def reach(ctx, key, elements):
+  """``mask[e, j]``: output ``j`` (flat, one example) depends on element ``e``."""
+  index = ctx.primitive.trainable_invars(ctx.params)[key]
+  mask = None
+  for point in range(2):
+    ops = _example_operands(ctx, point)
+    w = ops[index]
+
+    def y_of(wk, ops=ops):
+      new = list(ops)
+      new[index] = wk
+      return ctx.bind(*new)
+
+    def column(e, w=w, y_of=y_of):
+      onehot = jnp.zeros(w.size, w.dtype).at[e].set(1).reshape(w.shape)
+      return jax.jvp(y_of, (w,), (onehot,))[1].reshape(-1)
+
+    cols = np.asarray(jax.lax.map(column, jnp.asarray(elements)))
+    hit = np.abs(cols) > 0
+    mask = hit if mask is None else (mask | hit)
+  return mask
+
+
+@check('yw_to_w.anchor')
+def check_anchor(ctx):
+  """For anchored weights ``yw_to_w(g, T)[e] == g[pi(e)] * T[e]`` with ``pi``
+  from the Jacobian's sparsity; weights that reach several outputs need
+  ``instant_drtrl``/``solve_drtrl`` or an ``approximate`` declaration."""
+  if not ctx.weights:
+    ctx.skip(f'{ctx.name} has no trainable operands')
+  shapes = trace_shapes(ctx)
+  y = ctx.y()
+  g = ctx.normal('yw_to_w.anchor.g', y.shape, y.dtype)
+  traces = random_traces(ctx, 'yw_to_w.anchor.T', shapes, ctx.weight_dtype())
+  linked = None
+  for k, w in ctx.weights.items():
+    elements = _sample(ctx, w.size, k)
+    mask = reach(ctx, k, elements)
+    n_reach = mask.sum(axis=1)
+    worst = int(n_reach.max(initial=0))
+    if worst > 1:
+      e = int(elements[int(np.argmax(n_reach))])
+      where = tuple(int(i) for i in np.unravel_index(e, w.shape))
+      spread = (f'weight element {where} reaches {worst} outputs '
+                f'({int((n_reach > 1).sum())} of {len(elements)} measured '
+                'elements reach more than one)')
+      if ctx.rules.instant_drtrl is not None:
+        ctx.record_pass('yw_to_w', key=k, message=(
+            f'{spread}: handled by instant_drtrl/solve_drtrl (judged by '
+            'drtrl.exact and drtrl.instant)'))
+      elif k in ctx.rules.approximate:
+        ctx.record(Finding(rule='yw_to_w', key=k, passed=True,
+                           approximate=True, message=(
+                               f'{spread}: declared approximate')))
+      else:
+        ctx.fail('yw_to_w', key=k, message=(
+            f'{spread}; a weight-shaped trace cannot be exact for it: provide '
+            'instant_drtrl/solve_drtrl with a trace that keeps output '
+            'positions, or declare the weight approximate'))
+      continue
+    if ctx.rules.instant_drtrl is not None:
+      ctx.record_pass('yw_to_w', key=k, message=(
+          'anchored; its trace comes from instant_drtrl (drtrl.exact judges '
+          'the pair)'))
+      continue
+    lead = tuple(g.shape[:1]) if ctx.batched else ()
+    if shapes[k] != lead + tuple(w.shape):
+      ctx.fail('init_drtrl', key=k, message=(
+          f'trace shape {shapes[k]} is not (*lead, *weight_shape) = '
+          f'{lead + tuple(w.shape)} for an anchored weight'))
+      continue
+    if linked is None:
+      linked = ctx.call_rule('yw_to_w', g, traces)
+      ctx.check_keys('yw_to_w', linked, ctx.weights.keys())
+    reached = n_reach == 1
+    anchor = np.argmax(mask, axis=1)
+    flat_g = g.reshape(lead + (-1,))
+    t_flat = traces[k].reshape(lead + (-1,))
+    expected = t_flat[..., elements[reached]] * flat_g[..., anchor[reached]]
+    actual = jnp.asarray(linked[k])
+    if actual.shape != traces[k].shape:
+      ctx.fail('yw_to_w', key=k, message=(
+          f'returned shape {tuple(actual.shape)} for a trace of shape '
+          f'{tuple(traces[k].shape)}'))
+      continue
+    ctx.compare(actual.reshape(lead + (-1,))[..., elements[reached]], expected,
+                rule='yw_to_w', key=k, what=(
+                    f'yw_to_w vs g at the anchor (mask(J)^T g * T) on '
+                    f'{int(reached.sum())} measured elements'))
+
+
+@check('yw_to_w.linear')
+def check_linear(ctx):
+  """``yw_to_w`` is linear in ``g`` and element-wise in the trace."""
+  if not ctx.weights:
+    ctx.skip(f'{ctx.name} has no trainable operands')
+  shapes = trace_shapes(ctx)
+  y = ctx.y()
+  dt = ctx.weight_dtype()
+  g1, g2 = (ctx.normal(f'yw_to_w.linear.g{i}', y.shape, y.dtype) for i in (1, 2))
+  t1 = random_traces(ctx, 'yw_to_w.linear.T1', shapes, dt)
+  t2 = random_traces(ctx, 'yw_to_w.linear.T2', shapes, dt)
+  masks = {k: (ctx.uniform(f'yw_to_w.linear.m.{k}', s, dt, 0., 1.) > 0.5
+               ).astype(dt) for k, s in shapes.items()}
+  yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
+  a, b = 1.5, -0.75
+  add = lambda p, q, s=1.0, r=1.0: {k: s * p[k] + r * q[k] for k in p}
+  cases = [
+      ('linear in g: yw(a g1 + b g2, T) vs a yw(g1, T) + b yw(g2, T)',
+       yw(a * g1 + b * g2, t1), add(yw(g1, t1), yw(g2, t1), a, b)),
+      ('additive in the trace: yw(g, T1 + T2) vs yw(g, T1) + yw(g, T2)',
+       yw(g1, add(t1, t2)), add(yw(g1, t1), yw(g1, t2))),
+      ('element-wise in the trace: yw(g, T * m) vs yw(g, T) * m',
+       yw(g1, {k: t1[k] * masks[k] for k in t1}),
+       {k: v * masks[k] for k, v in yw(g1, t1).items()}),
+  ]
+  for what, actual, expected in cases:
+    ctx.compare_trees(actual, expected, rule='yw_to_w', what=what)
+
+
+@check('yw_to_w.vmap')
+def check_vmap(ctx):
+  """The same result with the batch kept, under ``vmap`` with it stripped,
+  and with two extra leading axes."""
+  if not ctx.weights:
+    ctx.skip(f'{ctx.name} has no trainable operands')
+  shapes = trace_shapes(ctx)
+  y = ctx.y()
+  dt = ctx.weight_dtype()
+  g = ctx.normal('yw_to_w.vmap.g', y.shape, y.dtype)
+  t = random_traces(ctx, 'yw_to_w.vmap.T', shapes, dt)
+  yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
+  kept = yw(g, t)
+  ctx.check_keys('yw_to_w', kept, ctx.weights.keys())
+  if ctx.batched:
+    try:
+      stripped = jax.vmap(yw)(g, t)
+    except RuleFailure as e:
+      raise RuleFailure('yw_to_w', f'under vmap with the batch stripped: '
+                        f'{e.message}') from e
+    ctx.compare_trees(stripped, kept, rule='yw_to_w',
+                      what='vmap over the batch (stripped) vs batch kept')
+  extra = (2, 2)
+  g_extra = ctx.normal('yw_to_w.vmap.G', extra + tuple(y.shape), y.dtype)
+  t_extra = {k: ctx.normal(f'yw_to_w.vmap.TT.{k}', extra + s, dt)
+             for k, s in shapes.items()}
+  try:
+    direct = yw(g_extra, t_extra)
+    mapped = jax.vmap(jax.vmap(yw))(g_extra, t_extra)
+  except RuleFailure as e:
+    raise RuleFailure('yw_to_w', f'with extra leading axes {extra}: '
+                      f'{e.message}') from e
+  for i, j in itertools.product(range(extra[0]), range(extra[1])):
+    one = yw(g_extra[i, j], {k: v[i, j] for k, v in t_extra.items()})
+    ctx.compare_trees({k: v[i, j] for k, v in direct.items()}, one,
+                      rule='yw_to_w', what=f'extra leading axes {extra}, '
+                      f'entry {(i, j)} vs the call on that entry alone')
+    ctx.compare_trees({k: v[i, j] for k, v in mapped.items()}, one,
+                      rule='yw_to_w', what=f'vmap over extra axes {extra}, '
+                      f'entry {(i, j)}')
