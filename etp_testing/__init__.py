@@ -11,9 +11,10 @@ from etp_testing._src.report import (CheckOutcome, ConsistencyReport, Finding)
 from etp_testing._src.runner import (assert_rule_consistent, check_names,
                                      check_rules)
 from etp_testing._src import tolerances
+from etp_testing._src.unit_cases import register_unit_case
 
 __all__ = [
     'assert_rule_consistent', 'check_rules', 'check_names',
     'RuleConsistencyError', 'ConsistencyReport', 'CheckOutcome', 'Finding',
-    'tolerances',
+    'tolerances', 'register_unit_case',
 ]

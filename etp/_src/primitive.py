@@ -275,7 +275,10 @@ class ETPPrimitive(jex_core.Primitive):
       if self.batched_counterpart is not None:
         new_args[xi] = x
         return self.batched_counterpart.bind(*new_args, **params), 0
-    in_axes = tuple(dims)
+    # Mapped axes go first: some libraries (BCOO indices) only batch there.
+    args = [a if d is None else jnp.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
+    in_axes = tuple(None if d is None else 0 for d in dims)
     out = jax.vmap(functools.partial(self.impl_fn, **params),
                    in_axes=in_axes)(*args)
     if self.multiple_results:
