@@ -12,9 +12,14 @@ from etp_testing._src.runner import (assert_rule_consistent, check_names,
                                      check_rules)
 from etp_testing._src import tolerances
 from etp_testing._src.unit_cases import register_unit_case
+from etp_testing._src.strategies import register_strategy, strategy_for
+from etp_testing._src.hypothesis_runner import (HypothesisSummary,
+                                                check_with_hypothesis)
+from etp_testing import strategies
 
 __all__ = [
     'assert_rule_consistent', 'check_rules', 'check_names',
     'RuleConsistencyError', 'ConsistencyReport', 'CheckOutcome', 'Finding',
-    'tolerances', 'register_unit_case',
+    'tolerances', 'register_unit_case', 'strategies', 'register_strategy',
+    'strategy_for', 'check_with_hypothesis', 'HypothesisSummary',
 ]
