@@ -1,0 +1,117 @@
+"""``etp-check`` / ``python -m etp_testing``: the battery outside pytest.
+
+Prints the same primitive x check matrix as ``pytest --etp-check``.  Exit
+status: 0 every check passed (skips allowed), 1 a check failed, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib
+import importlib.util
+import json
+import sys
+import time
+
+
+def _parser():
+  p = argparse.ArgumentParser(
+      prog='etp-check', description='Prove ETP primitives\' rules right on '
+      'hypothesis-generated cases.')
+  p.add_argument('--primitives', default=None, metavar='NAMES',
+                 help='comma list of primitive names or glob patterns')
+  p.add_argument('--checks', default=None, metavar='NAMES',
+                 help='comma list of check names, groups or globs')
+  p.add_argument('--examples', type=int, default=3, metavar='N',
+                 help='hypothesis examples per primitive (default 3)')
+  p.add_argument('--devices', default='all', choices=('cpu', 'gpu', 'all'))
+  p.add_argument('--report', default=None, metavar='PATH',
+                 help='write a JSON report')
+  p.add_argument('--fast', action='store_true',
+                 help='random-projection mode everywhere')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--import', dest='imports', action='append', default=[],
+                 metavar='MODULE', help='import MODULE first (it registers '
+                 'primitives and strategies); repeatable')
+  p.add_argument('--conftest', action='append', default=[], metavar='PATH',
+                 help='execute a conftest.py-like file first; repeatable')
+  p.add_argument('--list', action='store_true',
+                 help='list primitives (with/without strategy) and checks')
+  return p
+
+
+def _load(args):
+  for name in args.imports:
+    importlib.import_module(name)
+  for i, path in enumerate(args.conftest):
+    spec = importlib.util.spec_from_file_location(f'etp_conftest_{i}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  import etp
+  import etp_testing
+  from etp_testing._src import matrix, strategies
+  from etp_testing._src.checks import registry as check_registry
+  try:
+    _load(args)
+    checks = check_registry.select(
+        [c for c in (args.checks or '').split(',') if c.strip()] or 'all')
+  except (ImportError, OSError, ValueError) as e:
+    print(f'etp-check: {e}', file=sys.stderr)
+    return 2
+  patterns = [p.strip() for p in (args.primitives or '').split(',') if p.strip()]
+  prims = [p for p in etp.primitives()
+           if not patterns or any(fnmatch.fnmatchcase(p.name, pat)
+                                  for pat in patterns)]
+  if args.list:
+    for p in etp.primitives():
+      has = 'strategy' if strategies.strategy_for(p) else 'no strategy'
+      print(f'{p.name:20} {has}')
+    print('checks: ' + ', '.join(check_registry.check_names()))
+    return 0
+  if not prims:
+    print(f'etp-check: no primitive matches {args.primitives!r}',
+          file=sys.stderr)
+    return 2
+  results, failures, unchecked, summaries = {}, [], [], {}
+  start = time.perf_counter()
+  for prim in prims:
+    if strategies.strategy_for(prim) is None:
+      unchecked.append(prim.name)
+      continue
+    try:
+      summary = etp_testing.check_with_hypothesis(
+          prim, max_examples=args.examples, checks=checks, seed=args.seed,
+          devices=args.devices, fast=True if args.fast else None)
+    except etp_testing.RuleConsistencyError as e:
+      failures.append(str(e))
+      for o in e.report.outcomes:
+        w = o.worst()
+        results[(prim.name, o.name)] = (o.status,
+                                        w.max_rel_err if w else None)
+      continue
+    summaries[prim.name] = summary.to_dict()
+    for name, c in summary.checks.items():
+      results[(prim.name, name)] = (c.status, c.max_rel_err)
+  print(matrix.render(results, check_registry.check_names()))
+  if unchecked:
+    print('no strategy (not checked): ' + ', '.join(unchecked))
+  for message in failures:
+    print()
+    print(message)
+  print(f'{time.perf_counter() - start:.1f} s')
+  if args.report:
+    with open(args.report, 'w') as f:
+      json.dump({'primitives': summaries, 'failures': failures,
+                 'unchecked_primitives': unchecked,
+                 'cells': {f'{p}::{c}': s for (p, c), s in results.items()}},
+                f, indent=2, default=str)
+  return 1 if failures else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,238 @@
+"""The pytest side of ``pytest --etp-check`` (loaded only when it is used).
+
+``etp_testing.pytest_plugin`` (the ``pytest11`` entry point) adds the options
+and imports this module lazily, so a pytest run without ``--etp-check`` never
+imports JAX through the plugin.
+
+Collection: one item per (primitive, check) for every primitive in
+``etp.primitives()`` with a strategy, named ``etp::<primitive>::<check>``.
+Without path arguments only the battery is collected; with paths, the battery
+runs next to the tests found there.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import platform
+import time
+
+import pytest
+
+from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, RESULT_KEY
+
+
+def _split(value):
+  return [v.strip() for v in (value or '').split(',') if v.strip()]
+
+
+def _matches(name, patterns):
+  return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def selected(config):
+  """``[(primitive, check_name)]`` the options select, in a fixed order, and
+  the primitives that have no strategy."""
+  import etp
+  from etp_testing._src import strategies
+  from etp_testing._src.checks import registry as check_registry
+  prim_patterns = _split(config.getoption('etp_primitives'))
+  check_patterns = _split(config.getoption('etp_checks'))
+  checks = check_registry.select(check_patterns or 'all')
+  pairs, unchecked = [], []
+  for prim in etp.primitives():
+    if not _matches(prim.name, prim_patterns):
+      continue
+    if strategies.strategy_for(prim) is None:
+      unchecked.append(prim.name)
+      continue
+    pairs.extend((prim, c) for c in checks)
+  return pairs, unchecked
+
+
+def examples(config) -> int:
+  n = config.getoption('etp_examples')
+  if n is not None:
+    return n
+  if config.getoption('hypothesis_profile', None):
+    from hypothesis import settings
+    return settings().max_examples
+  return DEFAULT_EXAMPLES
+
+
+def seed(config) -> int:
+  value = config.getoption('hypothesis_seed', None)
+  return int(value) if value is not None else 0
+
+
+class EtpCheckItem(pytest.Item):
+  """One check of one primitive over generated examples."""
+
+  def __init__(self, *, primitive, check, **kwargs):
+    super().__init__(**kwargs)
+    self.primitive = primitive
+    self.check = check
+    self.add_marker('etp_check')
+
+  def runtest(self):
+    from etp_testing._src.hypothesis_runner import check_with_hypothesis
+    from etp_testing._src.errors import RuleConsistencyError
+    config = self.config
+    start = time.perf_counter()
+    record = {'primitive': self.primitive.name, 'check': self.check,
+              'seed': seed(config), 'examples': examples(config)}
+    try:
+      summary = check_with_hypothesis(
+          self.primitive, max_examples=examples(config), checks=[self.check],
+          seed=seed(config), devices=config.getoption('etp_devices'),
+          fast=True if config.getoption('etp_fast') else None)
+    except RuleConsistencyError as e:
+      worst = e.report.outcome(self.check)
+      worst = worst.worst() if worst else None
+      record.update(status='failed', duration_s=time.perf_counter() - start,
+                    max_abs_err=worst.max_abs_err if worst else None,
+                    max_rel_err=worst.max_rel_err if worst else None,
+                    message=str(e))
+      self.user_properties.append((RESULT_KEY, json.dumps(record)))
+      raise
+    result = summary.checks[self.check]
+    record.update(status=result.status, duration_s=summary.duration_s,
+                  max_abs_err=result.max_abs_err,
+                  max_rel_err=result.max_rel_err,
+                  examples=summary.examples, skipped=result.skipped,
+                  skip_reasons=result.skip_reasons)
+    self.user_properties.append((RESULT_KEY, json.dumps(record)))
+    if result.status == 'skipped':
+      pytest.skip('; '.join(result.skip_reasons) or 'skipped')
+
+  def repr_failure(self, excinfo, style=None):
+    from etp_testing._src.errors import RuleConsistencyError
+    if isinstance(excinfo.value, RuleConsistencyError):
+      return str(excinfo.value)
+    return super().repr_failure(excinfo, style)
+
+  def reportinfo(self):
+    return self.path, None, f'etp::{self.primitive.name}::{self.check}'
+
+
+class EtpCollector(pytest.Collector):
+  """The ``etp`` node: the battery's items."""
+
+  def collect(self):
+    pairs, _ = selected(self.config)
+    for prim, check in pairs:
+      yield EtpCheckItem.from_parent(self, name=f'{prim.name}::{check}',
+                                     primitive=prim, check=check)
+
+
+def battery_items(session):
+  collector = EtpCollector.from_parent(session, name='etp')
+  return list(collector.collect())
+
+
+class EtpCheckPlugin:
+  """Collection, summary and report for ``--etp-check``."""
+
+  def __init__(self, config):
+    self.config = config
+    self.results = {}
+    self.failures = []
+    self.unchecked = []
+    self.start = time.perf_counter()
+
+  @pytest.hookimpl(tryfirst=True)
+  def pytest_collection(self, session):
+    if session.config.option.file_or_dir:
+      return None  # paths given: normal collection, battery added below
+    config = session.config
+    items = battery_items(session)
+    config.hook.pytest_collection_modifyitems(session=session, config=config,
+                                              items=items)
+    session.items = items
+    session.testscollected = len(items)
+    config.hook.pytest_collection_finish(session=session)
+    return True
+
+  @pytest.hookimpl(trylast=True)
+  def pytest_collection_modifyitems(self, session, config, items):
+    if config.option.file_or_dir and not any(
+        isinstance(i, EtpCheckItem) for i in items):
+      items.extend(battery_items(session))
+    _, self.unchecked = selected(config)
+
+  def pytest_runtest_logreport(self, report):
+    for key, value in report.user_properties:
+      if key == RESULT_KEY and report.when == 'call' or (
+          key == RESULT_KEY and report.when == 'setup'):
+        record = json.loads(value)
+        self.results[(record['primitive'], record['check'])] = record
+        if record['status'] == 'failed':
+          self.failures.append(record)
+
+  def pytest_terminal_summary(self, terminalreporter):
+    from etp_testing._src import matrix
+    from etp_testing._src.checks import registry as check_registry
+    tr = terminalreporter
+    tr.section('etp rule checks')
+    cells = {k: (r['status'], r.get('max_rel_err'))
+             for k, r in self.results.items()}
+    tr.write_line(matrix.render(cells, check_registry.check_names()))
+    if self.unchecked:
+      tr.write_line('no strategy (not checked): ' + ', '.join(self.unchecked)
+                    + ' - register one with etp_testing.register_strategy')
+    for record in self.failures:
+      tr.write_line('')
+      tr.write_line(f"FAILED etp::{record['primitive']}::{record['check']}")
+      tr.write_line(record.get('message', ''))
+    path = self.config.getoption('etp_report')
+    if path:
+      tr.write_line(f'etp report written to {path}')
+
+  def pytest_sessionfinish(self, session):
+    path = self.config.getoption('etp_report')
+    if not path or hasattr(self.config, 'workerinput'):
+      return
+    import jax
+    import etp_testing
+    checks = {}
+    for (prim, check), record in sorted(self.results.items()):
+      checks.setdefault(prim, {})[check] = {
+          k: record.get(k) for k in ('status', 'max_abs_err', 'max_rel_err',
+                                     'seed', 'examples', 'duration_s',
+                                     'skip_reasons')}
+    statuses = [r['status'] for r in self.results.values()]
+    data = {
+        'etp_report_version': 1,
+        'jax_version': jax.__version__,
+        'python_version': platform.python_version(),
+        'devices': [str(d) for d in jax.devices()],
+        'etp_testing_version': getattr(etp_testing, '__version__', None),
+        'seed': seed(self.config), 'examples': examples(self.config),
+        'duration_s': time.perf_counter() - self.start,
+        'totals': {s: statuses.count(s) for s in sorted(set(statuses))},
+        'unchecked_primitives': self.unchecked,
+        'primitives': checks,
+    }
+    with open(path, 'w') as f:
+      json.dump(data, f, indent=2, default=str)
+
+
+class EtpCheckFixture:
+  """The ``etp_check`` fixture: the battery inside a user's own test.
+
+  ``etp_check(primitive, *operands, **params)`` runs
+  ``assert_rule_consistent``; ``etp_check.hypothesis(primitive, **kwargs)``
+  runs ``check_with_hypothesis``.
+  """
+
+  def __init__(self, request):
+    self.request = request
+
+  def __call__(self, primitive, *operands, **kwargs):
+    import etp_testing
+    return etp_testing.assert_rule_consistent(primitive, *operands, **kwargs)
+
+  def hypothesis(self, primitive, **kwargs):
+    import etp_testing
+    kwargs.setdefault('seed', seed(self.request.config))
+    return etp_testing.check_with_hypothesis(primitive, **kwargs)

@@ -1,0 +1,69 @@
+"""pytest plugin ``etp``: ``pytest --etp-check`` runs the ETP rule battery.
+
+Registered through the ``pytest11`` entry point; ``-p no:etp`` turns it off.
+This module imports neither JAX nor the harness: the work lives in
+``etp_testing._src.plugin`` and loads only with ``--etp-check`` or when the
+``etp_check`` fixture is used.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+DEFAULT_EXAMPLES = 3
+RESULT_KEY = 'etp_check_result'
+
+# name -> hypothesis settings; registered unless the user has one by that name.
+PROFILES = {
+    'dev': dict(max_examples=3),
+    'ci': dict(max_examples=5, derandomize=True, print_blob=True),
+    'nightly': dict(max_examples=50, print_blob=True),
+}
+
+
+def pytest_addoption(parser):
+  group = parser.getgroup('etp', 'ETP rule verification (etp_testing)')
+  group.addoption('--etp-check', action='store_true', default=False,
+                  help='collect the ETP rule battery: one item per '
+                  '(primitive, check) for every primitive with a strategy. '
+                  'Without paths, only the battery runs.')
+  group.addoption('--etp-primitives', default=None, metavar='NAMES',
+                  help='comma list of primitive names or glob patterns')
+  group.addoption('--etp-checks', default=None, metavar='NAMES',
+                  help='comma list of check names, groups (xy_to_dw) or globs')
+  group.addoption('--etp-examples', type=int, default=None, metavar='N',
+                  help='hypothesis examples per item (default: the active '
+                  f'--hypothesis-profile, else {DEFAULT_EXAMPLES})')
+  group.addoption('--etp-devices', default='all',
+                  choices=('cpu', 'gpu', 'all'),
+                  help='devices for device.consistency (default: all)')
+  group.addoption('--etp-report', default=None, metavar='PATH',
+                  help='write a JSON report of every (primitive, check)')
+  group.addoption('--etp-fast', action='store_true', default=False,
+                  help='random-projection mode everywhere (no full Jacobians)')
+
+
+def _register_profiles():
+  from hypothesis import settings
+  known = getattr(settings, '_profiles', {})
+  for name, kwargs in PROFILES.items():
+    if name not in known:
+      settings.register_profile(name, **kwargs)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'etp_check: an ETP rule-battery test (the --etp-check items, '
+      'or a user test that runs the battery).')
+  _register_profiles()
+  if config.getoption('etp_check', False):
+    from etp_testing._src.plugin import EtpCheckPlugin
+    config.pluginmanager.register(EtpCheckPlugin(config), 'etp-check-session')
+
+
+@pytest.fixture
+def etp_check(request):
+  """Runs the battery inside a test: ``etp_check(primitive, *operands,
+  **params)`` or ``etp_check.hypothesis(primitive, max_examples=...)``."""
+  from etp_testing._src.plugin import EtpCheckFixture
+  return EtpCheckFixture(request)

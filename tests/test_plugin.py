@@ -1,0 +1,178 @@
+"""The pytest plugin and the CLI, run the way users run them (subprocesses)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest_plugins = ['pytester']
+
+USER_CONFTEST = '''
+import jax.numpy as jnp
+import etp
+import etp_testing
+from etp._src import dense, rule_util
+
+BROKEN = {broken}
+
+
+def impl(x, w):
+  return 2.0 * (x @ w)
+
+
+def xy_to_dw(x, g, weights):
+  scale = 1.0 if BROKEN else 2.0   # the broken rule forgets the factor 2
+  return {{'weight': scale * jnp.einsum('...i,...o->io', x, g)}}
+
+
+def yw_to_w(g, trace):
+  return {{'weight': g[..., None, :] * trace['weight']}}
+
+
+prim = etp.register_primitive('user_scaled_mm', impl, batched=True,
+                              trainable_invars_fn=lambda p: {{'weight': 1}})
+prim.register_etp_rules(
+    yw_to_w=yw_to_w, xy_to_dw=xy_to_dw,
+    init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
+                                                                 True),
+    init_pp=rule_util.pp_trace)
+
+
+def cases():
+  from hypothesis import strategies as st
+  from etp_testing.strategies import arrays_of, dims
+  @st.composite
+  def draw(draw):
+    n_in, n_out = draw(dims()), draw(dims())
+    return ((draw(arrays_of((2, n_in), 'float32')),
+             draw(arrays_of((n_in, n_out), 'float32'))), {{}})
+  return draw()
+
+
+etp_testing.register_strategy(prim, cases())
+'''
+
+FAST = ['--etp-primitives', 'user_*', '--etp-checks',
+        'xy_to_dw.vjp,yw_to_w.anchor,init.drtrl', '-p', 'no:cacheprovider']
+
+
+def _env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  return env
+
+
+def _run(tmp_path, *args, broken=False, timeout=300):
+  (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=broken))
+  return subprocess.run([sys.executable, '-m', 'pytest', *args],
+                        cwd=tmp_path, capture_output=True, text=True,
+                        env=_env(), timeout=timeout)
+
+
+def test_help_lists_the_option_group(tmp_path):
+  out = subprocess.run([sys.executable, '-m', 'pytest', '--help'],
+                       cwd=tmp_path, capture_output=True, text=True).stdout
+  assert 'ETP rule verification' in out
+  for option in ('--etp-check', '--etp-primitives', '--etp-checks',
+                 '--etp-examples', '--etp-devices', '--etp-report'):
+    assert option in out
+
+
+def test_user_primitive_passes_in_an_empty_directory(tmp_path):
+  report = tmp_path / 'report.json'
+  proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert '3 passed' in proc.stdout
+  assert 'etp rule checks' in proc.stdout and 'user_scaled_mm' in proc.stdout
+  data = json.loads(report.read_text())
+  cells = data['primitives']['user_scaled_mm']
+  assert set(cells) == {'xy_to_dw.vjp', 'yw_to_w.anchor', 'init.drtrl'}
+  assert all(c['status'] == 'passed' for c in cells.values())
+  assert data['jax_version'] and data['devices'] and 'seed' in data
+
+
+def test_broken_user_rule_fails_with_the_rule_named(tmp_path):
+  proc = _run(tmp_path, '--etp-check', *FAST, broken=True)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert 'FAILED etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
+  assert 'xy_to_dw[weight]' in proc.stdout
+  assert 'Reproduce with:' in proc.stdout
+
+
+def test_node_ids_and_collection_only_battery(tmp_path):
+  (tmp_path / 'test_other.py').write_text('def test_x():\n  pass\n')
+  proc = _run(tmp_path, '--etp-check', *FAST, '--collect-only', '-q')
+  assert 'etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
+  assert 'test_other.py' not in proc.stdout     # no paths: the battery only
+  proc = _run(tmp_path, '--etp-check', *FAST, '--collect-only', '-q', '.')
+  assert 'test_other.py::test_x' in proc.stdout  # with paths: both
+  assert 'etp::user_scaled_mm::init.drtrl' in proc.stdout
+
+
+def test_gpu_only_device_check_is_skipped_not_passed(tmp_path):
+  proc = _run(tmp_path, '--etp-check', '--etp-primitives', 'user_*',
+              '--etp-checks', 'device.consistency', '--etp-devices', 'gpu',
+              '-rs')
+  if 'gpu' in subprocess.run(
+      [sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+      capture_output=True, text=True).stdout:
+    pytest.skip('a GPU is present')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert '1 skipped' in proc.stdout and 'no device' in proc.stdout
+
+
+def test_disabled_with_no_etp(tmp_path):
+  proc = _run(tmp_path, '-p', 'no:etp', '--etp-check')
+  assert proc.returncode != 0
+  assert 'unrecognized arguments: --etp-check' in proc.stderr
+
+
+def test_xdist_gives_the_same_outcome(tmp_path):
+  pytest.importorskip('xdist')
+  proc = _run(tmp_path, '--etp-check', *FAST, '-n', '2')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert '3 passed' in proc.stdout
+  assert 'pass' in proc.stdout.split('etp rule checks')[-1]
+
+
+def test_fixture_and_marker(tmp_path):
+  (tmp_path / 'test_mine.py').write_text(textwrap.dedent('''
+      import numpy as np
+      import pytest
+      import etp
+
+      @pytest.mark.etp_check
+      def test_dense(etp_check):
+        x = np.ones((2, 3), np.float32)
+        w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+        report = etp_check(etp.etp_mm_p, x, w, checks='xy_to_dw',
+                           has_bias=False)
+        assert report.passed
+
+      def test_hypothesis(etp_check):
+        s = etp_check.hypothesis(etp.etp_mv_p, max_examples=2,
+                                 checks=['xy_to_dw.vjp'])
+        assert s.examples == 2
+      '''))
+  proc = _run(tmp_path, '-p', 'no:cacheprovider', 'test_mine.py')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert '2 passed' in proc.stdout
+
+
+def test_cli_exit_codes_and_matrix(tmp_path):
+  (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=False))
+  base = [sys.executable, '-m', 'etp_testing', '--conftest',
+          str(tmp_path / 'conftest.py'), '--primitives', 'user_*',
+          '--checks', 'xy_to_dw.vjp', '--examples', '2']
+  ok = subprocess.run(base, capture_output=True, text=True, env=_env())
+  assert ok.returncode == 0, ok.stdout + ok.stderr
+  assert 'xy_to_dw.vjp' in ok.stdout and 'pass' in ok.stdout
+  (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=True))
+  bad = subprocess.run(base, capture_output=True, text=True, env=_env())
+  assert bad.returncode == 1 and 'FAIL' in bad.stdout
+  usage = subprocess.run(base + ['--checks', 'no_such_check'],
+                         capture_output=True, text=True, env=_env())
+  assert usage.returncode == 2 and 'no check matches' in usage.stderr
