@@ -1,4 +1,7 @@
-r"""Sparse matmul with a fixed pattern: ``etp_sp_mv_p`` (one example) and ``etp_sp_mm_p`` (a batch).
+r"""Sparse matmul with a fixed pattern: ``etp_sp_mv_p`` and ``etp_sp_mm_p``.
+
+``etp_sp_mv_p`` takes one example ``x`` of shape ``(in,)``; ``etp_sp_mm_p`` a
+batch ``(B, in)`` of independent examples.
 
 The matrix :math:`M` of ``shape = (in, out)`` holds ``nnz`` stored values
 ``data[e]`` at ``indices[e] = (r_e, c_e)`` and zeros elsewhere; the pattern is
@@ -19,7 +22,8 @@ Every stored value is anchored at its column: ``data[e]`` reaches ``y[c_e]``
 only (and ``b[j]`` reaches ``y[j]``), so the D-RTRL trace has the weight's
 shape ``(nnz,)`` (with a leading batch axis for ``etp_sp_mm_p``) and
 
-* ``xy_to_dw``: :math:`\partial\,\mathrm{data}_e = \sum x_{\dots, r_e}\, g_{\dots, c_e}`,
+* ``xy_to_dw``:
+  :math:`\partial\,\mathrm{data}_e = \sum x_{\dots, r_e}\, g_{\dots, c_e}`,
   :math:`\partial b = \sum g`, summed over all leading axes (the batch);
 * ``yw_to_w``: :math:`T[\dots, e] \mapsto g[\dots, c_e]\, T[\dots, e]`,
   :math:`T_b[\dots, j] \mapsto g[\dots, j]\, T_b[\dots, j]`; leading axes

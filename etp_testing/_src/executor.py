@@ -120,8 +120,8 @@ def solve_term(rules, c, trace, weights, rule_params):
   if rules.solve_drtrl is not None:
     return rules.solve_drtrl(c, trace, **rule_params)
   linked = rules.yw_to_w(c, trace, **rule_params)
-  return {k: v.reshape((-1,) + weights[k].shape).sum(0)
-          if v.ndim > weights[k].ndim else v for k, v in linked.items()}
+  return {k: v.sum(axis=tuple(range(v.ndim - weights[k].ndim)))
+          for k, v in linked.items()}
 
 
 def drtrl_gradient(primitive, operands, params, xs, A, Bf, C, transforms=None,
