@@ -177,7 +177,9 @@ class CheckContext:
     except RuleFailure:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      shapes = shape_of([a for a in args if not isinstance(a, jax.core.Var)])
+      shapes = [tuple(np.shape(a)) if hasattr(a, 'shape') else
+                jax.tree.map(lambda v: tuple(np.shape(v)), a)
+                if isinstance(a, Mapping) else type(a).__name__ for a in args]
       raise RuleFailure(rule_name, f'{rule_name} raised {type(e).__name__}: '
                         f'{e} (called with argument shapes {shapes})') from e
 

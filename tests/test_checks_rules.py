@@ -1,0 +1,324 @@
+"""Every rule check catches a deliberately broken rule, and passes the real one.
+
+Each broken variant is a real registered primitive with the dense (or LoRA)
+impl and exactly one rule wrong.
+"""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import etp
+import etp_testing
+from etp._src import dense, lora, rule_util
+
+_ids = itertools.count()
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((3, 2)).astype(np.float32)      # batch 3, in 2
+W = RNG.standard_normal((2, 4)).astype(np.float32)      # non-square
+B = RNG.standard_normal(4).astype(np.float32)
+
+
+def dense_variant(**overrides):
+  """A batched dense primitive with some rules replaced."""
+  prim = etp.register_primitive(f'broken_dense_{next(_ids)}', dense._impl,
+                                batched=True,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p)
+  rules = dict(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+               init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  rules.update(overrides)
+  prim.register_etp_rules(**rules)
+  return prim
+
+
+def lora_variant(**overrides):
+  prim = etp.register_primitive(f'broken_lora_{next(_ids)}', lora._impl,
+                                batched=True, trainable_invars_fn=lora._trainable)
+  base = etp.rules_of(etp.etp_lora_mm_p)
+  rules = dict(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+               init_drtrl=base.init_drtrl, init_pp=base.init_pp,
+               instant_drtrl=base.instant_drtrl, solve_drtrl=base.solve_drtrl)
+  rules.update(overrides)
+  prim.register_etp_rules(**rules)
+  return prim
+
+
+def run(prim, check, *operands, **params):
+  operands = operands or (X, W, B)
+  params = params or {'has_bias': True}
+  return etp_testing.check_rules(prim, *operands, checks=[check],
+                                 **params).outcome(check)
+
+
+def assert_caught(outcome, rule, key=None):
+  assert outcome.status == 'failed', (outcome.status, outcome.reason,
+                                      [f.describe() for f in outcome.findings])
+  bad = [f for f in outcome.findings if not f.passed]
+  assert any(f.rule == rule and (key is None or f.key == key) for f in bad), \
+      [f.describe() for f in bad]
+
+
+# ------------------------------------------------------------ broken rules
+def xy_scaled(x, g, weights, *, has_bias):
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {**out, 'weight': 2.0 * out['weight']}
+
+
+def xy_first_example_only(x, g, weights, *, has_bias):
+  return dense._xy_to_dw(x[:1], g[:1], weights, has_bias=has_bias)
+
+
+def xy_transposed(x, g, weights, *, has_bias):
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {**out, 'weight': out['weight'].T.reshape(out['weight'].shape)}
+
+
+def yw_square_axis(g, trace, *, has_bias):
+  out = dense._yw_to_w(g, trace, has_bias=has_bias)
+  w = trace['weight']
+  # g broadcast on the input axis: right only when in == out.
+  return {**out, 'weight': g[..., :w.shape[-2], None] * w}
+
+
+def yw_passthrough(g, trace, *, has_bias):
+  return dict(trace)
+
+
+def yw_squared_g(g, trace, *, has_bias):
+  return dense._yw_to_w(g * jnp.abs(g), trace, has_bias=has_bias)
+
+
+def yw_rank2_only(g, trace, *, has_bias):
+  out = {'weight': jnp.einsum('bo,bio->bio', g, trace['weight'])}
+  if has_bias:
+    out['bias'] = jnp.einsum('bo,bo->bo', g, trace['bias'])
+  return out
+
+
+def init_default_dtype(x, y, w, n):
+  lead = rule_util.batch_lead(y, True)
+  return {k: jnp.zeros(lead + v.aval.shape + (n,), float) for k, v in w.items()}
+
+
+def init_state_first(x, y, w, n):
+  lead = rule_util.batch_lead(y, True)
+  return {k: jnp.zeros((n,) + lead + v.aval.shape, v.aval.dtype)
+          for k, v in w.items()}
+
+
+def init_ones(x, y, w, n):
+  return jax.tree.map(jnp.ones_like,
+                      rule_util.weight_shaped_traces(x, y, w, n, True))
+
+
+def init_pp_state_first(x, y, w, n):
+  return jnp.zeros((n,) + y.aval.shape, y.aval.dtype)
+
+
+# ---------------------------------------------------------------- correct
+@pytest.mark.parametrize('prim,operands,params', [
+    (etp.etp_mm_p, (X, W, B), {'has_bias': True}),
+    (etp.etp_mv_p, (X[0], W), {'has_bias': False}),
+    (etp.etp_lora_mm_p, (X, W[:, :1], W[:1], B), {'alpha': 0.5,
+                                                  'has_bias': True}),
+])
+def test_correct_builtins_pass_every_rule_check(prim, operands, params):
+  report = etp_testing.check_rules(
+      prim, *operands, checks='xy_to_dw,yw_to_w,init,drtrl,pp', **params)
+  assert report.passed, report.failure_message()
+  statuses = {o.name: o.status for o in report.outcomes}
+  assert statuses['xy_to_dw.vjp'] == statuses['drtrl.exact'] == 'passed'
+
+
+# ----------------------------------------------------------- xy_to_dw.*
+@pytest.mark.parametrize('check', ['xy_to_dw.vjp', 'xy_to_dw.jacrev',
+                                   'xy_to_dw.fd'])
+@pytest.mark.parametrize('broken', [xy_scaled, xy_first_example_only,
+                                    xy_transposed])
+def test_xy_to_dw_checks_catch(check, broken):
+  assert_caught(run(dense_variant(xy_to_dw=broken), check), 'xy_to_dw',
+                'weight')
+
+
+def test_jacrev_fast_mode_catches():
+  prim = dense_variant(xy_to_dw=xy_scaled)
+  report = etp_testing.check_rules(prim, X, W, B, checks=['xy_to_dw.jacrev'],
+                                   fast=True, has_bias=True)
+  outcome = report.outcome('xy_to_dw.jacrev')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+  assert 'fast mode' in outcome.findings[0].message
+
+
+def test_dropped_and_extra_keys_are_named():
+  def dropped(x, g, weights, *, has_bias):
+    return {'weight': dense._xy_to_dw(x, g, weights, has_bias=has_bias)['weight']}
+  outcome = run(dense_variant(xy_to_dw=dropped), 'xy_to_dw.vjp')
+  assert_caught(outcome, 'xy_to_dw')
+  assert "missing ['bias']" in outcome.findings[-1].message
+
+  def extra(x, g, weights, *, has_bias):
+    return {**dense._xy_to_dw(x, g, weights, has_bias=has_bias), 'x': x}
+  outcome = run(dense_variant(xy_to_dw=extra), 'xy_to_dw.vjp')
+  assert "extra ['x']" in outcome.findings[-1].message
+
+
+# ------------------------------------------------------------ yw_to_w.*
+def test_anchor_catches_square_only_axis():
+  outcome = run(dense_variant(yw_to_w=yw_square_axis), 'yw_to_w.anchor')
+  assert_caught(outcome, 'yw_to_w', 'weight')
+
+
+def test_anchor_catches_passthrough():
+  assert_caught(run(dense_variant(yw_to_w=yw_passthrough), 'yw_to_w.anchor'),
+                'yw_to_w', 'weight')
+
+
+def test_anchor_catches_weight_shaped_trace_for_non_anchored_weight():
+  prim = lora_variant(instant_drtrl=None, solve_drtrl=None,
+                      init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(
+                          x, y, w, n, True),
+                      yw_to_w=lambda g, t, *, alpha, has_bias: {
+                          'lora_b': t['lora_b'],
+                          'lora_a': g[..., None, :] * t['lora_a'],
+                          **({'bias': g * t['bias']} if has_bias else {})})
+  ops = (X, W[:, :2], W[:2], B)
+  outcome = run(prim, 'yw_to_w.anchor', *ops, alpha=0.5, has_bias=True)
+  assert_caught(outcome, 'yw_to_w', 'lora_b')
+  message = [f.message for f in outcome.findings if not f.passed][0]
+  assert 'reaches 4 outputs' in message and 'instant_drtrl' in message
+  assert_caught(run(prim, 'drtrl.exact', *ops, alpha=0.5, has_bias=True),
+                'drtrl', 'lora_b')
+
+
+def test_declared_approximate_is_measured_not_failed():
+  prim = etp.register_primitive(f'approx_lora_{next(_ids)}', lora._impl,
+                                batched=True, trainable_invars_fn=lora._trainable)
+  prim.register_etp_rules(
+      yw_to_w=lambda g, t, *, alpha, has_bias: {
+          'lora_b': g.mean(-1)[..., None, None] * t['lora_b'],
+          'lora_a': g[..., None, :] * t['lora_a']},
+      xy_to_dw=lora._xy_to_dw,
+      init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
+                                                                   True),
+      init_pp=rule_util.pp_trace, approximate=('lora_b',))
+  ops = (X, W[:, :2], W[:2])
+  report = etp_testing.check_rules(prim, *ops, checks='yw_to_w.anchor,drtrl.exact',
+                                   alpha=0.5, has_bias=False)
+  assert report.passed, report.failure_message()
+  assert report.outcome('drtrl.exact').status == 'measured'
+  measured = [f for f in report.outcome('drtrl.exact').findings
+              if f.approximate]
+  assert measured and max(f.max_rel_err for f in measured) > 1e-3
+
+
+def test_linear_catches_nonlinear_in_g():
+  assert_caught(run(dense_variant(yw_to_w=yw_squared_g), 'yw_to_w.linear'),
+                'yw_to_w')
+
+
+def test_vmap_catches_rank_dependent_rule():
+  outcome = run(dense_variant(yw_to_w=yw_rank2_only), 'yw_to_w.vmap')
+  assert_caught(outcome, 'yw_to_w')
+  assert any('vmap' in f.message or 'leading' in f.message
+             for f in outcome.findings if not f.passed)
+
+
+# --------------------------------------------------------------- init.*
+@pytest.mark.parametrize('broken,words', [
+    (init_default_dtype, 'dtype float64 != expected float32'),
+    (init_state_first, 'shape'),
+    (init_ones, 'non-zero'),
+])
+def test_init_drtrl_catches(broken, words):
+  outcome = run(dense_variant(init_drtrl=broken), 'init.drtrl')
+  assert_caught(outcome, 'init_drtrl')
+  assert any(words in f.message for f in outcome.findings if not f.passed)
+
+
+def test_init_pp_catches_wrong_shape():
+  assert_caught(run(dense_variant(init_pp=init_pp_state_first), 'init.pp'),
+                'init_pp')
+
+
+# ------------------------------------------------------------- drtrl.*
+@pytest.mark.parametrize('broken', [
+    dict(yw_to_w=yw_square_axis), dict(yw_to_w=yw_passthrough),
+    dict(init_drtrl=init_ones)])
+def test_drtrl_exact_catches(broken):
+  assert_caught(run(dense_variant(**broken), 'drtrl.exact'), 'drtrl',
+                'weight')
+
+
+def test_drtrl_exact_batch_of_one_variant_catches_batch_only_rule():
+  # Right for B > 1 only: drops the first example when there is just one.
+  def instant(x, g, weights, *, has_bias):
+    out = {'weight': jnp.einsum('bi,bo->bio', x, g)}
+    if has_bias:
+      out['bias'] = g
+    return jax.tree.map(lambda v: v * (x.shape[0] > 1), out)
+
+  def solve(c, trace, *, has_bias):
+    out = {'weight': (c[:, None, :] * trace['weight']).sum(0)}
+    if has_bias:
+      out['bias'] = (c * trace['bias']).sum(0)
+    return out
+  prim = dense_variant(instant_drtrl=instant, solve_drtrl=solve)
+  outcome = run(prim, 'drtrl.exact')
+  assert_caught(outcome, 'drtrl')
+  assert all('batch of one' in f.message for f in outcome.findings
+             if not f.passed)
+
+
+def test_drtrl_instant_catches_inconsistent_pair():
+  def solve(c, trace, **params):
+    out = lora._solve_drtrl(c, trace, **params)
+    return {**out, 'lora_b': 3.0 * out['lora_b']}
+  prim = lora_variant(solve_drtrl=solve)
+  ops = (X, W[:, :2], W[:2])
+  assert_caught(run(prim, 'drtrl.instant', *ops, alpha=0.5, has_bias=False),
+                'solve_drtrl', 'lora_b')
+
+
+def test_drtrl_instant_skips_without_the_pair():
+  outcome = run(etp.etp_mm_p, 'drtrl.instant')
+  assert outcome.status == 'skipped' and 'instant_drtrl' in outcome.reason
+
+
+def test_drtrl_exact_through_element_wise_catches_non_identity_impl():
+  prim = etp.register_primitive(f'broken_elemwise_{next(_ids)}', jnp.tanh,
+                                gradient_enabled=True, x_invar_index=None,
+                                trainable_invars_fn=lambda p: {'weight': 0})
+  base = etp.rules_of(etp.etp_elemwise_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  outcome = etp_testing.check_rules(prim, W, checks=['drtrl.exact']).outcome(
+      'drtrl.exact')
+  assert_caught(outcome, 'drtrl', 'weight')
+
+
+# ---------------------------------------------------------------- pp.exact
+def test_pp_exact_catches_and_reports_bias_as_not_applicable():
+  outcome = run(dense_variant(xy_to_dw=xy_scaled), 'pp.exact')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+  good = run(etp.etp_mm_p, 'pp.exact')
+  assert good.status == 'passed'
+  assert any(f.key == 'bias' and 'does not apply' in f.message
+             for f in good.findings)
+
+
+def test_pp_exact_skips_non_linear_primitives():
+  prim = etp.register_primitive(f'tanh_mm_{next(_ids)}',
+                                lambda x, w, *, has_bias: jnp.tanh(x @ w),
+                                batched=True,
+                                trainable_invars_fn=lambda p: {'weight': 1})
+  base = etp.rules_of(etp.etp_mm_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  outcome = etp_testing.check_rules(prim, X, W, checks=['pp.exact'],
+                                    has_bias=False).outcome('pp.exact')
+  assert outcome.status == 'skipped' and 'not affine' in outcome.reason
