@@ -58,7 +58,8 @@ def max_errors(actual, expected):
   """``(max_abs, max_rel, index)``; see ``tolerances`` for the definitions."""
   a = np.asarray(actual, np.float64)
   e = np.asarray(expected, np.float64)
-  diff = np.abs(a - e)
+  with np.errstate(invalid='ignore', over='ignore'):
+    diff = np.abs(a - e)
   if diff.size == 0:
     return 0.0, 0.0, ()
   bad = ~np.isfinite(diff)

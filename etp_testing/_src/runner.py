@@ -46,7 +46,7 @@ def resolve_devices(devices='all') -> list:
 
 def _operand_info(operands) -> list:
   return [{'shape': [int(s) for s in np.shape(o)],
-           'dtype': str(jnp.result_type(o))} for o in operands]
+           'dtype': str(np.asarray(o).dtype)} for o in operands]
 
 
 def _wants_x64(operands) -> bool:
@@ -62,8 +62,9 @@ def _validate_case(primitive, operands, params) -> Optional[str]:
     jax.eval_shape(lambda *ops: primitive.bind(*ops, **params), *operands)
   except Exception as e:  # pylint: disable=broad-except
     shapes = [tuple(np.shape(o)) for o in operands]
-    return (f'the operands do not fit {primitive.name}: binding shapes '
-            f'{shapes} with params {params} raised {type(e).__name__}: {e}')
+    return (f'binding {primitive.name} on shapes {shapes} with params '
+            f'{params} raised {type(e).__name__}: {e} (the operands do not fit '
+            'the primitive, or its impl raises)')
   return None
 
 

@@ -1,74 +1,154 @@
 """Unit cases: how to call a primitive's unit-aware user-facing function.
 
-``register_unit_case(primitive, case)`` where ``case(operands, params)``
-returns ``(description, call, expected_unit)``: ``call()`` runs the
-user-facing function on ``saiunit`` quantities built from the operands, and
-its result must carry ``expected_unit`` with the bind's value as mantissa.
-The built-ins' cases are registered here.
+The ``units`` check needs to know, for a primitive, which user-facing function
+binds it and how to call that function on ``saiunit`` quantities.  A *unit
+case* says so::
+
+  register_unit_case(primitive, fn)
+
+where ``fn(ctx) -> [(description, call, expected_unit[, expected]), ...]``
+builds, from the case under test (``ctx.operands``, ``ctx.params``), calls of
+the user-facing function on quantities whose mantissas are the case's
+operands: ``call()`` returns the output quantity, which must carry
+``expected_unit`` (the product of the operands' units) and, expressed in that
+unit, equal ``expected`` (default: the bind on the case's mantissas,
+``ctx.y()``).  Operands may be given in another unit of the right dimension
+(a bias in uA where the output is in mA) with their mantissa scaled to match,
+so a wrapper that forgets to convert is caught.
+
+The built-ins' cases are registered here: ``element_wise``, ``matmul``,
+``sparse_matmul``, ``conv`` and ``lora_matmul``.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import saiunit as u
 
 import etp
+from etp_testing._src.errors import PREFIX
 
 _CASES: dict = {}
 
 
-def register_unit_case(primitive, case) -> None:
-  """Registers (or replaces) the unit case of ``primitive``."""
-  _CASES[primitive] = case
+def register_unit_case(primitive, fn: Callable) -> None:
+  """Registers (or replaces) the unit case of ``primitive``.
+
+  Args:
+    primitive: an ETP primitive.
+    fn: ``fn(ctx) -> list of (description, call, expected_unit)`` or
+      ``(description, call, expected_unit, expected_mantissa)``; ``call()``
+      runs the user-facing function on quantities made from ``ctx.operands``.
+
+  Raises:
+    TypeError: ``fn`` is not callable, or ``primitive`` is not an ETP
+      primitive.
+  """
+  if not callable(fn):
+    raise TypeError(f'{PREFIX}register_unit_case: fn must be callable '
+                    f'(ctx -> list of cases), got {type(fn).__name__}.')
+  if not etp.is_etp_primitive(primitive):
+    raise TypeError(f'{PREFIX}register_unit_case: {primitive!r} is not an ETP '
+                    'primitive (create it with etp.register_primitive).')
+  _CASES[primitive] = fn
 
 
 def unit_case_for(primitive):
+  """The registered ``fn(ctx)`` of ``primitive``, or ``None``."""
   return _CASES.get(primitive)
 
 
-def _bias(ops, params, index, unit):
-  return ops[index] * unit if params.get('has_bias') else None
+def _scaled(mantissa, unit, factor: float):
+  """The quantity ``mantissa`` (in the output unit) written in ``unit``,
+  ``factor`` of which make one output unit (1e3 uA per mA)."""
+  return (mantissa * factor) * unit
 
 
-def _elemwise(ops, params):
-  return ('element_wise(w [mV])', lambda: etp.element_wise(ops[0] * u.mV),
-          u.mV)
+def _bias(ctx, index, unit, factor):
+  if not ctx.params.get('has_bias'):
+    return None
+  return _scaled(ctx.operands[index], unit, factor)
 
 
-def _dense(ops, params):
-  return ('matmul(x [mV], w [S], b [mA])',
-          lambda: etp.matmul(ops[0] * u.mV, ops[1] * u.siemens,
-                             _bias(ops, params, 2, u.mA)), u.mA)
+# Every case is called twice: with units on every operand (a bias in a
+# smaller unit of the output's dimension), and with a plain-array input and
+# a nano-scaled weight (the unit of y is then the weight's alone).
+def _elemwise(ctx):
+  (w,) = ctx.operands
+  return [
+      ('element_wise(w [mV])', lambda: etp.element_wise(w * u.mV), u.mV),
+      ('element_wise(w [mV], fn=square)',
+       lambda: etp.element_wise(w * u.mV, lambda q: q * q), u.mV ** 2,
+       ctx.bind(w * w)),
+  ]
 
 
-def _sparse(ops, params):
-  return ('sparse_matmul(x [mV], data [S], indices, shape, b [mA])',
-          lambda: etp.sparse_matmul(ops[0] * u.mV, ops[1] * u.siemens, ops[2],
-                                    params['shape'],
-                                    _bias(ops, params, 3, u.mA)), u.mA)
+def _dense(ctx):
+  x, w = ctx.operands[:2]
+  return [
+      ('matmul(x [mV], weight [S], bias [uA])',
+       lambda: etp.matmul(x * u.mV, w * u.siemens,
+                          _bias(ctx, 2, u.uA, 1e3)), u.mV * u.siemens),
+      ('matmul(x [1], weight [nS], bias [pS])',
+       lambda: etp.matmul(x, w * u.nS, _bias(ctx, 2, u.psiemens, 1e3)),
+       u.nS),
+  ]
 
 
-def _conv(ops, params):
-  return ('conv(x [mV], kernel [S], b [mA])',
-          lambda: etp.conv(ops[0] * u.mV, ops[1] * u.siemens,
-                           _bias(ops, params, 2, u.mA),
-                           strides=params['window_strides'],
-                           padding=params['padding'],
-                           rhs_dilation=params['rhs_dilation'],
-                           dimension_numbers=params['dimension_numbers']),
-          u.mA)
+def _sparse(ctx):
+  x, data, indices = ctx.operands[:3]
+  shape = ctx.params['shape']
+  return [
+      ('sparse_matmul(x [mV], data [S], indices, shape, bias [uA])',
+       lambda: etp.sparse_matmul(x * u.mV, data * u.siemens, indices, shape,
+                                 _bias(ctx, 3, u.uA, 1e3)),
+       u.mV * u.siemens),
+      ('sparse_matmul(x [1], data [nS], indices, shape, bias [pS])',
+       lambda: etp.sparse_matmul(x, data * u.nS, indices, shape,
+                                 _bias(ctx, 3, u.psiemens, 1e3)), u.nS),
+  ]
 
 
-def _lora(ops, params):
-  return ('lora_matmul(x [mV], lora_b [S], lora_a [ms], b [mA*ms])',
-          lambda: etp.lora_matmul(ops[0] * u.mV, ops[1] * u.siemens,
-                                  ops[2] * u.ms,
-                                  _bias(ops, params, 3, u.mA * u.ms),
-                                  alpha=params['alpha']),
-          u.mV * u.siemens * u.ms)
+def _conv(ctx):
+  x, kernel = ctx.operands[:2]
+  p = ctx.params
+  layout = dict(strides=p['window_strides'], padding=p['padding'],
+                rhs_dilation=p['rhs_dilation'],
+                dimension_numbers=p['dimension_numbers'])
+  return [
+      ('conv(x [mV], kernel [S], bias [uA])',
+       lambda: etp.conv(x * u.mV, kernel * u.siemens,
+                        _bias(ctx, 2, u.uA, 1e3), **layout),
+       u.mV * u.siemens),
+      ('conv(x [1], kernel [nS], bias [pS])',
+       lambda: etp.conv(x, kernel * u.nS, _bias(ctx, 2, u.psiemens, 1e3),
+                        **layout), u.nS),
+  ]
 
 
-for _p, _c in ((etp.etp_elemwise_p, _elemwise), (etp.etp_mv_p, _dense),
-               (etp.etp_mm_p, _dense), (etp.etp_sp_mv_p, _sparse),
-               (etp.etp_sp_mm_p, _sparse), (etp.etp_conv_p, _conv),
-               (etp.etp_lora_mv_p, _lora), (etp.etp_lora_mm_p, _lora)):
-  register_unit_case(_p, _c)
+def _lora(ctx):
+  x, b, a = ctx.operands[:3]
+  alpha = ctx.params['alpha']
+  return [
+      ('lora_matmul(x [mV], lora_b [S], lora_a [ms], bias [nC])',
+       lambda: etp.lora_matmul(x * u.mV, b * u.siemens, a * u.ms,
+                               _bias(ctx, 3, u.ncoulomb, 1e3), alpha=alpha),
+       u.mV * u.siemens * u.ms),
+      ('lora_matmul(x [1], lora_b [1], lora_a [nS], bias [pS])',
+       lambda: etp.lora_matmul(x, b, a * u.nS, _bias(ctx, 3, u.psiemens, 1e3),
+                               alpha=alpha), u.nS),
+  ]
+
+
+_BUILTINS = (
+    ('etp_elemwise_p', _elemwise), ('etp_mv_p', _dense),
+    ('etp_mm_p', _dense), ('etp_sp_mv_p', _sparse), ('etp_sp_mm_p', _sparse),
+    ('etp_conv_p', _conv), ('etp_lora_mv_p', _lora),
+    ('etp_lora_mm_p', _lora),
+)
+for _attr, _fn in _BUILTINS:
+  # A family that is not importable (yet) simply has no unit case.
+  if getattr(etp, _attr, None) is not None:
+    register_unit_case(getattr(etp, _attr), _fn)
+del _attr, _fn

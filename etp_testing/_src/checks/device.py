@@ -1,14 +1,40 @@
 """``device.consistency``: the same answers on every device and when sharded.
 
-For every device in the run's device list (``devices='all'|'cpu'|'gpu'|[...]``)
-the primitive's ``jax.jit`` output, ``jax.vjp`` w.r.t. the weights, and
-``xy_to_dw`` are computed with the operands placed there, and compared to the
-first device's, within the dtype's tolerance.  For a batched primitive the
-batch of ``x`` (and of the cotangent) is then sharded over a 1-D mesh of as
-many devices as divide it (``NamedSharding(mesh, P('batch'))``) and the jitted
-results compared to the single-device ones.  With nothing to compare (one
-device and no sharding possible, or no device of the requested kind) the check
-is skipped with the reason: never passed.
+Per device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``),
+the operands and a random cotangent ``g`` are placed there
+(``jax.device_put``) and three things are computed eagerly, as a user calls
+them: the bind, the ``jax.vjp`` of the bind w.r.t. the weights, and the
+``xy_to_dw`` rule.  Each is compared with the first device's result (within
+the tolerance of the dtype), and each result must stay on its device: a
+result *committed* to another device means the primitive or rule pinned it
+there (``jax.device_put(v, jax.devices()[0])``), and a rule that mixes such a
+pinned array with the operands raises on every other device; both are
+reported with the device.  (Under ``jax.jit`` both are silently harmless -
+JAX ignores the placement inside a jitted function - which is why this part
+runs eagerly.)
+
+For a batched primitive the batch axis of ``x`` (and of ``g``) is then
+sharded over a 1-D mesh of as many devices (of the first device's platform)
+as divide the batch (``NamedSharding(mesh, P('batch'))``, every other operand
+replicated), and the same three computations, each under ``jax.jit``, are
+compared with their ``jax.jit`` on the first device alone (so that only the
+sharding differs; jit against eager is ``primitive.jit``'s business).
+
+What this can catch, and what it cannot: ``jax.jit`` with shardings is
+semantically transparent (XLA's partitioner inserts the collectives), so even
+an impl that couples the examples of a batch (a batch mean) gives the same
+answer sharded.  The sharded comparison catches code that tells the
+partitioner something false (``custom_partitioning`` or ``shard_map`` that
+computes per shard what is defined on the whole batch) and code that fails
+under sharding; the per-device comparisons catch device-pinned arrays and,
+with devices of several platforms (``devices='all'`` on a GPU machine),
+platform-dependent code (``lax.platform_dependent``, a GPU-only kernel) that
+disagrees with the CPU.  Matmul precision is set to ``'highest'`` for the
+check, so that a GPU's TF32 default is not reported as a disagreement with
+the CPU.
+
+With nothing to compare (one device and no batch to shard, or no device of
+the requested kind) the check is skipped with the reason: never passed.
 """
 
 from __future__ import annotations
@@ -18,11 +44,24 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from etp_testing._src.checks.registry import check
+from etp_testing._src.errors import RuleFailure
 
 
-def _results(ctx, operands, g):
+def _weights_and_aux(ctx, operands):
+  """``(x, weights, aux)``: aux the non-trainable operands the rules get."""
   x, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
-  y = jax.jit(lambda *ops: ctx.bind(*ops))(*operands)
+  aux = {name: operands[i]
+         for name, i in dict(ctx.primitive.aux_invars_fn(ctx.params)).items()}
+  return x, weights, aux
+
+
+def _bind(ctx, operands, g):
+  del g
+  return ctx.bind(*operands)
+
+
+def _vjp(ctx, operands, g):
+  _, weights, _ = _weights_and_aux(ctx, operands)
   index = ctx.primitive.trainable_invars(ctx.params)
 
   def y_of(w):
@@ -30,19 +69,121 @@ def _results(ctx, operands, g):
     for k, i in index.items():
       new[i] = w[k]
     return ctx.bind(*new)
-
-  vjp = jax.vjp(y_of, weights)[1](g)[0] if weights else {}
-  dw = ctx.call_rule('xy_to_dw', x, g, weights) if weights else {}
-  return y, vjp, dw
+  return jax.vjp(y_of, weights)[1](g)[0]
 
 
-def _compare_results(ctx, got, want, where):
-  y, vjp, dw = got
-  ctx.compare(y, want[0], rule='impl', what=f'jit(bind) {where}')
-  for k in want[1]:
-    ctx.compare(vjp[k], want[1][k], rule='vjp', key=k, what=f'jax.vjp {where}')
-    ctx.compare(dw[k], want[2][k], rule='xy_to_dw', key=k,
-                what=f'xy_to_dw {where}')
+def _xy_to_dw(ctx, operands, g):
+  x, weights, aux = _weights_and_aux(ctx, operands)
+  grads = ctx.call_rule('xy_to_dw', x, g, weights, **aux)
+  ctx.check_keys('xy_to_dw', grads, weights.keys())
+  return grads
+
+
+def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
+  """``{'impl': y, 'vjp': {key: ...}, 'xy_to_dw': {key: ...}}`` on these
+  (placed) operands: eager, or each under its own ``jax.jit``, so that a
+  failure names its rule."""
+  steps = [('impl', 'bind', _bind)]
+  if ctx.weights:
+    steps += [('vjp', 'jax.vjp w.r.t. the weights', _vjp),
+              ('xy_to_dw', 'xy_to_dw', _xy_to_dw)]
+  results = {}
+  for rule, what, fn in steps:
+    f = lambda ops, g, fn=fn: fn(ctx, ops, g)
+    try:
+      results[rule] = (jax.jit(f) if jit else f)(list(operands), g)
+    except RuleFailure as e:
+      raise RuleFailure(e.rule, f'{where}: {e.message}', key=e.key) from e
+    except Exception as e:  # pylint: disable=broad-except
+      shapes = [tuple(np.shape(a)) for a in operands]
+      raise RuleFailure(rule, f'{where}: {what} raised {type(e).__name__}: '
+                        f'{e} (operand shapes {shapes}, g '
+                        f'{tuple(np.shape(g))})') from e
+  return results
+
+
+def _committed_elsewhere(value, device) -> list:
+  """The devices a result is committed to, when that is not ``device``."""
+  bad = set()
+  for leaf in jax.tree.leaves(value):
+    if getattr(leaf, 'committed', False) and device not in leaf.devices():
+      bad |= set(leaf.devices())
+  return sorted(str(d) for d in bad)
+
+
+def _check_placement(ctx, results, device) -> None:
+  for rule, value in results.items():
+    leaves = value.items() if isinstance(value, dict) else [(None, value)]
+    for key, leaf in leaves:
+      elsewhere = _committed_elsewhere(leaf, device)
+      if elsewhere:
+        ctx.fail(rule, f'{rule} with operands on {device} returned a result '
+                 f'committed to {", ".join(elsewhere)}', key=key)
+
+
+def _compare(ctx, got, want, where: str) -> None:
+  ctx.compare(got['impl'], want['impl'], rule='impl', what=f'bind {where}')
+  for rule, name in (('vjp', 'jax.vjp'), ('xy_to_dw', 'xy_to_dw')):
+    for k in want.get(rule, {}):
+      ctx.compare(got[rule][k], want[rule][k], rule=rule, key=k,
+                  what=f'{name} {where}')
+
+
+def _on_device(ctx, g, device, where):
+  """Eager results with everything on ``device``; a failure is recorded
+  (naming the device) and gives ``None``."""
+  operands = jax.device_put(list(ctx.operands), device)
+  try:
+    results = _compute(ctx, operands, jax.device_put(g, device), jit=False,
+                       where=where)
+  except RuleFailure as e:
+    ctx.fail(e.rule, e.message, key=e.key)
+    return None
+  _check_placement(ctx, results, device)
+  return results
+
+
+def _shard_count(batch: int, n_devices: int) -> int:
+  """The most devices (>= 2) that divide the batch, or 0."""
+  return max((k for k in range(2, n_devices + 1) if batch % k == 0),
+             default=0)
+
+
+def _sharded(ctx, g, devices, eager_reference) -> int:
+  """Compares jit results with the batch sharded against jit results on the
+  first device alone, so that only the sharding differs (when jit on one
+  device fails - ``primitive.jit`` reports that - against the eager ones);
+  returns 1 if it ran."""
+  xi = ctx.primitive.x_invar_index
+  if not ctx.batched or xi is None or np.ndim(ctx.x) == 0:
+    return 0
+  batch = int(np.shape(ctx.x)[0])
+  same_kind = [d for d in devices if d.platform == devices[0].platform]
+  n = _shard_count(batch, len(same_kind))
+  if not n:
+    return 0
+  first = devices[0]
+  try:
+    reference = _compute(ctx, jax.device_put(list(ctx.operands), first),
+                         jax.device_put(g, first), jit=True,
+                         where=f'under jax.jit on {first}')
+    against = f'under jax.jit on {first}'
+  except RuleFailure:
+    reference, against = eager_reference, f'eager on {first}'
+  mesh = Mesh(np.array(same_kind[:n]), ('batch',))
+  by_batch = NamedSharding(mesh, PartitionSpec('batch'))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  operands = [jax.device_put(o, by_batch if i == xi else replicated)
+              for i, o in enumerate(ctx.operands)]
+  where = f'with the batch ({batch}) sharded over {n} devices'
+  try:
+    got = _compute(ctx, operands, jax.device_put(g, by_batch), jit=True,
+                   where=where)
+  except RuleFailure as e:
+    ctx.fail(e.rule, e.message, key=e.key)
+    return 1
+  _compare(ctx, got, reference, f'under jax.jit {where} vs {against}')
+  return 1
 
 
 @check('device.consistency')
@@ -50,36 +191,26 @@ def check_device_consistency(ctx):
   """Results agree on every device, and with the batch sharded over a mesh."""
   devices = list(ctx.devices)
   if not devices:
-    ctx.skip('no device of the requested kind is visible (e.g. devices="gpu" '
-             'on a machine without a GPU)')
-  y = ctx.y()
-  g = ctx.normal('device.g', y.shape, y.dtype)
-  place = lambda tree, d: jax.device_put(tree, d)
-  reference = _results(ctx, place(ctx.operands, devices[0]),
-                       place(g, devices[0]))
-  compared = 0
-  for d in devices[1:]:
-    got = _results(ctx, place(ctx.operands, d), place(g, d))
-    _compare_results(ctx, got, reference, f'on {d} vs on {devices[0]}')
-    compared += 1
-  batch = ctx.x.shape[0] if ctx.batched and ctx.x is not None else 0
-  same_kind = [d for d in devices if d.platform == devices[0].platform]
-  n = max((k for k in range(2, len(same_kind) + 1) if batch % k == 0),
-          default=0)
-  if n:
-    mesh = Mesh(np.array(same_kind[:n]), ('batch',))
-    sharded = NamedSharding(mesh, PartitionSpec('batch'))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    xi = ctx.primitive.x_invar_index
-    ops = [jax.device_put(o, sharded if i == xi else replicated)
-           for i, o in enumerate(ctx.operands)]
-    got = _results(ctx, ops, jax.device_put(g, sharded))
-    _compare_results(ctx, got, reference,
-                     f'with the batch ({batch}) sharded over {n} devices')
-    compared += 1
+    ctx.skip('no gpu device: no device of the requested kind is visible '
+             '(devices resolved to an empty list)')
+  with jax.default_matmul_precision('highest'):
+    y = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
+    g = ctx.normal('device.g', y.shape, y.dtype)
+    first = devices[0]
+    reference = _on_device(ctx, g, first, f'on {first}')
+    if reference is None:
+      return  # the first device already failed; recorded
+    compared = 0
+    for d in devices[1:]:
+      got = _on_device(ctx, g, d, f'on {d}')
+      if got is not None:
+        _compare(ctx, got, reference, f'on {d} vs on {first}')
+      compared += 1
+    compared += _sharded(ctx, g, devices, reference)
   if not compared:
-    ctx.skip(f'nothing to compare: {len(devices)} device(s) visible and '
-             + ('the batch cannot be split over them' if ctx.batched else
-                f'{ctx.name} has no batch to shard')
-             + '; set XLA_FLAGS=--xla_force_host_platform_device_count=N '
-             'before JAX starts for several CPU devices')
+    ctx.skip(f'{len(devices)} device visible; set XLA_FLAGS=--xla_force_'
+             'host_platform_device_count=N before JAX starts (or pass '
+             'devices=[...]) to compare devices ('
+             + (f'and the batch of {ctx.name} cannot be sharded over one'
+                if ctx.batched else f'{ctx.name} has no batch to shard')
+             + ')')

@@ -224,6 +224,12 @@ def check_pp_exact(ctx):
   dw1 = ctx.call_rule('xy_to_dw', x1, g, ctx.weights)
   dw2 = ctx.call_rule('xy_to_dw', 2 * x1, g, ctx.weights)
   ctx.check_keys('xy_to_dw', dw1, ctx.weights.keys())
+  for k, w in ctx.weights.items():
+    for value in (dw1[k], dw2[k]):
+      if np.shape(value) != w.shape or not np.all(np.isfinite(value)):
+        raise RuleFailure('xy_to_dw', f'xy_to_dw[{k}] returned shape '
+                          f'{np.shape(value)} (weight {w.shape}) or '
+                          'non-finite values', key=k)
   keys = [k for k in ctx.weights
           if _close(ctx, dw2[k], 2 * dw1[k], ctx.weights[k].dtype)]
   for k in ctx.weights:

@@ -1,18 +1,35 @@
 r"""Checks of the primitive itself: evaluation, abstract evaluation, JVP, vmap.
 
 The rules are only as good as the primitive they describe, and the oracles of
-the other checks (``jax.vjp``, ``jax.grad``) go through the primitive's own
-derived JAX rules.  These checks hold those rules to ``impl``:
+the other checks (``jax.vjp``, ``jax.grad``, ``jax.vmap``) go through the
+primitive's own JAX rules (derived from ``impl`` by ``register_primitive``, or
+overridden).  These checks hold those JAX rules to ``impl``:
 
-* ``primitive.jit``: eager ``bind`` equals ``jax.jit`` of it (values, dtype);
-* ``primitive.abstract_eval``: ``jax.eval_shape`` equals the real output;
-* ``primitive.jvp``: as ``jax.test_util.check_grads`` does, in float64:
-  forward mode against central finite differences of ``impl`` (not of
-  ``bind``), reverse mode by the dot-product test
-  :math:`\langle u, J v \rangle = \langle J^\top u, v \rangle`, and both again
-  at second order (the JVP function differentiated once more);
-* ``primitive.vmap``: every combination of mapped operands and axes (sampled
-  above ``VMAP_COMBINATIONS``) equals the stacked per-example results.
+* ``primitive.jit``: eager ``bind`` (``impl`` on concrete arrays) equals
+  ``jax.jit`` of it (the lowering), in value and dtype;
+* ``primitive.abstract_eval``: ``jax.eval_shape`` of the bind gives the real
+  output's shape and dtype;
+* ``primitive.jvp``: as ``jax.test_util.check_grads(order=2, modes=('fwd',
+  'rev'))``, in float64: the forward mode against central finite differences
+  of ``impl`` (never of ``bind``), along one random tangent for every floating
+  operand (``x`` included; integer operands are closed over):
+
+  .. math::  J v \approx (f(p + \epsilon v) - f(p - \epsilon v)) / 2\epsilon,
+
+  the reverse mode by the dot-product test
+  :math:`\langle u, J v \rangle = \langle J^\top u, v \rangle` for random
+  ``u``, and both again for the JVP function :math:`p \mapsto J(p) v` (second
+  order: its ``jax.jvp`` against central differences of it, and its VJP by the
+  dot-product test); each computation runs under ``jax.jit`` (the JAX rules
+  run while tracing, as in eager mode, with a handful of compilations);
+* ``primitive.vmap``: eager ``jax.vmap`` of the bind over every combination of
+  mapped operands (floating and integer) and axes (``0``, ``1`` where the rank
+  allows, ``-1``), sampled down to ``VMAP_COMBINATIONS`` (always with ``x``
+  alone, the weights alone, and every operand mapped), plus one nested vmap,
+  equals the stacked per-example binds.
+
+A JAX rule that raises is a failed finding naming the rule (``impl``,
+``abstract_eval``, ``jvp``, ``batching``) and the shapes, not a crash.
 """
 
 from __future__ import annotations
@@ -25,45 +42,112 @@ import numpy as np
 
 from etp_testing._src import tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import to_float64, x64_enabled
+from etp_testing._src.context import shape_of, to_float64, x64_enabled
+from etp_testing._src.errors import RuleFailure
 
+# At most this many in_axes combinations per case (x alone, the weights
+# alone and all mapped are always among them; the rest is sampled by seed).
 VMAP_COMBINATIONS = 12
+# Examples per mapped axis.
 VMAP_SIZE = 2
+# Random cotangents of the dot-product tests.
+DOT_PRODUCT_DIRECTIONS = 3
 
 
-def _float_positions(operands):
-  return [i for i, o in enumerate(operands)
-          if jnp.issubdtype(jnp.result_type(o), jnp.floating)]
+def _describe_operands(args) -> str:
+  leaves = [a for a in jax.tree.leaves(args) if hasattr(a, 'dtype')]
+  return ', '.join(f'{a.dtype}{list(np.shape(a))}' for a in leaves)
 
 
+def _guarded(rule: str, what: str, fn, *args):
+  """``fn(*args)``; whatever it raises becomes a :class:`RuleFailure`."""
+  try:
+    return fn(*args)
+  except RuleFailure:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure(rule, f'{what} raised {type(e).__name__}: {e} '
+                      f'(operands {_describe_operands(args)})') from e
+
+
+def _outputs(ctx, out) -> list:
+  """Every output of a bind, as a list (one entry for single-output)."""
+  return list(out) if ctx.primitive.multiple_results else [out]
+
+
+def _output_label(ctx, i: int) -> str:
+  return f'output {i}: ' if ctx.primitive.multiple_results else ''
+
+
+# -------------------------------------------------------------------- jit
 @check('primitive.jit')
 def check_jit(ctx):
   """Eager ``bind`` equals ``jax.jit(bind)``, in value and dtype."""
-  eager = ctx.y()
-  jitted = jax.jit(lambda *ops: ctx.bind(*ops))(*ctx.operands)
-  ctx.compare(jitted, eager, rule='impl', check_dtype=True,
-              what='jax.jit(bind) vs eager bind')
+  bind = lambda *ops: ctx.primitive.bind(*ops, **ctx.params)
+  eager = _guarded('impl', 'eager bind', bind, *ctx.operands)
+  jitted = _guarded('impl', 'jax.jit(bind)', jax.jit(bind), *ctx.operands)
+  for i, (a, e) in enumerate(zip(_outputs(ctx, jitted), _outputs(ctx, eager))):
+    ctx.compare(a, e, rule='impl', check_dtype=True,
+                what=f'{_output_label(ctx, i)}jax.jit(bind) vs eager bind')
 
 
+# --------------------------------------------------------- abstract eval
 @check('primitive.abstract_eval')
 def check_abstract_eval(ctx):
   """``jax.eval_shape`` of the bind equals the real output's shape/dtype."""
-  abstract = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
-  real = ctx.y()
-  if (tuple(abstract.shape), abstract.dtype) != (tuple(real.shape),
-                                                 real.dtype):
+  bind = lambda *ops: ctx.primitive.bind(*ops, **ctx.params)
+  abstract = _guarded('abstract_eval', 'jax.eval_shape(bind)',
+                      lambda *ops: jax.eval_shape(bind, *ops), *ctx.operands)
+  real = _guarded('impl', 'eager bind', bind, *ctx.operands)
+  for i, (a, r) in enumerate(zip(_outputs(ctx, abstract),
+                                 _outputs(ctx, real))):
+    got = (tuple(a.shape), jnp.dtype(a.dtype))
+    want = (tuple(np.shape(r)), jnp.dtype(r.dtype))
+    label = _output_label(ctx, i)
+    if got != want:
+      ctx.fail('abstract_eval', message=(
+          f'{label}eval_shape gives {got[1]}{list(got[0])}, the real output '
+          f'is {want[1]}{list(want[0])}'), actual_shape=got[0],
+               expected_shape=want[0], dtype=str(got[1]))
+    else:
+      ctx.record_pass('abstract_eval', message=(
+          f'{label}eval_shape matches {want[1]}{list(want[0])}'))
+  if len(_outputs(ctx, abstract)) != len(_outputs(ctx, real)):
     ctx.fail('abstract_eval', message=(
-        f'eval_shape gives {abstract.dtype}{list(abstract.shape)}, the real '
-        f'output is {real.dtype}{list(real.shape)}'),
-             actual_shape=tuple(abstract.shape),
-             expected_shape=tuple(real.shape), dtype=str(abstract.dtype))
-  else:
-    ctx.record_pass('abstract_eval', message=(
-        f'eval_shape matches {real.dtype}{list(real.shape)}'))
+        f'eval_shape gives {len(_outputs(ctx, abstract))} outputs, the real '
+        f'bind {len(_outputs(ctx, real))}'))
+
+
+# -------------------------------------------------------------------- jvp
+def _floating_positions(operands) -> list:
+  return [i for i, o in enumerate(operands)
+          if jnp.issubdtype(jnp.result_type(o), jnp.inexact)]
+
+
+def _central_difference(f, primals, directions, eps):
+  """``(f(p + eps d) - f(p - eps d)) / (2 eps)``, ``f`` of a list of arrays."""
+  plus = f([p + eps * d for p, d in zip(primals, directions)])
+  minus = f([p - eps * d for p, d in zip(primals, directions)])
+  return (plus - minus) / (2 * eps)
 
 
 def _dot(a, b):
   return jnp.vdot(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64))
+
+
+def _dot_product_test(ctx, vjp, primals, directions, f_dot, tag, what):
+  """``<u, J v>`` (``f_dot = J v`` from ``jax.jvp``) vs ``<J^T u, v>``
+  (``vjp(primals, u)`` from ``jax.vjp``) for ``DOT_PRODUCT_DIRECTIONS``
+  random cotangents ``u``."""
+  forward, backward = [], []
+  for k in range(DOT_PRODUCT_DIRECTIONS):
+    u = ctx.normal(f'{tag}.u{k}', f_dot.shape, jnp.float64)
+    cotangents = _guarded('jvp', f'jax.vjp ({what})', vjp, primals, u)
+    backward.append(sum(_dot(c, v) for c, v in zip(cotangents, directions)))
+    forward.append(_dot(u, f_dot))
+  ctx.compare(jnp.stack(backward), jnp.stack(forward), rule='jvp',
+              what=f'{what}: dot-product test <J^T u, v> (jax.vjp) vs '
+              f'<u, J v> (jax.jvp), {DOT_PRODUCT_DIRECTIONS} random u')
 
 
 @check('primitive.jvp')
@@ -72,106 +156,182 @@ def check_jvp(ctx):
   dot-product test, at first and second order (float64)."""
   with x64_enabled(True):
     ops = to_float64(ctx.operands)
-    diff = _float_positions(ops)
+    diff = _floating_positions(ops)
     if not diff:
-      ctx.skip(f'{ctx.name} has no floating operands')
-    impl = ctx.primitive.impl_fn
+      ctx.skip(f'{ctx.name} has no floating operands to differentiate')
     y_index = ctx.primitive.y_outvar_index
     multi = ctx.primitive.multiple_results
 
-    def full(fn, args):
-      new = list(ops)
-      for i, a in zip(diff, args):
-        new[i] = a
-      out = fn(*new)
-      return out[y_index] if multi else out
+    def with_diff(fn):
+      # fn of the list of floating operands; integer ones are closed over.
+      def f(args):
+        new = list(ops)
+        for i, a in zip(diff, args):
+          new[i] = a
+        out = fn(*new, **ctx.params)
+        return out[y_index] if multi else out
+      return f
 
-    bound = lambda *args: full(lambda *o: ctx.primitive.bind(*o, **ctx.params),
-                               args)
-    plain = lambda *args: full(lambda *o: impl(*o, **ctx.params), args)
+    # Everything is jitted (a handful of compilations instead of one per
+    # eager op); the JAX rules run while tracing, exactly as in eager mode.
+    bound = with_diff(ctx.primitive.bind)
+    plain = jax.jit(with_diff(ctx.primitive.impl_fn))
     primals = [ops[i] for i in diff]
-    tangents = [jnp.asarray(ctx.normal(f'primitive.jvp.v{i}', ops[i].shape,
-                                       jnp.float32), jnp.float64) for i in diff]
+    y = _guarded('impl', 'impl (float64)', plain, primals)
+    if not jnp.issubdtype(y.dtype, jnp.inexact):
+      ctx.skip(f'{ctx.name} has a non-floating output ({y.dtype})')
+    tangents = [ctx.normal(f'primitive.jvp.v{i}', ops[i].shape, jnp.float64)
+                for i in diff]
     eps = tolerances.FD_EPS
-    # First order, forward: J v vs (impl(p + eps v) - impl(p - eps v)) / 2 eps.
-    _, jv = jax.jvp(bound, primals, tangents)
-    fd = (plain(*[p + eps * t for p, t in zip(primals, tangents)]) -
-          plain(*[p - eps * t for p, t in zip(primals, tangents)])) / (2 * eps)
-    ctx.compare(jv, fd, rule='jvp', kind='fd',
-                what='jax.jvp(bind) vs central differences of impl')
+    names = ', '.join(f'operand {i}' for i in diff)
+
+    # First order, forward: J v vs central differences of impl.
+    y_out, jv = _guarded('jvp', 'jax.jvp(bind)', jax.jit(
+        lambda p, t: jax.jvp(bound, (p,), (t,))), primals, tangents)
+    ctx.compare(y_out, y, rule='jvp', what='primal output of jax.jvp(bind) '
+                'vs impl')
+    ctx.compare(jv, _central_difference(plain, primals, tangents, eps),
+                rule='jvp', kind='fd', what=f'jax.jvp(bind) along random '
+                f'tangents of {names} vs central differences of impl')
     # First order, reverse: <u, J v> == <J^T u, v>.
-    u = jnp.asarray(ctx.normal('primitive.jvp.u', jv.shape, jnp.float32),
-                    jnp.float64)
-    _, vjp = jax.vjp(bound, *primals)
-    jtu = vjp(u)
-    ctx.compare(jnp.stack([_dot(a, b) for a, b in zip(jtu, tangents)]).sum(),
-                _dot(u, jv), rule='jvp', what='<J^T u, v> (jax.vjp) vs '
-                '<u, J v> (jax.jvp)')
-    # Second order: differentiate v -> J(p) v once more, along p.
-    jvp_of = lambda *p: jax.jvp(bound, list(p), tangents)[1]
-    jvp_plain = lambda *p: jax.jvp(plain, list(p), tangents)[1]
-    w = [jnp.asarray(ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float32),
-                     jnp.float64) for i, t in zip(diff, tangents)]
-    _, jjv = jax.jvp(jvp_of, primals, w)
-    fd2 = (jvp_plain(*[p + eps * t for p, t in zip(primals, w)]) -
-           jvp_plain(*[p - eps * t for p, t in zip(primals, w)])) / (2 * eps)
-    ctx.compare(jjv, fd2, rule='jvp', kind='fd', what='second order: jvp of '
-                'the jvp vs central differences of impl\'s jvp')
-    _, vjp2 = jax.vjp(jvp_of, *primals)
-    u2 = jnp.asarray(ctx.normal('primitive.jvp.u2', jjv.shape, jnp.float32),
-                     jnp.float64)
-    ctx.compare(jnp.stack([_dot(a, b) for a, b in zip(vjp2(u2), w)]).sum(),
-                _dot(u2, jjv), rule='jvp', what='second order: dot-product '
-                'test of the jvp function')
+    vjp = jax.jit(lambda p, u: jax.vjp(bound, p)[1](u)[0])
+    _dot_product_test(ctx, vjp, primals, tangents, jv, 'primitive.jvp.1',
+                      'first order')
+
+    # Second order: the JVP function p -> J(p) v, differentiated once more.
+    jvp_of = lambda p: jax.jvp(bound, (p,), (tangents,))[1]
+    w = [ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float64)
+         for i, t in zip(diff, tangents)]
+    _, jjw = _guarded('jvp', 'jax.jvp of jax.jvp(bind)', jax.jit(
+        lambda p, d: jax.jvp(jvp_of, (p,), (d,))), primals, w)
+    ctx.compare(jjw, _central_difference(jax.jit(jvp_of), primals, w, eps),
+                rule='jvp', kind='fd', what='second order: jax.jvp of the JVP '
+                'function vs central differences of the JVP function')
+    vjp2 = jax.jit(lambda p, u: jax.vjp(jvp_of, p)[1](u)[0])
+    _dot_product_test(ctx, vjp2, primals, w, jjw, 'primitive.jvp.2',
+                      'second order')
 
 
-def _axis_choices(operand):
-  ndim = np.ndim(operand) + 1
-  return sorted({0, 1 % ndim, -1})
+# ------------------------------------------------------------------- vmap
+def _axis_choices(operand) -> list:
+  """Mapped axes to try for an operand: 0, 1 (rank allowing) and -1, each
+  position once (``-1`` stands for ``1`` on a rank-1 operand)."""
+  rank = np.ndim(operand) + 1  # of the stacked operand
+  choices = [0]
+  if rank >= 3:
+    choices.append(1)
+  if rank >= 2:
+    choices.append(-1)
+  return choices
 
 
-def _combinations(ctx):
-  """``in_axes`` tuples to try: x alone and all mapped always, then a seeded
-  sample of the rest."""
+def _combinations(ctx) -> list:
+  """``in_axes`` tuples: x alone, the weights alone and all mapped (axis 0)
+  always, then a sample of the rest fixed by the seed."""
   n = len(ctx.operands)
   per_operand = [[None] + _axis_choices(o) for o in ctx.operands]
   every = [c for c in itertools.product(*per_operand)
            if any(a is not None for a in c)]
   must = [tuple(0 for _ in range(n))]
-  if ctx.primitive.x_invar_index is not None:
-    must.append(tuple(0 if i == ctx.primitive.x_invar_index else None
-                      for i in range(n)))
+  xi = ctx.primitive.x_invar_index
+  if xi is not None and n > 1:
+    must.append(tuple(0 if i == xi else None for i in range(n)))
+    weights = set(ctx.primitive.trainable_invars(ctx.params).values())
+    if weights:
+      must.append(tuple(0 if i in weights else None for i in range(n)))
   rest = [c for c in every if c not in must]
-  rng = np.random.default_rng(ctx.seed)
   take = max(0, VMAP_COMBINATIONS - len(must))
   if len(rest) > take:
-    rest = [rest[i] for i in sorted(rng.choice(len(rest), take, replace=False))]
+    rng = np.random.default_rng(ctx.seed)
+    rest = [rest[i] for i in sorted(rng.choice(len(rest), take,
+                                               replace=False))]
   return must + rest
 
 
-def _stack(ctx, i, operand, axis):
-  """``VMAP_SIZE`` examples of an operand, stacked on ``axis``."""
-  if jnp.issubdtype(operand.dtype, jnp.floating):
-    examples = [operand] + [ctx.normal(f'primitive.vmap.{i}.{k}',
-                                       operand.shape, operand.dtype)
-                            for k in range(1, VMAP_SIZE)]
-  else:  # integer operands (indices) stay valid: the same values per example
-    examples = [operand] * VMAP_SIZE
+def _examples(ctx, i, operand, size) -> list:
+  """``size`` valid examples of operand ``i``; the first is the operand.
+
+  Floating operands are rescaled elementwise by factors in ``[0.5, 1.5]``
+  (signs and orders of magnitude kept, so an impl with a restricted domain
+  stays inside it); integer and boolean operands (indices, masks) are
+  permuted along their first axis, so every example is valid and they differ.
+  """
+  operand = jnp.asarray(operand)
+  out = [operand]
+  for k in range(1, size):
+    tag = f'primitive.vmap.{i}.{k}'
+    if jnp.issubdtype(operand.dtype, jnp.inexact):
+      if operand.size and not bool(jnp.any(operand != 0)):
+        out.append(ctx.normal(tag, operand.shape, operand.dtype))
+      else:
+        out.append((operand * ctx.uniform(tag, operand.shape, jnp.float32))
+                   .astype(operand.dtype))
+    elif operand.ndim and operand.shape[0] > 1:
+      out.append(operand[jax.random.permutation(ctx.key(tag),
+                                                operand.shape[0])])
+    else:
+      out.append(operand)
+  return out
+
+
+def _stack(examples, axis):
   return jnp.moveaxis(jnp.stack(examples), 0, axis)
+
+
+def _per_example(ctx, examples_of, axes, index):
+  """The bind on example ``index`` of each mapped operand."""
+  ops = [o if a is None else examples_of[i][index]
+         for i, (o, a) in enumerate(zip(ctx.operands, axes))]
+  return _guarded('impl', f'eager bind of example {index}', ctx.bind, *ops)
 
 
 @check('primitive.vmap')
 def check_vmap(ctx):
-  """``jax.vmap`` of the bind over any mapped operands and axes equals the
+  """``jax.vmap`` of the bind over mapped operands and axes equals the
   stacked per-example binds."""
   f = lambda *ops: ctx.bind(*ops)
   for axes in _combinations(ctx):
-    batched = [o if a is None else _stack(ctx, i, o, a)
+    examples_of = {i: _examples(ctx, i, o, VMAP_SIZE)
+                   for i, (o, a) in enumerate(zip(ctx.operands, axes))
+                   if a is not None}
+    batched = [o if a is None else _stack(examples_of[i], a)
                for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-    got = jax.vmap(f, in_axes=axes)(*batched)
-    want = jnp.stack([
-        f(*[o if a is None else jnp.take(b, k, axis=a)
-            for o, a, b in zip(ctx.operands, axes, batched)])
-        for k in range(VMAP_SIZE)])
-    ctx.compare(got, want, rule='batching',
-                what=f'vmap(in_axes={axes}) vs stacked per-example binds')
+    what = f'jax.vmap(bind, in_axes={axes})'
+    try:
+      got = _guarded('batching', what, jax.vmap(f, in_axes=axes), *batched)
+    except RuleFailure as e:
+      ctx.fail(e.rule, e.message)
+      continue
+    want = jnp.stack([_per_example(ctx, examples_of, axes, k)
+                      for k in range(VMAP_SIZE)])
+    ctx.compare(got, want, rule='batching', check_dtype=True,
+                what=f'{what} vs {VMAP_SIZE} stacked per-example binds '
+                f'(batched operands {shape_of(batched)})')
+  _check_nested_vmap(ctx, f)
+
+
+def _check_nested_vmap(ctx, f):
+  """vmap of vmap (x alone when there is an x, else everything) vs the
+  per-example binds: the chain ``mv -> mm -> fold into the batch``."""
+  n = len(ctx.operands)
+  xi = ctx.primitive.x_invar_index
+  mapped = [xi] if xi is not None else list(range(n))
+  axes = tuple(0 if i in mapped else None for i in range(n))
+  examples_of = {i: _examples(ctx, i, ctx.operands[i], VMAP_SIZE ** 2)
+                 for i in mapped}
+  batched = [o if a is None else
+             jnp.stack(examples_of[i]).reshape(
+                 (VMAP_SIZE, VMAP_SIZE) + tuple(np.shape(o)))
+             for i, (o, a) in enumerate(zip(ctx.operands, axes))]
+  what = f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})'
+  try:
+    got = _guarded('batching', what,
+                   jax.vmap(jax.vmap(f, in_axes=axes), in_axes=axes), *batched)
+  except RuleFailure as e:
+    ctx.fail(e.rule, e.message)
+    return
+  want = jnp.stack([_per_example(ctx, examples_of, axes, k)
+                    for k in range(VMAP_SIZE ** 2)])
+  ctx.compare(got, want.reshape((VMAP_SIZE, VMAP_SIZE) + want.shape[1:]),
+              rule='batching', check_dtype=True,
+              what=f'{what} vs {VMAP_SIZE ** 2} stacked per-example binds')

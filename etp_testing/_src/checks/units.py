@@ -1,42 +1,128 @@
 """``units``: a user-facing function turns quantities into the right unit.
 
-For a primitive with a registered unit case (``etp_testing.register_unit_case``;
-the built-ins have theirs), the function is called on ``saiunit`` quantities
-made from the case's operands: the result must carry the product of the
-operands' units, and its mantissa must equal the primitive bound on the
-mantissas.  Other primitives are skipped, with the reason.
+For a primitive with a registered unit case (:func:`etp_testing.
+register_unit_case`; the built-ins have theirs in ``unit_cases``), each call
+of the case runs the user-facing function (``matmul``, ``conv``, ...) on
+``saiunit`` quantities whose mantissas are the case's operands, and:
+
+* the result must carry the expected unit (the product of the operands'
+  units) - a dimension mismatch is a failure;
+* its mantissa, expressed in that unit, must equal the primitive bound on the
+  mantissas (so a bias given in uA where the output is in mA must have been
+  converted), in the bind's dtype;
+* the call must bind this very primitive (``jax.make_jaxpr`` of it contains
+  the primitive), so a wrapper that computes the right numbers in plain JAX,
+  invisible to an ETP compiler, does not pass.
+
+A call that the function rejects with its own validation error (an
+``[etp] ...`` ``ValueError``/``TypeError``: e.g. sparse indices that repeat a
+pair, which the primitive itself accepts) does not apply to this case; when no
+call applies the check is skipped with the reasons.  Other primitives are
+skipped: 'no unit-aware user-facing function registered for <name>'.
 """
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import saiunit as u
 
 from etp_testing._src import unit_cases
 from etp_testing._src.checks.registry import check
 
+_ETP_PREFIX = '[etp] '
+
+
+def _binds(jaxpr, primitive) -> bool:
+  """Whether ``primitive`` occurs in ``jaxpr`` or any jaxpr inside it."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive is primitive:
+      return True
+    for sub in _sub_jaxprs(eqn.params):
+      if _binds(sub, primitive):
+        return True
+  return False
+
+
+def _sub_jaxprs(params):
+  """Jaxprs in an equation's params (``jit``, ``cond``, ``scan``, ...)."""
+  for v in params.values():
+    for item in (v if isinstance(v, (tuple, list)) else (v,)):
+      inner = getattr(item, 'jaxpr', item)
+      if hasattr(inner, 'eqns'):
+        yield inner
+
+
+def _is_validation_error(e: Exception) -> bool:
+  return (isinstance(e, (ValueError, TypeError)) and
+          not isinstance(e, u.UnitMismatchError) and
+          str(e).startswith(_ETP_PREFIX))
+
 
 @check('units')
 def check_units(ctx):
-  """Quantities in give the product of their units out, and the same values."""
-  case = unit_cases.unit_case_for(ctx.primitive)
-  if case is None:
+  """Quantities in give the product of their units out, the bind's values,
+  and the call binds the primitive."""
+  make_cases = unit_cases.unit_case_for(ctx.primitive)
+  if make_cases is None:
     ctx.skip(f'no unit-aware user-facing function registered for {ctx.name} '
              '(etp_testing.register_unit_case)')
-  description, call, expected_unit = case(ctx.operands, ctx.params)
   try:
-    out = call()
+    cases = list(make_cases(ctx))
   except Exception as e:  # pylint: disable=broad-except
-    ctx.fail('units', f'{description} raised {type(e).__name__}: {e}')
+    ctx.fail('units', f'the unit case of {ctx.name} raised '
+             f'{type(e).__name__}: {e}')
     return
+  y = ctx.y()
+  rejected = []
+  for case in cases:
+    description, call, expected_unit = case[:3]
+    expected = case[3] if len(case) > 3 else y
+    try:
+      out = call()
+    except Exception as e:  # pylint: disable=broad-except
+      if _is_validation_error(e):
+        rejected.append(f'{description}: {e}')
+      else:
+        ctx.fail('units', f'{description} raised {type(e).__name__}: {e}')
+      continue
+    _check_call(ctx, description, call, out, expected_unit, expected)
+  if rejected and len(rejected) == len(cases):
+    ctx.skip('the user-facing function rejects this case with its own '
+             'validation: ' + '; '.join(rejected))
+  for reason in rejected:
+    ctx.fail('units', f'rejected, while other calls of the same case were '
+             f'accepted: {reason}')
+
+
+def _check_call(ctx, description, call, out, expected_unit, expected):
   mantissa, unit = u.split_mantissa_unit(out)
-  expected = u.Quantity(1.0, unit=expected_unit)
   if not unit.has_same_dim(expected_unit):
     ctx.fail('units', f'{description} returned unit {unit}, expected '
-             f'{expected_unit}')
+             f'{expected_unit} (the product of the operand units)')
     return
+  mantissa = jnp.asarray(mantissa)
+  expected = jnp.asarray(expected)
+  if mantissa.dtype != expected.dtype:
+    ctx.fail('units', f'{description} returned a {mantissa.dtype} mantissa, '
+             f'the bind on the mantissas gives {expected.dtype}',
+             actual_shape=tuple(mantissa.shape),
+             expected_shape=tuple(expected.shape), dtype=str(mantissa.dtype))
   # The same dimension at another scale (uA for mA) is right if the values
   # are scaled to match: compare in the expected unit.
-  value = u.Quantity(mantissa, unit=unit).to_decimal(expected_unit)
-  ctx.compare(value, ctx.y(), rule='units', what=(
-      f'{description}: mantissa in {expected_unit} vs the bind on mantissas'))
-  del expected
+  value = mantissa if unit == expected_unit else \
+      u.Quantity(mantissa, unit=unit).to_decimal(expected_unit)
+  ctx.compare(value, expected, rule='units', dtype=expected.dtype,
+              what=f'{description}: result in {expected_unit} vs the bind on '
+              'the mantissas')
+  try:
+    jaxpr = jax.make_jaxpr(call)().jaxpr
+  except Exception as e:  # pylint: disable=broad-except
+    ctx.fail('units', f'{description} cannot be traced by jax.make_jaxpr: '
+             f'{type(e).__name__}: {e}')
+    return
+  if not _binds(jaxpr, ctx.primitive):
+    ctx.fail('units', f'{description} does not bind {ctx.name}: it computes '
+             'in plain JAX, where an ETP compiler cannot see the weights')
+  else:
+    ctx.record_pass('units', f'{description} binds {ctx.name}')

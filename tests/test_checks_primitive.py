@@ -1,0 +1,550 @@
+"""The primitive, device and units checks: built-ins pass, broken ones fail.
+
+Checks under test: ``primitive.jit``, ``primitive.abstract_eval``,
+``primitive.jvp``, ``primitive.vmap``, ``device.consistency`` and ``units``.
+Every broken variant is a real ETP primitive made from the dense family's
+pieces (``dense._impl``, ``_trainable``, the rules) with ONE thing wrong: a
+JAX rule overridden after ``register_primitive`` (JVP, transpose, batching,
+abstract eval, lowering), an impl that changes under tracing or couples the
+examples of a batch, a device-pinned rule, or a unit-dropping wrapper.  Each
+test asserts that the check that should notice reports ``failed`` and that
+the failing finding names the right rule (and key).
+
+The device tests need several devices: the root ``conftest.py`` asks XLA for
+4 CPU devices before JAX starts.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import saiunit as u
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
+
+import etp
+import etp_testing
+from etp._src import dense
+from etp._src import registry
+from etp._src import units as etp_units
+from etp_testing._src import unit_cases
+
+MY_CHECKS = ['primitive.jit', 'primitive.abstract_eval', 'primitive.jvp',
+             'primitive.vmap', 'device.consistency', 'units']
+
+_counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _forget_new_primitives():
+  """Takes every primitive a test registers out of ``etp.primitives()``."""
+  before = set(etp.primitives())
+  yield
+  for p in etp.primitives():
+    if p not in before:
+      registry._forget(p)
+      unit_cases._CASES.pop(p, None)
+
+
+def _name(tag):
+  return f'test_checks_primitive_{tag}_{next(_counter)}'
+
+
+def _dense_clone(tag, *, batched=True, impl=None, **rule_overrides):
+  """A copy of etp_mm (batched) / etp_mv with its rules, some replaced."""
+  prim = etp.register_primitive(_name(tag), impl or dense._impl,
+                                batched=batched,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p if batched else etp.etp_mv_p)
+  rules = dict(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+               init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  rules.update(rule_overrides)
+  return prim.register_etp_rules(**rules)
+
+
+def _dense_case(batch=4, n_in=3, n_out=5, bias=True, dtype=np.float32,
+                seed=0):
+  rng = np.random.default_rng(seed)
+  lead = () if batch is None else (batch,)
+  ops = [rng.standard_normal(lead + (n_in,)).astype(dtype),
+         rng.standard_normal((n_in, n_out)).astype(dtype)]
+  if bias:
+    ops.append(rng.standard_normal((n_out,)).astype(dtype))
+  return ops, {'has_bias': bias}
+
+
+def _run(prim, case, checks, **kwargs):
+  ops, params = case
+  return etp_testing.check_rules(prim, *ops, checks=checks, **kwargs,
+                                 **params)
+
+
+def _describe(outcome):
+  return (outcome.status, outcome.reason,
+          [f.describe() for f in outcome.findings])
+
+
+def _assert_failed(report, check, rule, key=None, contains=''):
+  """``check`` failed, with a failing finding on ``rule`` (and ``key``)."""
+  outcome = report.outcome(check)
+  assert outcome.status == 'failed', _describe(outcome)
+  bad = [f for f in outcome.findings if not f.passed]
+  hits = [f for f in bad if f.rule == rule and (key is None or f.key == key)
+          and contains in f.message]
+  assert hits, _describe(outcome)
+  return hits
+
+
+def _assert_passed(report, *checks):
+  for check in checks:
+    outcome = report.outcome(check)
+    assert outcome.status == 'passed', (check, _describe(outcome))
+    assert outcome.findings, f'{check} passed without comparing anything'
+
+
+def _needs_devices(n=2):
+  if jax.device_count() < n:
+    pytest.skip(f'needs {n} devices (run pytest from the repository root; '
+                'conftest.py sets --xla_force_host_platform_device_count=4)')
+
+
+# ----------------------------------------------------------------- built-ins
+def _builtin_cases():
+  rng = np.random.default_rng(1)
+  f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+  f64 = lambda *s: rng.standard_normal(s).astype(np.float64)
+  conv = dict(window_strides=(1,), padding='SAME', rhs_dilation=(1,),
+              dimension_numbers=None)
+  return [
+      pytest.param(etp.etp_mm_p, [f32(4, 3), f32(3, 5), f32(5)],
+                   {'has_bias': True}, id='etp_mm-bias-f32'),
+      pytest.param(etp.etp_mv_p, [f64(3), f64(3, 2)], {'has_bias': False},
+                   id='etp_mv-f64'),
+      pytest.param(etp.etp_elemwise_p, [f32(3, 4)], {}, id='etp_elemwise'),
+      pytest.param(etp.etp_sp_mm_p,
+                   [f32(2, 3), f32(3), np.array([[0, 1], [1, 0], [2, 3]],
+                                                np.int32), f32(4)],
+                   {'shape': (3, 4), 'has_bias': True}, id='etp_sp_mm'),
+      pytest.param(etp.etp_conv_p, [f32(2, 2, 5), f32(3, 2, 3)],
+                   dict(conv, has_bias=False), id='etp_conv-1d'),
+      pytest.param(etp.etp_lora_mv_p, [f32(4), f32(4, 2), f32(2, 3), f32(3)],
+                   {'alpha': 0.5, 'has_bias': True}, id='etp_lora_mv'),
+  ]
+
+
+@pytest.mark.parametrize('prim, ops, params', _builtin_cases())
+def test_builtins_pass(prim, ops, params):
+  _needs_devices()
+  # Two devices are enough to compare devices and shard the batch (every
+  # batch here is even); test_device_compares_sharded_batches uses four.
+  report = etp_testing.check_rules(prim, *ops, checks=MY_CHECKS,
+                                   devices=jax.devices()[:2], **params)
+  _assert_passed(report, *MY_CHECKS)
+
+
+def test_check_order():
+  names = etp_testing.check_names()
+  assert [n for n in names if n in MY_CHECKS] == MY_CHECKS
+  assert names.index('pp.exact') < names.index('primitive.jit')
+
+
+# --------------------------------------------------------------- primitive.jit
+def _offset_when_traced(x, weight, *bias, has_bias):
+  # Eager (concrete) calls are right; traced ones (jit) are off by one.
+  y = dense._impl(x, weight, *bias, has_bias=has_bias)
+  if isinstance(x, jax.core.Tracer):
+    return y + 1.0
+  return y
+
+
+def test_jit_catches_an_impl_that_changes_under_tracing():
+  prim = _dense_clone('jit_offset', impl=_offset_when_traced)
+  report = _run(prim, _dense_case(), ['primitive.jit',
+                                      'primitive.abstract_eval'])
+  _assert_failed(report, 'primitive.jit', 'impl')
+  _assert_passed(report, 'primitive.abstract_eval')
+
+
+def test_jit_catches_a_lowering_that_raises():
+  prim = _dense_clone('jit_raises')
+
+  def lowering(ctx, *args, **params):
+    raise NotImplementedError('no lowering for this platform')
+  mlir.register_lowering(prim, lowering)
+  report = _run(prim, _dense_case(), ['primitive.jit'])
+  hit, = _assert_failed(report, 'primitive.jit', 'impl')
+  assert 'jax.jit(bind) raised NotImplementedError' in hit.message
+  assert 'float32[4, 3]' in hit.message  # the operands
+
+
+# ------------------------------------------------------ primitive.abstract_eval
+@pytest.mark.parametrize('wrong', ['shape', 'dtype'])
+def test_abstract_eval_catches_a_wrong_abstract_rule(wrong):
+  prim = _dense_clone(f'abstract_{wrong}')
+
+  def abstract(x, weight, *bias, has_bias):
+    if wrong == 'shape':  # (out, batch) instead of (batch, out)
+      return jax.core.ShapedArray((weight.shape[1], x.shape[0]), x.dtype)
+    return jax.core.ShapedArray((x.shape[0], weight.shape[1]), jnp.float16)
+  prim.def_abstract_eval(abstract)
+  report = _run(prim, _dense_case(), ['primitive.abstract_eval'])
+  hit, = _assert_failed(report, 'primitive.abstract_eval', 'abstract_eval')
+  assert 'float32[4, 5]' in hit.message  # the real output
+  assert hit.actual_shape is not None
+
+
+# -------------------------------------------------------------- primitive.jvp
+def _jvp_with(prim, tangent_fn):
+  """A JVP rule: the primal binds again; the tangent is ``tangent_fn``."""
+  def jvp(primals, tangents, **params):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return prim.bind(*primals, **params), tangent_fn(primals, tangents,
+                                                     **params)
+  return jvp
+
+
+def _true_tangent(primals, tangents, **params):
+  return jax.jvp(lambda *p: dense._impl(*p, **params), tuple(primals),
+                 tuple(tangents))[1]
+
+
+@pytest.mark.parametrize('bug', ['scaled', 'no_weight_tangent'])
+def test_jvp_catches_a_wrong_jvp_rule(bug):
+  prim = _dense_clone(f'jvp_{bug}')
+  if bug == 'scaled':
+    tangent = lambda p, t, **kw: 2.0 * _true_tangent(p, t, **kw)
+  else:  # forgets d/dW: only x's (and the bias's) tangent flows
+    tangent = lambda p, t, **kw: _true_tangent(
+        p, [t[0], jnp.zeros_like(t[1])] + list(t[2:]), **kw)
+  ad.primitive_jvps[prim] = _jvp_with(prim, tangent)
+  report = _run(prim, _dense_case(), ['primitive.jvp'])
+  _assert_failed(report, 'primitive.jvp', 'jvp',
+                 contains='central differences of impl')
+
+
+def test_jvp_catches_a_jvp_rule_wrong_only_at_second_order():
+  # Right tangent at the point, but computed at stop_gradient(primals): its
+  # own derivative along the primals is lost (check_grads(order=2) sees it).
+  prim = _dense_clone('jvp_second_order')
+  tangent = lambda p, t, **kw: _true_tangent(
+      [jax.lax.stop_gradient(v) for v in p], t, **kw)
+  ad.primitive_jvps[prim] = _jvp_with(prim, tangent)
+  report = _run(prim, _dense_case(), ['primitive.jvp'])
+  hits = _assert_failed(report, 'primitive.jvp', 'jvp')
+  assert all('second order' in f.message for f in hits)
+
+
+def test_jvp_reverse_mode_catches_a_wrong_transpose():
+  # The JVP binds the primitive on the tangents (tx @ W + x @ tW), so
+  # reverse mode transposes the primitive; a transpose that doubles its
+  # cotangent leaves the forward mode right and the dot-product test wrong.
+  prim = _dense_clone('transpose', batched=False)
+
+  def tangent(p, t, has_bias):
+    del has_bias
+    return prim.bind(t[0], p[1], has_bias=False) + prim.bind(
+        p[0], t[1], has_bias=False)
+  ad.primitive_jvps[prim] = _jvp_with(prim, tangent)
+  right = ad.primitive_transposes[prim]
+  ad.primitive_transposes[prim] = lambda ct, *args, **params: [
+      None if c is None else 2.0 * c for c in right(ct, *args, **params)]
+  report = _run(prim, _dense_case(batch=None, bias=False), ['primitive.jvp'])
+  hits = _assert_failed(report, 'primitive.jvp', 'jvp')
+  assert all('dot-product test' in f.message for f in hits)
+  forward = [f for f in report.outcome('primitive.jvp').findings
+             if 'central differences of impl' in f.message]
+  assert forward and all(f.passed for f in forward)
+
+
+def test_jvp_closes_over_integer_operands():
+  # Sparse indices get no tangent; the float operands (x included) do.
+  rng = np.random.default_rng(2)
+  ops = [rng.standard_normal((2, 3)).astype(np.float32),
+         rng.standard_normal(3).astype(np.float32),
+         np.array([[0, 1], [1, 0], [2, 3]], np.int32)]
+  report = etp_testing.check_rules(etp.etp_sp_mm_p, *ops,
+                                   checks=['primitive.jvp'], shape=(3, 4),
+                                   has_bias=False)
+  _assert_passed(report, 'primitive.jvp')
+  assert any('operand 0, operand 1' in f.message
+             for f in report.outcome('primitive.jvp').findings)
+
+
+# ------------------------------------------------------------- primitive.vmap
+def _flipping_batcher(prim):
+  def batch(args, dims, **params):
+    out, dim = prim._batch(args, dims, **params)
+    return jnp.flip(out, dim), dim
+  return batch
+
+
+def _axis_zero_batcher(prim):
+  # Ignores where the mapped axis is: right for in_axes 0 only.
+  def batch(args, dims, **params):
+    axes = tuple(None if d is None else 0 for d in dims)
+    return jax.vmap(lambda *a: prim.impl_fn(*a, **params),
+                    in_axes=axes)(*args), 0
+  return batch
+
+
+def _raising_batcher(prim):
+  def batch(args, dims, **params):
+    raise NotImplementedError(f'{prim.name} cannot be batched')
+  return batch
+
+
+@pytest.mark.parametrize('make, batched', [
+    (_flipping_batcher, False), (_axis_zero_batcher, True),
+    (_raising_batcher, True)], ids=['flip', 'axis_zero', 'raises'])
+def test_vmap_catches_a_wrong_batching_rule(make, batched):
+  prim = _dense_clone(f'batcher_{make.__name__}', batched=batched)
+  batching.primitive_batchers[prim] = make(prim)
+  case = _dense_case(batch=4 if batched else None)
+  report = _run(prim, case, ['primitive.vmap'])
+  hits = _assert_failed(report, 'primitive.vmap', 'batching')
+  if make is _axis_zero_batcher:
+    # Only the combinations with an operand mapped on another axis fail.
+    findings = report.outcome('primitive.vmap').findings
+    all_zero = [f for f in findings if 'in_axes=(0, 0, 0))' in f.message]
+    assert all_zero and all(f.passed for f in all_zero)
+    assert all('1' in f.message.split('in_axes=')[1].split(')')[0]
+               or '-1' in f.message for f in hits)
+  if make is _raising_batcher:
+    assert 'NotImplementedError' in hits[0].message
+    assert 'in_axes=' in hits[0].message
+
+
+def _batch_centred_impl(x, weight, *bias, has_bias):
+  # Examples are NOT independent: every example is centred on the batch mean.
+  return dense._impl(x - x.mean(0), weight, *bias, has_bias=has_bias)
+
+
+def test_vmap_catches_examples_that_are_not_independent():
+  # vmap over x alone folds the mapped axis into the batch (the contract
+  # says examples are independent), so the batch mean changes.
+  prim = _dense_clone('batch_centred', impl=_batch_centred_impl)
+  report = _run(prim, _dense_case(), ['primitive.vmap', 'device.consistency'])
+  hits = _assert_failed(report, 'primitive.vmap', 'batching')
+  assert any('in_axes=(0, None, None)' in f.message for f in hits)
+  if jax.device_count() >= 2:
+    # What device.consistency cannot see: jit with the batch sharded is
+    # semantically transparent, so the coupled batch gives the same answer.
+    _assert_passed(report, 'device.consistency')
+
+
+def test_vmap_keeps_integer_operands_valid():
+  # Mapped sparse indices are permuted per example (still valid, distinct).
+  rng = np.random.default_rng(3)
+  ops = [rng.standard_normal(3).astype(np.float32),
+         rng.standard_normal(3).astype(np.float32),
+         np.array([[0, 1], [1, 0], [2, 3]], np.int32)]
+  report = etp_testing.check_rules(etp.etp_sp_mv_p, *ops,
+                                   checks=['primitive.vmap'], shape=(3, 4),
+                                   has_bias=False)
+  _assert_passed(report, 'primitive.vmap')
+  messages = [f.message for f in report.outcome('primitive.vmap').findings]
+  assert any('in_axes=(None, None, 0)' in m or 'in_axes=(0, 0, 0)' in m
+             for m in messages)
+  assert len(messages) <= 12 + 1  # sampled combinations + the nested vmap
+
+
+# ---------------------------------------------------------- device.consistency
+def test_device_catches_a_rule_pinned_to_the_first_device():
+  _needs_devices()
+
+  def xy_to_dw(x, g, weights, **params):
+    grads = dense._xy_to_dw(x, g, weights, **params)
+    return {k: jax.device_put(v, jax.devices()[0]) for k, v in grads.items()}
+  prim = _dense_clone('pinned_result', xy_to_dw=xy_to_dw)
+  report = _run(prim, _dense_case(), ['device.consistency'])
+  hits = _assert_failed(report, 'device.consistency', 'xy_to_dw')
+  assert any(str(jax.devices()[1]) in f.message for f in hits)
+
+
+def test_device_catches_a_rule_mixing_in_a_pinned_constant():
+  _needs_devices()
+
+  def xy_to_dw(x, g, weights, **params):
+    # A constant created on (committed to) the first device.
+    scale = jax.device_put(np.float32(1.0), jax.devices()[0])
+    return {k: v * scale
+            for k, v in dense._xy_to_dw(x, g, weights, **params).items()}
+  prim = _dense_clone('pinned_constant', xy_to_dw=xy_to_dw)
+  report = _run(prim, _dense_case(), ['device.consistency'])
+  hits = _assert_failed(report, 'device.consistency', 'xy_to_dw')
+  assert any(str(jax.devices()[1]) in f.message for f in hits)
+
+
+def _sum_over_the_batch_without_psum():
+  """``x^T g`` summed over the batch, with a sharding rule that lets every
+  device sum its own examples and forgets the cross-device reduction (a
+  hand-partitioned kernel missing its ``psum``)."""
+  from jax.experimental.custom_partitioning import custom_partitioning
+
+  def outer(x, g):
+    return jnp.einsum('bi,bo->io', x, g)
+  partitioned = custom_partitioning(outer)
+
+  def infer(mesh, arg_shapes, result_shape):
+    del arg_shapes, result_shape
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    return (mesh, outer, infer(mesh, None, None),
+            tuple(a.sharding for a in arg_shapes))
+  partitioned.def_partition(infer_sharding_from_operands=infer,
+                            partition=partition,
+                            sharding_rule='b i, b o -> i o')
+  return partitioned
+
+
+def test_device_catches_a_rule_that_is_wrong_when_sharded():
+  _needs_devices()
+  outer = _sum_over_the_batch_without_psum()
+
+  def xy_to_dw(x, g, weights, *, has_bias):
+    grads = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    return {**grads, 'weight': outer(x, g)}
+  prim = _dense_clone('sharded_sum', xy_to_dw=xy_to_dw)
+  report = _run(prim, _dense_case(batch=4), ['device.consistency'])
+  hits = _assert_failed(report, 'device.consistency', 'xy_to_dw',
+                        key='weight')
+  assert all('sharded over 4 devices' in f.message for f in hits)
+  assert hits[0].max_rel_err > 0.1  # a wrong value, not a crash
+  # Device by device it is consistent, and the bias key is right sharded.
+  others = [f for f in report.outcome('device.consistency').findings
+            if f not in hits]
+  assert others and all(f.passed for f in others)
+
+
+def test_device_skips_when_there_is_nothing_to_compare():
+  one = [jax.devices()[0]]
+  report = _run(etp.etp_mv_p, _dense_case(batch=None), ['device.consistency'],
+                devices=one)
+  outcome = report.outcome('device.consistency')
+  assert outcome.status == 'skipped'
+  assert '1 device visible' in outcome.reason
+  assert 'xla_force_host_platform_device_count' in outcome.reason
+  # A batched primitive cannot be sharded over one device either.
+  report = _run(etp.etp_mm_p, _dense_case(), ['device.consistency'],
+                devices=one)
+  assert report.outcome('device.consistency').status == 'skipped'
+
+
+def test_device_skips_without_a_gpu():
+  try:
+    has_gpu = bool(jax.devices('gpu'))
+  except RuntimeError:
+    has_gpu = False
+  if has_gpu:
+    pytest.skip('a GPU is visible')
+  report = _run(etp.etp_mm_p, _dense_case(), ['device.consistency'],
+                devices='gpu')
+  outcome = report.outcome('device.consistency')
+  assert outcome.status == 'skipped' and 'no gpu device' in outcome.reason
+  assert report.passed  # skipped is not a failure, and never 'passed'
+
+
+def test_device_compares_sharded_batches():
+  _needs_devices(4)
+  report = _run(etp.etp_mm_p, _dense_case(batch=6), ['device.consistency'])
+  _assert_passed(report, 'device.consistency')
+  messages = [f.message for f in report.outcome('device.consistency').findings]
+  assert any('sharded over 3 devices' in m for m in messages)  # 3 divides 6
+  assert any(f'on {jax.devices()[3]}' in m for m in messages)
+
+
+# ---------------------------------------------------------------------- units
+def _register_wrapper(prim, wrapper):
+  """A unit case calling ``wrapper(x, w, b)`` on quantities."""
+  def cases(ctx):
+    x, w, b = ctx.operands
+    return [('wrapper(x [mV], w [S], b [uA])',
+             lambda: wrapper(x * u.mV, w * u.siemens, (b * 1e3) * u.uA),
+             u.mV * u.siemens)]
+  etp_testing.register_unit_case(prim, cases)
+
+
+def _split_operands(x, w, b, y_unit):
+  x_m, _ = etp_units.split(x)
+  w_m, _ = etp_units.split(w)
+  return x_m, w_m, etp_units.mantissa_in(b, y_unit, fn='wrapper', arg='bias')
+
+
+def test_units_catch_a_wrapper_that_drops_the_weight_unit():
+  prim = _dense_clone('units_drop')
+
+  def wrapper(x, w, b):
+    x_u, w_u = etp_units.split(x)[1], etp_units.split(w)[1]
+    ops = _split_operands(x, w, b, x_u * w_u)
+    return etp_units.combine(prim.bind(*ops, has_bias=True), x_u)
+  _register_wrapper(prim, wrapper)
+  report = _run(prim, _dense_case(), ['units'])
+  hit, = _assert_failed(report, 'units', 'units')
+  assert 'returned unit mV' in hit.message
+
+
+def test_units_catch_a_wrapper_that_does_not_convert_the_bias():
+  prim = _dense_clone('units_bias')
+
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    ops = [etp_units.split(v)[0] for v in (x, w, b)]  # b stays in uA
+    return etp_units.combine(prim.bind(*ops, has_bias=True), y_u)
+  _register_wrapper(prim, wrapper)
+  report = _run(prim, _dense_case(), ['units'])
+  hit, = _assert_failed(report, 'units', 'units')
+  assert hit.max_rel_err > 1
+
+
+def test_units_catch_a_wrapper_that_does_not_bind_the_primitive():
+  prim = _dense_clone('units_plain')
+
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    x_m, w_m, b_m = _split_operands(x, w, b, y_u)
+    return etp_units.combine(x_m @ w_m + b_m, y_u)  # right numbers, no prim
+  _register_wrapper(prim, wrapper)
+  report = _run(prim, _dense_case(), ['units'])
+  hit, = _assert_failed(report, 'units', 'units')
+  assert f'does not bind {prim.name}' in hit.message
+
+
+def test_units_pass_a_correct_wrapper_and_skip_without_one():
+  prim = _dense_clone('units_right')
+
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    return etp_units.combine(
+        prim.bind(*_split_operands(x, w, b, y_u), has_bias=True), y_u)
+  _register_wrapper(prim, wrapper)
+  _assert_passed(_run(prim, _dense_case(), ['units']), 'units')
+  other = _dense_clone('units_none')
+  outcome = _run(other, _dense_case(), ['units']).outcome('units')
+  assert outcome.status == 'skipped'
+  assert (f'no unit-aware user-facing function registered for {other.name}'
+          in outcome.reason)
+
+
+def test_units_skip_a_case_the_wrapper_rejects():
+  # Repeated sparse indices bind, but sparse_matmul rejects them.
+  rng = np.random.default_rng(4)
+  ops = [rng.standard_normal(3).astype(np.float32),
+         rng.standard_normal(2).astype(np.float32),
+         np.array([[0, 1], [0, 1]], np.int32)]
+  outcome = etp_testing.check_rules(
+      etp.etp_sp_mv_p, *ops, checks=['units'], shape=(3, 4),
+      has_bias=False).outcome('units')
+  assert outcome.status == 'skipped', _describe(outcome)
+  assert 'repeat' in outcome.reason
+
+
+def test_register_unit_case_validates():
+  with pytest.raises(TypeError, match=r'^\[etp_testing\] .*callable'):
+    etp_testing.register_unit_case(etp.etp_mm_p, 'not a function')
+  with pytest.raises(TypeError, match='not an ETP primitive'):
+    etp_testing.register_unit_case(jax.lax.add_p, lambda ctx: [])

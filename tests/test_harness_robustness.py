@@ -1,0 +1,304 @@
+"""The harness under abuse: every way a primitive can be wrong is a diagnosis.
+
+Missing rules, a rule returning the wrong keys / shapes / dtypes / NaN / Inf,
+a rule that raises, an impl that raises, operands that do not fit: each must
+end in a :class:`etp_testing.RuleConsistencyError` whose message names the
+primitive, the check, the rule, the key and the shapes - never a bare
+traceback from inside JAX, and never an outcome that only says a check
+crashed.  The harness must also leave global state as it found it (the
+``jax_enable_x64`` flag, ``etp.primitives()``, ``jax.devices()``, the matmul
+precision), its report must be JSON, and the reproduction snippet in the
+error message must re-run the failing case.
+"""
+
+import importlib
+import itertools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.interpreters import ad
+from jax.interpreters import batching
+
+import etp
+import etp_testing
+from etp._src import dense
+from etp._src import registry
+from etp_testing._src.report import BAD_STATUSES
+
+_counter = itertools.count()
+_BASE = etp.rules_of(etp.etp_mm_p)
+
+
+@pytest.fixture(autouse=True)
+def _restore_state():
+  """Restores x64 and forgets the primitives a test registers."""
+  x64 = jax.config.jax_enable_x64
+  before = set(etp.primitives())
+  yield
+  jax.config.update('jax_enable_x64', x64)
+  for p in etp.primitives():
+    if p not in before:
+      registry._forget(p)
+
+
+def _name(tag):
+  return f'test_robustness_{tag}_{next(_counter)}'
+
+
+def _make(tag, *, impl=dense._impl, rules=True, **overrides):
+  """A batched dense primitive; ``rules=False`` registers no ETP rules."""
+  prim = etp.register_primitive(_name(tag), impl, batched=True,
+                                trainable_invars_fn=dense._trainable)
+  if rules:
+    kwargs = dict(yw_to_w=_BASE.yw_to_w, xy_to_dw=_BASE.xy_to_dw,
+                  init_drtrl=_BASE.init_drtrl, init_pp=_BASE.init_pp)
+    kwargs.update(overrides)
+    prim.register_etp_rules(**kwargs)
+  return prim
+
+
+def _operands(batch=4, n_in=3, n_out=5, dtype=np.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.standard_normal((batch, n_in)).astype(dtype),
+          rng.standard_normal((n_in, n_out)).astype(dtype)]
+
+
+def _with_weight(fn):
+  """An ``xy_to_dw`` whose 'weight' gradient is ``fn(right gradient)``."""
+  def xy_to_dw(x, g, weights, **params):
+    grads = dense._xy_to_dw(x, g, weights, **params)
+    return {**grads, 'weight': fn(grads['weight'])}
+  return xy_to_dw
+
+
+def _raise(*args, **kwargs):
+  raise ValueError('deliberately broken')
+
+
+# The rule variants run every check that calls a rule; the primitive.*
+# checks never do (they hold the JAX rules to impl), so they are left out.
+RULE_CHECKS = [n for n in etp_testing.check_names()
+               if not n.startswith('primitive.')]
+
+
+# (tag, how to build it, check that must fail, rule, key, text in message)
+BROKEN = [
+    ('missing_rules', dict(rules=False), 'xy_to_dw.vjp', 'xy_to_dw', None,
+     "rule 'xy_to_dw' is not registered"),
+    ('wrong_keys', dict(xy_to_dw=lambda x, g, w, **p: {
+        'W': dense._xy_to_dw(x, g, w, **p)['weight']}),
+     'xy_to_dw.vjp', 'xy_to_dw', None, "returned keys ['W']"),
+    ('wrong_shape', dict(xy_to_dw=_with_weight(lambda v: v.T)),
+     'xy_to_dw.vjp', 'xy_to_dw', 'weight', 'shape (5, 3) != expected (3, 5)'),
+    ('wrong_dtype', dict(xy_to_dw=_with_weight(
+        lambda v: v.astype(jnp.float16))),
+     'xy_to_dw.vjp', 'xy_to_dw', 'weight', 'dtype float16'),
+    ('nan', dict(xy_to_dw=_with_weight(lambda v: v * jnp.nan)),
+     'xy_to_dw.vjp', 'xy_to_dw', 'weight', ''),
+    ('inf', dict(xy_to_dw=_with_weight(lambda v: v.at[0, 0].set(jnp.inf))),
+     'xy_to_dw.vjp', 'xy_to_dw', 'weight', ''),
+    ('xy_to_dw_raises', dict(xy_to_dw=_raise), 'xy_to_dw.vjp', 'xy_to_dw',
+     None, 'xy_to_dw raised ValueError: deliberately broken'),
+    ('yw_to_w_raises', dict(yw_to_w=_raise), 'yw_to_w.anchor', 'yw_to_w',
+     None, 'yw_to_w raised ValueError: deliberately broken'),
+    ('init_drtrl_raises', dict(init_drtrl=_raise), 'init.drtrl',
+     'init_drtrl', None, 'init_drtrl raised ValueError'),
+    ('init_pp_raises', dict(init_pp=_raise), 'init.pp', 'init_pp', None,
+     'init_pp raised ValueError'),
+]
+
+
+def _assert_diagnosis(err, prim, check, rule, key, text):
+  report = err.report
+  message = str(err)
+  assert message.startswith(f'[etp_testing] {prim.name} failed'), message
+  assert 'float32[4, 3], float32[3, 5]' in message  # the operand shapes
+  outcome = report.outcome(check)
+  assert outcome is not None and outcome.status == 'failed', (
+      check, outcome and outcome.status, outcome and outcome.reason)
+  hits = [f for f in outcome.findings if not f.passed and f.rule == rule
+          and (key is None or f.key == key) and text in f.describe()]
+  assert hits, [f.describe() for f in outcome.findings]
+  assert f'- {check} (failed)' in message
+  assert (f'{rule}[{key}]:' if key else f'{rule}:') in message
+  if key is not None:
+    assert hits[0].actual_shape is not None
+    assert 'shapes actual' in message
+  assert 'Reproduce with:' in message
+
+
+@pytest.mark.parametrize('tag, build, check, rule, key, text', BROKEN,
+                         ids=[b[0] for b in BROKEN])
+def test_a_broken_rule_is_a_diagnosis(tag, build, check, rule, key, text):
+  prim = _make(tag, **build)
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(prim, *_operands(), checks=RULE_CHECKS,
+                                       steps=2, n_state=1, has_bias=False)
+  _assert_diagnosis(info.value, prim, check, rule, key, text)
+  # Every failing check is diagnosed (a finding naming a rule), none only
+  # crashed with an error from inside JAX.
+  crashed = [(o.name, o.reason) for o in info.value.report.outcomes
+             if o.status == 'error']
+  assert not crashed, crashed
+
+
+@pytest.mark.parametrize('where', ['impl', 'operands'])
+def test_an_impl_that_raises_or_operands_that_do_not_fit(where):
+  if where == 'impl':
+    prim, ops, text = _make('impl_raises', impl=_raise), _operands(), \
+        'ValueError: deliberately broken'
+  else:
+    prim = _make('misfit')
+    ops = [_operands()[0], _operands(n_in=4)[1]]  # (4, 3) @ (4, 5)
+    text = 'TypeError'
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(prim, *ops, has_bias=False)
+  message = str(info.value)
+  assert message.startswith(f'[etp_testing] {prim.name} failed')
+  assert f'on shapes {[tuple(o.shape) for o in ops]}' in message
+  assert text in message
+  outcome = info.value.report.outcome('operands')
+  assert outcome.status == 'error' and outcome.findings[0].rule == 'bind'
+
+
+def test_broken_jax_rules_are_diagnosed_not_crashes():
+  # A JVP rule and a batching rule that raise: failed findings naming the
+  # JAX rule, with the operands, from the primitive checks.
+  prim = _make('jax_rules_raise')
+  ad.primitive_jvps[prim] = _raise
+  batching.primitive_batchers[prim] = _raise
+  report = etp_testing.check_rules(
+      prim, *_operands(), checks=['primitive', 'device'], has_bias=False)
+  for check, rule in (('primitive.jvp', 'jvp'),
+                      ('primitive.vmap', 'batching')):
+    outcome = report.outcome(check)
+    assert outcome.status == 'failed', (check, outcome.reason)
+    bad = [f for f in outcome.findings if not f.passed]
+    assert bad and all(f.rule == rule for f in bad)
+    assert 'ValueError: deliberately broken' in bad[0].message
+    assert 'float' in bad[0].message  # operand dtypes and shapes
+  assert report.outcome('primitive.jit').status == 'passed'
+
+
+def test_a_multiple_results_primitive_passes_the_primitive_checks():
+  def impl(x, weight):
+    y = x @ weight
+    return y, jnp.tanh(y)
+  prim = etp.register_primitive(
+      _name('multi'), impl, batched=True, multiple_results=True,
+      y_outvar_index=1, trainable_invars_fn=lambda p: {'weight': 1})
+  report = etp_testing.check_rules(prim, *_operands(), checks=['primitive'])
+  for outcome in report.outcomes:
+    assert outcome.status == 'passed', (outcome.name, outcome.reason,
+                                        [f.describe() for f in
+                                         outcome.findings])
+
+
+# ------------------------------------------------------------- global state
+@pytest.mark.parametrize('x64', [False, True])
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_the_x64_flag_is_left_as_found(x64, dtype):
+  jax.config.update('jax_enable_x64', x64)
+  ops = _operands(dtype=dtype)
+  checks = ['primitive.jvp', 'xy_to_dw.fd', 'device.consistency']
+  etp_testing.check_rules(etp.etp_mm_p, *ops, checks=checks,
+                          has_bias=False)
+  assert jax.config.jax_enable_x64 == x64
+  # Also when the run fails and when a rule raises.
+  with pytest.raises(etp_testing.RuleConsistencyError):
+    etp_testing.assert_rule_consistent(_make('x64_raises', xy_to_dw=_raise),
+                                       *ops, checks=checks, has_bias=False)
+  assert jax.config.jax_enable_x64 == x64
+
+
+def test_a_run_leaves_global_state_as_found():
+  primitives = etp.primitives()
+  devices = jax.devices()
+  precision = jax.config.jax_default_matmul_precision
+  jvp = ad.primitive_jvps[etp.etp_mv_p]
+  x, weight = _operands()
+  report = etp_testing.check_rules(etp.etp_mv_p, x[0], weight, checks='all',
+                                   devices=devices[:2], has_bias=False)
+  # The whole battery on a correct built-in: nothing failed, nothing crashed.
+  assert not [o for o in report.outcomes if o.status in BAD_STATUSES], (
+      report.failure_message())
+  etp_testing.check_rules(etp.etp_mm_p, *_operands(), devices='cpu',
+                          checks=['device'], has_bias=False)
+  assert etp.primitives() == primitives
+  assert jax.devices() == devices
+  assert jax.config.jax_default_matmul_precision == precision
+  assert ad.primitive_jvps[etp.etp_mv_p] is jvp
+
+
+# -------------------------------------------------------------------- report
+def test_the_report_is_json():
+  good = etp_testing.check_rules(etp.etp_mm_p, *_operands(),
+                                 checks=['xy_to_dw.vjp', 'units', 'device'],
+                                 has_bias=False)
+  bad = etp_testing.check_rules(
+      _make('json_nan', xy_to_dw=_with_weight(lambda v: v * jnp.nan)),
+      *_operands(), checks=['xy_to_dw.vjp', 'primitive.jit'], has_bias=False)
+  for report in (good, bad):
+    # Strict JSON: non-finite errors are written as strings.
+    data = json.loads(report.to_json(allow_nan=False))
+    assert data['primitive'] == report.primitive
+    assert data['passed'] == report.passed
+    assert [o['name'] for o in data['outcomes']] == [
+        o.name for o in report.outcomes]
+    assert data['operands'] == [{'shape': [4, 3], 'dtype': 'float32'},
+                                {'shape': [3, 5], 'dtype': 'float32'}]
+    for o in data['outcomes']:
+      assert o['status'] in ('passed', 'failed', 'error', 'skipped',
+                             'measured')
+      for f in o['findings']:
+        assert isinstance(f['rule'], str) and isinstance(f['passed'], bool)
+  assert not data['passed']
+  vjp = data['outcomes'][0]
+  assert vjp['status'] == 'failed' and vjp['max_abs_err'] == 'inf'
+  assert vjp['findings'][0]['key'] == 'weight'
+
+
+# ------------------------------------------------------------------- snippet
+@pytest.fixture(scope='module')
+def broken_module():
+  """``tests/_broken_prims`` imported by name (registers its primitive)."""
+  module = importlib.import_module('_broken_prims')
+  yield module
+  registry._forget(module.broken_sign_mm_p)
+  sys.modules.pop('_broken_prims', None)
+
+
+@pytest.mark.parametrize('size', ['inline', 'npz'])
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_the_snippet_reruns_the_failing_case(broken_module, size, dtype):
+  batch, n_in = (4, 3) if size == 'inline' else (12, 8)  # 96 > 64 elements
+  ops = _operands(batch=batch, n_in=n_in, dtype=dtype)
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(broken_module.broken_sign_mm_p, *ops,
+                                       checks=['xy_to_dw.vjp'], seed=3,
+                                       has_bias=False)
+  snippet = info.value.report.snippet
+  assert snippet and snippet in str(info.value).replace('\n    ', '\n')
+  assert 'import _broken_prims' in snippet
+  assert ('np.load' in snippet) == (size == 'npz')
+  with pytest.raises(etp_testing.RuleConsistencyError) as again:
+    exec(compile(snippet, '<snippet>', 'exec'), {'__name__': '__snippet__'})
+  first, second = info.value.report, again.value.report
+  assert second.primitive == first.primitive and second.seed == 3
+  assert [o['shape'] for o in second.operands] == [
+      o['shape'] for o in first.operands]
+  assert [o.name for o in second.failures] == ['xy_to_dw.vjp']
+  np.testing.assert_allclose(second.failures[0].findings[0].max_abs_err,
+                             first.failures[0].findings[0].max_abs_err)
+
+
+def test_the_report_names_float64_operands():
+  jax.config.update('jax_enable_x64', False)
+  report = etp_testing.check_rules(
+      etp.etp_mm_p, *_operands(dtype=np.float64), checks=['primitive.jit'],
+      has_bias=False)
+  assert [o['dtype'] for o in report.operands] == ['float64', 'float64']
