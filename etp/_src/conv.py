@@ -1,39 +1,52 @@
 r"""Convolution: ``etp_conv_p`` (batched; 1-D, 2-D and 3-D).
 
 ``y = conv_general_dilated(x, K) (+ b)`` with ``jax.lax`` conventions and
-layouts.  Write ``F`` for the output feature axis of ``y`` and ``κ`` for a
-kernel index without its output-feature axis (input channel and window
-position).  With :math:`P[n, p, κ]` the input patch value that kernel entry
-``κ`` multiplies at output position ``p``,
+layouts (the batch axis ``N`` leads ``x`` and ``y``).  Write ``F`` for the
+output feature axis of ``y`` and ``κ`` for a kernel index without its
+output-feature axis ``O`` (input channel and window position, in the kernel's
+layout order).  With :math:`P[n, p, κ]` the input patch value that kernel
+entry ``κ`` multiplies at output position ``p``,
 
 .. math::  y[n, p, o] = \sum_κ P[n, p, κ]\, K[κ, o] + b_o,
            \qquad \frac{\partial y[n, p, o]}{\partial K[κ, o']} = δ_{oo'} P[n, p, κ].
 
 The kernel and the bias are shared across positions: ``K[κ, o]`` reaches
-``y[n, p, o]`` at *every* ``p``.  A kernel-shaped trace cannot be exact, so the
-traces keep the output positions (one entry per (weight element, hidden
-position) pair, as D-RTRL needs):
+``y[n, p, o]`` at *every* ``p``, so neither is anchored and a kernel-shaped
+trace cannot be exact.  The traces keep the output positions (one entry per
+(weight element, hidden position) pair, as D-RTRL needs):
 
-* kernel trace ``(*y_shape, *κ_shape)``: ``T[n, p, o, κ] = ∂h[n, p, o]/∂K[κ, o]``;
-  ``instant_drtrl`` gives :math:`g[n, p, o] P[n, p, κ]`;
-* bias trace ``y_shape``: ``instant_drtrl`` gives ``g``;
-* ``yw_to_w``: :math:`T[\dots, κ] \mapsto g[\dots] T[\dots, κ]` (each entry
-  has exactly one output position);
-* ``solve_drtrl``: :math:`\partial K[κ, o] = \sum_{n, p} c[n, p, o] T[n, p, o, κ]`,
-  :math:`\partial b_o = \sum_{n, p} c[n, p, o] T_b[n, p, o]`.
+* ``init_drtrl``: kernel trace ``(*y_shape, *κ_shape, S)`` with
+  ``T[n, p, o, κ] = ∂h[n, p, o]/∂K[κ, o]`` (``y``'s own layout first, then
+  the kernel's axes without ``O``); bias trace ``(*y_shape, S)``;
+* ``instant_drtrl``: :math:`T[n, p, o, κ] = g[n, p, o]\, P[n, p, κ]`,
+  :math:`T_b = g` (per example: the batch axis stays);
+* ``yw_to_w``: :math:`T[\dots, κ] \mapsto g[\dots]\, T[\dots, κ]` and
+  :math:`T_b \mapsto g\, T_b` (each trace entry has exactly one output
+  position); extra leading axes broadcast;
+* ``solve_drtrl``: :math:`\partial K[κ, o] = \sum_{\dots, n, p}
+  c[\dots, n, p, o]\, T[\dots, n, p, o, κ]` (the feature axis goes back to
+  ``O``'s place), :math:`\partial b_o = \sum_{\dots, n, p}
+  c[\dots, n, p, o]\, T_b[\dots, n, p, o]`;
+* ``xy_to_dw``: JAX's VJP of the same convolution in the kernel, and
+  :math:`\partial b_o = \sum_{n, p} g[n, p, o]`, summed over the batch.
 
+So ``solve_drtrl(c, instant_drtrl(x, g, w)) == xy_to_dw(x, c * g, w)``.
 ``P`` is computed by the same convolution applied to ``x`` with an identity
-kernel, so strides, padding, dilation and layouts cannot drift from ``impl``.
+kernel (``I * prod(window)`` output channels), so strides, padding, dilation
+and layouts cannot drift from ``impl``.
 
-Memory price: the kernel trace holds ``prod(y_shape) * K.size / C_out`` entries
-per hidden state, i.e. ``B * prod(spatial_out) * S`` times the kernel's size
-(64 -> 64 channels, 3 x 3, 32 x 32 output, batch 8: 302M entries per state).
+Memory price: the kernel trace holds ``prod(y_shape) * K.size / C_out``
+entries per hidden state, i.e. ``B * prod(spatial_out) * S`` times the
+kernel's size for ``S`` states (64 -> 64 channels, 3 x 3 window, 32 x 32
+output, batch 8: 302M entries per state, 1.2 GB in float32).
 """
 
 from __future__ import annotations
 
 import numbers
+import operator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -70,16 +83,18 @@ def _trainable(params) -> dict:
 
 def _patches(x, kernel, *, window_strides, padding, rhs_dilation,
              dimension_numbers):
-  """``P`` with ``F`` moved last and split into ``κ``: ``(*y_without_F, *κ)``."""
+  """Patches ``P`` with ``F`` moved last and split: ``(*y_without_F, *κ)``."""
   dn = _dimension_numbers(x.ndim, dimension_numbers)
   o_axis = dn.rhs_spec[0]
   kappa_shape = tuple(np.delete(np.array(kernel.shape), o_axis))
   n_kappa = int(np.prod(kappa_shape))
   identity = jnp.eye(n_kappa, dtype=x.dtype).reshape((n_kappa,) + kappa_shape)
   identity = jnp.moveaxis(identity, 0, o_axis)
+  # HIGHEST: the patches are a copy of x; TF32 on GPUs must not round them.
   p = lax.conv_general_dilated(x, identity, window_strides, padding,
                                rhs_dilation=rhs_dilation,
-                               dimension_numbers=dimension_numbers)
+                               dimension_numbers=dimension_numbers,
+                               precision=lax.Precision.HIGHEST)
   p = jnp.moveaxis(p, dn.out_spec[1], -1)
   return p.reshape(p.shape[:-1] + kappa_shape), dn
 
@@ -87,18 +102,18 @@ def _patches(x, kernel, *, window_strides, padding, rhs_dilation,
 def _xy_to_dw(x, g, weights, *, window_strides, padding, rhs_dilation,
               dimension_numbers, has_bias: bool):
   kernel = weights['weight']
-  p, dn = _patches(x, kernel, window_strides=window_strides, padding=padding,
-                   rhs_dilation=rhs_dilation,
-                   dimension_numbers=dimension_numbers)
-  n_kappa = kernel.ndim - 1
-  g_last = jnp.moveaxis(g, dn.out_spec[1], -1)            # (*y_without_F, O)
-  flat_p = p.reshape(g_last.shape[:-1] + (-1,))
-  dk = jnp.einsum('...k,...o->ok', flat_p, g_last)
-  dk = dk.reshape((g_last.shape[-1],) + p.shape[-n_kappa:])
-  out = {'weight': jnp.moveaxis(dk, 0, dn.rhs_spec[0]).astype(kernel.dtype)}
+  # JAX's own VJP of the same convolution (its transposes), in the common
+  # dtype so a float64 g is not rounded through a float32 x.
+  dtype = jnp.result_type(x, g, kernel)
+  conv_of = lambda k: lax.conv_general_dilated(
+      x.astype(dtype), k, window_strides, padding, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers)
+  _, vjp = jax.vjp(conv_of, kernel.astype(dtype))
+  out = {'weight': vjp(g.astype(dtype))[0].astype(kernel.dtype)}
   if has_bias:
-    out['bias'] = g_last.reshape(-1, g_last.shape[-1]).sum(0).astype(
-        weights['bias'].dtype)
+    feature = _dimension_numbers(x.ndim, dimension_numbers).out_spec[1]
+    summed = tuple(a for a in range(g.ndim) if a != feature)
+    out['bias'] = g.sum(axis=summed).astype(weights['bias'].dtype)
   return out
 
 
@@ -165,25 +180,37 @@ etp_conv_p.register_etp_rules(
 
 
 def _as_tuple(fn, arg, value, n):
-  if isinstance(value, numbers.Integral):
-    return (int(value),) * n
-  value = tuple(int(v) for v in value)
-  if len(value) != n:
-    validation.fail(fn, f'`{arg}` must be an int or {n} ints (one per spatial '
-                    f'dimension), got {value!r}.')
+  """An int or ``n`` positive ints -> a hashable tuple of ``n`` ints."""
+  expected = f'`{arg}` must be a positive int or {n} positive ints (one per ' \
+             f'spatial dimension), got {value!r}.'
+  try:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+      value = (operator.index(value),) * n
+    else:
+      value = tuple(operator.index(v) for v in value)
+  except TypeError:
+    validation.fail(fn, expected, TypeError)
+  if len(value) != n or any(v < 1 for v in value):
+    validation.fail(fn, expected)
   return value
 
 
 def _normalise_padding(fn, padding, n):
+  """A padding string or ``n`` (low, high) pairs -> a hashable value."""
+  expected = (f"`padding` must be 'SAME', 'VALID', 'SAME_LOWER' or {n} "
+              f'(low, high) int pairs (one per spatial dimension), got '
+              f'{padding!r}.')
   if isinstance(padding, str):
     if padding.upper() not in ('SAME', 'VALID', 'SAME_LOWER'):
-      validation.fail(fn, f"`padding` must be 'SAME', 'VALID', 'SAME_LOWER' or "
-                      f'{n} (low, high) pairs, got {padding!r}.')
+      validation.fail(fn, expected)
     return padding.upper()
-  pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+  try:
+    pairs = tuple((operator.index(lo), operator.index(hi))
+                  for lo, hi in padding)
+  except (TypeError, ValueError):
+    validation.fail(fn, expected, TypeError)
   if len(pairs) != n:
-    validation.fail(fn, f'`padding` must have {n} (low, high) pairs, got '
-                    f'{padding!r}.')
+    validation.fail(fn, expected)
   return pairs
 
 
@@ -199,10 +226,19 @@ def conv(x, kernel, bias=None, *, strides=1, padding='SAME', rhs_dilation=1,
     strides, rhs_dilation: an int or one int per spatial dimension.
     padding: ``'SAME'``, ``'VALID'``, ``'SAME_LOWER'`` or ``(low, high)`` pairs.
     dimension_numbers: ``None`` or ``(lhs, rhs, out)`` layout strings such as
-      ``('NHWC', 'HWIO', 'NHWC')``; the batch axis must lead ``lhs`` and ``out``.
+      ``('NHWC', 'HWIO', 'NHWC')``; the batch axis must lead ``lhs`` and
+      ``out``.
 
   Returns:
-    The convolution with unit ``unit(x) * unit(kernel)``.
+    The convolution with unit ``unit(x) * unit(kernel)``, in the promoted
+    dtype of ``x`` and ``kernel``.
+
+  Raises:
+    ValueError: a wrong rank, a channel mismatch (one feature group only), a
+      bias that is not ``(C_out,)``, a layout without a leading batch axis, or
+      strides/padding/dilation that do not fit the spatial rank.
+    TypeError: a non-floating operand or a malformed parameter.
+    saiunit.UnitMismatchError: ``bias`` is not in the unit of the output.
   """
   fn = 'conv'
   x_m, x_u = units.split(x)
@@ -238,6 +274,10 @@ def conv(x, kernel, bias=None, *, strides=1, padding='SAME', rhs_dilation=1,
                     f'{dn.lhs_spec[1]} of shape {tuple(x_m.shape)}); '
                     'feature groups are not supported.')
   c_out = k_m.shape[dn.rhs_spec[0]]
+  # lax.conv_general_dilated wants one dtype; promote like jnp.matmul does.
+  dtype = jnp.result_type(x_m, k_m)
+  x_m = x_m if x_m.dtype == dtype else x_m.astype(dtype)
+  k_m = k_m if k_m.dtype == dtype else k_m.astype(dtype)
   params = dict(
       window_strides=_as_tuple(fn, 'strides', strides, n_spatial),
       padding=_normalise_padding(fn, padding, n_spatial),
