@@ -1,34 +1,68 @@
 """``check_with_hypothesis``: the battery on generated cases, shrunk on failure.
 
-Every example drawn by the primitive's strategy runs through
-``check_rules``; a failing report makes hypothesis shrink towards a minimal
-failing case, whose ``RuleConsistencyError`` is raised at the end with a line
-saying how many examples ran and how to replay.  The summary aggregates every
-example per check: worst errors, and a status that is ``skipped`` only when
-the check was skipped in every example (with the reasons), never ``passed``.
+Every case drawn by the primitive's strategy (see ``strategies``) runs through
+``check_rules``.  A failing report makes the hypothesis test function raise,
+so hypothesis shrinks towards a minimal failing case (smaller dimensions,
+float32, no bias, ...); that case's :class:`RuleConsistencyError` is raised
+at the end, with a line saying it is the minimal example found, after how
+many examples, and how to replay it (the seed, and the ``@reproduce_failure``
+blob when hypothesis gives one).
+
+When every example passes, a :class:`HypothesisSummary` aggregates them per
+check: a check is ``skipped`` only when it was skipped in every example (with
+the reasons), ``measured`` when any example measured it, else ``passed``; a
+check skipped in some examples and passed in others is ``passed`` and keeps
+the count of skips.  The worst errors over the examples are kept with the
+index of the example they occurred in.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
+import re
 import time
 from typing import Optional
 
-from hypothesis import HealthCheck, given, settings as hsettings
-from hypothesis import seed as hseed
+import numpy as np
+from hypothesis import HealthCheck, given
+from hypothesis import seed as hypothesis_seed
+from hypothesis import settings as hypothesis_settings
 
 from etp_testing._src import report as report_mod
 from etp_testing._src import strategies
+from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.errors import PREFIX, RuleConsistencyError
 from etp_testing._src.runner import check_rules
+
+# Compiling for a new shape easily exceeds hypothesis's speed limits; these
+# health checks would fail the run for that, not for a rule.
+_SUPPRESSED = (HealthCheck.too_slow, HealthCheck.data_too_large,
+               HealthCheck.filter_too_much)
+_BLOB = re.compile(r'@reproduce_failure\([^)]*\)')
 
 
 @dataclasses.dataclass
 class CheckSummary:
-  """One check over all examples."""
+  """One check over every example.
+
+  Attributes:
+    name: the check.
+    status: ``passed``/``measured``/``skipped`` (``failed``/``error`` only
+      appear on a summary attached to a raised error).
+    examples: examples the check ran in.
+    statuses: how many examples gave each status.
+    skipped: examples in which it was skipped; ``skip_reasons`` says why
+      (distinct reasons, in first-seen order).
+    max_abs_err, max_rel_err: the worst errors over the examples (of the
+      finding with the largest relative error), ``None`` when nothing was
+      compared numerically; ``worst_example`` is that example's index.
+    duration_s: total time in this check.
+  """
   name: str
   status: str = report_mod.SKIPPED
   examples: int = 0
+  statuses: dict = dataclasses.field(default_factory=dict)
   skipped: int = 0
   skip_reasons: list = dataclasses.field(default_factory=list)
   max_abs_err: Optional[float] = None
@@ -37,40 +71,58 @@ class CheckSummary:
   duration_s: float = 0.0
 
   def add(self, outcome, example: int) -> None:
+    """Folds ``outcome`` (a ``CheckOutcome`` of example ``example``) in."""
     self.examples += 1
     self.duration_s += outcome.duration_s
+    self.statuses[outcome.status] = self.statuses.get(outcome.status, 0) + 1
     if outcome.status == report_mod.SKIPPED:
       self.skipped += 1
       if outcome.reason not in self.skip_reasons:
         self.skip_reasons.append(outcome.reason)
-    elif outcome.failed:
-      self.status = outcome.status
-    elif self.status == report_mod.SKIPPED or (
-        outcome.status == report_mod.MEASURED and
-        self.status == report_mod.PASSED):
-      self.status = outcome.status
+    self.status = self._aggregate()
     worst = outcome.worst()
-    if worst is not None and not worst.approximate and (
-        self.max_rel_err is None or worst.max_rel_err > self.max_rel_err):
+    if worst is not None and (self.max_rel_err is None or
+                              worst.max_rel_err > self.max_rel_err):
       self.max_rel_err = worst.max_rel_err
       self.max_abs_err = worst.max_abs_err
       self.worst_example = example
+
+  def _aggregate(self) -> str:
+    for status in (report_mod.ERROR, report_mod.FAILED, report_mod.MEASURED,
+                   report_mod.PASSED):
+      if self.statuses.get(status):
+        return status
+    return report_mod.SKIPPED
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     for k in ('max_abs_err', 'max_rel_err'):
       d[k] = report_mod._json_float(d[k])  # pylint: disable=protected-access
+    d['duration_s'] = round(d['duration_s'], 6)
     return d
 
 
 @dataclasses.dataclass
 class HypothesisSummary:
-  """What ``check_with_hypothesis`` saw over all examples."""
+  """What :func:`check_with_hypothesis` saw over all examples (JSON-able
+  with ``to_dict``).
+
+  Attributes:
+    primitive: the primitive's name.
+    examples: examples run.
+    checks: check name -> :class:`CheckSummary`, in run order.
+    seed: the hypothesis seed (pass it as ``seed=`` to replay the draws);
+      ``None`` under a derandomized profile.
+    duration_s: wall time of the whole run.
+    distinct_shapes: distinct operand-shape signatures (shapes, dtypes and
+      params) among the examples: each is at least one compilation.
+  """
   primitive: str
   examples: int = 0
   checks: dict = dataclasses.field(default_factory=dict)
   seed: Optional[int] = None
   duration_s: float = 0.0
+  distinct_shapes: int = 0
 
   @property
   def passed(self) -> bool:
@@ -80,86 +132,158 @@ class HypothesisSummary:
   def to_dict(self) -> dict:
     return {'primitive': self.primitive, 'examples': self.examples,
             'seed': self.seed, 'duration_s': round(self.duration_s, 6),
-            'passed': self.passed,
+            'distinct_shapes': self.distinct_shapes, 'passed': self.passed,
             'checks': {n: c.to_dict() for n, c in self.checks.items()}}
 
 
 class _ExampleFailed(AssertionError):
+  """Raised inside the hypothesis test for a failing report."""
 
   def __init__(self, report):
     super().__init__(report.failure_message())
     self.report = report
 
 
-def check_with_hypothesis(primitive, *, max_examples: int = 20, checks='all',
-                          strategy=None, seed: Optional[int] = None,
-                          settings=None, steps: int = 3, n_state=(1, 2),
-                          devices='all', fast=None, rtol=None,
+def _signature(operands, params) -> tuple:
+  ops = tuple((tuple(np.shape(o)), str(getattr(o, 'dtype', type(o).__name__)))
+              for o in operands)
+  return ops, tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def _run_settings(settings, max_examples):
+  """The settings of the run: the user's (or the active profile's), with
+  ``deadline=None``, the speed health checks off and, without a user
+  ``settings``, no example database (a library call must not write
+  ``.hypothesis/`` or replay stale failures) and ``print_blob`` on."""
+  base = settings if settings is not None else hypothesis_settings()
+  extra = {}
+  if settings is None:
+    extra.update(database=None, print_blob=True)
+  if max_examples is not None:
+    extra['max_examples'] = int(max_examples)
+  suppressed = list(base.suppress_health_check)
+  suppressed += [h for h in _SUPPRESSED if h not in suppressed]
+  return hypothesis_settings(base, deadline=None,
+                             suppress_health_check=suppressed, **extra)
+
+
+def _find_failure(error) -> Optional[_ExampleFailed]:
+  """The ``_ExampleFailed`` in ``error`` (possibly inside an exception group,
+  as for flaky or multiple failures), or ``None``."""
+  if isinstance(error, _ExampleFailed):
+    return error
+  for sub in getattr(error, 'exceptions', ()) or ():
+    found = _find_failure(sub)
+    if found is not None:
+      return found
+  return None
+
+
+def _replay_line(error, seed, calls, passed) -> str:
+  notes = '\n'.join(getattr(error, '__notes__', ()) or ())
+  blob = _BLOB.search(notes)
+  how = []
+  if seed is not None:
+    how.append(f'check_with_hypothesis(..., seed={seed}) replays the same '
+               'draws')
+  if blob:
+    how.append(f'{blob.group(0)} on a test decorated with '
+               '@given(<the same strategy>) replays this example')
+  how.append("the 'Reproduce with' snippet above re-runs this case alone")
+  return (f'This is the minimal failing example found by hypothesis after '
+          f'{calls} examples ({passed} passed); to replay: '
+          + '; '.join(how) + '.')
+
+
+def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
+                          checks='all', strategy=None,
+                          seed: Optional[int] = None, settings=None,
+                          steps: int = 3, n_state=(1, 2), devices='all',
+                          fast: Optional[bool] = None, rtol=None,
                           atol=None) -> HypothesisSummary:
-  """Runs the battery on ``max_examples`` generated cases of ``primitive``.
+  """Runs the check battery on ``max_examples`` generated cases.
 
   Args:
-    primitive: an ETP primitive with a registered strategy (or ``strategy``).
-    max_examples: examples to draw.
+    primitive: an ETP primitive with a registered strategy (see
+      ``etp_testing.register_strategy``), or any ETP primitive with
+      ``strategy`` given.
+    max_examples: examples to draw (``None``: from ``settings`` or the
+      active hypothesis profile).
     checks, steps, n_state, devices, fast, rtol, atol: as for
-      ``assert_rule_consistent``.
+      ``assert_rule_consistent`` (``fast=None`` chooses fast mode by the
+      Jacobian size, which stays off for the default small draws).
     strategy: draws ``(operands, params)``; default: the registered one.
-    seed: hypothesis's seed (reproducible draws); also the harness's seed.
-    settings: a ``hypothesis.settings`` to start from (the active profile
-      otherwise); ``max_examples`` and ``deadline=None`` are applied on top.
+    seed: hypothesis's seed, so the draws are reproducible; also the
+      harness's seed for every example.  ``None``: a random seed, reported
+      in the summary and in a failure's message (none under a derandomized
+      profile, whose draws are reproducible anyway; the harness seed is 0).
+    settings: a ``hypothesis.settings`` to start from; without one, the
+      active profile's, with ``database=None`` and ``print_blob=True``.
+      Either way ``deadline=None`` and the ``too_slow``,
+      ``data_too_large`` and ``filter_too_much`` health checks are off
+      (compiling a new shape is slow, not wrong).
 
   Returns:
-    A :class:`HypothesisSummary`.
+    A :class:`HypothesisSummary` of the examples (all passed, measured or
+    skipped).
 
   Raises:
-    RuleConsistencyError: for the minimal failing case hypothesis found.
+    ValueError: no strategy for ``primitive``, or an unknown check name.
+    RuleConsistencyError: a check failed or errored on some example; the
+      error is the minimal failing case hypothesis shrank to, with a line
+      saying so, the number of examples run and how to replay.  Its
+      ``.summary`` holds the examples seen before.
   """
-  strategy = strategy or strategies.strategy_for(primitive)
+  strategy = strategy if strategy is not None else (
+      strategies.strategy_for(primitive))
+  name = getattr(primitive, 'name', repr(primitive))
   if strategy is None:
-    raise ValueError(f'{PREFIX}no strategy registered for '
-                     f'{getattr(primitive, "name", primitive)}; use '
-                     'etp_testing.register_strategy(primitive, strategy)')
-  summary = HypothesisSummary(primitive=primitive.name, seed=seed)
+    raise ValueError(f'{PREFIX}no strategy registered for {name}; use '
+                     'etp_testing.register_strategy(primitive, strategy) or '
+                     'pass strategy=')
+  check_registry.select(checks)   # an unknown name fails now, not per example
+  run_settings = _run_settings(settings, max_examples)
+  if seed is None and not run_settings.derandomize:
+    seed = random.SystemRandom().getrandbits(31)
   harness_seed = 0 if seed is None else int(seed)
+  summary = HypothesisSummary(primitive=name, seed=seed)
+  signatures = set()
+  calls = [0]
   start = time.perf_counter()
-  last_failure = {}
 
-  base = settings if settings is not None else hsettings()
-  run_settings = hsettings(
-      base, max_examples=max_examples, deadline=None,
-      suppress_health_check=list(base.suppress_health_check) + [
-          HealthCheck.too_slow, HealthCheck.data_too_large,
-          HealthCheck.filter_too_much])
-
-  @run_settings
-  @given(strategy)
   def run(case):
     operands, params = case
-    report = check_rules(primitive, *operands, checks=checks, seed=harness_seed,
-                         steps=steps, n_state=n_state, devices=devices,
-                         fast=fast, rtol=rtol, atol=atol, **params)
+    calls[0] += 1
+    report = check_rules(primitive, *operands, checks=checks,
+                         seed=harness_seed, steps=steps, n_state=n_state,
+                         devices=devices, fast=fast, rtol=rtol, atol=atol,
+                         **params)
     if not report.passed:
-      last_failure['report'] = report
       raise _ExampleFailed(report)
     example = summary.examples
     summary.examples += 1
+    signatures.add(_signature(operands, params))
     for outcome in report.outcomes:
-      summary.checks.setdefault(outcome.name,
-                                CheckSummary(outcome.name)).add(outcome,
-                                                                example)
+      summary.checks.setdefault(
+          outcome.name, CheckSummary(outcome.name)).add(outcome, example)
 
+  test = run_settings(given(strategy)(run))
   if seed is not None:
-    run = hseed(seed)(run)
+    test = hypothesis_seed(seed)(test)
   try:
-    run()
-  except _ExampleFailed as e:
-    report = e.report
+    test()
+  except BaseException as e:  # pylint: disable=broad-except
+    failure = _find_failure(e)
+    if failure is None:
+      raise
     summary.duration_s = time.perf_counter() - start
-    replay = (f'hypothesis seed {seed}' if seed is not None else
-              'rerun with the same --hypothesis-seed / seed= to replay')
-    message = (f'{report.failure_message()}\n(the minimal failing example '
-               f'hypothesis found after {summary.examples} passing examples; '
-               f'{replay})')
-    raise RuleConsistencyError(message, report) from None
-  summary.duration_s = time.perf_counter() - start
+    summary.distinct_shapes = len(signatures)
+    message = (failure.report.failure_message() + '\n' +
+               _replay_line(e, seed, calls[0], summary.examples))
+    error = RuleConsistencyError(message, failure.report)
+    error.summary = summary
+    raise error from None
+  finally:
+    summary.duration_s = time.perf_counter() - start
+    summary.distinct_shapes = len(signatures)
   return summary

@@ -2,15 +2,31 @@
 
 Modelled on ``hypothesis.extra.numpy``: small named pieces, each drawing one
 thing, composed into one strategy per built-in family.  A *case* is
-``(operands, params)``: NumPy operands in the primitive's invar order and the
-bind params, always valid for the primitive.
+``(operands, params)``: a tuple of NumPy operands in the primitive's invar
+order and the dict of bind params.  Every draw is valid for its primitive
+(``primitive.bind(*operands, **params)`` does not raise).
 
-Sizes come from a few fixed values (``SIZES``), so generated examples share
-shapes and the harness's jitted oracles are compiled once per shape, not once
-per example.  Values are drawn from a seed (hypothesis shrinks the seed and
-the shapes, not every element), with magnitudes in ``[0.25, 1.5]`` and a random
-sign: away from zero, where relative errors blow up, and bounded, so finite
-differences stay well conditioned.
+Two concerns shape the pieces:
+
+* **Compile reuse.**  Every new operand shape makes the harness's jitted
+  oracles compile again, which costs far more than running them.  Sizes are
+  therefore drawn from a few fixed buckets (:data:`DIM_BUCKETS`; 1, 2, 3
+  for matrix dimensions and 1, 2 for batches by default, sparse densities in
+  quarters), so examples share shapes.  ``max_dim``-like knobs widen
+  the buckets for larger cases.
+* **Well-conditioned numbers.**  The harness compares rules with JAX's
+  autodiff (exact up to rounding) and with central finite differences
+  (truncation plus cancellation error).  Values are drawn with magnitudes in
+  ``[0.25, 1.5]`` and a random sign (see :func:`arrays_of`): bounded away
+  from zero (relative errors, and the kinks of ``abs``/``relu``-like
+  functions at 0, live there) and bounded above (products of three factors,
+  as in LoRA, stay O(1); float16 does not overflow; the finite-difference
+  step stays small against every value).  Values come from a drawn seed, so
+  hypothesis shrinks the seed and the shapes, not each element.
+
+Shrinking goes towards the first choice of every piece: dimension 1, batch 1,
+float32, no bias, a single stored sparse value, a 1-D convolution with a
+window of 1, stride 1 and ``'VALID'`` padding.
 """
 
 from __future__ import annotations
@@ -23,117 +39,236 @@ from hypothesis import strategies as st
 import etp
 from etp_testing._src.errors import PREFIX
 
-SIZES = (1, 2, 3, 5)
+# Sizes a dimension may take.  Few values, so shapes repeat across examples
+# and jit caches are reused; 1 is first, so failures shrink to it.
+DIM_BUCKETS = (1, 2, 3, 5, 8, 16, 32, 64, 128, 256, 512, 1024)
+MAX_DIM = 3             # default largest matrix dimension: buckets 1, 2, 3
+MAX_BATCH = 2           # default largest batch: buckets 1, 2
+MAX_SPATIAL = 5         # default largest conv spatial size (1-D and 2-D)
+MAX_SPATIAL_3D = 3      # ... and for 3-D convolutions
+MAX_CHANNELS = 3        # default largest conv channel count
+MAX_RANK = 2            # default largest LoRA rank
+SIZES = tuple(b for b in DIM_BUCKETS if b <= MAX_DIM)   # (1, 2, 3)
+
+# Magnitudes of drawn values (see arrays_of).
+MIN_MAGNITUDE = 0.25
+MAX_MAGNITUDE = 1.5
+
+_SEEDS = st.integers(0, 2**32 - 1)
 
 
 # ---------------------------------------------------------------- pieces
-def dims(sizes=SIZES) -> st.SearchStrategy:
-  """One dimension size from ``sizes`` (shrinks towards the first)."""
-  return st.sampled_from(tuple(sizes))
+def dims(min_dim: int = 1, max_dim: int = MAX_DIM) -> st.SearchStrategy:
+  """One dimension size: a bucket of :data:`DIM_BUCKETS` in
+  ``[min_dim, max_dim]`` (``min_dim`` itself when no bucket is in range).
+
+  Shrinks towards the smallest.  Drawing from buckets instead of every integer
+  keeps the number of distinct shapes, hence of compilations, small.
+  """
+  if min_dim < 0 or max_dim < min_dim:
+    raise ValueError(f'{PREFIX}dims needs 0 <= min_dim <= max_dim, got '
+                     f'{min_dim}, {max_dim}')
+  choices = [b for b in DIM_BUCKETS if min_dim <= b <= max_dim]
+  return st.sampled_from(choices or [min_dim])
 
 
-def batch_sizes() -> st.SearchStrategy:
-  """A batch size: 1 (the degenerate batch) or more."""
-  return st.sampled_from((1, 2, 3))
+def batch_sizes(max_batch: int = MAX_BATCH) -> st.SearchStrategy:
+  """A batch size from 1 (the degenerate batch, where a missing sum over the
+  batch cannot show) to ``max_batch`` (where it does), in buckets."""
+  return dims(1, max_batch)
 
 
 def float_dtypes(allow_low_precision: bool = False) -> st.SearchStrategy:
-  """``float32`` or ``float64``; with ``allow_low_precision``, also
-  ``float16`` and ``bfloat16`` (judged by their own tolerances)."""
+  """A dtype name: ``'float32'`` or ``'float64'``; with
+  ``allow_low_precision``, also ``'float16'`` and ``'bfloat16'`` (judged by
+  their own, looser tolerances).  Shrinks towards ``'float32'``."""
   names = ['float32', 'float64']
   if allow_low_precision:
     names += ['float16', 'bfloat16']
   return st.sampled_from(names)
 
 
-def _np_dtype(name):
-  import jax.numpy as jnp
-  return np.dtype(jnp.dtype(name))
+def _dtype_strategy(dtypes) -> st.SearchStrategy:
+  """``None`` -> :func:`float_dtypes`; a name -> that; names -> one of them;
+  a strategy -> itself."""
+  if dtypes is None:
+    return float_dtypes()
+  if isinstance(dtypes, st.SearchStrategy):
+    return dtypes
+  if isinstance(dtypes, str) or not isinstance(dtypes, (list, tuple)):
+    return st.just(np_dtype(dtypes).name)
+  return st.sampled_from([np_dtype(d).name for d in dtypes])
 
 
-def arrays_of(shape, dtype) -> st.SearchStrategy:
-  """An array of ``shape``/``dtype`` with magnitudes in ``[0.25, 1.5]`` and
-  random signs, from a drawn seed."""
+def np_dtype(dtype) -> np.dtype:
+  """A dtype name (or dtype) as a NumPy dtype, ``bfloat16`` included."""
+  import jax.numpy as jnp  # ml_dtypes' bfloat16 comes through jnp
+  return np.dtype(jnp.dtype(dtype))
+
+
+def _bias_choice(bias: Optional[bool]) -> st.SearchStrategy:
+  return st.booleans() if bias is None else st.just(bool(bias))
+
+
+def _batched_choice(batched: Optional[bool]) -> st.SearchStrategy:
+  return st.booleans() if batched is None else st.just(bool(batched))
+
+
+def arrays_of(shape, dtype, *, min_magnitude: float = MIN_MAGNITUDE,
+              max_magnitude: float = MAX_MAGNITUDE) -> st.SearchStrategy:
+  """A NumPy array of ``shape`` and ``dtype`` with magnitudes uniform in
+  ``[min_magnitude, max_magnitude]`` and a random sign per element.
+
+  Avoids: zeros and tiny values (relative errors there are meaningless, and
+  ``abs``/``relu``/``sign``-like functions have their kink at 0, where a
+  finite difference straddles it); huge values (overflow in low precision,
+  and finite-difference cancellation grows with the magnitude).  The values
+  come from one drawn seed: hypothesis shrinks the seed, not each element.
+  """
+  shape = tuple(int(s) for s in shape)
+  dt = np_dtype(dtype)
+
   def make(seed):
     rng = np.random.default_rng(seed)
-    mag = rng.uniform(0.25, 1.5, size=shape)
-    sign = rng.choice([-1.0, 1.0], size=shape)
-    return (mag * sign).astype(_np_dtype(dtype))
-  return st.integers(0, 2**32 - 1).map(make)
+    mag = rng.uniform(min_magnitude, max_magnitude, size=shape)
+    sign = rng.choice(np.array([-1.0, 1.0]), size=shape)
+    return np.asarray(mag * sign).astype(dt)
+  return _SEEDS.map(make)
+
+
+def nnz_buckets(cells: int, lo: int = 1, hi: Optional[int] = None) -> tuple:
+  """Stored-value counts for a matrix of ``cells`` cells: one entry, about a
+  quarter, half and three quarters of the cells, and every cell (within
+  ``[lo, hi]``), so densities span the range with few distinct shapes."""
+  hi = cells if hi is None else min(hi, cells)
+  picks = {1, -(-cells // 4), -(-cells // 2), -(-3 * cells // 4), cells}
+  return tuple(sorted(n for n in picks if lo <= n <= hi)) or (lo,)
 
 
 @st.composite
-def sparse_patterns(draw, n_in: int, n_out: int) -> np.ndarray:
-  """A duplicate-free ``(nnz, 2)`` int32 ``(row, col)`` pattern in an
-  ``(n_in, n_out)`` matrix: any density from one entry to full, so empty rows
-  and columns occur."""
+def sparse_patterns(draw, n_in: int, n_out: int, *, min_nnz: int = 1,
+                    max_nnz: Optional[int] = None,
+                    bucketed: bool = True) -> np.ndarray:
+  """A duplicate-free ``(nnz, 2)`` int32 array of ``(row, col)`` pairs inside
+  an ``(n_in, n_out)`` matrix, ``min_nnz <= nnz <= max_nnz`` (default: every
+  cell), the cells chosen uniformly at random.
+
+  Any density from a single entry to full (``nnz`` from :func:`nnz_buckets`,
+  or any count with ``bucketed=False``), so rows and columns with no entry
+  occur often (they must get zero gradients and be left alone by the trace
+  rules).  The pairs come sorted (row-major) or in a random order, since BCOO
+  does not require sorted indices and a rule must not assume it.  Shrinks
+  towards one sorted entry.
+  """
   cells = n_in * n_out
-  nnz = draw(st.integers(1, cells))
-  seed = draw(st.integers(0, 2**32 - 1))
-  flat = np.sort(np.random.default_rng(seed).choice(cells, nnz,
-                                                    replace=False))
+  hi = cells if max_nnz is None else min(max_nnz, cells)
+  lo = max(1, min_nnz)
+  if lo > hi:
+    raise ValueError(f'{PREFIX}sparse_patterns: no pattern with nnz in '
+                     f'[{lo}, {hi}] fits ({n_in}, {n_out})')
+  nnz = draw(st.sampled_from(nnz_buckets(cells, lo, hi)) if bucketed
+             else st.integers(lo, hi))
+  rng = np.random.default_rng(draw(_SEEDS))
+  flat = np.sort(rng.choice(cells, nnz, replace=False))
+  if draw(st.booleans()):      # shuffled
+    flat = rng.permutation(flat)
   return np.stack([flat // n_out, flat % n_out], axis=1).astype(np.int32)
 
 
-LAYOUTS = {1: [None, ('NWC', 'WIO', 'NWC')],
-           2: [None, ('NHWC', 'HWIO', 'NHWC')],
-           3: [None, ('NDHWC', 'DHWIO', 'NDHWC')]}
+_SPATIAL_LETTERS = {1: 'W', 2: 'HW', 3: 'DHW'}
+
+
+def conv_layouts(n_spatial: int) -> st.SearchStrategy:
+  """``dimension_numbers`` for ``n_spatial`` spatial dims: ``None`` (lax's
+  ``NC...``/``OI...``), channels-last (``NHWC``/``HWIO``/``NHWC``), or mixed
+  (``NCHW`` input, ``HWIO`` kernel, ``NHWC`` output, so the output feature
+  axis moves).  The batch axis always leads the input and the output."""
+  s = _SPATIAL_LETTERS[n_spatial]
+  return st.sampled_from([None, ('N' + s + 'C', s + 'IO', 'N' + s + 'C'),
+                          ('NC' + s, s + 'IO', 'N' + s + 'C')])
 
 
 @st.composite
-def conv_configs(draw, max_spatial: int = 5) -> dict:
-  """A convolution: 1 to 3 spatial dims, spatial sizes, window, strides,
-  padding (SAME, VALID or explicit pairs), rhs dilation and a layout.  The
-  window, once dilated, always fits the padded input."""
-  n = draw(st.integers(1, 3))
-  largest = max_spatial if n < 3 else 3   # 3-D stays small
-  spatial = tuple(draw(st.sampled_from((3, largest))) for _ in range(n))
-  window = tuple(draw(st.sampled_from((1, 2, 3))) for _ in range(n))
-  dilation = tuple(draw(st.sampled_from((1, 2))) if w > 1 else 1
-                   for w in window)
+def conv_configs(draw, n_spatial: Optional[int] = None, *,
+                 max_spatial: int = MAX_SPATIAL,
+                 max_spatial_3d: int = MAX_SPATIAL_3D) -> dict:
+  """A convolution's geometry, as a dict: ``n`` (1 to 3 spatial dims, or
+  ``n_spatial``), ``spatial`` (input sizes), ``window``, ``window_strides``
+  (1 or 2), ``padding`` (``'VALID'``, ``'SAME'``, ``'SAME_LOWER'`` or
+  explicit ``(low, high)`` pairs in 0..2, asymmetric included),
+  ``rhs_dilation`` (1 or 2 where the window is wider than 1) and
+  ``dimension_numbers`` (see :func:`conv_layouts`).
+
+  Always valid: the dilated window fits the padded input, so every output
+  spatial size is at least 1.  Spatial sizes are buckets (1, 2, 3, 5) no
+  larger than ``max_spatial`` (``max_spatial_3d`` for 3-D, whose traces grow
+  with the cube).  Shrinks towards a 1-D, window-1, stride-1, VALID, default
+  layout convolution.
+  """
+  n = draw(st.integers(1, 3)) if n_spatial is None else int(n_spatial)
+  if n not in (1, 2, 3):
+    raise ValueError(f'{PREFIX}conv_configs: n_spatial must be 1, 2 or 3, '
+                     f'got {n_spatial!r}')
+  largest = max_spatial if n < 3 else min(max_spatial, max_spatial_3d)
+  window, dilation = [], []
+  for _ in range(n):
+    w = draw(st.sampled_from([w for w in (1, 2, 3) if w <= largest] or [1]))
+    d = draw(st.sampled_from([d for d in (1, 2) if (w - 1) * d + 1 <= largest]
+                             if w > 1 else [1]))
+    window.append(w)
+    dilation.append(d)
   strides = tuple(draw(st.sampled_from((1, 2))) for _ in range(n))
-  padding = draw(st.sampled_from(('SAME', 'VALID', 'explicit')))
-  pads = ((0, 0),) * n
-  if padding == 'explicit':
-    padding = tuple((draw(st.integers(0, 1)), draw(st.integers(0, 1)))
+  kind = draw(st.sampled_from(('VALID', 'SAME', 'SAME_LOWER', 'explicit')))
+  if kind == 'explicit':
+    padding = tuple((draw(st.integers(0, 2)), draw(st.integers(0, 2)))
                     for _ in range(n))
-    pads = padding
-  # The dilated window must fit the padded input (SAME always fits).
-  if padding != 'SAME':
-    spatial = tuple(max(s, (w - 1) * d + 1 - lo - hi)
-                    for s, w, d, (lo, hi) in zip(spatial, window, dilation,
-                                                 pads))
-  return dict(n=n, spatial=spatial, window=window, window_strides=strides,
-              padding=padding, rhs_dilation=dilation,
-              dimension_numbers=draw(st.sampled_from(LAYOUTS[n])))
+  else:
+    padding = kind
+  spatial = []
+  for i in range(n):
+    needed = 1
+    if kind == 'VALID':
+      needed = (window[i] - 1) * dilation[i] + 1
+    elif kind == 'explicit':
+      needed = max(1, (window[i] - 1) * dilation[i] + 1 - sum(padding[i]))
+    spatial.append(draw(dims(needed, max(needed, largest))))
+  return dict(n=n, spatial=tuple(spatial), window=tuple(window),
+              window_strides=strides, padding=padding,
+              rhs_dilation=tuple(dilation),
+              dimension_numbers=draw(conv_layouts(n)))
 
 
-def lora_ranks() -> st.SearchStrategy:
-  """A LoRA rank: 1 (the smallest) to 3."""
-  return st.sampled_from((1, 2, 3))
-
-
-def _batched_choice(batched: Optional[bool]):
-  return st.booleans() if batched is None else st.just(batched)
+def lora_ranks(max_rank: int = MAX_RANK) -> st.SearchStrategy:
+  """A LoRA rank from 1 (a rank-one update) to ``max_rank``, in buckets.
+  The rank is drawn independently of ``in``/``out``, so it may exceed them."""
+  return dims(1, max_rank)
 
 
 # -------------------------------------------------------------- families
 @st.composite
-def elemwise_cases(draw):
-  """``etp_elemwise_p``: one weight of rank 0 to 2."""
-  dtype = draw(float_dtypes())
-  shape = tuple(draw(dims()) for _ in range(draw(st.integers(0, 2))))
+def elemwise_cases(draw, *, max_dim: int = MAX_DIM, max_ndim: int = 2,
+                   dtypes=None):
+  """``etp_elemwise_p``: ``((weight,), {})`` with ``weight`` of rank 0 to
+  ``max_ndim`` (scalar, vector, non-square matrix, 1-element arrays)."""
+  dtype = draw(_dtype_strategy(dtypes))
+  ndim = draw(st.integers(0, max_ndim))
+  shape = tuple(draw(dims(1, max_dim)) for _ in range(ndim))
   return (draw(arrays_of(shape, dtype)),), {}
 
 
 @st.composite
-def dense_cases(draw, batched: Optional[bool] = None):
-  """``etp_mv_p``/``etp_mm_p``: ``x``, an ``(in, out)`` weight, maybe a bias."""
-  dtype = draw(float_dtypes())
+def dense_cases(draw, batched: Optional[bool] = None, *,
+                max_dim: int = MAX_DIM, max_batch: int = MAX_BATCH,
+                dtypes=None, bias: Optional[bool] = None):
+  """``etp_mv_p`` (``batched=False``) / ``etp_mm_p`` (``True``; ``None``
+  draws either): ``((x, weight[, bias]), {'has_bias': ...})`` with ``x`` of
+  shape ``(in,)`` or ``(batch, in)``, ``weight (in, out)`` and ``bias
+  (out,)``; ``in`` and ``out`` independent (square or not, 1 included)."""
+  dtype = draw(_dtype_strategy(dtypes))
   is_batched = draw(_batched_choice(batched))
-  n_in, n_out = draw(dims()), draw(dims())
-  lead = (draw(batch_sizes()),) if is_batched else ()
-  has_bias = draw(st.booleans())
+  n_in, n_out = draw(dims(1, max_dim)), draw(dims(1, max_dim))
+  lead = (draw(batch_sizes(max_batch)),) if is_batched else ()
+  has_bias = draw(_bias_choice(bias))
   ops = [draw(arrays_of(lead + (n_in,), dtype)),
          draw(arrays_of((n_in, n_out), dtype))]
   if has_bias:
@@ -142,14 +277,20 @@ def dense_cases(draw, batched: Optional[bool] = None):
 
 
 @st.composite
-def sparse_cases(draw, batched: Optional[bool] = None):
-  """``etp_sp_mv_p``/``etp_sp_mm_p``: ``x``, stored values, a pattern."""
-  dtype = draw(float_dtypes())
+def sparse_cases(draw, batched: Optional[bool] = None, *,
+                 max_dim: int = MAX_DIM, max_batch: int = MAX_BATCH,
+                 dtypes=None, bias: Optional[bool] = None):
+  """``etp_sp_mv_p`` / ``etp_sp_mm_p``: ``((x, data, indices[, bias]),
+  {'shape': (in, out), 'has_bias': ...})`` with ``x`` ``(in,)`` or ``(batch,
+  in)``, ``data (nnz,)``, ``indices`` an int32 ``(nnz, 2)`` pattern from
+  :func:`sparse_patterns` (empty rows and columns included) and ``bias
+  (out,)``."""
+  dtype = draw(_dtype_strategy(dtypes))
   is_batched = draw(_batched_choice(batched))
-  n_in, n_out = draw(dims()), draw(dims())
+  n_in, n_out = draw(dims(1, max_dim)), draw(dims(1, max_dim))
   indices = draw(sparse_patterns(n_in, n_out))
-  lead = (draw(batch_sizes()),) if is_batched else ()
-  has_bias = draw(st.booleans())
+  lead = (draw(batch_sizes(max_batch)),) if is_batched else ()
+  has_bias = draw(_bias_choice(bias))
   ops = [draw(arrays_of(lead + (n_in,), dtype)),
          draw(arrays_of((len(indices),), dtype)), indices]
   if has_bias:
@@ -158,20 +299,29 @@ def sparse_cases(draw, batched: Optional[bool] = None):
 
 
 @st.composite
-def conv_cases(draw):
-  """``etp_conv_p``: a batched 1-D/2-D/3-D convolution (see ``conv_configs``)."""
-  dtype = draw(float_dtypes())
-  cfg = draw(conv_configs())
-  batch = draw(st.sampled_from((1, 2)))
-  c_in, c_out = draw(st.sampled_from((1, 2))), draw(st.sampled_from((1, 2)))
-  dn = cfg['dimension_numbers']
-  if dn is None:
-    x_shape = (batch, c_in) + cfg['spatial']
-    k_shape = (c_out, c_in) + cfg['window']
-  else:
-    x_shape = (batch,) + cfg['spatial'] + (c_in,)
-    k_shape = cfg['window'] + (c_in, c_out)
-  has_bias = draw(st.booleans())
+def conv_cases(draw, *, n_spatial: Optional[int] = None,
+               max_spatial: int = MAX_SPATIAL,
+               max_spatial_3d: int = MAX_SPATIAL_3D,
+               max_channels: int = MAX_CHANNELS, max_batch: int = MAX_BATCH,
+               dtypes=None, bias: Optional[bool] = None):
+  """``etp_conv_p``: ``((x, kernel[, bias]), params)`` for a batched 1-D/2-D/
+  3-D convolution (geometry from :func:`conv_configs`), ``C_in`` and
+  ``C_out`` independent in 1..``max_channels``, batch 1..``max_batch``.
+  ``x`` is ``(batch, C_in, *spatial)`` and ``kernel`` ``(C_out, C_in,
+  *window)`` in the default layout, or as ``dimension_numbers`` say; ``bias``
+  is ``(C_out,)``.  Params: ``window_strides``, ``padding``,
+  ``rhs_dilation``, ``dimension_numbers``, ``has_bias`` (all hashable)."""
+  dtype = draw(_dtype_strategy(dtypes))
+  cfg = draw(conv_configs(n_spatial, max_spatial=max_spatial,
+                          max_spatial_3d=max_spatial_3d))
+  batch = draw(batch_sizes(max_batch))
+  c_in = draw(dims(1, max_channels))
+  c_out = draw(dims(1, max_channels))
+  x_shape = _layout_shape(cfg['dimension_numbers'], 0, cfg['n'],
+                          {'N': batch, 'C': c_in}, cfg['spatial'])
+  k_shape = _layout_shape(cfg['dimension_numbers'], 1, cfg['n'],
+                          {'O': c_out, 'I': c_in}, cfg['window'])
+  has_bias = draw(_bias_choice(bias))
   ops = [draw(arrays_of(x_shape, dtype)), draw(arrays_of(k_shape, dtype))]
   if has_bias:
     ops.append(draw(arrays_of((c_out,), dtype)))
@@ -181,22 +331,41 @@ def conv_cases(draw):
   return tuple(ops), params
 
 
+def _layout_shape(dimension_numbers, which: int, n: int, named: dict,
+                  spatial: tuple) -> tuple:
+  """The shape of operand ``which`` (0: input, 1: kernel) in its layout."""
+  if dimension_numbers is None:
+    return tuple(named[c] for c in ('NC' if which == 0 else 'OI')) + spatial
+  letters = _SPATIAL_LETTERS[n]
+  sizes = dict(named, **dict(zip(letters, spatial)))
+  return tuple(sizes[c] for c in dimension_numbers[which])
+
+
 @st.composite
-def lora_cases(draw, batched: Optional[bool] = None):
-  """``etp_lora_mv_p``/``etp_lora_mm_p``: ``x``, ``B (in, rank)``,
-  ``A (rank, out)``, maybe a bias, and ``alpha`` away from 1 (so a missing
-  ``alpha`` shows)."""
-  dtype = draw(float_dtypes())
+def lora_cases(draw, batched: Optional[bool] = None, *,
+               max_dim: int = MAX_DIM, max_batch: int = MAX_BATCH,
+               max_rank: int = MAX_RANK, dtypes=None,
+               bias: Optional[bool] = None, alphas=(2.0,)):
+  """``etp_lora_mv_p`` / ``etp_lora_mm_p``: ``((x, lora_b, lora_a[, bias]),
+  {'alpha': ..., 'has_bias': ...})`` with ``x`` ``(in,)`` or ``(batch, in)``,
+  ``lora_b (in, rank)``, ``lora_a (rank, out)``, ``bias (out,)``.
+
+  ``alpha`` is drawn from ``alphas``; the default, 2, is away from 1 (a rule
+  that forgets ``alpha``, or applies it twice or inverted, shows) and from 0
+  (every gradient would vanish).  One value by default, since ``alpha`` is a
+  static param and each value compiles anew."""
+  dtype = draw(_dtype_strategy(dtypes))
   is_batched = draw(_batched_choice(batched))
-  n_in, n_out, rank = draw(dims()), draw(dims()), draw(lora_ranks())
-  lead = (draw(batch_sizes()),) if is_batched else ()
-  has_bias = draw(st.booleans())
+  n_in, n_out = draw(dims(1, max_dim)), draw(dims(1, max_dim))
+  rank = draw(lora_ranks(max_rank))
+  lead = (draw(batch_sizes(max_batch)),) if is_batched else ()
+  has_bias = draw(_bias_choice(bias))
   ops = [draw(arrays_of(lead + (n_in,), dtype)),
          draw(arrays_of((n_in, rank), dtype)),
          draw(arrays_of((rank, n_out), dtype))]
   if has_bias:
     ops.append(draw(arrays_of((n_out,), dtype)))
-  return tuple(ops), {'alpha': draw(st.sampled_from((0.5, 2.0))),
+  return tuple(ops), {'alpha': float(draw(st.sampled_from(tuple(alphas)))),
                       'has_bias': has_bias}
 
 
@@ -205,18 +374,27 @@ _STRATEGIES: dict = {}
 
 
 def register_strategy(primitive, strategy: st.SearchStrategy) -> None:
-  """Makes ``strategy`` (drawing ``(operands, params)``) the generator of
-  cases for ``primitive``; registering again replaces the previous one."""
+  """Makes ``strategy`` the generator of cases for ``primitive``.
+
+  ``strategy`` must draw ``(operands, params)``: a tuple of concrete arrays in
+  the primitive's invar order and the dict of bind params, valid for
+  ``primitive.bind``.  Registering a primitive again replaces its previous
+  strategy (this is how a built-in's default is swapped for a custom one;
+  there is no stacking).  ``check_with_hypothesis``, the pytest plugin and
+  the CLI use the registered strategy.
+  """
   if not etp.is_etp_primitive(primitive):
-    raise TypeError(f'{PREFIX}{primitive!r} is not an ETP primitive')
+    raise TypeError(f'{PREFIX}register_strategy: {primitive!r} is not an ETP '
+                    'primitive (create it with etp.register_primitive)')
   if not isinstance(strategy, st.SearchStrategy):
     raise TypeError(f'{PREFIX}register_strategy needs a hypothesis strategy '
-                    f'drawing (operands, params), got {type(strategy).__name__}')
+                    f'drawing (operands, params), got '
+                    f'{type(strategy).__name__}')
   _STRATEGIES[primitive] = strategy
 
 
 def strategy_for(primitive) -> Optional[st.SearchStrategy]:
-  """The registered strategy of ``primitive``, or ``None``."""
+  """The strategy registered for ``primitive``, or ``None``."""
   return _STRATEGIES.get(primitive)
 
 
@@ -225,13 +403,20 @@ def registered_primitives() -> tuple:
   return tuple(p for p in etp.primitives() if p in _STRATEGIES)
 
 
-for _prim, _strategy in (
-    (etp.etp_elemwise_p, elemwise_cases()),
-    (etp.etp_mv_p, dense_cases(batched=False)),
-    (etp.etp_mm_p, dense_cases(batched=True)),
-    (etp.etp_sp_mv_p, sparse_cases(batched=False)),
-    (etp.etp_sp_mm_p, sparse_cases(batched=True)),
-    (etp.etp_conv_p, conv_cases()),
-    (etp.etp_lora_mv_p, lora_cases(batched=False)),
-    (etp.etp_lora_mm_p, lora_cases(batched=True))):
-  register_strategy(_prim, _strategy)
+def _register_builtins() -> None:
+  builtins = (
+      ('etp_elemwise_p', elemwise_cases()),
+      ('etp_mv_p', dense_cases(batched=False)),
+      ('etp_mm_p', dense_cases(batched=True)),
+      ('etp_sp_mv_p', sparse_cases(batched=False)),
+      ('etp_sp_mm_p', sparse_cases(batched=True)),
+      ('etp_conv_p', conv_cases()),
+      ('etp_lora_mv_p', lora_cases(batched=False)),
+      ('etp_lora_mm_p', lora_cases(batched=True)))
+  for name, strategy in builtins:
+    prim = getattr(etp, name, None)   # a family may not be written yet
+    if prim is not None:
+      register_strategy(prim, strategy)
+
+
+_register_builtins()

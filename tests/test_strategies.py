@@ -1,0 +1,355 @@
+"""Strategies draw valid, varied cases; check_with_hypothesis runs and shrinks.
+
+Draws are checked without running the battery (cheap); the battery runs on
+few examples with a few fast checks, since every new shape compiles anew.
+"""
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+import etp
+import etp_testing
+from etp._src import dense
+from etp_testing import strategies
+from etp_testing._src import hypothesis_runner
+from etp_testing._src.report import CheckOutcome, Finding
+
+_ids = itertools.count()
+
+FAMILIES = {
+    'elemwise': (etp.etp_elemwise_p,),
+    'dense': (etp.etp_mv_p, etp.etp_mm_p),
+    'sparse': (etp.etp_sp_mv_p, etp.etp_sp_mm_p),
+    'conv': (etp.etp_conv_p,),
+    'lora': (etp.etp_lora_mv_p, etp.etp_lora_mm_p),
+}
+BUILTINS = [p for prims in FAMILIES.values() for p in prims]
+
+
+@pytest.fixture
+def x64():
+  old = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', True)
+  yield
+  jax.config.update('jax_enable_x64', old)
+
+
+def draws(strategy, n=150, seed_=0):
+  """``n`` draws of ``strategy`` as hypothesis generates them (seeded)."""
+  out = []
+
+  @seed(seed_)
+  @settings(max_examples=n, database=None, deadline=None,
+            suppress_health_check=list(HealthCheck))
+  @given(strategy)
+  def collect(case):
+    out.append(case)
+  collect()
+  return out
+
+
+# ------------------------------------------------------------ validity
+def test_every_builtin_has_its_family_strategy():
+  assert set(strategies.registered_primitives()) >= set(BUILTINS)
+  for prim in BUILTINS:
+    assert etp_testing.strategy_for(prim) is strategies.strategy_for(prim)
+    assert strategies.strategy_for(prim) is not None
+
+
+@pytest.mark.parametrize('prim', BUILTINS, ids=lambda p: p.name)
+def test_draws_bind_with_documented_shapes_dtypes_and_values(prim, x64):
+  cases = draws(strategies.strategy_for(prim))
+  assert len(cases) >= 100
+  for i, (ops, params) in enumerate(cases):
+    assert isinstance(ops, tuple) and isinstance(params, dict)
+    assert all(isinstance(o, np.ndarray) for o in ops)
+    floats = [o for o in ops if np.issubdtype(o.dtype, np.floating)]
+    assert {o.dtype.name for o in floats} <= {'float32', 'float64'}
+    assert len({o.dtype for o in floats}) == 1
+    for o in floats:   # bounded away from zero and from large values
+      assert np.all(np.abs(o) >= 0.25 - 1e-6), prim.name
+      assert np.all(np.abs(o) <= 1.5 + 1e-6), prim.name
+    out = jax.eval_shape(lambda *o, p=params: prim.bind(*o, **p), *ops)
+    _assert_documented_shapes(prim, ops, params, out.shape)
+    if i < 4:   # really bind a few (compiles the impl per shape)
+      y = prim.bind(*(jnp.asarray(o) for o in ops), **params)
+      assert np.all(np.isfinite(np.asarray(y)))
+
+
+def _assert_documented_shapes(prim, ops, params, y_shape):
+  name = prim.name
+  if name == 'etp_elemwise':
+    (w,) = ops
+    assert params == {} and w.ndim <= 2 and y_shape == w.shape
+  elif name in ('etp_mv', 'etp_mm'):
+    x, w, *b = ops
+    assert x.ndim == (2 if name == 'etp_mm' else 1)
+    assert w.shape[0] == x.shape[-1] and len(b) == params['has_bias']
+    assert max(w.shape) <= strategies.MAX_DIM
+    assert y_shape == x.shape[:-1] + (w.shape[1],)
+  elif name in ('etp_sp_mv', 'etp_sp_mm'):
+    x, data, idx, *b = ops
+    n_in, n_out = params['shape']
+    assert x.shape[-1] == n_in and data.shape == (idx.shape[0],)
+    assert idx.dtype == np.int32 and idx.shape[1] == 2 and len(idx) >= 1
+    assert np.all((idx >= 0) & (idx < np.array([n_in, n_out])))
+    assert len({tuple(r) for r in idx}) == len(idx)   # duplicate-free
+    assert len(b) == params['has_bias']
+    assert y_shape == x.shape[:-1] + (n_out,)
+  elif name == 'etp_conv':
+    x, k, *b = ops
+    assert x.ndim == k.ndim and 3 <= x.ndim <= 5
+    assert len(params['window_strides']) == x.ndim - 2
+    assert len(b) == params['has_bias']
+    assert all(s >= 1 for s in y_shape) and y_shape[0] == x.shape[0]
+    hash(tuple(params.items()))   # static params must be hashable
+  else:   # lora
+    x, lb, la, *b = ops
+    assert lb.shape == (x.shape[-1], la.shape[0])
+    assert 1 <= la.shape[0] <= strategies.MAX_RANK
+    assert len(b) == params['has_bias'] and params['alpha'] != 1.0
+    assert y_shape == x.shape[:-1] + (la.shape[1],)
+
+
+def test_low_precision_dtypes_only_when_asked():
+  assert set(draws(strategies.float_dtypes(), 60)) == {'float32', 'float64'}
+  assert set(draws(strategies.float_dtypes(allow_low_precision=True),
+                   100)) == {'float32', 'float64', 'float16', 'bfloat16'}
+  ops, _ = draws(strategies.dense_cases(dtypes='bfloat16'), 1)[0]
+  assert {o.dtype.name for o in ops} == {'bfloat16'}
+
+
+def test_pieces_respect_their_knobs():
+  assert set(draws(strategies.dims(2, 5), 60)) == {2, 3, 5}
+  assert set(draws(strategies.dims(4, 4), 5)) == {4}   # no bucket: min
+  with pytest.raises(ValueError, match=r'\[etp_testing\] dims'):
+    strategies.dims(3, 2)
+  big = draws(strategies.dense_cases(max_dim=16, batched=True), 80)
+  assert max(max(c[0][1].shape) for c in big) > strategies.MAX_DIM
+  arr = draws(strategies.arrays_of((4, 3), 'float64'), 1)[0]
+  assert arr.shape == (4, 3) and arr.dtype == np.float64
+  nnz = {len(p) for p in draws(strategies.sparse_patterns(3, 3), 80)}
+  assert {1, 9} <= nnz <= {1, 3, 5, 7, 9}
+  assert len({len(p) for p in draws(strategies.sparse_patterns(
+      3, 3, bucketed=False), 120)}) > 5
+
+
+# -------------------------------------------------------------- variety
+def test_dense_and_lora_variety():
+  for strategy in (strategies.dense_cases(), strategies.lora_cases()):
+    cases = draws(strategy, 200)
+    xs = [c[0][0] for c in cases]
+    out_dims = [c[0][-2 if c[1]['has_bias'] else -1].shape[-1] for c in cases]
+    in_dims = [x.shape[-1] for x in xs]
+    assert any(i != o for i, o in zip(in_dims, out_dims))        # non-square
+    assert any(i == o > 1 for i, o in zip(in_dims, out_dims))    # square
+    assert any(i == o == 1 for i, o in zip(in_dims, out_dims))   # 1-element
+    assert {x.ndim for x in xs} == {1, 2}                        # mv and mm
+    assert {x.shape[0] for x in xs if x.ndim == 2} == {1, 2}     # batch 1, >1
+    assert {c[1]['has_bias'] for c in cases} == {True, False}
+    assert {x.dtype.name for x in xs} == {'float32', 'float64'}
+  ranks = {c[0][1].shape[1] for c in draws(strategies.lora_cases(), 100)}
+  assert ranks == {1, 2}
+  for batched in (True, False):
+    assert {c[0][0].ndim for c in draws(
+        strategies.dense_cases(batched=batched), 20)} == {2 if batched else 1}
+
+
+def test_elemwise_variety():
+  shapes = {c[0][0].shape for c in draws(strategies.elemwise_cases(), 150)}
+  assert () in shapes and (1,) in shapes
+  assert any(len(s) == 2 and s[0] != s[1] for s in shapes)
+
+
+def test_sparse_variety_includes_empty_rows_and_columns():
+  cases = draws(strategies.sparse_cases(), 200)
+  empty_row = empty_col = full = one = unsorted = False
+  for (_, data, idx, *_), params in cases:
+    n_in, n_out = params['shape']
+    empty_row |= len(set(idx[:, 0])) < n_in
+    empty_col |= len(set(idx[:, 1])) < n_out
+    full |= len(idx) == n_in * n_out and n_in * n_out > 1
+    one |= len(idx) == 1 and n_in * n_out > 1
+    flat = idx[:, 0] * n_out + idx[:, 1]
+    unsorted |= bool(np.any(np.diff(flat) < 0))
+  assert empty_row and empty_col and full and one and unsorted
+  assert {c[0][0].ndim for c in cases} == {1, 2}
+  assert any(p['shape'][0] != p['shape'][1] for _, p in cases)
+
+
+def test_conv_variety_covers_every_dimensionality_and_geometry():
+  cases = draws(strategies.conv_cases(), 250)
+  ranks = {c[0][0].ndim - 2 for c in cases}
+  assert ranks == {1, 2, 3}
+  params = [p for _, p in cases]
+  paddings = {p['padding'] if isinstance(p['padding'], str) else 'explicit'
+              for p in params}
+  assert paddings == {'SAME', 'VALID', 'SAME_LOWER', 'explicit'}
+  assert any(max(p['window_strides']) > 1 for p in params)
+  assert any(max(p['rhs_dilation']) > 1 for p in params)
+  layouts = {'default' if p['dimension_numbers'] is None else
+             'channels-last' if p['dimension_numbers'][0][-1] == 'C' else
+             'mixed' for p in params}
+  assert layouts == {'default', 'channels-last', 'mixed'}
+  assert {c[0][0].shape[0] for c in cases} == {1, 2}          # batch
+  assert {p['has_bias'] for p in params} == {True, False}
+  for n in (1, 2, 3):   # each dimensionality alone, spatial sizes bounded
+    for (x, k, *_), p in draws(strategies.conv_cases(n_spatial=n), 30):
+      assert x.ndim == n + 2 and len(p['window_strides']) == n
+      assert max(x.shape) <= strategies.MAX_SPATIAL
+
+
+# ------------------------------------------------------------- registry
+def _user_primitive():
+  prim = etp.register_primitive(f'user_dense_{next(_ids)}', dense._impl,
+                                batched=True, x_invar_index=0,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  return prim
+
+
+def test_register_strategy_for_a_user_primitive():
+  prim = _user_primitive()
+  assert strategies.strategy_for(prim) is None
+  first = strategies.dense_cases(batched=True)
+  etp_testing.register_strategy(prim, first)
+  assert etp_testing.strategy_for(prim) is first
+  assert prim in strategies.registered_primitives()
+  second = strategies.dense_cases(batched=True, max_dim=2)
+  etp_testing.register_strategy(prim, second)    # re-registering replaces
+  assert etp_testing.strategy_for(prim) is second
+  with pytest.raises(TypeError, match=r'\[etp_testing\].*not an ETP'):
+    etp_testing.register_strategy(jax.lax.add_p, first)
+  with pytest.raises(TypeError, match=r'\[etp_testing\].*hypothesis strategy'):
+    etp_testing.register_strategy(prim, lambda: None)
+
+
+def test_no_strategy_is_a_clear_error():
+  prim = _user_primitive()
+  with pytest.raises(ValueError, match=r'\[etp_testing\] no strategy '
+                     rf'registered for {prim.name}; use '
+                     r'etp_testing.register_strategy'):
+    etp_testing.check_with_hypothesis(prim)
+  with pytest.raises(ValueError, match='no check matches'):
+    etp_testing.check_with_hypothesis(etp.etp_mm_p, checks=['nope'])
+
+
+# ------------------------------------------------------ summary records
+def _outcome(status, rel=None, reason=''):
+  findings = [] if rel is None else [Finding(rule='r', max_abs_err=rel,
+                                             max_rel_err=rel)]
+  return CheckOutcome(name='c', status=status, findings=findings,
+                      reason=reason, duration_s=0.5)
+
+
+def test_check_summary_aggregates_statuses():
+  s = hypothesis_runner.CheckSummary('c')
+  s.add(_outcome('skipped', reason='no gpu'), 0)
+  s.add(_outcome('skipped', reason='no gpu'), 1)
+  assert s.status == 'skipped' and s.skip_reasons == ['no gpu']
+  s.add(_outcome('passed', rel=1e-7), 2)
+  s.add(_outcome('passed', rel=3e-7), 3)
+  assert s.status == 'passed' and s.skipped == 2 and s.examples == 4
+  assert (s.max_rel_err, s.worst_example) == (3e-7, 3)
+  s.add(_outcome('measured', rel=1e-2), 4)
+  s.add(_outcome('passed', rel=1e-8), 5)
+  assert s.status == 'measured' and s.worst_example == 4
+  assert s.statuses == {'skipped': 2, 'passed': 3, 'measured': 1}
+  assert json.loads(json.dumps(s.to_dict()))['duration_s'] == 3.0
+
+
+# ------------------------------------------------- check_with_hypothesis
+def test_correct_dense_passes_with_a_summary():
+  summary = etp_testing.check_with_hypothesis(
+      etp.etp_mm_p, max_examples=4, seed=1,
+      checks=['xy_to_dw.vjp', 'init.drtrl', 'drtrl.instant'])
+  assert isinstance(summary, etp_testing.HypothesisSummary)
+  assert summary.passed and summary.examples == 4 and summary.seed == 1
+  assert 1 <= summary.distinct_shapes <= 4
+  vjp = summary.checks['xy_to_dw.vjp']
+  assert vjp.status == 'passed' and vjp.examples == 4
+  assert vjp.max_rel_err is not None and vjp.max_rel_err < 1e-5
+  instant = summary.checks['drtrl.instant']   # dense has no instant rule
+  assert instant.status == 'skipped' and instant.skipped == 4
+  assert instant.skip_reasons
+  d = json.loads(json.dumps(summary.to_dict()))
+  assert d['primitive'] == 'etp_mm' and d['examples'] == 4
+  assert list(d['checks']) == ['xy_to_dw.vjp', 'init.drtrl', 'drtrl.instant']
+
+
+def test_correct_dense_passes_drtrl_exact():
+  # One shape (in = out = 1 is still a full D-RTRL run): one compilation.
+  small = strategies.dense_cases(batched=False, max_dim=1, dtypes='float32',
+                                 bias=True)
+  summary = etp_testing.check_with_hypothesis(
+      etp.etp_mv_p, strategy=small, max_examples=3, seed=0, steps=2,
+      n_state=2, checks=['xy_to_dw.vjp', 'drtrl.exact'])
+  assert summary.passed and summary.distinct_shapes == 1
+  assert summary.checks['drtrl.exact'].status == 'passed'
+
+
+def test_same_seed_same_draws_and_settings_are_merged():
+  seen = {0: [], 1: []}
+
+  def recording(run):
+    return strategies.elemwise_cases().map(
+        lambda c: seen[run].append(c[0][0].tobytes()) or c)
+  for run in (0, 1):
+    etp_testing.check_with_hypothesis(
+        etp.etp_elemwise_p, strategy=recording(run), seed=7,
+        checks=['primitive.abstract_eval'], max_examples=None,
+        settings=settings(max_examples=3, database=None))
+  assert len(seen[0]) == 3 and seen[0] == seen[1]
+
+
+def _broken_when_non_square():
+  """Dense, but xy_to_dw's weight gradient is doubled when in != out."""
+  def xy_to_dw(x, g, weights, *, has_bias):
+    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    n_in, n_out = weights['weight'].shape
+    if n_in != n_out:
+      out['weight'] = 2 * out['weight']
+    return out
+  prim = etp.register_primitive(f'broken_square_{next(_ids)}', dense._impl,
+                                batched=True, x_invar_index=0,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  return prim
+
+
+def test_broken_dense_is_caught_and_shrunk_to_a_minimal_case():
+  prim = _broken_when_non_square()
+  etp_testing.register_strategy(prim, strategies.dense_cases(batched=True))
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.check_with_hypothesis(prim, max_examples=15, seed=3,
+                                      checks=['xy_to_dw.vjp'])
+  err = info.value
+  report = err.report
+  assert not report.passed
+  assert report.outcome('xy_to_dw.vjp').status == 'failed'
+  failing = [f for f in report.outcome('xy_to_dw.vjp').findings
+             if not f.passed]
+  assert failing and failing[0].rule == 'xy_to_dw'
+  assert failing[0].key == 'weight'
+  # Shrunk: the smallest non-square weight, batch 1, no bias, float32.
+  shapes = [tuple(o['shape']) for o in report.operands]
+  assert shapes[1] in ((1, 2), (2, 1)), shapes
+  assert shapes[0][0] == 1 and len(shapes) == 2
+  assert report.params == {'has_bias': False}
+  assert {o['dtype'] for o in report.operands} == {'float32'}
+  message = str(err)
+  assert 'minimal failing example found by hypothesis after' in message
+  assert 'seed=3' in message and '@reproduce_failure(' in message
+  assert 'Reproduce with' in message
+  assert err.summary.primitive == prim.name
