@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""False-alarm soak: the correct built-ins over many generated examples.
+
+Every built-in ETP primitive runs through ``check_with_hypothesis`` (all
+checks) on examples drawn by its registered strategy, once with float32 cases
+and once with float64 cases, for several seeds, until ``--examples`` examples
+have run in total (default 10,000).  A correct primitive must pass every
+example: any failure is a false alarm of the harness (or a real bug in a
+built-in), and the script exits 1.
+
+It prints the number of examples, failures and time, and, per check, the
+worst error seen (relative and absolute, and where), so one can see how far
+below its tolerance each check runs.
+
+  python scripts/soak.py                       # 10,000 examples
+  python scripts/soak.py --examples 200 --json soak.json
+  python scripts/soak.py --primitives etp_mm,etp_conv --seeds 0,1
+  python scripts/soak.py --host-devices 4      # also the device checks
+
+``--primitives`` also takes mutant names (``mutant_dense_xy_sign``): they run
+on their built-in's strategy, which is how the tests check that the soak does
+report failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='scripts/soak.py',
+      description='Run the correct ETP built-ins over N hypothesis examples '
+      '(float32 and float64, several seeds); exit 1 on any failure.')
+  parser.add_argument('--examples', type=int, default=10_000,
+                      help='examples in total (default 10000)')
+  parser.add_argument('--seeds', default='0,1,2',
+                      help='comma-separated hypothesis seeds (default 0,1,2)')
+  parser.add_argument('--primitives', default='',
+                      help='comma-separated primitive names (default: every '
+                      'built-in)')
+  parser.add_argument('--dtypes', default='float32,float64',
+                      help='comma-separated dtypes (default float32,float64)')
+  parser.add_argument('--checks', default='all',
+                      help="checks to run (names, groups or globs; 'all')")
+  parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--host-devices', type=int, default=0, metavar='N',
+                      help='force N XLA host (CPU) devices, so that '
+                      'device.consistency has something to compare; must be '
+                      'set before JAX starts (ignored if it already has)')
+  parser.add_argument('--json', metavar='PATH', help='write the summary as '
+                      'JSON')
+  parser.add_argument('--quiet', action='store_true',
+                      help='no per-run progress lines')
+  args = parser.parse_args(argv)
+  if args.examples < 1:
+    parser.error('--examples must be at least 1')
+  return args
+
+
+def _force_host_devices(n: int) -> None:
+  flag = '--xla_force_host_platform_device_count'
+  if n and flag not in os.environ.get('XLA_FLAGS', '') and \
+      'jax' not in sys.modules:
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' {flag}={n}').strip()
+
+
+def _case_dtype(case) -> str:
+  import numpy as np
+  operands, _ = case
+  for o in operands:
+    a = np.asarray(o)
+    if np.issubdtype(a.dtype, np.floating):
+      return a.dtype.name
+  return 'none'
+
+
+def _targets(names):
+  """``[(label, primitive, strategy)]`` for the built-ins or named prims."""
+  import etp
+  from etp_testing import mutants, strategies
+  if not names:
+    prims = [p for p in strategies.registered_primitives()
+             if not p.name.startswith(mutants.NAME_PREFIX)]
+    return [(p.name, p, strategies.strategy_for(p)) for p in prims]
+  out = []
+  for name in names:
+    if name.startswith(mutants.NAME_PREFIX):
+      m = mutants.get(name)
+      out.append((name, m.primitive(),
+                  strategies.strategy_for(m.base_primitive())))
+      continue
+    prim = next((p for p in etp.primitives() if p.name == name), None)
+    if prim is None or strategies.strategy_for(prim) is None:
+      raise SystemExit(f'[etp_testing] soak: no primitive with a strategy '
+                       f'named {name!r}')
+    out.append((name, prim, strategies.strategy_for(prim)))
+  return out
+
+
+def _plan(n_examples: int, n_runs: int) -> list:
+  """``n_examples`` split as evenly as possible over ``n_runs`` runs."""
+  base, extra = divmod(n_examples, n_runs)
+  return [base + (1 if i < extra else 0) for i in range(n_runs)]
+
+
+class _Worst:
+  """The worst error per check over every run."""
+
+  def __init__(self):
+    self.by_check = {}
+
+  def add(self, label: str, dtype: str, summary) -> None:
+    for name, c in summary.checks.items():
+      w = self.by_check.setdefault(name, {
+          'examples': 0, 'skipped': 0, 'max_rel_err': None,
+          'max_abs_err': None, 'where': None, 'statuses': set(),
+          'duration_s': 0.0})
+      w['examples'] += c.examples
+      w['duration_s'] += c.duration_s
+      w['skipped'] += c.skipped
+      w['statuses'].add(c.status)
+      if c.max_rel_err is not None and (w['max_rel_err'] is None or
+                                        c.max_rel_err > w['max_rel_err']):
+        w['max_rel_err'] = c.max_rel_err
+        w['max_abs_err'] = c.max_abs_err
+        w['where'] = f'{label} {dtype}'
+
+  def lines(self, check_order) -> list:
+    out = [f'{"check":<24} {"examples":>8} {"skipped":>8} '
+           f'{"worst rel err":>13} {"worst abs err":>13} {"time":>8}  where']
+    for name in check_order:
+      w = self.by_check.get(name)
+      if w is None:
+        continue
+      rel = '-' if w['max_rel_err'] is None else f'{w["max_rel_err"]:.3g}'
+      ab = '-' if w['max_abs_err'] is None else f'{w["max_abs_err"]:.3g}'
+      out.append(f'{name:<24} {w["examples"]:>8} {w["skipped"]:>8} '
+                 f'{rel:>13} {ab:>13} {w["duration_s"]:>7.1f}s  '
+                 f'{w["where"] or ""}')
+    return out
+
+  def to_dict(self) -> dict:
+    return {k: {**v, 'statuses': sorted(v['statuses'])}
+            for k, v in self.by_check.items()}
+
+
+def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
+         dtypes=('float32', 'float64'), checks='all', steps: int = 3,
+         log=print) -> dict:
+  """Runs the soak and returns its summary (``failures`` lists false alarms)."""
+  from hypothesis import settings
+  from etp_testing import RuleConsistencyError, check_names
+  from etp_testing._src.hypothesis_runner import check_with_hypothesis
+
+  targets = _targets(list(primitives))
+  runs = [(t, d, s) for s in seeds for t in targets for d in dtypes]
+  plan = _plan(examples, len(runs))
+  # No example database: a soak must not leave files behind or replay old
+  # failures of other runs; each seed gives reproducible draws.
+  base_settings = settings(database=None, print_blob=False)
+  worst, failures, per_run = _Worst(), [], []
+  total, start = 0, time.perf_counter()
+  for ((label, prim, strategy), dtype, seed), n in zip(runs, plan):
+    if n == 0:
+      continue
+    strat = strategy.filter(lambda case, d=dtype: _case_dtype(case) == d)
+    t0 = time.perf_counter()
+    try:
+      summary = check_with_hypothesis(prim, max_examples=n, checks=checks,
+                                      strategy=strat, seed=seed,
+                                      settings=base_settings, steps=steps)
+    except RuleConsistencyError as e:
+      # The examples that passed before the failing one still count.
+      passed = getattr(getattr(e, 'summary', None), 'examples', 0) or 0
+      total += passed
+      failures.append({'primitive': label, 'dtype': dtype, 'seed': seed,
+                       'message': str(e)})
+      per_run.append({'primitive': label, 'dtype': dtype, 'seed': seed,
+                      'examples': passed, 'failed': True,
+                      'duration_s': round(time.perf_counter() - t0, 3)})
+      if log:
+        log(f'  FAILED  {label} {dtype} seed {seed}: '
+            + str(e).splitlines()[0])
+      continue
+    total += summary.examples
+    worst.add(label, dtype, summary)
+    per_run.append({'primitive': label, 'dtype': dtype, 'seed': seed,
+                    'examples': summary.examples, 'failed': False,
+                    'distinct_shapes': getattr(summary, 'distinct_shapes',
+                                               None),
+                    'duration_s': round(summary.duration_s, 3)})
+    if log:
+      log(f'  passed  {label} {dtype} seed {seed}: {summary.examples} '
+          f'examples in {summary.duration_s:.1f}s')
+  return {'examples': total, 'requested': examples,
+          'failures': failures, 'runs': per_run,
+          'duration_s': round(time.perf_counter() - start, 3),
+          'worst': worst, 'check_order': list(check_names())}
+
+
+def main(argv=None) -> int:
+  args = _parse_args(argv)
+  _force_host_devices(args.host_devices)
+  seeds = tuple(int(s) for s in args.seeds.split(',') if s.strip())
+  names = tuple(n.strip() for n in args.primitives.split(',') if n.strip())
+  dtypes = tuple(d.strip() for d in args.dtypes.split(',') if d.strip())
+  log = None if args.quiet else (lambda s: print(s, flush=True))
+  result = soak(examples=args.examples, seeds=seeds, primitives=names,
+                dtypes=dtypes, checks=args.checks, steps=args.steps, log=log)
+  worst = result.pop('worst')
+  order = result.pop('check_order')
+  print('Worst error per check (over every passing example):')
+  print('\n'.join('  ' + l for l in worst.lines(order)))
+  for f in result['failures']:
+    print(f'\nFAILURE {f["primitive"]} {f["dtype"]} seed {f["seed"]}:')
+    print('\n'.join('  ' + l for l in f['message'].splitlines()[:30]))
+  print(f'\nexamples: {result["examples"]} (requested {result["requested"]}), '
+        f'failures: {len(result["failures"])}, '
+        f'time: {result["duration_s"]:.1f}s')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({**result, 'worst': worst.to_dict()}, f, indent=1,
+                default=str)
+  return 1 if result['failures'] else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

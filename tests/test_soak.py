@@ -1,0 +1,77 @@
+"""The false-alarm soak (``scripts/soak.py``).
+
+The full soak (10,000 generated examples of the correct built-ins, float32
+and float64, several seeds) is marked ``soak`` and excluded by default
+(``addopts = -m 'not soak'``); run it with ``pytest -m soak``.  A tiny smoke
+run keeps the script exercised in CI, and a broken primitive shows that the
+soak does report failures.
+"""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+from etp_testing import mutants
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load_soak():
+  spec = importlib.util.spec_from_file_location('etp_soak_script',
+                                                ROOT / 'scripts' / 'soak.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+soak = _load_soak()
+
+
+@pytest.fixture
+def _forget_mutants():
+  yield
+  mutants.forget_built()
+
+
+def test_plan_splits_examples_evenly():
+  assert soak._plan(10, 4) == [3, 3, 2, 2]
+  assert sum(soak._plan(10_000, 3 * 8 * 2)) == 10_000
+  assert soak._plan(2, 4) == [1, 1, 0, 0]
+
+
+def test_smoke(tmp_path, capsys):
+  path = tmp_path / 'soak.json'
+  code = soak.main(['--examples', '4', '--primitives', 'etp_elemwise',
+                    '--seeds', '0', '--quiet', '--json', str(path)])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert 'examples: 4 (requested 4), failures: 0' in out
+  assert 'Worst error per check' in out and 'drtrl.exact' in out
+  data = json.loads(path.read_text())
+  assert data['examples'] == 4 and not data['failures']
+  assert {r['dtype'] for r in data['runs']} == {'float32', 'float64'}
+  assert data['worst']['xy_to_dw.vjp']['examples'] == 4
+
+
+@pytest.mark.usefixtures('_forget_mutants')
+def test_soak_reports_a_failure(capsys):
+  code = soak.main(['--examples', '2', '--primitives',
+                    'mutant_elemwise_xy_sign', '--dtypes', 'float64',
+                    '--seeds', '0', '--checks', 'xy_to_dw.vjp', '--quiet'])
+  out = capsys.readouterr().out
+  assert code == 1
+  assert 'FAILURE mutant_elemwise_xy_sign float64 seed 0' in out
+  assert 'failures: 1' in out
+
+
+def test_unknown_primitive():
+  with pytest.raises(SystemExit, match='no primitive with a strategy'):
+    soak.main(['--examples', '1', '--primitives', 'no_such_primitive'])
+
+
+@pytest.mark.soak
+def test_soak_10000_examples():
+  """The nightly soak: no false alarm in 10,000 examples."""
+  assert soak.main(['--examples', '10000', '--seeds', '0,1,2']) == 0
