@@ -20,14 +20,6 @@ FNS = {
 }
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', old)
-
-
 def rules():
   return etp.rules_of(etp.etp_elemwise_p)
 

@@ -17,14 +17,6 @@ TOL = {jnp.float32: 2e-5, jnp.float64: 1e-10}
 f32, f64 = jnp.float32, jnp.float64
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', old)
-
-
 def rules(prim=None):
   return etp.rules_of(prim or etp.etp_lora_mv_p)
 

@@ -23,14 +23,6 @@ PATTERNS = {
 }
 
 
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', old)
-
-
 def rules(prim=None):
   return etp.rules_of(prim or etp.etp_sp_mm_p)
 
