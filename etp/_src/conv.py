@@ -286,10 +286,8 @@ def conv(x, kernel, bias=None, *, strides=1, padding='SAME', rhs_dilation=1,
   y_unit = x_u * k_u
   operands = [x_m, k_m]
   if bias is not None:
-    b_m = units.mantissa_in(bias, y_unit, fn=fn, arg='bias')
-    validation.check_ndim(fn, 'bias', b_m, (1,), f'({c_out},)')
-    validation.check_dim(fn, 'bias', b_m, 0, c_out, f'({c_out},)',
-                         f'kernel of shape {tuple(k_m.shape)}')
-    operands.append(b_m)
+    operands.append(units.bias_mantissa(
+        bias, y_unit, c_out, fn=fn,
+        against=f'kernel of shape {tuple(k_m.shape)}'))
   y = etp_conv_p.bind(*operands, **params, has_bias=bias is not None)
   return units.combine(y, y_unit)

@@ -91,11 +91,9 @@ def matmul(x, weight, bias=None):
   y_unit = x_u * w_u
   operands = [x_m, w_m]
   if bias is not None:
-    b_m = units.mantissa_in(bias, y_unit, fn=fn, arg='bias')
-    validation.check_ndim(fn, 'bias', b_m, (1,), f'({n_out},)')
-    validation.check_dim(fn, 'bias', b_m, 0, n_out, f'({n_out},)',
-                         f'weight of shape {tuple(w_m.shape)}')
-    operands.append(b_m)
+    operands.append(units.bias_mantissa(
+        bias, y_unit, n_out, fn=fn,
+        against=f'weight of shape {tuple(w_m.shape)}'))
   prim = etp_mv_p if x_m.ndim == 1 else etp_mm_p
   y = prim.bind(*operands, has_bias=bias is not None)
   return units.combine(y, y_unit)

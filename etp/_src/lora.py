@@ -175,11 +175,9 @@ def lora_matmul(x, lora_b, lora_a, bias=None, *, alpha=1.0):
   y_unit = x_u * b_u * a_u
   operands = [x_m, b_m, a_m]
   if bias is not None:
-    bias_m = units.mantissa_in(bias, y_unit, fn=fn, arg='bias')
-    validation.check_ndim(fn, 'bias', bias_m, (1,), f'({n_out},)')
-    validation.check_dim(fn, 'bias', bias_m, 0, n_out, f'({n_out},)',
-                         f'lora_a of shape {tuple(a_m.shape)}')
-    operands.append(bias_m)
+    operands.append(units.bias_mantissa(
+        bias, y_unit, n_out, fn=fn,
+        against=f'lora_a of shape {tuple(a_m.shape)}'))
   prim = etp_lora_mv_p if x_m.ndim == 1 else etp_lora_mm_p
   y = prim.bind(*operands, alpha=float(alpha), has_bias=bias is not None)
   return units.combine(y, y_unit)

@@ -194,11 +194,8 @@ def sparse_matmul(x, data, indices, shape, bias=None):
   y_unit = x_u * d_u
   operands = [x_m, d_m, i_m]
   if bias is not None:
-    b_m = units.mantissa_in(bias, y_unit, fn=fn, arg='bias')
-    validation.check_ndim(fn, 'bias', b_m, (1,), f'({n_out},)')
-    validation.check_dim(fn, 'bias', b_m, 0, n_out, f'({n_out},)',
-                         f'shape {shape}')
-    operands.append(b_m)
+    operands.append(units.bias_mantissa(bias, y_unit, n_out, fn=fn,
+                                        against=f'shape {shape}'))
   prim = etp_sp_mv_p if np.ndim(x_m) == 1 else etp_sp_mm_p
   y = prim.bind(*operands, shape=shape, has_bias=bias is not None)
   return units.combine(y, y_unit)

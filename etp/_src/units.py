@@ -37,3 +37,17 @@ def mantissa_in(value, unit, *, fn: str, arg: str):
 def combine(mantissa, unit):
   """A quantity with ``unit``, or the bare array when ``unit`` is unitless."""
   return u.maybe_decimal(u.Quantity(mantissa, unit=unit))
+
+
+def bias_mantissa(bias, unit, n_out: int, *, fn: str, against: str):
+  """The mantissa of an optional ``(n_out,)`` bias in the output ``unit``.
+
+  Raises:
+    saiunit.UnitMismatchError / ValueError: wrong dimension, rank or length;
+      the message names ``fn``, ``bias`` and what it must match.
+  """
+  from etp._src import validation  # validation imports nothing from here
+  mantissa = mantissa_in(bias, unit, fn=fn, arg='bias')
+  validation.check_ndim(fn, 'bias', mantissa, (1,), f'({n_out},)')
+  validation.check_dim(fn, 'bias', mantissa, 0, n_out, f'({n_out},)', against)
+  return mantissa
