@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
-from hypothesis import strategies as st
 
 import etp
 import etp_testing
@@ -31,14 +30,6 @@ FAMILIES = {
     'lora': (etp.etp_lora_mv_p, etp.etp_lora_mm_p),
 }
 BUILTINS = [p for prims in FAMILIES.values() for p in prims]
-
-
-@pytest.fixture
-def x64():
-  old = jax.config.jax_enable_x64
-  jax.config.update('jax_enable_x64', True)
-  yield
-  jax.config.update('jax_enable_x64', old)
 
 
 def draws(strategy, n=150, seed_=0):
