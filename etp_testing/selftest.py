@@ -340,6 +340,19 @@ def run(pattern: str = '*', *, fast: bool = False, seed: int = 0,
   every distinct case of those mutants (with the union of their checks)."""
   start = time.perf_counter()
   chosen = mutants_lib.catalog(pattern=pattern)
+  built_before = {m.name for m in mutants_lib.built()}
+  try:
+    return _run(chosen, fast=fast, seed=seed, examples=examples,
+                builtins=builtins, devices=devices, log=log, start=start)
+  finally:
+    # Leave etp.primitives() as found: no broken primitive lingers.
+    for m in chosen:
+      if m.name not in built_before:
+        m.forget()
+
+
+def _run(chosen, *, fast, seed, examples, builtins, devices, log,
+         start) -> SelftestResult:
   results, base_results = [], []
   steps = 2 if fast else 3
   for m in chosen:
@@ -367,7 +380,7 @@ def run(pattern: str = '*', *, fast: bool = False, seed: int = 0,
       t0 = time.perf_counter()
       h = _hypothesis_on(prim, examples, 'all', seed)
       b = BuiltinResult(primitive=prim.name, case_of='hypothesis',
-                        examples=examples,
+                        examples=h.get('examples') or 0,
                         duration_s=time.perf_counter() - t0)
       if h['status'] == 'failed':
         b.statuses, b.reasons = h['statuses'], h['reasons']
@@ -408,6 +421,15 @@ def format_matrix(result: SelftestResult) -> str:
     if h.get('status') not in (None, 'unavailable'):
       extra = f'  [hypothesis: {h.get("verdict", h["status"])}]'
     lines.append(f'{m.name:<{width}}  {row}  {m.verdict}{extra}')
+  lines.append('')
+  for what, key in (('family', lambda m: m.family),
+                    ('bug class', lambda m: m.bug_class)):
+    groups: dict = {}
+    for m in result.mutants:
+      killed, total = groups.get(key(m), (0, 0))
+      groups[key(m)] = (killed + m.killed, total + 1)
+    lines.append(f'By {what}: ' + ', '.join(
+        f'{k} {a}/{b}' for k, (a, b) in groups.items()))
   bad = [m for m in result.mutants if not m.killed]
   if bad:
     lines.append('')

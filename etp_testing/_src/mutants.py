@@ -81,12 +81,22 @@ class Mutant:
     """The registered broken primitive (registered on the first call)."""
     with _LOCK:
       prim = _BUILT.get(self.name)
-      if prim is None:
+      if prim is None or not etp.is_etp_primitive(prim):
+        # Not built yet, or taken out of the registry by someone else.
         prim = registry.primitive_by_name(self.name)
         if prim is None:
           prim = self.build()
         _BUILT[self.name] = prim
       return prim
+
+  def forget(self) -> bool:
+    """Takes this mutant out of ``etp.primitives()`` (if it was built)."""
+    with _LOCK:
+      prim = _BUILT.pop(self.name, None)
+      if prim is None:
+        return False
+      registry._forget(prim)  # pylint: disable=protected-access
+      return True
 
   def base_primitive(self):
     """The correct built-in primitive this mutant was made from."""
@@ -178,10 +188,9 @@ def forget_built() -> int:
   registers a fresh copy.  Returns how many were forgotten.
   """
   with _LOCK:
-    n = 0
-    for name, prim in list(_BUILT.items()):
-      registry._forget(prim)
-      n += 1
+    for prim in _BUILT.values():
+      registry._forget(prim)  # pylint: disable=protected-access
+    n = len(_BUILT)
     _BUILT.clear()
     return n
 
@@ -1179,3 +1188,19 @@ def _(name):
 def _(name):
   return _clone(name, 'etp_lora_mm',
                 init_drtrl=_init_with('etp_lora_mm', _state_axis_first))
+
+
+@_mutant('abstract_eval_float32', 'lora', base='etp_lora_mv',
+         bug_class='abstract_eval', expected=('primitive.abstract_eval',),
+         case=LORA_SQUARE,
+         description='the abstract evaluation rule always claims a float32 '
+         'output (the float64 impl returns float64)')
+def _(name):
+  prim = _clone(name, 'etp_lora_mv')
+  derived = prim._abstract_eval  # pylint: disable=protected-access
+
+  def abstract_eval(*avals, **params):
+    out = derived(*avals, **params)
+    return jax.core.ShapedArray(out.shape, jnp.float32)
+  prim.def_abstract_eval(abstract_eval)
+  return prim
