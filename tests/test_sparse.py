@@ -462,3 +462,16 @@ class TestUnits:
     f = lambda d: u.get_mantissa(etp.sparse_matmul(
         jnp.array([1., 2., 3.]) * u.mV, d * u.siemens, self.idx, (3, 4))).sum()
     np.testing.assert_allclose(jax.grad(f)(jnp.ones(3)), [1., 3., 1.])
+
+
+def test_eager_bind_takes_numpy_operands():
+  """An eager bind with NumPy operands gives a JAX array, not the object array
+  NumPy's ``@`` would build from the impl's BCOO matrix."""
+  x = np.ones((2, 3), np.float32)
+  data = np.array([1., 2.], np.float32)
+  indices = np.array([[0, 1], [2, 3]], np.int32)
+  out = etp.etp_sp_mm_p.bind(x, data, indices, shape=(3, 4), has_bias=False)
+  want = etp.etp_sp_mm_p.bind(*map(jnp.asarray, (x, data, indices)),
+                              shape=(3, 4), has_bias=False)
+  assert isinstance(out, jax.Array) and out.dtype == np.float32
+  np.testing.assert_array_equal(out, want)

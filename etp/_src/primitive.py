@@ -286,6 +286,13 @@ class ETPPrimitive(jex_core.Primitive):
     return out, 0
 
 
+def _eager_impl(impl_fn, *args, **params):
+  """``impl_fn`` on JAX arrays: an eager bind may get NumPy arrays, and an impl
+  written in JAX (``x @ bcoo``, ``x.at[...]``) must not see them."""
+  return impl_fn(*(jnp.asarray(a) if isinstance(a, np.ndarray) else a
+                   for a in args), **params)
+
+
 def register_primitive(name: str, impl_fn: Callable[..., Any], *,
                        batched: bool = False, gradient_enabled: bool = False,
                        trainable_invars_fn: Optional[
@@ -349,7 +356,7 @@ def register_primitive(name: str, impl_fn: Callable[..., Any], *,
                       y_outvar_index=y_outvar_index,
                       multiple_results=multiple_results,
                       aux_invars_fn=aux_invars_fn or _no_invars)
-  prim.def_impl(impl_fn)
+  prim.def_impl(functools.partial(_eager_impl, impl_fn))
   prim.def_abstract_eval(prim._abstract_eval)
   mlir.register_lowering(
       prim, mlir.lower_fun(impl_fn, multiple_results=multiple_results))
