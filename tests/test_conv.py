@@ -224,7 +224,7 @@ def test_instant_solve_consistent_with_xy_to_dw(x64, case):
   solved = r.solve_drtrl(c, inst, **rule_params)
   dw = r.xy_to_dw(x, c * g, weights, **rule_params)
   impl = lambda w: etp.etp_conv_p.impl_fn(
-      *executor._with_weights(etp.etp_conv_p, ops, params, w), **params)
+      *executor.with_weights(etp.etp_conv_p, ops, params, w), **params)
   vjp = jax.vjp(impl, weights)[1](c * g)[0]
   init = r.init_drtrl(*executor.jaxpr_vars(etp.etp_conv_p, ops, params), 2,
                       **rule_params)

@@ -10,6 +10,7 @@ per comparison, with chex doing the closeness test).
 from __future__ import annotations
 
 import contextlib
+import functools
 import zlib
 from typing import Any, Mapping, Optional
 
@@ -37,6 +38,69 @@ def x64_enabled(enabled: bool = True):
     yield
   finally:
     jax.config.update('jax_enable_x64', old)
+
+
+def hashable_params(params: Mapping) -> Optional[tuple]:
+  """``params`` as a sorted tuple of items if hashable, else ``None`` (then
+  compiled oracles cannot be cached across cases and are built per case)."""
+  try:
+    key = tuple(sorted(params.items()))
+    hash(key)
+    return key
+  except TypeError:
+    return None
+
+
+def compiled(builder):
+  """Turns ``builder(primitive, params, *static) -> fn`` into
+  ``get(ctx, *static) -> jax.jit(fn)``, cached per primitive, params and
+  ``static``.
+
+  Every generated example of the same primitive and params then reuses the
+  same jitted function, and ``jax.jit``'s own cache reuses its compilation
+  for every example of the same shapes and dtypes.  ``fn`` must be pure in
+  its array arguments: anything it closes over is fixed by the key.
+  """
+  @functools.lru_cache(maxsize=2048)
+  def cached(primitive, params_key, static):
+    return jax.jit(builder(primitive, dict(params_key), *static))
+
+  @functools.wraps(builder)
+  def get(ctx, *static):
+    if ctx.params_key is None:
+      return jax.jit(builder(ctx.primitive, ctx.params, *static))
+    return cached(ctx.primitive, ctx.params_key, static)
+  get.cache_clear = cached.cache_clear
+  return get
+
+
+def _split_static(kwargs: Mapping):
+  """``(static, arrays)``: hashable non-array kwargs and array kwargs, or
+  ``None`` when a non-array kwarg is unhashable."""
+  static, arrays = [], {}
+  for k, v in kwargs.items():
+    if isinstance(v, (jax.Array, np.ndarray)) or hasattr(v, 'aval'):
+      arrays[k] = v
+    else:
+      static.append((k, v))
+  try:
+    static = tuple(sorted(static))
+    hash(static)
+  except TypeError:
+    return None
+  return static, arrays
+
+
+def _rule_fn(rule, static: tuple, vmap_depth: int):
+  """``jax.jit`` of ``(args, arrays) -> rule(*args, **static, **arrays)``,
+  mapped over a leading axis of ``args`` ``vmap_depth`` times."""
+  f = lambda args, arrays: rule(*args, **dict(static), **arrays)
+  for _ in range(vmap_depth):
+    f = jax.vmap(f, in_axes=(0, None))
+  return jax.jit(f)
+
+
+_jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
 
 
 def shape_of(tree) -> Any:
@@ -96,7 +160,9 @@ class CheckContext:
                devices=None, fast=None):
     self.primitive = primitive
     self.rules = etp.rules_of(primitive)
-    self.operands = tuple(jnp.asarray(o) for o in operands)
+    # Host copies (in the dtypes JAX gives them): slicing and combining
+    # them in checks compiles nothing; jitted oracles take them as they are.
+    self.operands = tuple(np.asarray(jnp.asarray(o)) for o in operands)
     self.params = dict(params)
     self.seed = int(seed)
     self.steps = int(steps)
@@ -105,6 +171,7 @@ class CheckContext:
     self.atol_override = atol
     self.devices = list(devices) if devices is not None else jax.devices()
     self.findings: list = []
+    self.params_key = hashable_params(self.params)
     self.x, self.weights, self.rule_params = primitive.split_operands(
         self.operands, self.params)
     self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
@@ -150,31 +217,50 @@ class CheckContext:
     return jnp.result_type(*dts) if dts else self.y().dtype
 
   # ------------------------------------------------------- randomness
-  def key(self, tag: str):
-    """A PRNG key for ``tag``, fixed by the seed (stable across runs)."""
-    return jax.random.fold_in(jax.random.PRNGKey(self.seed),
-                              zlib.crc32(tag.encode()) & 0x7FFFFFFF)
+  def rng(self, tag: str) -> np.random.Generator:
+    """A NumPy generator for ``tag``, fixed by the seed (stable across runs).
+
+    Inputs are drawn on the host: a JAX PRNG draw compiles once per new
+    shape, and drawing costs nothing next to the oracles.
+    """
+    return np.random.default_rng(
+        (self.seed & 0xFFFFFFFF, zlib.crc32(tag.encode())))
 
   def normal(self, tag: str, shape, dtype=None, scale: float = 1.0):
     dtype = dtype or self.weight_dtype()
-    return (scale * jax.random.normal(self.key(tag), tuple(shape),
-                                      jnp.float32)).astype(dtype)
+    v = scale * self.rng(tag).standard_normal(tuple(shape), np.float32)
+    return jnp.asarray(v.astype(jnp.dtype(dtype)))
 
   def uniform(self, tag: str, shape, dtype=None, minval=0.5, maxval=1.5):
     dtype = dtype or self.weight_dtype()
-    return jax.random.uniform(self.key(tag), tuple(shape), jnp.float32,
-                              minval, maxval).astype(dtype)
+    v = self.rng(tag).uniform(minval, maxval, tuple(shape)).astype(np.float32)
+    return jnp.asarray(v.astype(jnp.dtype(dtype)))
 
   # ------------------------------------------------------------ rules
-  def call_rule(self, rule_name: str, *args, rules=None, **kwargs):
-    """Calls a rule; anything it raises becomes a :class:`RuleFailure`."""
+  def call_rule(self, rule_name: str, *args, rules=None, vmap: int = 0,
+                jit: bool = True, **kwargs):
+    """Calls a rule under ``jax.jit`` (as the ETP compiler runs it; compiled
+    once per shape and reused by every example), under ``vmap`` nested
+    ``jax.vmap`` over the leading axis of ``args``; ``jit=False`` calls it
+    eagerly (where placement matters); anything it raises becomes a
+    :class:`RuleFailure`."""
     rules = rules or self.rules
     rule = getattr(rules, rule_name)
     if rule is None:
       raise RuleFailure(rule_name, f'rule {rule_name!r} is not registered for '
                         f'{self.name}')
     try:
-      return rule(*args, **{**self.rule_params, **kwargs})
+      kw = {**self.rule_params, **kwargs}
+      if not jit:
+        assert not vmap, 'eager calls are not mapped'
+        return rule(*args, **kw)
+      split = _split_static(kw)
+      if split is None:   # an unhashable param: jit afresh, nothing cached
+        arrays = {k: v for k, v in kw.items() if hasattr(v, 'shape')}
+        static = tuple((k, v) for k, v in kw.items() if k not in arrays)
+        return _rule_fn(rule, static, vmap)(args, arrays)
+      static, arrays = split
+      return _jitted_rule(rule, static, vmap)(args, arrays)
     except RuleFailure:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -229,8 +315,9 @@ class CheckContext:
     scaled difference); non-finite values fail.  ``check_dtype`` also asks
     for equal dtypes.  ``approximate`` records the error without failing.
     """
-    actual = jnp.asarray(actual)
-    expected = jnp.asarray(expected)
+    # On the host: comparing must not compile anything.
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
     dtype = dtype or expected.dtype
     rtol, atol = self.tolerance(dtype, kind)
     base = dict(rule=rule, key=key, actual_shape=tuple(actual.shape),
@@ -246,14 +333,14 @@ class CheckContext:
           f'{what or "result"}: dtype {actual.dtype} != expected '
           f'{expected.dtype}'), **base))
     max_abs, max_rel, index = max_errors(actual, expected)
-    scale = float(np.max(np.abs(np.asarray(expected, np.float64)))) \
-        if expected.size else 0.0
+    actual64 = actual.astype(np.float64)
+    expected64 = expected.astype(np.float64)
+    scale = float(np.max(np.abs(expected64))) if expected.size else 0.0
     try:
-      chex.assert_tree_all_finite(actual)
+      chex.assert_tree_all_finite(actual64)
       # The norm-wise bound, through chex: |a - e| <= atol + rtol * scale.
-      chex.assert_trees_all_close(
-          np.asarray(actual, np.float64), np.asarray(expected, np.float64),
-          rtol=0.0, atol=atol + rtol * scale)
+      chex.assert_trees_all_close(actual64, expected64, rtol=0.0,
+                                  atol=atol + rtol * scale)
       passed = True
     except AssertionError:
       passed = False

@@ -56,19 +56,22 @@ def jaxpr_vars(primitive, operands, params):
   return x_var, y_var, weight_vars
 
 
-def _bind_y(primitive, operands, params):
+def bind_y(primitive, operands, params):
+  """The ``y`` output of one bind."""
   out = primitive.bind(*operands, **params)
   return out[primitive.y_outvar_index] if primitive.multiple_results else out
 
 
-def _with_x(primitive, operands, x):
+def with_x(primitive, operands, x):
+  """The operands with ``x`` replaced."""
   ops = list(operands)
   if primitive.x_invar_index is not None:
     ops[primitive.x_invar_index] = x
   return ops
 
 
-def _with_weights(primitive, operands, params, weights: Mapping):
+def with_weights(primitive, operands, params, weights: Mapping):
+  """The operands with the trainable ones replaced by ``weights[key]``."""
   ops = list(operands)
   for k, i in primitive.trainable_invars(params).items():
     ops[i] = weights[k]
@@ -85,12 +88,12 @@ def unrolled_loss(primitive, operands, params, raw_weights: Mapping, xs, A, Bf,
   """``L = sum_t <c_t, h_t>`` of the recurrence, in plain JAX."""
   transforms = transforms or {}
   weights = _apply_transforms(raw_weights, transforms)
-  ops = _with_weights(primitive, operands, params, weights)
+  ops = with_weights(primitive, operands, params, weights)
   h = jnp.zeros(Bf.shape[1:], jnp.result_type(Bf, *weights.values()))
   loss = 0.
   for t in range(A.shape[0]):
     x_t = None if xs is None else xs[t]
-    y = _bind_y(primitive, _with_x(primitive, ops, x_t), params)
+    y = bind_y(primitive, with_x(primitive, ops, x_t), params)
     h = jnp.einsum('...ab,...b->...a', A[t], h) + Bf[t] * y[..., None]
     loss = loss + jnp.sum(C[t] * h)
   return loss
@@ -131,11 +134,11 @@ def drtrl_gradient(primitive, operands, params, xs, A, Bf, C, transforms=None,
   transforms = transforms or {}
   _, raw_weights, rule_params = primitive.split_operands(operands, params)
   weights = _apply_transforms(raw_weights, transforms)
-  ops = _with_weights(primitive, operands, params, weights)
+  ops = with_weights(primitive, operands, params, weights)
   n_state = A.shape[-1]
   x0 = None if xs is None else xs[0]
   x_var, y_var, weight_vars = jaxpr_vars(
-      primitive, _with_x(primitive, ops, x0), params)
+      primitive, with_x(primitive, ops, x0), params)
   trace = call_init_rule(rules.init_drtrl, x_var, y_var, weight_vars, n_state,
                          rule_params)
 
@@ -165,10 +168,10 @@ def drtrl_gradient(primitive, operands, params, xs, A, Bf, C, transforms=None,
 
 def pp_loss(primitive, operands, params, weights, xs, C, alpha):
   """``L = sum_t <c_t, h_t>`` with ``h_t = alpha h_{t-1} + P(x_t, w)``."""
-  ops = _with_weights(primitive, operands, params, weights)
+  ops = with_weights(primitive, operands, params, weights)
   h, loss = 0., 0.
   for t in range(xs.shape[0]):
-    h = alpha * h + _bind_y(primitive, _with_x(primitive, ops, xs[t]), params)
+    h = alpha * h + bind_y(primitive, with_x(primitive, ops, xs[t]), params)
     loss = loss + jnp.sum(C[t] * h)
   return loss
 

@@ -74,7 +74,9 @@ def _vjp(ctx, operands, g):
 
 def _xy_to_dw(ctx, operands, g):
   x, weights, aux = _weights_and_aux(ctx, operands)
-  grads = ctx.call_rule('xy_to_dw', x, g, weights, **aux)
+  # Eager (under _compute's jit when that is asked for): jit would hide a
+  # result committed to another device.
+  grads = ctx.call_rule('xy_to_dw', x, g, weights, jit=False, **aux)
   ctx.check_keys('xy_to_dw', grads, weights.keys())
   return grads
 
@@ -149,19 +151,32 @@ def _shard_count(batch: int, n_devices: int) -> int:
              default=0)
 
 
+def _shard_devices(ctx, devices) -> list:
+  """The devices the batch is sharded over (all of the first device's
+  platform, as many as divide the batch), or ``[]``."""
+  xi = ctx.primitive.x_invar_index
+  if not devices or not ctx.batched or xi is None or np.ndim(ctx.x) == 0:
+    return []
+  batch = int(np.shape(ctx.x)[0])
+  same_kind = [d for d in devices if d.platform == devices[0].platform]
+  return same_kind[:_shard_count(batch, len(same_kind))]
+
+
+def _can_shard(ctx, devices) -> bool:
+  return bool(_shard_devices(ctx, devices))
+
+
 def _sharded(ctx, g, devices, eager_reference) -> int:
   """Compares jit results with the batch sharded against jit results on the
   first device alone, so that only the sharding differs (when jit on one
   device fails - ``primitive.jit`` reports that - against the eager ones);
   returns 1 if it ran."""
+  shard_over = _shard_devices(ctx, devices)
+  if not shard_over:
+    return 0
   xi = ctx.primitive.x_invar_index
-  if not ctx.batched or xi is None or np.ndim(ctx.x) == 0:
-    return 0
   batch = int(np.shape(ctx.x)[0])
-  same_kind = [d for d in devices if d.platform == devices[0].platform]
-  n = _shard_count(batch, len(same_kind))
-  if not n:
-    return 0
+  n = len(shard_over)
   first = devices[0]
   try:
     reference = _compute(ctx, jax.device_put(list(ctx.operands), first),
@@ -170,7 +185,7 @@ def _sharded(ctx, g, devices, eager_reference) -> int:
     against = f'under jax.jit on {first}'
   except RuleFailure:
     reference, against = eager_reference, f'eager on {first}'
-  mesh = Mesh(np.array(same_kind[:n]), ('batch',))
+  mesh = Mesh(np.array(shard_over), ('batch',))
   by_batch = NamedSharding(mesh, PartitionSpec('batch'))
   replicated = NamedSharding(mesh, PartitionSpec())
   operands = [jax.device_put(o, by_batch if i == xi else replicated)
@@ -193,6 +208,8 @@ def check_device_consistency(ctx):
   if not devices:
     ctx.skip('no gpu device: no device of the requested kind is visible '
              '(devices resolved to an empty list)')
+  if len(devices) < 2 and not _can_shard(ctx, devices):
+    _skip_nothing_to_compare(ctx, devices)
   with jax.default_matmul_precision('highest'):
     y = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
     g = ctx.normal('device.g', y.shape, y.dtype)
@@ -208,9 +225,13 @@ def check_device_consistency(ctx):
       compared += 1
     compared += _sharded(ctx, g, devices, reference)
   if not compared:
-    ctx.skip(f'{len(devices)} device visible; set XLA_FLAGS=--xla_force_'
-             'host_platform_device_count=N before JAX starts (or pass '
-             'devices=[...]) to compare devices ('
-             + (f'and the batch of {ctx.name} cannot be sharded over one'
-                if ctx.batched else f'{ctx.name} has no batch to shard')
-             + ')')
+    _skip_nothing_to_compare(ctx, devices)
+
+
+def _skip_nothing_to_compare(ctx, devices):
+  ctx.skip(f'{len(devices)} device visible; set XLA_FLAGS=--xla_force_'
+           'host_platform_device_count=N before JAX starts (or pass '
+           'devices=[...]) to compare devices ('
+           + (f'and the batch of {ctx.name} cannot be sharded over one'
+              if ctx.batched else f'{ctx.name} has no batch to shard')
+           + ')')

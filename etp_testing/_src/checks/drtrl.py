@@ -31,6 +31,7 @@ import numpy as np
 from etp._src import registry
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
+from etp_testing._src.context import compiled
 from etp_testing._src.errors import RuleFailure
 
 PP_ALPHA = 0.7
@@ -97,23 +98,9 @@ def _variants(ctx):
         k: fn for k in ctx.weights}
 
 
-def _hashable(params):
-  try:
-    key = tuple(sorted(params.items()))
-    hash(key)
-    return key
-  except TypeError:
-    return None
-
-
-@functools.lru_cache(maxsize=512)
-def _compiled_gradients(primitive, params_key, rules, with_fn: bool):
-  """A jitted ``(operands, xs, A, B, C) -> (D-RTRL grads, jax.grad grads)``.
-
-  Cached per primitive, params and rules, so generated examples of the same
-  shapes reuse one compilation.
-  """
-  params = dict(params_key)
+@compiled
+def _drtrl_gradients(primitive, params, rules, with_fn: bool):
+  """``(operands, xs, A, B, C) -> (D-RTRL grads, jax.grad grads)``."""
   transforms = ({k: ELEMENT_WISE_FN[1]
                  for k in primitive.trainable_invars(params)} if with_fn
                 else None)
@@ -124,22 +111,12 @@ def _compiled_gradients(primitive, params_key, rules, with_fn: bool):
     got = executor.drtrl_gradient(primitive, operands, params, xs, a, bf, c,
                                   transforms, rules=rules)
     return got, want
-  return jax.jit(both)
+  return both
 
 
 def _gradients(ctx, rules, operands, xs, a, bf, c, with_fn):
-  key = _hashable(ctx.params)
   try:
-    if key is None:
-      transforms = ({k: ELEMENT_WISE_FN[1] for k in ctx.weights} if with_fn
-                    else None)
-      want = executor.autodiff_gradient(ctx.primitive, operands, ctx.params,
-                                        xs, a, bf, c, transforms)
-      got = executor.drtrl_gradient(ctx.primitive, operands, ctx.params, xs,
-                                    a, bf, c, transforms, rules=rules)
-      return got, want
-    return _compiled_gradients(ctx.primitive, key, rules, with_fn)(
-        list(operands), xs, a, bf, c)
+    return _drtrl_gradients(ctx, rules, with_fn)(list(operands), xs, a, bf, c)
   except RuleFailure:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -212,14 +189,15 @@ def check_pp_exact(ctx):
   x = ctx.x
   x1 = ctx.normal('pp.x1', x.shape, x.dtype)
   x2 = ctx.normal('pp.x2', x.shape, x.dtype)
-  p = lambda v: ctx.bind(*ctx.with_operands(x=v))
+  bind = _bind_with_x(ctx)
+  p = lambda v: np.asarray(bind(list(ctx.operands), v), np.float64)
   # Affine in x: P(x1 + x2) - P(x1) == P(x2) - P(0), up to rounding of P.
-  scale = 4 * float(jnp.max(jnp.abs(p(x1)))) + 4 * float(jnp.max(jnp.abs(p(x2))))
+  scale = 4 * float(np.max(np.abs(p(x1)))) + 4 * float(np.max(np.abs(p(x2))))
   if not _close(ctx, p(x1 + x2) - p(x1), p(x2) - p(jnp.zeros_like(x)),
                 x.dtype, scale):
     ctx.skip(f'{ctx.name} is not affine in x: the pp-prop factorisation '
              'does not apply')
-  y = ctx.y()
+  y = jax.eval_shape(ctx.y)
   g = ctx.normal('pp.g', y.shape, y.dtype)
   dw1 = ctx.call_rule('xy_to_dw', x1, g, ctx.weights)
   dw2 = ctx.call_rule('xy_to_dw', 2 * x1, g, ctx.weights)
@@ -230,8 +208,9 @@ def check_pp_exact(ctx):
         raise RuleFailure('xy_to_dw', f'xy_to_dw[{k}] returned shape '
                           f'{np.shape(value)} (weight {w.shape}) or '
                           'non-finite values', key=k)
-  keys = [k for k in ctx.weights
-          if _close(ctx, dw2[k], 2 * dw1[k], ctx.weights[k].dtype)]
+  keys = tuple(k for k in ctx.weights
+               if _close(ctx, dw2[k], 2 * np.asarray(dw1[k], np.float64),
+                         ctx.weights[k].dtype))
   for k in ctx.weights:
     if k not in keys:
       ctx.record_pass('xy_to_dw', key=k, message='not homogeneous in x (an '
@@ -240,13 +219,37 @@ def check_pp_exact(ctx):
     ctx.skip('no weight has an xy_to_dw linear in x')
   xs = ctx.normal('pp.xs', (ctx.steps,) + x.shape, x.dtype)
   c = ctx.normal('pp.C', (ctx.steps,) + y.shape, y.dtype)
-  rules = guarded_rules(ctx.rules)
-  got = executor.pp_gradient(ctx.primitive, ctx.operands, ctx.params, xs, c,
-                             PP_ALPHA, rules=rules)
-  want = jax.grad(lambda w: executor.pp_loss(
-      ctx.primitive, ctx.operands, ctx.params, {**ctx.weights, **w}, xs, c,
-      PP_ALPHA))({k: ctx.weights[k] for k in keys})
+  try:
+    got, want = _pp_gradients(ctx, guarded_rules(ctx.rules), keys)(
+        list(ctx.operands), xs, c)
+  except RuleFailure:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure('xy_to_dw', f'pp-prop could not compose the rules: '
+                      f'{type(e).__name__}: {e}') from e
   for k in keys:
     ctx.compare(got[k], want[k], rule='xy_to_dw', key=k,
                 what=f'pp-prop factorised gradient vs jax.grad (alpha='
                 f'{PP_ALPHA}, steps={ctx.steps})')
+
+
+@compiled
+def _bind_with_x(primitive, params):
+  """``(operands, x) -> y`` with ``x`` replaced."""
+  return lambda operands, x: executor.bind_y(
+      primitive, executor.with_x(primitive, operands, x), params)
+
+
+@compiled
+def _pp_gradients(primitive, params, rules, keys):
+  """``(operands, xs, C) -> (pp-prop gradient, jax.grad of the loop)`` for
+  the weights ``keys``."""
+  def both(operands, xs, c):
+    got = executor.pp_gradient(primitive, operands, params, xs, c, PP_ALPHA,
+                               rules=rules)
+    _, weights, _ = primitive.split_operands(operands, params)
+    want = jax.grad(lambda w: executor.pp_loss(
+        primitive, operands, params, {**weights, **w}, xs, c, PP_ALPHA))(
+            {k: weights[k] for k in keys})
+    return got, want
+  return both

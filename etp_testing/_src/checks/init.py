@@ -76,11 +76,12 @@ def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
 def _increment_shapes(ctx, operands):
   """Leaf shapes of one trace increment (``instant_drtrl`` or the default)."""
   x, weights, rule_params = ctx.primitive.split_operands(operands, ctx.params)
-  y = ctx.bind(*operands)
-  g = jnp.ones(y.shape, y.dtype)
+  y = jax.eval_shape(lambda: ctx.bind(*operands))
+  g = jax.ShapeDtypeStruct(y.shape, y.dtype)
   try:
-    inc = executor.instant_term(ctx.primitive, ctx.rules, x, g, weights,
-                                rule_params)
+    # Shapes only: traced, never compiled.
+    inc = jax.eval_shape(lambda x, g, w: executor.instant_term(
+        ctx.primitive, ctx.rules, x, g, w, rule_params), x, g, weights)
   except Exception as e:  # pylint: disable=broad-except
     rule = 'instant_drtrl' if ctx.rules.instant_drtrl else 'xy_to_dw'
     raise RuleFailure(rule, f'{rule} raised {type(e).__name__}: {e}') from e

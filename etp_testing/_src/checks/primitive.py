@@ -40,9 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_testing._src import tolerances
+from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import shape_of, to_float64, x64_enabled
+from etp_testing._src.context import (compiled, shape_of, to_float64,
+                                      x64_enabled)
 from etp_testing._src.errors import RuleFailure
 
 # At most this many in_axes combinations per case (x alone, the weights
@@ -256,40 +257,59 @@ def _examples(ctx, i, operand, size) -> list:
   stays inside it); integer and boolean operands (indices, masks) are
   permuted along their first axis, so every example is valid and they differ.
   """
-  operand = jnp.asarray(operand)
+  # On the host, so that making examples compiles nothing.
+  operand = np.asarray(operand)
   out = [operand]
   for k in range(1, size):
     tag = f'primitive.vmap.{i}.{k}'
     if jnp.issubdtype(operand.dtype, jnp.inexact):
-      if operand.size and not bool(jnp.any(operand != 0)):
-        out.append(ctx.normal(tag, operand.shape, operand.dtype))
+      if operand.size and not np.any(operand != 0):
+        out.append(np.asarray(ctx.normal(tag, operand.shape, operand.dtype)))
       else:
-        out.append((operand * ctx.uniform(tag, operand.shape, jnp.float32))
-                   .astype(operand.dtype))
+        scale = np.asarray(ctx.uniform(tag, operand.shape, jnp.float32))
+        out.append((operand * scale).astype(operand.dtype))
     elif operand.ndim and operand.shape[0] > 1:
-      out.append(operand[jax.random.permutation(ctx.key(tag),
-                                                operand.shape[0])])
+      out.append(operand[ctx.rng(tag).permutation(operand.shape[0])])
     else:
       out.append(operand)
   return out
 
 
 def _stack(examples, axis):
-  return jnp.moveaxis(jnp.stack(examples), 0, axis)
+  return np.moveaxis(np.stack(examples), 0, axis)
+
+
+@compiled
+def _bind(primitive, params):
+  return lambda operands: executor.bind_y(primitive, operands, params)
+
+
+@compiled
+def _vmapped_bind(primitive, params, in_axes, depth):
+  """``operands -> y`` under ``depth`` nested ``jax.vmap(in_axes=in_axes)``."""
+  f = lambda *ops: executor.bind_y(primitive, ops, params)
+  for _ in range(depth):
+    f = jax.vmap(f, in_axes=in_axes)
+  return lambda operands: f(*operands)
 
 
 def _per_example(ctx, examples_of, axes, index):
   """The bind on example ``index`` of each mapped operand."""
   ops = [o if a is None else examples_of[i][index]
          for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-  return _guarded('impl', f'eager bind of example {index}', ctx.bind, *ops)
+  return np.asarray(_guarded('impl', f'jax.jit(bind) of example {index}',
+                             _bind(ctx), ops))
+
+
+def _vmapped(ctx, axes, depth=1):
+  return lambda *ops: _vmapped_bind(ctx, axes, depth)(list(ops))
 
 
 @check('primitive.vmap')
 def check_vmap(ctx):
   """``jax.vmap`` of the bind over mapped operands and axes equals the
-  stacked per-example binds."""
-  f = lambda *ops: ctx.bind(*ops)
+  stacked per-example binds (both under ``jax.jit``: the batching rule runs
+  while tracing; one compilation per case shape, reused by later examples)."""
   for axes in _combinations(ctx):
     examples_of = {i: _examples(ctx, i, o, VMAP_SIZE)
                    for i, (o, a) in enumerate(zip(ctx.operands, axes))
@@ -298,19 +318,19 @@ def check_vmap(ctx):
                for i, (o, a) in enumerate(zip(ctx.operands, axes))]
     what = f'jax.vmap(bind, in_axes={axes})'
     try:
-      got = _guarded('batching', what, jax.vmap(f, in_axes=axes), *batched)
+      got = _guarded('batching', what, _vmapped(ctx, axes), *batched)
     except RuleFailure as e:
       ctx.fail(e.rule, e.message)
       continue
-    want = jnp.stack([_per_example(ctx, examples_of, axes, k)
-                      for k in range(VMAP_SIZE)])
+    want = np.stack([_per_example(ctx, examples_of, axes, k)
+                     for k in range(VMAP_SIZE)])
     ctx.compare(got, want, rule='batching', check_dtype=True,
                 what=f'{what} vs {VMAP_SIZE} stacked per-example binds '
                 f'(batched operands {shape_of(batched)})')
-  _check_nested_vmap(ctx, f)
+  _check_nested_vmap(ctx)
 
 
-def _check_nested_vmap(ctx, f):
+def _check_nested_vmap(ctx):
   """vmap of vmap (x alone when there is an x, else everything) vs the
   per-example binds: the chain ``mv -> mm -> fold into the batch``."""
   n = len(ctx.operands)
@@ -320,18 +340,17 @@ def _check_nested_vmap(ctx, f):
   examples_of = {i: _examples(ctx, i, ctx.operands[i], VMAP_SIZE ** 2)
                  for i in mapped}
   batched = [o if a is None else
-             jnp.stack(examples_of[i]).reshape(
+             np.stack(examples_of[i]).reshape(
                  (VMAP_SIZE, VMAP_SIZE) + tuple(np.shape(o)))
              for i, (o, a) in enumerate(zip(ctx.operands, axes))]
   what = f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})'
   try:
-    got = _guarded('batching', what,
-                   jax.vmap(jax.vmap(f, in_axes=axes), in_axes=axes), *batched)
+    got = _guarded('batching', what, _vmapped(ctx, axes, 2), *batched)
   except RuleFailure as e:
     ctx.fail(e.rule, e.message)
     return
-  want = jnp.stack([_per_example(ctx, examples_of, axes, k)
-                    for k in range(VMAP_SIZE ** 2)])
+  want = np.stack([_per_example(ctx, examples_of, axes, k)
+                   for k in range(VMAP_SIZE ** 2)])
   ctx.compare(got, want.reshape((VMAP_SIZE, VMAP_SIZE) + want.shape[1:]),
               rule='batching', check_dtype=True,
               what=f'{what} vs {VMAP_SIZE ** 2} stacked per-example binds')

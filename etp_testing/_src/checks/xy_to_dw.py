@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_testing._src import tolerances
+from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import to_float64, x64_enabled
+from etp_testing._src.context import compiled, to_float64, x64_enabled
 
 # Largest Jacobian (output elements x weight elements) xy_to_dw.jacrev builds.
 JACREV_LIMIT = 2_000_000
@@ -36,7 +36,7 @@ JVP_PROJECTIONS = 3
 
 
 def _cotangent(ctx, tag='xy_to_dw.g'):
-  y = ctx.y()
+  y = jax.eval_shape(ctx.y)
   return ctx.normal(tag, y.shape, y.dtype)
 
 
@@ -46,15 +46,57 @@ def _rule_grads(ctx, x, g, weights):
   return grads
 
 
-def _y_of_weights(ctx, operands=None):
-  ops = operands if operands is not None else ctx.operands
+def _weights_of(primitive, params, operands) -> dict:
+  return {k: operands[i] for k, i in primitive.trainable_invars(params).items()}
 
-  def f(weights):
-    new = list(ops)
-    for k, i in ctx.primitive.trainable_invars(ctx.params).items():
-      new[i] = weights[k]
-    return ctx.bind(*new)
-  return f
+
+def _y_of_weights(primitive, params, operands):
+  return lambda w: executor.bind_y(
+      primitive, executor.with_weights(primitive, operands, params, w), params)
+
+
+@compiled
+def _vjp_oracle(primitive, params):
+  """``(operands, g) -> {key: VJP_{w_k}(g)}`` through ``jax.vjp``."""
+  def vjp(operands, g):
+    y_of = _y_of_weights(primitive, params, operands)
+    return jax.vjp(y_of, _weights_of(primitive, params, operands))[1](g)[0]
+  return vjp
+
+
+@compiled
+def _jacrev_oracle(primitive, params):
+  """``(operands, g) -> {key: g . J_k}`` with ``J_k`` from ``jax.jacrev``."""
+  def contracted(operands, g):
+    y_of = _y_of_weights(primitive, params, operands)
+    jac = jax.jacrev(y_of)(_weights_of(primitive, params, operands))
+    return {k: jnp.tensordot(g, j, axes=g.ndim) for k, j in jac.items()}
+  return contracted
+
+
+@compiled
+def _jvp_projections(primitive, params, key):
+  """``(operands, vs) -> J_key v`` for each direction ``v`` stacked in
+  ``vs`` (from ``jax.jvp``; the other weights' tangents are zero)."""
+  def projections(operands, vs):
+    y_of = _y_of_weights(primitive, params, operands)
+    weights = _weights_of(primitive, params, operands)
+
+    def along(v):
+      tangents = {j: (v if j == key else jnp.zeros_like(u))
+                  for j, u in weights.items()}
+      return jax.jvp(y_of, (weights,), (tangents,))[1]
+    return jax.lax.map(along, vs)
+  return projections
+
+
+@compiled
+def impl_y(primitive, params):
+  """``operands -> y`` through ``impl`` alone (no JAX rule of the primitive)."""
+  def y(operands):
+    out = primitive.impl_fn(*operands, **params)
+    return out[primitive.y_outvar_index] if primitive.multiple_results else out
+  return y
 
 
 def require_weights(ctx):
@@ -68,8 +110,7 @@ def check_vjp(ctx):
   each leaf of its weight's shape and dtype."""
   require_weights(ctx)
   g = _cotangent(ctx)
-  _, vjp = jax.vjp(_y_of_weights(ctx), ctx.weights)
-  expected = vjp(g)[0]
+  expected = _vjp_oracle(ctx)(list(ctx.operands), g)
   actual = _rule_grads(ctx, ctx.x, g, ctx.weights)
   for k, w in ctx.weights.items():
     ctx.compare(actual[k], expected[k], rule='xy_to_dw', key=k,
@@ -92,39 +133,32 @@ def check_jacrev(ctx):
   require_weights(ctx)
   g = _cotangent(ctx)
   actual = _rule_grads(ctx, ctx.x, g, ctx.weights)
-  y_of = _y_of_weights(ctx)
-  y = ctx.y()
-  if ctx.fast or any(y.size * w.size > JACREV_LIMIT
+  y_size = int(np.prod(g.shape))
+  if ctx.fast or any(y_size * w.size > JACREV_LIMIT
                      for w in ctx.weights.values()):
+    g64 = np.asarray(g, np.float64)
     for k, w in ctx.weights.items():
-      rule_dd, jvp_dd = [], []
-      for d in range(JVP_PROJECTIONS):
-        v = ctx.normal(f'xy_to_dw.jacrev.v{d}.{k}', w.shape, w.dtype)
-        tangents = {j: (v if j == k else jnp.zeros_like(u))
-                    for j, u in ctx.weights.items()}
-        _, y_dot = jax.jvp(y_of, (ctx.weights,), (tangents,))
-        # Dot products on the host in float64: only the operands' rounding
-        # remains, not that of a long float32 reduction.
-        rule_dd.append(_dot64(actual[k], v))
-        jvp_dd.append(_dot64(g, y_dot))
+      vs = jnp.stack([ctx.normal(f'xy_to_dw.jacrev.v{d}.{k}', w.shape, w.dtype)
+                      for d in range(JVP_PROJECTIONS)])
+      y_dots = np.asarray(_jvp_projections(ctx, k)(list(ctx.operands), vs),
+                          np.float64)
+      # Dot products on the host in float64: only the operands' rounding
+      # remains, not that of a long float32 reduction.
+      rule_dd = [_dot64(actual[k], v) for v in vs]
+      jvp_dd = [float(np.vdot(g64, y_dot)) for y_dot in y_dots]
       ctx.compare(np.array(rule_dd), np.array(jvp_dd), rule='xy_to_dw',
-                  key=k, dtype=w.dtype, what=f'fast mode: <xy_to_dw, v> vs <g, J v> from '
-                  f'jax.jvp along {JVP_PROJECTIONS} random directions')
+                  key=k, dtype=w.dtype, what=f'fast mode: <xy_to_dw, v> vs '
+                  f'<g, J v> from jax.jvp along {JVP_PROJECTIONS} random '
+                  'directions')
     return
-  jac = jax.jacrev(y_of)(ctx.weights)
+  expected = _jacrev_oracle(ctx)(list(ctx.operands), g)
   for k in ctx.weights:
-    expected = jnp.tensordot(g, jac[k], axes=g.ndim)
-    ctx.compare(actual[k], expected, rule='xy_to_dw', key=k,
+    ctx.compare(actual[k], expected[k], rule='xy_to_dw', key=k,
                 what='xy_to_dw vs jax.jacrev contracted with g')
 
 
 def _dot64(a, b) -> float:
   return float(np.vdot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
-
-
-def directional_fd(f, w, v, eps):
-  """``(f(w + eps v) - f(w - eps v)) / (2 eps)``."""
-  return (f(w + eps * v) - f(w - eps * v)) / (2 * eps)
 
 
 @check('xy_to_dw.fd')
@@ -135,25 +169,30 @@ def check_fd(ctx):
   with x64_enabled(True):
     ops = to_float64(ctx.operands)
     x, weights, _ = ctx.primitive.split_operands(ops, ctx.params)
-    impl = ctx.primitive.impl_fn
-    g = jnp.asarray(_cotangent(ctx), jnp.float64)
-    grads = _rule_grads(ctx, x, g, weights)
+    g = np.asarray(_cotangent(ctx), np.float64)
+    grads = _rule_grads(ctx, x, jnp.asarray(g), weights)
     index_of = ctx.primitive.trainable_invars(ctx.params)
+    impl = impl_y(ctx)
+    eps = tolerances.FD_EPS
     for k, w in weights.items():
-      def y_of(wk, k=k):
-        new = list(ops)
-        new[index_of[k]] = wk
-        out = impl(*new, **ctx.params)
-        return out[ctx.primitive.y_outvar_index] \
-            if ctx.primitive.multiple_results else out
+      grad_k = np.asarray(grads[k], np.float64)
+      if grad_k.shape != w.shape:
+        ctx.fail('xy_to_dw', key=k, message=(
+            f'xy_to_dw returned shape {grad_k.shape} for weight {k} of shape '
+            f'{tuple(w.shape)}'), actual_shape=grad_k.shape,
+                 expected_shape=tuple(w.shape))
+        continue
       rule_dd, fd_dd = [], []
       for d in range(FD_DIRECTIONS):
-        v = jnp.asarray(ctx.normal(f'xy_to_dw.fd.v{d}.{k}', w.shape,
-                                   jnp.float32), jnp.float64)
-        v = v / jnp.sqrt(jnp.mean(v * v) + 1e-300)
-        rule_dd.append(jnp.vdot(jnp.asarray(grads[k], jnp.float64), v))
-        fd_dd.append(jnp.vdot(g, directional_fd(y_of, w, v,
-                                                tolerances.FD_EPS)))
-      ctx.compare(jnp.stack(rule_dd), jnp.stack(fd_dd), rule='xy_to_dw', key=k,
+        v = np.asarray(ctx.normal(f'xy_to_dw.fd.v{d}.{k}', w.shape,
+                                  jnp.float32), np.float64)
+        v = v / np.sqrt(np.mean(v * v) + 1e-300)
+        plus, minus = list(ops), list(ops)
+        plus[index_of[k]] = w + eps * v
+        minus[index_of[k]] = w - eps * v
+        y_dot = (np.asarray(impl(plus)) - np.asarray(impl(minus))) / (2 * eps)
+        rule_dd.append(np.vdot(grad_k, v))
+        fd_dd.append(np.vdot(g, y_dot))
+      ctx.compare(np.array(rule_dd), np.array(fd_dd), rule='xy_to_dw', key=k,
                   kind='fd', what=f'<xy_to_dw, v> vs finite differences of '
                   f'impl along {FD_DIRECTIONS} random directions (float64)')

@@ -28,6 +28,7 @@ import numpy as np
 from etp._src.registry import call_init_rule
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
+from etp_testing._src.context import compiled
 from etp_testing._src.errors import RuleFailure
 from etp_testing._src.report import Finding
 
@@ -75,24 +76,34 @@ def _sample(ctx, size, key):
   return np.sort(rng.choice(size, limit, replace=False))
 
 
-def reach(ctx, key, elements):
-  """``mask[e, j]``: output ``j`` (flat, one example) depends on element ``e``."""
-  index = ctx.primitive.trainable_invars(ctx.params)[key]
-  mask = None
-  for point in range(2):
-    ops = _example_operands(ctx, point)
-    w = ops[index]
+@compiled
+def _columns(primitive, params, key):
+  """``(operands, elements) -> cols``: ``cols[i]`` is the flattened ``dy``
+  for a one-hot tangent on element ``elements[i]`` of weight ``key``
+  (``jax.jvp`` per element, under ``lax.map``)."""
+  index = primitive.trainable_invars(params)[key]
 
-    def y_of(wk, ops=ops):
-      new = list(ops)
+  def columns(operands, elements):
+    w = operands[index]
+
+    def y_of(wk):
+      new = list(operands)
       new[index] = wk
-      return ctx.bind(*new)
+      return executor.bind_y(primitive, new, params)
 
-    def column(e, w=w, y_of=y_of):
+    def column(e):
       onehot = jnp.zeros(w.size, w.dtype).at[e].set(1).reshape(w.shape)
       return jax.jvp(y_of, (w,), (onehot,))[1].reshape(-1)
+    return jax.lax.map(column, elements)
+  return columns
 
-    cols = np.asarray(jax.lax.map(column, jnp.asarray(elements)))
+
+def reach(ctx, key, elements):
+  """``mask[e, j]``: output ``j`` (flat, one example) depends on element ``e``."""
+  mask = None
+  for point in range(2):
+    cols = np.asarray(_columns(ctx, key)(_example_operands(ctx, point),
+                                         jnp.asarray(elements)))
     hit = np.abs(cols) > 0
     mask = hit if mask is None else (mask | hit)
   return mask
@@ -106,7 +117,7 @@ def check_anchor(ctx):
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   shapes = trace_shapes(ctx)
-  y = ctx.y()
+  y = jax.eval_shape(ctx.y)
   g = ctx.normal('yw_to_w.anchor.g', y.shape, y.dtype)
   traces = random_traces(ctx, 'yw_to_w.anchor.T', shapes, ctx.weight_dtype())
   linked = None
@@ -154,10 +165,10 @@ def check_anchor(ctx):
       ctx.check_keys('yw_to_w', linked, ctx.weights.keys())
     reached = n_reach == 1
     anchor = np.argmax(mask, axis=1)
-    flat_g = g.reshape(lead + (-1,))
-    t_flat = traces[k].reshape(lead + (-1,))
+    flat_g = np.asarray(g).reshape(lead + (-1,))
+    t_flat = np.asarray(traces[k]).reshape(lead + (-1,))
     expected = t_flat[..., elements[reached]] * flat_g[..., anchor[reached]]
-    actual = jnp.asarray(linked[k])
+    actual = np.asarray(linked[k])
     if actual.shape != traces[k].shape:
       ctx.fail('yw_to_w', key=k, message=(
           f'returned shape {tuple(actual.shape)} for a trace of shape '
@@ -175,7 +186,7 @@ def check_linear(ctx):
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   shapes = trace_shapes(ctx)
-  y = ctx.y()
+  y = jax.eval_shape(ctx.y)
   dt = ctx.weight_dtype()
   g1, g2 = (ctx.normal(f'yw_to_w.linear.g{i}', y.shape, y.dtype) for i in (1, 2))
   t1 = random_traces(ctx, 'yw_to_w.linear.T1', shapes, dt)
@@ -184,15 +195,23 @@ def check_linear(ctx):
                ).astype(dt) for k, s in shapes.items()}
   yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
   a, b = 1.5, -0.75
-  add = lambda p, q, s=1.0, r=1.0: {k: s * p[k] + r * q[k] for k in p}
+  # Combinations on the host, in the operands' dtype (nothing to compile).
+  add = lambda p, q, s=1.0, r=1.0: {
+      k: (s * np.asarray(p[k]) + r * np.asarray(q[k])).astype(p[k].dtype)
+      for k in p}
+  g1, g2 = np.asarray(g1), np.asarray(g2)
+  t1 = {k: np.asarray(v) for k, v in t1.items()}
+  t2 = {k: np.asarray(v) for k, v in t2.items()}
+  masks = {k: np.asarray(v) for k, v in masks.items()}
   cases = [
       ('linear in g: yw(a g1 + b g2, T) vs a yw(g1, T) + b yw(g2, T)',
-       yw(a * g1 + b * g2, t1), add(yw(g1, t1), yw(g2, t1), a, b)),
+       yw((a * g1 + b * g2).astype(g1.dtype), t1),
+       add(yw(g1, t1), yw(g2, t1), a, b)),
       ('additive in the trace: yw(g, T1 + T2) vs yw(g, T1) + yw(g, T2)',
        yw(g1, add(t1, t2)), add(yw(g1, t1), yw(g1, t2))),
       ('element-wise in the trace: yw(g, T * m) vs yw(g, T) * m',
        yw(g1, {k: t1[k] * masks[k] for k in t1}),
-       {k: v * masks[k] for k, v in yw(g1, t1).items()}),
+       {k: np.asarray(v) * masks[k] for k, v in yw(g1, t1).items()}),
   ]
   for what, actual, expected in cases:
     ctx.compare_trees(actual, expected, rule='yw_to_w', what=what)
@@ -205,31 +224,36 @@ def check_vmap(ctx):
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   shapes = trace_shapes(ctx)
-  y = ctx.y()
+  y = jax.eval_shape(ctx.y)
   dt = ctx.weight_dtype()
   g = ctx.normal('yw_to_w.vmap.g', y.shape, y.dtype)
   t = random_traces(ctx, 'yw_to_w.vmap.T', shapes, dt)
-  yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
+  yw = lambda g, t, vmap=0: ctx.call_rule('yw_to_w', g, t, vmap=vmap)
   kept = yw(g, t)
   ctx.check_keys('yw_to_w', kept, ctx.weights.keys())
   if ctx.batched:
     try:
-      stripped = jax.vmap(yw)(g, t)
+      stripped = yw(g, t, vmap=1)
     except RuleFailure as e:
       raise RuleFailure('yw_to_w', f'under vmap with the batch stripped: '
                         f'{e.message}') from e
     ctx.compare_trees(stripped, kept, rule='yw_to_w',
                       what='vmap over the batch (stripped) vs batch kept')
   extra = (2, 2)
-  g_extra = ctx.normal('yw_to_w.vmap.G', extra + tuple(y.shape), y.dtype)
-  t_extra = {k: ctx.normal(f'yw_to_w.vmap.TT.{k}', extra + s, dt)
+  # Host arrays, so that taking entries compiles nothing.
+  g_extra = np.asarray(ctx.normal('yw_to_w.vmap.G', extra + tuple(y.shape),
+                                  y.dtype))
+  t_extra = {k: np.asarray(ctx.normal(f'yw_to_w.vmap.TT.{k}', extra + s, dt))
              for k, s in shapes.items()}
   try:
     direct = yw(g_extra, t_extra)
-    mapped = jax.vmap(jax.vmap(yw))(g_extra, t_extra)
+    mapped = yw(g_extra, t_extra, vmap=2)
   except RuleFailure as e:
     raise RuleFailure('yw_to_w', f'with extra leading axes {extra}: '
                       f'{e.message}') from e
+  ctx.check_keys('yw_to_w', direct, ctx.weights.keys())
+  ctx.check_keys('yw_to_w', mapped, ctx.weights.keys())
+  direct, mapped = jax.tree.map(np.asarray, (direct, mapped))
   for i, j in itertools.product(range(extra[0]), range(extra[1])):
     one = yw(g_extra[i, j], {k: v[i, j] for k, v in t_extra.items()})
     ctx.compare_trees({k: v[i, j] for k, v in direct.items()}, one,
