@@ -1,6 +1,8 @@
 """``device.consistency``: the same answers on every device and when sharded.
 
-Per device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``),
+On the first device of the run's device list
+(``devices='all'|'cpu'|'gpu'|[...]``), on the last device of its platform and
+on the first device of every other platform (see ``_compared_devices``),
 the operands and a random cotangent ``g`` are placed there
 (``jax.device_put``) and three things are computed eagerly, as a user calls
 them: the bind, the ``jax.vjp`` of the bind w.r.t. the weights, and the
@@ -201,6 +203,26 @@ def _sharded(ctx, g, devices, eager_reference) -> int:
   return 1
 
 
+def _compared_devices(devices) -> list:
+  """The devices compared eagerly with the first: the last one of the first
+  device's platform and the first of every other platform.
+
+  Eager evaluation compiles every op for every device; one more device of
+  the same platform already catches a result pinned to another device (or
+  code that assumes the first device), and one of each other platform
+  catches platform-dependent code.  Every device of the platform still takes
+  part in the sharded comparison.
+  """
+  first = devices[0]
+  same = [d for d in devices[1:] if d.platform == first.platform]
+  chosen = same[-1:]
+  for d in devices[1:]:
+    if d.platform != first.platform and all(
+        c.platform != d.platform for c in chosen):
+      chosen.append(d)
+  return chosen
+
+
 @check('device.consistency')
 def check_device_consistency(ctx):
   """Results agree on every device, and with the batch sharded over a mesh."""
@@ -218,7 +240,7 @@ def check_device_consistency(ctx):
     if reference is None:
       return  # the first device already failed; recorded
     compared = 0
-    for d in devices[1:]:
+    for d in _compared_devices(devices):
       got = _on_device(ctx, g, d, f'on {d}')
       if got is not None:
         _compare(ctx, got, reference, f'on {d} vs on {first}')
