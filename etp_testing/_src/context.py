@@ -71,6 +71,7 @@ def compiled(builder):
       return jax.jit(builder(ctx.primitive, ctx.params, *static))
     return cached(ctx.primitive, ctx.params_key, static)
   get.cache_clear = cached.cache_clear
+  get.builder = builder
   return get
 
 

@@ -114,6 +114,15 @@ def _drtrl_gradients(primitive, params, rules, with_fn: bool):
   return both
 
 
+@compiled
+def _all_drtrl_gradients(primitive, params, rules, with_fns):
+  """``[(operands, xs, A, B, C)] -> [(D-RTRL grads, jax.grad grads)]``, one
+  run per entry of ``with_fns``: every run of the check in one compilation."""
+  runs = [_drtrl_gradients.builder(primitive, params, rules, f)
+          for f in with_fns]
+  return lambda args: [run(*a) for run, a in zip(runs, args)]
+
+
 def _gradients(ctx, rules, operands, xs, a, bf, c, with_fn):
   try:
     return _drtrl_gradients(ctx, rules, with_fn)(list(operands), xs, a, bf, c)
@@ -131,20 +140,30 @@ def check_drtrl_exact(ctx):
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   rules = guarded_rules(ctx.rules)
+  runs = []
   for label, operands, transforms in _variants(ctx):
     for n_state in ctx.n_states:
-      xs, a, bf, c = _recurrence(ctx, operands, n_state,
-                                 f'drtrl.{label}.{n_state}')
-      got, want = _gradients(ctx, rules, operands, xs, a, bf, c,
-                             transforms is not None)
-      ctx.check_keys('drtrl', got, want.keys())
-      for k in want:
-        ctx.compare(got[k], want[k], rule='drtrl', key=k,
-                    approximate=k in ctx.rules.approximate,
-                    what=f'D-RTRL vs jax.grad ({label}, steps={ctx.steps}, '
-                    f'n_state={n_state}'
-                    + (', declared approximate)' if k in ctx.rules.approximate
-                       else ')'))
+      args = (list(operands),) + _recurrence(ctx, operands, n_state,
+                                            f'drtrl.{label}.{n_state}')
+      runs.append((label, n_state, transforms is not None, args))
+  try:
+    results = _all_drtrl_gradients(ctx, rules, tuple(r[2] for r in runs))(
+        [r[3] for r in runs])
+  except RuleFailure:
+    raise
+  except Exception:  # pylint: disable=broad-except
+    results = None   # run them one by one, so the failure names its run
+  for i, (label, n_state, with_fn, args) in enumerate(runs):
+    got, want = (results[i] if results is not None
+                 else _gradients(ctx, rules, *args, with_fn))
+    ctx.check_keys('drtrl', got, want.keys())
+    for k in want:
+      ctx.compare(got[k], want[k], rule='drtrl', key=k,
+                  approximate=k in ctx.rules.approximate,
+                  what=f'D-RTRL vs jax.grad ({label}, steps={ctx.steps}, '
+                  f'n_state={n_state}'
+                  + (', declared approximate)' if k in ctx.rules.approximate
+                     else ')'))
 
 
 @check('drtrl.instant')

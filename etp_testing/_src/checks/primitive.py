@@ -284,13 +284,26 @@ def _bind(primitive, params):
   return lambda operands: executor.bind_y(primitive, operands, params)
 
 
-@compiled
-def _vmapped_bind(primitive, params, in_axes, depth):
-  """``operands -> y`` under ``depth`` nested ``jax.vmap(in_axes=in_axes)``."""
+def _nest_vmap(primitive, params, in_axes, depth):
   f = lambda *ops: executor.bind_y(primitive, ops, params)
   for _ in range(depth):
     f = jax.vmap(f, in_axes=in_axes)
+  return f
+
+
+@compiled
+def _vmapped_bind(primitive, params, in_axes, depth):
+  """``operands -> y`` under ``depth`` nested ``jax.vmap(in_axes=in_axes)``."""
+  f = _nest_vmap(primitive, params, in_axes, depth)
   return lambda operands: f(*operands)
+
+
+@compiled
+def _all_vmapped_binds(primitive, params, variants):
+  """``[operands per variant] -> [y per variant]`` for ``variants`` of
+  ``(in_axes, depth)``: every vmap of the check in one compilation."""
+  fs = [_nest_vmap(primitive, params, axes, depth) for axes, depth in variants]
+  return lambda batched: [f(*ops) for f, ops in zip(fs, batched)]
 
 
 def _per_example(ctx, examples_of, axes, index):
@@ -301,38 +314,19 @@ def _per_example(ctx, examples_of, axes, index):
                              _bind(ctx), ops))
 
 
-def _vmapped(ctx, axes, depth=1):
-  return lambda *ops: _vmapped_bind(ctx, axes, depth)(list(ops))
-
-
-@check('primitive.vmap')
-def check_vmap(ctx):
-  """``jax.vmap`` of the bind over mapped operands and axes equals the
-  stacked per-example binds (both under ``jax.jit``: the batching rule runs
-  while tracing; one compilation per case shape, reused by later examples)."""
+def _vmap_cases(ctx) -> list:
+  """``(in_axes, depth, examples_of, batched operands, label)``: the sampled
+  combinations (depth 1), then vmap of vmap (x alone when there is an x, else
+  everything; the chain ``mv -> mm -> fold into the batch``)."""
+  cases = []
   for axes in _combinations(ctx):
     examples_of = {i: _examples(ctx, i, o, VMAP_SIZE)
                    for i, (o, a) in enumerate(zip(ctx.operands, axes))
                    if a is not None}
     batched = [o if a is None else _stack(examples_of[i], a)
                for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-    what = f'jax.vmap(bind, in_axes={axes})'
-    try:
-      got = _guarded('batching', what, _vmapped(ctx, axes), *batched)
-    except RuleFailure as e:
-      ctx.fail(e.rule, e.message)
-      continue
-    want = np.stack([_per_example(ctx, examples_of, axes, k)
-                     for k in range(VMAP_SIZE)])
-    ctx.compare(got, want, rule='batching', check_dtype=True,
-                what=f'{what} vs {VMAP_SIZE} stacked per-example binds '
-                f'(batched operands {shape_of(batched)})')
-  _check_nested_vmap(ctx)
-
-
-def _check_nested_vmap(ctx):
-  """vmap of vmap (x alone when there is an x, else everything) vs the
-  per-example binds: the chain ``mv -> mm -> fold into the batch``."""
+    cases.append((axes, 1, examples_of, batched,
+                  f'jax.vmap(bind, in_axes={axes})'))
   n = len(ctx.operands)
   xi = ctx.primitive.x_invar_index
   mapped = [xi] if xi is not None else list(range(n))
@@ -343,14 +337,38 @@ def _check_nested_vmap(ctx):
              np.stack(examples_of[i]).reshape(
                  (VMAP_SIZE, VMAP_SIZE) + tuple(np.shape(o)))
              for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-  what = f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})'
+  cases.append((axes, 2, examples_of, batched,
+                f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})'))
+  return cases
+
+
+@check('primitive.vmap')
+def check_vmap(ctx):
+  """``jax.vmap`` of the bind over mapped operands and axes equals the
+  stacked per-example binds (all under ``jax.jit``: the batching rule runs
+  while tracing; every vmap in one compilation per case shape, reused by
+  later examples)."""
+  cases = _vmap_cases(ctx)
   try:
-    got = _guarded('batching', what, _vmapped(ctx, axes, 2), *batched)
-  except RuleFailure as e:
-    ctx.fail(e.rule, e.message)
-    return
-  want = np.stack([_per_example(ctx, examples_of, axes, k)
-                   for k in range(VMAP_SIZE ** 2)])
-  ctx.compare(got, want.reshape((VMAP_SIZE, VMAP_SIZE) + want.shape[1:]),
-              rule='batching', check_dtype=True,
-              what=f'{what} vs {VMAP_SIZE ** 2} stacked per-example binds')
+    results = _all_vmapped_binds(ctx, tuple((c[0], c[1]) for c in cases))(
+        [c[3] for c in cases])
+  except Exception:  # pylint: disable=broad-except
+    results = None   # one of them raises: run them one by one to say which
+  for i, (axes, depth, examples_of, batched, what) in enumerate(cases):
+    if results is not None:
+      got = results[i]
+    else:
+      try:
+        got = _guarded('batching', what,
+                       lambda *ops: _vmapped_bind(ctx, axes, depth)(list(ops)),
+                       *batched)
+      except RuleFailure as e:
+        ctx.fail(e.rule, e.message)
+        continue
+    count = VMAP_SIZE ** depth
+    want = np.stack([_per_example(ctx, examples_of, axes, k)
+                     for k in range(count)])
+    want = want.reshape((VMAP_SIZE,) * depth + want.shape[1:])
+    ctx.compare(got, want, rule='batching', check_dtype=True,
+                what=f'{what} vs {count} stacked per-example binds '
+                f'(batched operands {shape_of(batched)})')
