@@ -26,7 +26,7 @@ _open: list = []
 _registered = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)   # nested blocks are told apart by identity
 class CompileCount:
   """Compilations seen while a :func:`counting` block was open."""
   count: int = 0

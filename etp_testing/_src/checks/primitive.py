@@ -81,12 +81,19 @@ def _output_label(ctx, i: int) -> str:
 
 
 # -------------------------------------------------------------------- jit
+@compiled
+def _jitted_bind(primitive, params):
+  """``operands -> every output of the bind``."""
+  return lambda operands: primitive.bind(*operands, **params)
+
+
 @check('primitive.jit')
 def check_jit(ctx):
   """Eager ``bind`` equals ``jax.jit(bind)``, in value and dtype."""
   bind = lambda *ops: ctx.primitive.bind(*ops, **ctx.params)
   eager = _guarded('impl', 'eager bind', bind, *ctx.operands)
-  jitted = _guarded('impl', 'jax.jit(bind)', jax.jit(bind), *ctx.operands)
+  jitted = _guarded('impl', 'jax.jit(bind)', _jitted_bind(ctx),
+                    list(ctx.operands))
   for i, (a, e) in enumerate(zip(_outputs(ctx, jitted), _outputs(ctx, eager))):
     ctx.compare(a, e, rule='impl', check_dtype=True,
                 what=f'{_output_label(ctx, i)}jax.jit(bind) vs eager bind')
@@ -125,30 +132,98 @@ def _floating_positions(operands) -> list:
           if jnp.issubdtype(jnp.result_type(o), jnp.inexact)]
 
 
-def _central_difference(f, primals, directions, eps):
-  """``(f(p + eps d) - f(p - eps d)) / (2 eps)``, ``f`` of a list of arrays."""
-  plus = f([p + eps * d for p, d in zip(primals, directions)])
-  minus = f([p - eps * d for p, d in zip(primals, directions)])
-  return (plus - minus) / (2 * eps)
+def _dot(a, b) -> float:
+  return float(np.vdot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
-def _dot(a, b):
-  return jnp.vdot(jnp.asarray(a, jnp.float64), jnp.asarray(b, jnp.float64))
-
-
-def _dot_product_test(ctx, vjp, primals, directions, f_dot, tag, what):
-  """``<u, J v>`` (``f_dot = J v`` from ``jax.jvp``) vs ``<J^T u, v>``
-  (``vjp(primals, u)`` from ``jax.vjp``) for ``DOT_PRODUCT_DIRECTIONS``
-  random cotangents ``u``."""
-  forward, backward = [], []
-  for k in range(DOT_PRODUCT_DIRECTIONS):
-    u = ctx.normal(f'{tag}.u{k}', f_dot.shape, jnp.float64)
-    cotangents = _guarded('jvp', f'jax.vjp ({what})', vjp, primals, u)
-    backward.append(sum(_dot(c, v) for c, v in zip(cotangents, directions)))
-    forward.append(_dot(u, f_dot))
-  ctx.compare(jnp.stack(backward), jnp.stack(forward), rule='jvp',
+def _dot_product_test(ctx, backward, forward, what):
+  """``<J^T u_k, v>`` (from ``jax.vjp``) vs ``<u_k, J v>`` (from
+  ``jax.jvp``) for the ``DOT_PRODUCT_DIRECTIONS`` random cotangents."""
+  ctx.compare(np.array(backward), np.array(forward), rule='jvp',
               what=f'{what}: dot-product test <J^T u, v> (jax.vjp) vs '
               f'<u, J v> (jax.jvp), {DOT_PRODUCT_DIRECTIONS} random u')
+
+
+def _jvp_functions(primitive, params, diff):
+  """The functions of ``primitive.jvp``, of ``(operands, p, ...)`` with
+  ``p`` the floating operands at positions ``diff`` (the rest are taken
+  from ``operands``): ``impl``, first-order ``jvp``/``vjp`` of the bind,
+  the JVP function ``p -> J(p) t`` and its ``jvp``/``vjp``."""
+  y_index, multi = primitive.y_outvar_index, primitive.multiple_results
+
+  def with_diff(fn, operands):
+    def f(args):
+      new = list(operands)
+      for i, a in zip(diff, args):
+        new[i] = a
+      out = fn(*new, **params)
+      return out[y_index] if multi else out
+    return f
+
+  bound = lambda ops: with_diff(primitive.bind, ops)
+  jvp_of = lambda ops, t: (lambda p: jax.jvp(bound(ops), (p,), (t,))[1])
+  return {
+      'impl': lambda ops, p: with_diff(primitive.impl_fn, ops)(p),
+      'jvp': lambda ops, p, t: jax.jvp(bound(ops), (p,), (t,)),
+      'vjp': lambda ops, p, us: [jax.vjp(bound(ops), p)[1](u)[0] for u in us],
+      'jvp_of': lambda ops, p, t: jvp_of(ops, t)(p),
+      'jvp2': lambda ops, p, t, w: jax.jvp(jvp_of(ops, t), (p,), (w,))[1],
+      'vjp2': lambda ops, p, t, us: [jax.vjp(jvp_of(ops, t), p)[1](u)[0]
+                                     for u in us],
+  }
+
+
+@compiled
+def _jvp_step(primitive, params, diff, name):
+  return _jvp_functions(primitive, params, diff)[name]
+
+
+@compiled
+def _jvp_all(primitive, params, diff, eps):
+  """Every quantity of ``primitive.jvp`` in one program (the fast path; on
+  any error the steps run one by one, so that the error names its rule)."""
+  f = _jvp_functions(primitive, params, diff)
+
+  def all_of(ops, p, t, w, us, ws):
+    shift = lambda q, d, s: [a + s * eps * b for a, b in zip(q, d)]
+    return {
+        'y': f['impl'](ops, p),
+        'jvp': f['jvp'](ops, p, t),
+        'impl+': f['impl'](ops, shift(p, t, 1)),
+        'impl-': f['impl'](ops, shift(p, t, -1)),
+        'vjp': f['vjp'](ops, p, us),
+        'jvp2': f['jvp2'](ops, p, t, w),
+        'jvp_of+': f['jvp_of'](ops, shift(p, w, 1), t),
+        'jvp_of-': f['jvp_of'](ops, shift(p, w, -1), t),
+        'vjp2': f['vjp2'](ops, p, t, ws),
+    }
+  return all_of
+
+
+def _jvp_stepwise(ctx, diff, eps, ops, p, t, w, us, ws):
+  """The quantities of :func:`_jvp_all`, one guarded step at a time."""
+  step = lambda name, rule, what, *args: _guarded(
+      rule, what, _jvp_step(ctx, diff, name), ops, *args)
+  shift = lambda q, d, s: [a + s * eps * b for a, b in zip(q, d)]
+  return {
+      'y': step('impl', 'impl', 'impl (float64)', p),
+      'jvp': step('jvp', 'jvp', 'jax.jvp(bind)', p, t),
+      'impl+': step('impl', 'impl', 'impl (float64)', shift(p, t, 1)),
+      'impl-': step('impl', 'impl', 'impl (float64)', shift(p, t, -1)),
+      'vjp': step('vjp', 'jvp', 'jax.vjp (first order)', p, us),
+      'jvp2': step('jvp2', 'jvp', 'jax.jvp of jax.jvp(bind)', p, t, w),
+      'jvp_of+': step('jvp_of', 'jvp', 'the JVP function', shift(p, w, 1), t),
+      'jvp_of-': step('jvp_of', 'jvp', 'the JVP function', shift(p, w, -1),
+                      t),
+      'vjp2': step('vjp2', 'jvp', 'jax.vjp (second order)', p, t, ws),
+  }
+
+
+def _dots(cotangents, directions, u_list, f_dot):
+  backward = [sum(_dot(c, v) for c, v in zip(cots, directions))
+              for cots in cotangents]
+  forward = [_dot(u, f_dot) for u in u_list]
+  return backward, forward
 
 
 @check('primitive.jvp')
@@ -157,59 +232,45 @@ def check_jvp(ctx):
   dot-product test, at first and second order (float64)."""
   with x64_enabled(True):
     ops = to_float64(ctx.operands)
-    diff = _floating_positions(ops)
+    diff = tuple(_floating_positions(ops))
     if not diff:
       ctx.skip(f'{ctx.name} has no floating operands to differentiate')
-    y_index = ctx.primitive.y_outvar_index
-    multi = ctx.primitive.multiple_results
-
-    def with_diff(fn):
-      # fn of the list of floating operands; integer ones are closed over.
-      def f(args):
-        new = list(ops)
-        for i, a in zip(diff, args):
-          new[i] = a
-        out = fn(*new, **ctx.params)
-        return out[y_index] if multi else out
-      return f
-
-    # Everything is jitted (a handful of compilations instead of one per
-    # eager op); the JAX rules run while tracing, exactly as in eager mode.
-    bound = with_diff(ctx.primitive.bind)
-    plain = jax.jit(with_diff(ctx.primitive.impl_fn))
+    ops = list(ops)
     primals = [ops[i] for i in diff]
-    y = _guarded('impl', 'impl (float64)', plain, primals)
+    y = _guarded('impl', 'impl (float64)', jax.eval_shape,
+                 _jvp_step(ctx, diff, 'impl'), ops, primals)
     if not jnp.issubdtype(y.dtype, jnp.inexact):
       ctx.skip(f'{ctx.name} has a non-floating output ({y.dtype})')
     tangents = [ctx.normal(f'primitive.jvp.v{i}', ops[i].shape, jnp.float64)
                 for i in diff]
-    eps = tolerances.FD_EPS
-    names = ', '.join(f'operand {i}' for i in diff)
-
-    # First order, forward: J v vs central differences of impl.
-    y_out, jv = _guarded('jvp', 'jax.jvp(bind)', jax.jit(
-        lambda p, t: jax.jvp(bound, (p,), (t,))), primals, tangents)
-    ctx.compare(y_out, y, rule='jvp', what='primal output of jax.jvp(bind) '
-                'vs impl')
-    ctx.compare(jv, _central_difference(plain, primals, tangents, eps),
-                rule='jvp', kind='fd', what=f'jax.jvp(bind) along random '
-                f'tangents of {names} vs central differences of impl')
-    # First order, reverse: <u, J v> == <J^T u, v>.
-    vjp = jax.jit(lambda p, u: jax.vjp(bound, p)[1](u)[0])
-    _dot_product_test(ctx, vjp, primals, tangents, jv, 'primitive.jvp.1',
-                      'first order')
-
-    # Second order: the JVP function p -> J(p) v, differentiated once more.
-    jvp_of = lambda p: jax.jvp(bound, (p,), (tangents,))[1]
     w = [ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float64)
          for i, t in zip(diff, tangents)]
-    _, jjw = _guarded('jvp', 'jax.jvp of jax.jvp(bind)', jax.jit(
-        lambda p, d: jax.jvp(jvp_of, (p,), (d,))), primals, w)
-    ctx.compare(jjw, _central_difference(jax.jit(jvp_of), primals, w, eps),
+    us = [ctx.normal(f'primitive.jvp.1.u{k}', y.shape, jnp.float64)
+          for k in range(DOT_PRODUCT_DIRECTIONS)]
+    ws = [ctx.normal(f'primitive.jvp.2.u{k}', y.shape, jnp.float64)
+          for k in range(DOT_PRODUCT_DIRECTIONS)]
+    eps = tolerances.FD_EPS
+    args = (ops, primals, tangents, w, us, ws)
+    try:
+      r = _jvp_all(ctx, diff, eps)(*args)
+    except Exception:  # pylint: disable=broad-except
+      r = _jvp_stepwise(ctx, diff, eps, *args)
+    r = jax.tree.map(lambda v: np.asarray(v, np.float64), r)
+    names = ', '.join(f'operand {i}' for i in diff)
+    y_out, jv = r['jvp']
+    # First order, forward: J v vs central differences of impl.
+    ctx.compare(y_out, r['y'], rule='jvp', what='primal output of '
+                'jax.jvp(bind) vs impl')
+    ctx.compare(jv, (r['impl+'] - r['impl-']) / (2 * eps), rule='jvp',
+                kind='fd', what=f'jax.jvp(bind) along random tangents of '
+                f'{names} vs central differences of impl')
+    # First order, reverse: <u, J v> == <J^T u, v>.
+    _dot_product_test(ctx, *_dots(r['vjp'], tangents, us, jv), 'first order')
+    # Second order: the JVP function p -> J(p) v, differentiated once more.
+    ctx.compare(r['jvp2'], (r['jvp_of+'] - r['jvp_of-']) / (2 * eps),
                 rule='jvp', kind='fd', what='second order: jax.jvp of the JVP '
                 'function vs central differences of the JVP function')
-    vjp2 = jax.jit(lambda p, u: jax.vjp(jvp_of, p)[1](u)[0])
-    _dot_product_test(ctx, vjp2, primals, w, jjw, 'primitive.jvp.2',
+    _dot_product_test(ctx, *_dots(r['vjp2'], w, ws, r['jvp2']),
                       'second order')
 
 

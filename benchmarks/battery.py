@@ -1,0 +1,183 @@
+"""The default battery: wall time, time per check, compilations per example.
+
+Prints, for the built-in primitives:
+
+1. the wall time of ``pytest --etp-check`` (the default battery, run as a
+   user runs it, in a subprocess) and, per primitive and check, the seconds
+   it spent, as a ratio to the bare cost of one jitted forward plus one VJP
+   of the same primitive on its first generated case (measured here);
+2. XLA compilations per primitive over ``--examples`` hypothesis examples
+   of the full battery (scaled to 100), with the number of distinct shape
+   signatures among them, and the compilations of the same number of
+   examples that all share one shape (what compile reuse leaves: the first
+   example compiles, the rest reuse).
+
+    python benchmarks/battery.py                      # everything
+    python benchmarks/battery.py --no-battery --examples 20 --primitives etp_mm
+
+Targets (issue 6): battery <= 60 s on the 2-core machine; <= 10 compilations
+per 100 examples per primitive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _primitives(patterns):
+  import etp
+  from etp_testing._src import strategies
+  return [p for p in strategies.registered_primitives()
+          if not patterns or any(fnmatch.fnmatchcase(p.name, pat)
+                                 for pat in patterns)]
+
+
+def first_case(prim, strategy=None):
+  """The first case hypothesis draws for ``prim`` with seed 0."""
+  from hypothesis import given, seed, settings
+  from etp_testing._src import strategies
+  strategy = strategy or strategies.strategy_for(prim)
+  found = []
+
+  @seed(0)
+  @settings(max_examples=1, database=None, deadline=None)
+  @given(strategy)
+  def draw(case):
+    found.append(case)
+  draw()
+  return found[0]
+
+
+def bare_fwd_vjp_seconds(prim, operands, params, repeat=20) -> float:
+  """Best-of-``repeat`` time of one compiled jitted forward plus one VJP
+  w.r.t. the trainable operands (the forward alone without any)."""
+  import jax
+  import numpy as np
+  from etp_testing._src import executor
+  index = prim.trainable_invars(params)
+
+  def fwd_vjp(ops, g):
+    weights = {k: ops[i] for k, i in index.items()}
+    y, vjp = jax.vjp(lambda w: executor.bind_y(
+        prim, executor.with_weights(prim, ops, params, w), params), weights)
+    return y, vjp(g)
+
+  y = jax.eval_shape(lambda: executor.bind_y(prim, operands, params))
+  g = np.ones(y.shape, y.dtype)
+  run = jax.jit(fwd_vjp)
+  ops = list(operands)
+  jax.block_until_ready(run(ops, g))
+  best = float('inf')
+  for _ in range(repeat):
+    t = time.perf_counter()
+    jax.block_until_ready(run(ops, g))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def battery(prims, bare) -> bool:
+  """Runs ``pytest --etp-check`` and prints its figures; True if it passed."""
+  with tempfile.TemporaryDirectory() as tmp:
+    report_path = os.path.join(tmp, 'report.json')
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, '-m', 'pytest', '--etp-check', '-q', '-p',
+         'no:cacheprovider', '--etp-report', report_path,
+         '--etp-primitives', ','.join(p.name for p in prims)],
+        cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout else ''
+    print(f'pytest --etp-check: {wall:.1f} s wall ({tail})')
+    if not os.path.exists(report_path):
+      print(proc.stdout[-3000:], proc.stderr[-3000:])
+      return False
+    with open(report_path) as f:
+      report = json.load(f)
+  checks = sorted({c for per in report['primitives'].values() for c in per})
+  names = [p.name for p in prims]
+  print('\nseconds per check over the battery\'s examples (ratio to one '
+        'jitted forward + VJP of the first case)')
+  print(f'{"check":24}' + ''.join(f'{n[4:]:>16}' for n in names))
+  for c in checks:
+    row = []
+    for n in names:
+      r = report['primitives'].get(n, {}).get(c)
+      if r is None:
+        row.append(f'{"-":>16}')
+        continue
+      s = r['duration_s']
+      row.append(f'{s:7.2f}s {s / bare[n]:7.0e}'.rjust(16))
+    print(f'{c:24}' + ''.join(row))
+  print(f'{"bare fwd+VJP":24}' + ''.join(f'{bare[n] * 1e6:13.0f} us'
+                                         for n in names))
+  return proc.returncode == 0
+
+
+def _fixed_shape_strategy(case):
+  """Cases with ``case``'s shapes, dtypes and params, fresh floating values."""
+  import numpy as np
+  from hypothesis import strategies as st
+  from etp_testing._src import strategies
+  operands, params = case
+  parts = [strategies.arrays_of(np.shape(o), np.asarray(o).dtype)
+           if np.issubdtype(np.asarray(o).dtype, np.floating) else st.just(o)
+           for o in operands]
+  return st.tuples(st.tuples(*parts), st.just(params))
+
+
+def compilations(prims, examples: int) -> None:
+  """Prints compilations per primitive over ``examples`` generated
+  examples, and over as many examples of one shape."""
+  from etp_testing._src.compilations import counting
+  from etp_testing._src.hypothesis_runner import check_with_hypothesis
+  print(f'\nXLA compilations of the full battery over {examples} hypothesis '
+        'examples (per 100 in brackets)')
+  print(f'{"primitive":16}{"generated":>20}{"shapes":>8}{"s":>8}'
+        f'{"one shape":>20}{"s":>8}')
+  for prim in prims:
+    with counting() as varied:
+      t = time.perf_counter()
+      summary = check_with_hypothesis(prim, max_examples=examples, seed=0)
+      varied_s = time.perf_counter() - t
+    fixed = _fixed_shape_strategy(first_case(prim))
+    check_with_hypothesis(prim, max_examples=1, seed=1, strategy=fixed)
+    with counting() as same:   # after one warm-up example of that shape
+      t = time.perf_counter()
+      check_with_hypothesis(prim, max_examples=examples, seed=2,
+                            strategy=fixed)
+      same_s = time.perf_counter() - t
+    per100 = lambda n: f'{n} ({100 * n / examples:.0f})'
+    print(f'{prim.name:16}{per100(varied.count):>20}'
+          f'{summary.distinct_shapes:>8}{varied_s:8.1f}'
+          f'{per100(same.count):>20}{same_s:8.1f}')
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--primitives', default='',
+                      help='comma list of names or globs (default: all)')
+  parser.add_argument('--examples', type=int, default=100)
+  parser.add_argument('--no-battery', action='store_true')
+  parser.add_argument('--no-compilations', action='store_true')
+  args = parser.parse_args(argv)
+  prims = _primitives([p for p in args.primitives.split(',') if p])
+  ok = True
+  if not args.no_battery:
+    bare = {p.name: bare_fwd_vjp_seconds(p, *first_case(p)) for p in prims}
+    ok = battery(prims, bare)
+  if not args.no_compilations:
+    compilations(prims, args.examples)
+  return 0 if ok else 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())
