@@ -20,8 +20,11 @@ or when a correct built-in is flagged on any case (a false alarm).
 Options::
 
   --mutants GLOB   only mutants whose name matches (with or without 'mutant_')
-  --fast           reduced form: each mutant's expected checks plus a cheap
+  --reduced        reduced form: each mutant's expected checks plus a cheap
                    subset, steps=2 (what the test suite runs)
+  --fast           fast mode for every check (random projections instead of
+                   full Jacobians, sampled anchors): it must kill the same
+                   mutants
   --examples N     also run N hypothesis examples per mutant and per built-in
                    (etp_testing check_with_hypothesis, when available)
   --json PATH      write the results as JSON
@@ -50,7 +53,7 @@ from etp_testing._src.runner import check_names, check_rules
 __all__ = ['main', 'run', 'run_mutant', 'run_builtin', 'checks_for',
            'MutantResult', 'BuiltinResult', 'SelftestResult']
 
-# Checks every reduced (--fast) run adds to a mutant's expected checks: cheap
+# Checks every reduced (--reduced) run adds to a mutant's expected checks: cheap
 # ones that see most bugs, so the matrix still shows more than the target.
 CHEAP_CHECKS = ('xy_to_dw.vjp', 'init.pp', 'primitive.abstract_eval')
 
@@ -173,10 +176,10 @@ def _select(patterns) -> list:
   return out
 
 
-def checks_for(mutant, fast: bool = False) -> list:
-  """The checks to run on ``mutant``: all of them, or (``fast``) its
+def checks_for(mutant, reduced: bool = False) -> list:
+  """The checks to run on ``mutant``: all of them, or (``reduced``) its
   expected checks plus :data:`CHEAP_CHECKS`, in run order."""
-  if not fast:
+  if not reduced:
     return list(check_names())
   chosen = set(_select(mutant.expected_checks)) | set(_select(CHEAP_CHECKS))
   return [c for c in check_names() if c in chosen]
@@ -212,9 +215,9 @@ def _hypothesis_runner():
   return check_with_hypothesis
 
 
-def run_mutant(mutant, *, fast: bool = False, checks=None, seed: int = 0,
+def run_mutant(mutant, *, reduced: bool = False, checks=None, seed: int = 0,
                steps: Optional[int] = None, n_state=(1, 2), devices='all',
-               examples: int = 0) -> MutantResult:
+               examples: int = 0, fast: Optional[bool] = None) -> MutantResult:
   """Runs the harness on ``mutant``'s case and judges the outcome."""
   result = MutantResult(name=mutant.name, family=mutant.family,
                         bug_class=mutant.bug_class,
@@ -229,10 +232,10 @@ def run_mutant(mutant, *, fast: bool = False, checks=None, seed: int = 0,
     result.reasons['build'] = f'{type(e).__name__}: {e}'
     result.duration_s = time.perf_counter() - start
     return result
-  names = checks if checks is not None else checks_for(mutant, fast)
+  names = checks if checks is not None else checks_for(mutant, reduced)
   report = check_rules(prim, *operands, checks=names, seed=seed,
-                       steps=steps or (2 if fast else 3), n_state=n_state,
-                       devices=devices, **params)
+                       steps=steps or (2 if reduced else 3), n_state=n_state,
+                       devices=devices, fast=fast, **params)
   result.statuses, result.reasons = _statuses(report)
   result.durations = {o.name: round(o.duration_s, 3) for o in report.outcomes}
   result.verdict = _verdict(result.statuses, mutant.expected_checks)
@@ -280,11 +283,12 @@ def _hypothesis_on(prim, examples, names, seed, expected=None,
 
 def run_builtin(primitive, operands, params, *, checks='all', case_of='',
                 seed: int = 0, steps: int = 3, n_state=(1, 2),
-                devices='all') -> BuiltinResult:
+                devices='all', fast: Optional[bool] = None) -> BuiltinResult:
   """Runs the harness on a correct built-in; every check must pass."""
   start = time.perf_counter()
   report = check_rules(primitive, *operands, checks=checks, seed=seed,
-                       steps=steps, n_state=n_state, devices=devices, **params)
+                       steps=steps, n_state=n_state, devices=devices,
+                       fast=fast, **params)
   statuses, reasons = _statuses(report)
   return BuiltinResult(primitive=primitive.name, case_of=case_of,
                        statuses=statuses, reasons=reasons,
@@ -316,9 +320,9 @@ class BuiltinCase:
     return self.mutants[0] + (f' (+{more} more)' if more else '')
 
 
-def builtin_cases(chosen, *, fast: bool = False) -> list:
+def builtin_cases(chosen, *, reduced: bool = False) -> list:
   """The distinct cases of ``chosen`` mutants, each with its built-in and
-  the union of the checks run on its mutants (all checks unless ``fast``)."""
+  the union of the checks run on its mutants (all checks unless ``reduced``)."""
   groups: dict = {}
   for m in chosen:
     operands, params = m.case()
@@ -328,22 +332,24 @@ def builtin_cases(chosen, *, fast: bool = False) -> list:
                                 checks=[], mutants=[])
     group = groups[key]
     group.mutants.append(m.name)
-    wanted = set(group.checks) | set(checks_for(m, fast))
+    wanted = set(group.checks) | set(checks_for(m, reduced))
     group.checks = [c for c in check_names() if c in wanted]
   return list(groups.values())
 
 
-def run(pattern: str = '*', *, fast: bool = False, seed: int = 0,
+def run(pattern: str = '*', *, reduced: bool = False, seed: int = 0,
         examples: int = 0, builtins: bool = True, devices='all',
-        log=None) -> SelftestResult:
+        log=None, fast: Optional[bool] = None) -> SelftestResult:
   """Runs every mutant matching ``pattern``, then each correct built-in on
-  every distinct case of those mutants (with the union of their checks)."""
+  every distinct case of those mutants (with the union of their checks);
+  ``fast=True`` runs everything in fast mode (random projections)."""
   start = time.perf_counter()
   chosen = mutants_lib.catalog(pattern=pattern)
   built_before = {m.name for m in mutants_lib.built()}
   try:
-    return _run(chosen, fast=fast, seed=seed, examples=examples,
-                builtins=builtins, devices=devices, log=log, start=start)
+    return _run(chosen, reduced=reduced, seed=seed, examples=examples,
+                builtins=builtins, devices=devices, log=log, start=start,
+                fast=fast)
   finally:
     # Leave etp.primitives() as found: no broken primitive lingers.
     for m in chosen:
@@ -351,13 +357,13 @@ def run(pattern: str = '*', *, fast: bool = False, seed: int = 0,
         m.forget()
 
 
-def _run(chosen, *, fast, seed, examples, builtins, devices, log,
-         start) -> SelftestResult:
+def _run(chosen, *, reduced, seed, examples, builtins, devices, log,
+         start, fast) -> SelftestResult:
   results, base_results = [], []
-  steps = 2 if fast else 3
+  steps = 2 if reduced else 3
   for m in chosen:
-    r = run_mutant(m, fast=fast, seed=seed, steps=steps, devices=devices,
-                   examples=examples)
+    r = run_mutant(m, reduced=reduced, seed=seed, steps=steps, devices=devices,
+                   examples=examples, fast=fast)
     results.append(r)
     if log:
       log(f'  {r.verdict:>13}  {m.name}  ({r.duration_s:.1f}s)'
@@ -365,10 +371,10 @@ def _run(chosen, *, fast, seed, examples, builtins, devices, log,
   if builtins:
     built_ok = {r.name for r in results if r.verdict != BUILD_ERROR}
     for case in builtin_cases([m for m in chosen if m.name in built_ok],
-                              fast=fast):
+                              reduced=reduced):
       b = run_builtin(mutants_lib.builtin(case.base), case.operands,
                       case.params, checks=case.checks, case_of=case.label,
-                      seed=seed, steps=steps, devices=devices)
+                      seed=seed, steps=steps, devices=devices, fast=fast)
       base_results.append(b)
       if log:
         log(f'  {"passed" if b.passed else "FALSE ALARM":>13}  {b.primitive} '
@@ -463,9 +469,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       'mutant survives or any correct built-in is flagged.')
   parser.add_argument('--mutants', default='*', metavar='GLOB',
                       help="only mutants matching GLOB (e.g. 'dense_*')")
-  parser.add_argument('--fast', action='store_true',
+  parser.add_argument('--reduced', action='store_true',
                       help='reduced form: expected checks + a cheap subset, '
                       'steps=2')
+  parser.add_argument('--fast', action='store_true',
+                      help='fast mode (random projections, sampled anchors) '
+                      'for every check, as above the size threshold')
   parser.add_argument('--examples', type=int, default=0, metavar='N',
                       help='also run N hypothesis examples per primitive')
   parser.add_argument('--seed', type=int, default=0)
@@ -482,8 +491,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   log = None if args.quiet else (lambda s: print(s, flush=True))
   if log:
     log(f'Running the harness on {len(chosen)} mutants'
-        + (' (fast form)' if args.fast else ''))
-  result = run(args.mutants, fast=args.fast, seed=args.seed,
+        + (' (reduced form)' if args.reduced else '')
+        + (' (fast mode)' if args.fast else ''))
+  result = run(args.mutants, reduced=args.reduced, seed=args.seed,
+               fast=True if args.fast else None,
                examples=args.examples, builtins=not args.no_builtins, log=log)
   print(format_matrix(result))
   if args.json:

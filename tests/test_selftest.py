@@ -1,7 +1,7 @@
 """The harness kills every mutant: the selftest in its reduced form.
 
 Every mutant of ``etp_testing.mutants`` runs through ``check_rules`` with its
-expected checks plus a cheap subset (``selftest.checks_for(m, fast=True)``,
+expected checks plus a cheap subset (``selftest.checks_for(m, reduced=True)``,
 ``steps=2``); each must be killed by a check that names the real cause, and
 the correct built-in it was made from must pass the same checks on the same
 case.  A change that blinds a check makes its mutants survive and fails here.
@@ -89,27 +89,32 @@ class TestCatalog:
     assert out.returncode == 0, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize('fast', [None, True], ids=['auto', 'fast-mode'])
 @pytest.mark.parametrize('mutant', CATALOG, ids=_ids(CATALOG))
-def test_mutant_is_killed(mutant):
-  result = selftest.run_mutant(mutant, fast=True)
+def test_mutant_is_killed(mutant, fast):
+  """Every mutant is killed, in the default mode and in fast mode (random
+  projections, sampled anchors): fast mode must kill what full mode kills."""
+  result = selftest.run_mutant(mutant, reduced=True, fast=fast)
   assert result.verdict == selftest.KILLED, (
-      f'{mutant.name} ({mutant.description}) was not killed: verdict '
-      f'{result.verdict}; expected {mutant.expected_checks}; statuses '
-      f'{result.statuses}; reasons {result.reasons}')
+      f'{mutant.name} ({mutant.description}) was not killed '
+      f'(fast={fast}): verdict {result.verdict}; expected '
+      f'{mutant.expected_checks}; statuses {result.statuses}; reasons '
+      f'{result.reasons}')
 
 
-BUILTIN_CASES = selftest.builtin_cases(CATALOG, fast=True)
+BUILTIN_CASES = selftest.builtin_cases(CATALOG, reduced=True)
 
 
 @pytest.mark.parametrize('case', BUILTIN_CASES,
                          ids=[c.base + '-' + c.mutants[0][len('mutant_'):]
                               for c in BUILTIN_CASES])
-def test_builtin_passes_on_mutant_cases(case):
+@pytest.mark.parametrize('fast', [None, True], ids=['auto', 'fast-mode'])
+def test_builtin_passes_on_mutant_cases(case, fast):
   """No false alarm: the correct built-in passes every check its mutants ran,
-  on their very case."""
+  on their very case, in the default mode and in fast mode."""
   result = selftest.run_builtin(mutants.builtin(case.base), case.operands,
                                 case.params, checks=case.checks,
-                                case_of=case.label, steps=2)
+                                case_of=case.label, steps=2, fast=fast)
   assert result.passed, (f'false alarm: {result.primitive} on the case of '
                          f'{case.mutants}: {result.reasons}')
 
@@ -127,9 +132,9 @@ class TestVerdicts:
 
   def test_checks_for_fast_covers_expected(self):
     for m in CATALOG:
-      fast = selftest.checks_for(m, fast=True)
-      assert any(m.matches(c) for c in fast)
-      assert set(selftest.CHEAP_CHECKS) & set(check_names()) <= set(fast)
+      reduced = selftest.checks_for(m, reduced=True)
+      assert any(m.matches(c) for c in reduced)
+      assert set(selftest.CHEAP_CHECKS) & set(check_names()) <= set(reduced)
     assert selftest.checks_for(CATALOG[0]) == list(check_names())
 
   def test_builtin_cases_cover_every_mutant(self):
@@ -137,7 +142,7 @@ class TestVerdicts:
     assert sorted(covered) == sorted(m.name for m in CATALOG)
     for c in BUILTIN_CASES:
       for name in c.mutants:
-        assert set(selftest.checks_for(mutants.get(name), fast=True)) <= \
+        assert set(selftest.checks_for(mutants.get(name), reduced=True)) <= \
             set(c.checks)
 
 
@@ -145,7 +150,7 @@ class TestMain:
 
   def test_cli_kill_matrix_and_json(self, tmp_path, capsys):
     path = tmp_path / 'out.json'
-    code = selftest.main(['--mutants', 'dense_xy_sign', '--fast', '--quiet',
+    code = selftest.main(['--mutants', 'dense_xy_sign', '--reduced', '--quiet',
                           '--json', str(path)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -160,7 +165,7 @@ class TestMain:
     # --examples: generated cases for the mutant (drawn by its built-in's
     # strategy) and for the built-in itself.
     path = tmp_path / 'out.json'
-    code = selftest.main(['--mutants', 'elemwise_xy_sign', '--fast',
+    code = selftest.main(['--mutants', 'elemwise_xy_sign', '--reduced',
                           '--examples', '2', '--quiet', '--json', str(path)])
     out = capsys.readouterr().out
     assert code == 0, out
@@ -183,7 +188,7 @@ class TestMain:
         base='etp_mv')
     monkeypatch.setattr(mutants_src, '_CATALOG',
                         mutants_src._CATALOG + [fake])
-    code = selftest.main(['--mutants', 'dense_not_broken', '--fast',
+    code = selftest.main(['--mutants', 'dense_not_broken', '--reduced',
                           '--quiet', '--no-builtins'])
     out = capsys.readouterr().out
     assert code == 1

@@ -27,6 +27,14 @@ from etp_testing._src.report import Finding
 # Above this many Jacobian entries (output size x weight size), fast mode is
 # chosen automatically: random projections instead of full Jacobians.
 FAST_MODE_THRESHOLD = 1_000_000
+# In fast mode, the checks that build whole traces (yw_to_w.linear and .vmap,
+# init.drtrl, drtrl.exact and .instant) run on a batch of one when a trace
+# has more entries than this (per state), and are skipped, saying so, when
+# even that is larger: what they check does not depend on the size, and the
+# generated small cases check it.
+FAST_TRACE_LIMIT = 64_000_000
+# Above this many elements, compare judges from max_errors alone.
+LARGE_COMPARE = 1_000_000
 
 
 @contextlib.contextmanager
@@ -121,10 +129,10 @@ def to_float64(tree):
 
 def max_errors(actual, expected):
   """``(max_abs, max_rel, index)``; see ``tolerances`` for the definitions."""
-  a = np.asarray(actual, np.float64)
-  e = np.asarray(expected, np.float64)
+  a = np.asarray(actual)
+  e = np.asarray(expected)
   with np.errstate(invalid='ignore', over='ignore'):
-    diff = np.abs(a - e)
+    diff = np.abs(np.subtract(a, e, dtype=np.float64))
   if diff.size == 0:
     return 0.0, 0.0, ()
   bad = ~np.isfinite(diff)
@@ -212,6 +220,49 @@ class CheckContext:
       if weights is not None and k in weights:
         ops[i] = weights[k]
     return ops
+
+  def trace_entries(self) -> int:
+    """Entries of the largest trace ``init_drtrl`` gives for one state
+    (shapes only, nothing allocated); 0 when it cannot say."""
+    from etp._src.registry import call_init_rule
+    from etp_testing._src import executor
+    try:
+      x_var, y_var, weight_vars = executor.jaxpr_vars(
+          self.primitive, self.operands, self.params)
+      traces = jax.eval_shape(lambda: call_init_rule(
+          self.rules.init_drtrl, x_var, y_var, weight_vars, 1,
+          self.rule_params))
+      return max((int(np.prod(v.shape)) for v in jax.tree.leaves(traces)),
+                 default=0)
+    except Exception:  # pylint: disable=broad-except
+      return 0   # the checks themselves report a broken init_drtrl
+
+  def for_traces(self) -> 'CheckContext':
+    """The context the trace-building checks run on: this one, or in fast
+    mode above ``FAST_TRACE_LIMIT`` trace entries a batch of one of it
+    (findings go to this context); skips when that is still too large."""
+    if not self.fast:
+      return self
+    entries = self.trace_entries()
+    if entries <= FAST_TRACE_LIMIT:
+      return self
+    if self.batched and self.x is not None and np.shape(self.x)[0] > 1:
+      one = CheckContext(
+          self.primitive, self.with_operands(x=self.x[:1]), self.params,
+          seed=self.seed, steps=self.steps, n_states=self.n_states,
+          rtol=self.rtol_override, atol=self.atol_override,
+          devices=self.devices, fast=True)
+      one_entries = one.trace_entries()
+      if one_entries <= FAST_TRACE_LIMIT:
+        one.findings = self.findings
+        self.record_pass('trace', message=(
+            f'fast mode: a trace has {entries} entries; checked on a batch '
+            f'of one ({one_entries} entries)'))
+        return one
+      entries = one_entries
+    self.skip(f'fast mode: a trace has {entries} entries per state, above '
+              f'FAST_TRACE_LIMIT={FAST_TRACE_LIMIT}; the generated small '
+              'cases check this (or run with fast=False)')
 
   def weight_dtype(self):
     dts = [w.dtype for w in self.weights.values()]
@@ -334,17 +385,21 @@ class CheckContext:
           f'{what or "result"}: dtype {actual.dtype} != expected '
           f'{expected.dtype}'), **base))
     max_abs, max_rel, index = max_errors(actual, expected)
-    actual64 = actual.astype(np.float64)
-    expected64 = expected.astype(np.float64)
-    scale = float(np.max(np.abs(expected64))) if expected.size else 0.0
-    try:
-      chex.assert_tree_all_finite(actual64)
-      # The norm-wise bound, through chex: |a - e| <= atol + rtol * scale.
-      chex.assert_trees_all_close(actual64, expected64, rtol=0.0,
-                                  atol=atol + rtol * scale)
-      passed = True
-    except AssertionError:
-      passed = False
+    scale = float(np.max(np.abs(expected), initial=0.0))
+    if expected.size > LARGE_COMPARE:
+      # Large arrays: the bound straight from max_errors' float64 pass
+      # (chex would make more float64 copies of them).
+      passed = bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
+    else:
+      try:
+        chex.assert_tree_all_finite(actual.astype(np.float64))
+        # The norm-wise bound, through chex: |a - e| <= atol + rtol * scale.
+        chex.assert_trees_all_close(
+            actual.astype(np.float64), expected.astype(np.float64), rtol=0.0,
+            atol=atol + rtol * scale)
+        passed = True
+      except AssertionError:
+        passed = False
     if approximate:
       passed = True
     return self.record(Finding(

@@ -139,6 +139,7 @@ def check_drtrl_exact(ctx):
   unrolled recurrence, per weight, for every ``n_state``."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
+  ctx = ctx.for_traces()
   rules = guarded_rules(ctx.rules)
   runs = []
   for label, operands, transforms in _variants(ctx):
@@ -172,14 +173,16 @@ def check_drtrl_instant(ctx):
   if ctx.rules.instant_drtrl is None:
     ctx.skip('no instant_drtrl/solve_drtrl: the defaults (xy_to_dw, yw_to_w) '
              'are used, and drtrl.exact covers them')
-  y = ctx.y()
+  ctx = ctx.for_traces()
+  y = jax.eval_shape(ctx.y)
   g = ctx.normal('drtrl.instant.g', y.shape, y.dtype)
   c = ctx.normal('drtrl.instant.c', y.shape, y.dtype)
   trace = ctx.call_rule('instant_drtrl', ctx.x, g, ctx.weights)
   ctx.check_keys('instant_drtrl', trace, ctx.weights.keys())
   solved = ctx.call_rule('solve_drtrl', c, trace)
   ctx.check_keys('solve_drtrl', solved, ctx.weights.keys())
-  want = ctx.call_rule('xy_to_dw', ctx.x, c * g, ctx.weights)
+  want = ctx.call_rule('xy_to_dw', ctx.x, np.asarray(c) * np.asarray(g),
+                       ctx.weights)
   ctx.check_keys('xy_to_dw', want, ctx.weights.keys())
   for k in ctx.weights:
     ctx.compare(solved[k], want[k], rule='solve_drtrl', key=k,

@@ -94,6 +94,7 @@ def check_init_drtrl(ctx):
   ``n_state``, and the operands' result dtype (with x64 on and off)."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
+  ctx = ctx.for_traces()
   for label, operands, x64 in _variants(ctx):
     with x64_enabled(x64):
       operands = tuple(jnp.asarray(o) for o in operands)

@@ -43,8 +43,9 @@ def trace_shapes(ctx, operands=None) -> dict:
   x_var, y_var, weight_vars = executor.jaxpr_vars(ctx.primitive, operands,
                                                   ctx.params)
   try:
-    traces = call_init_rule(ctx.rules.init_drtrl, x_var, y_var, weight_vars, 1,
-                            ctx.rule_params)
+    # Shapes only: a large layer's trace is not allocated here.
+    traces = jax.eval_shape(lambda: call_init_rule(
+        ctx.rules.init_drtrl, x_var, y_var, weight_vars, 1, ctx.rule_params))
   except Exception as e:  # pylint: disable=broad-except
     raise RuleFailure('init_drtrl', f'init_drtrl raised {type(e).__name__}: '
                       f'{e}') from e
@@ -119,8 +120,7 @@ def check_anchor(ctx):
   shapes = trace_shapes(ctx)
   y = jax.eval_shape(ctx.y)
   g = ctx.normal('yw_to_w.anchor.g', y.shape, y.dtype)
-  traces = random_traces(ctx, 'yw_to_w.anchor.T', shapes, ctx.weight_dtype())
-  linked = None
+  traces = linked = None   # built when an anchored key needs them
   for k, w in ctx.weights.items():
     if w.size == 0:
       ctx.record_pass('yw_to_w', key=k, message='empty weight: nothing to link')
@@ -161,6 +161,8 @@ def check_anchor(ctx):
           f'{lead + tuple(w.shape)} for an anchored weight'))
       continue
     if linked is None:
+      traces = random_traces(ctx, 'yw_to_w.anchor.T', shapes,
+                             ctx.weight_dtype())
       linked = ctx.call_rule('yw_to_w', g, traces)
       ctx.check_keys('yw_to_w', linked, ctx.weights.keys())
     reached = n_reach == 1
@@ -185,6 +187,7 @@ def check_linear(ctx):
   """``yw_to_w`` is linear in ``g`` and element-wise in the trace."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
+  ctx = ctx.for_traces()
   shapes = trace_shapes(ctx)
   y = jax.eval_shape(ctx.y)
   dt = ctx.weight_dtype()
@@ -223,6 +226,7 @@ def check_vmap(ctx):
   and with two extra leading axes."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
+  ctx = ctx.for_traces()
   shapes = trace_shapes(ctx)
   y = jax.eval_shape(ctx.y)
   dt = ctx.weight_dtype()
