@@ -475,3 +475,32 @@ def test_eager_bind_takes_numpy_operands():
                               shape=(3, 4), has_bias=False)
   assert isinstance(out, jax.Array) and out.dtype == np.float32
   np.testing.assert_array_equal(out, want)
+
+
+def test_traced_bind_with_numpy_constant_x():
+  """A NumPy ``x`` closed over by a jitted, differentiated function is a
+  constant of the trace; the product must stay one ``bcoo_dot_general``
+  (NumPy's ``@`` iterated the BCOO matrix row by row: a slice per row, minutes
+  at 4096 rows)."""
+  rng = np.random.default_rng(0)
+  n, nnz = 64, 200
+  flat = rng.choice(n * n, size=nnz, replace=False)
+  indices = np.stack([flat // n, flat % n], axis=1).astype(np.int32)
+  x = rng.standard_normal(n, dtype=np.float32)
+  data = rng.standard_normal(nnz, dtype=np.float32)
+
+  def y_of(d):
+    return etp.etp_sp_mv_p.bind(x, d, indices, shape=(n, n), has_bias=False)
+
+  def forward_vjp(d, g):
+    y, vjp = jax.vjp(y_of, d)
+    return y, vjp(g)
+
+  g = np.ones(n, np.float32)
+  jaxpr = str(jax.make_jaxpr(forward_vjp)(data, g))
+  assert jaxpr.count('slice') < n // 2, 'the product iterated over rows'
+  dense = np.zeros((n, n), np.float32)
+  dense[indices[:, 0], indices[:, 1]] = data
+  y, (dd,) = jax.jit(forward_vjp)(data, g)
+  np.testing.assert_allclose(y, x @ dense, rtol=2e-5, atol=1e-5)
+  np.testing.assert_allclose(dd, x[indices[:, 0]], rtol=1e-6)

@@ -50,7 +50,9 @@ __all__ = ['etp_sp_mv_p', 'etp_sp_mm_p', 'sparse_matmul']
 
 
 def _impl(x, data, indices, *bias, shape: tuple, has_bias: bool):
-  y = x @ jsparse.BCOO((data, indices), shape=shape)
+  # jnp.asarray: a NumPy x (a constant closed over by a traced function)
+  # would make ``@`` NumPy's, which iterates the BCOO matrix row by row.
+  y = jnp.asarray(x) @ jsparse.BCOO((data, indices), shape=shape)
   return y + bias[0] if has_bias else y
 
 
