@@ -154,6 +154,29 @@ def test_jacrev_fast_mode_catches():
   assert 'fast mode' in outcome.findings[0].message
 
 
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+def test_jacrev_fast_mode_passes_correct_rules(x64, dtype):
+  del x64
+  ops = [a.astype(dtype) for a in (X, W, B)]
+  outcome = etp_testing.check_rules(etp.etp_mm_p, *ops,
+                                    checks=['xy_to_dw.jacrev'], fast=True,
+                                    has_bias=True).outcome('xy_to_dw.jacrev')
+  assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  assert {f.key for f in outcome.findings} == {'weight', 'bias'}
+  assert all('fast mode' in f.message for f in outcome.findings)
+
+
+def test_jacrev_fast_mode_names_a_wrong_gradient_shape():
+  def flat(x, g, weights, *, has_bias):
+    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    return {**out, 'weight': out['weight'].T}
+  outcome = etp_testing.check_rules(
+      dense_variant(xy_to_dw=flat), X, W, B, checks=['xy_to_dw.jacrev'],
+      fast=True, has_bias=True).outcome('xy_to_dw.jacrev')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+  assert 'returned shape (4, 2)' in outcome.findings[0].message
+
+
 def test_dropped_and_extra_keys_are_named():
   def dropped(x, g, weights, *, has_bias):
     return {'weight': dense._xy_to_dw(x, g, weights, has_bias=has_bias)['weight']}

@@ -48,6 +48,16 @@ def x64_enabled(enabled: bool = True):
     jax.config.update('jax_enable_x64', old)
 
 
+def x64_scope():
+  """Turns x64 on for part of a trace (``jax.enable_x64``; older JAX: its
+  ``jax.experimental`` form), e.g. to accumulate float32 values in float64
+  inside a program whose other parts must keep the caller's setting."""
+  if hasattr(jax, 'enable_x64'):
+    return jax.enable_x64(True)
+  from jax.experimental import enable_x64  # pylint: disable=g-import-not-at-top
+  return enable_x64(True)
+
+
 def hashable_params(params: Mapping) -> Optional[tuple]:
   """``params`` as a sorted tuple of items if hashable, else ``None`` (then
   compiled oracles cannot be cached across cases and are built per case)."""
@@ -282,6 +292,11 @@ class CheckContext:
     dtype = dtype or self.weight_dtype()
     v = scale * self.rng(tag).standard_normal(tuple(shape), np.float32)
     return jnp.asarray(v.astype(jnp.dtype(dtype)))
+
+  def seed32(self, tag: str) -> np.uint32:
+    """A 32-bit seed for ``tag``, fixed by the seed: for draws made on the
+    device (``directions.normal``: directions as large as a weight)."""
+    return np.uint32(self.rng(tag).integers(0, 2**32, dtype=np.uint32))
 
   def uniform(self, tag: str, shape, dtype=None, minval=0.5, maxval=1.5):
     dtype = dtype or self.weight_dtype()

@@ -111,9 +111,6 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
     with x64_enabled(old_x64 or _wants_x64(operands)):
       device_list = resolve_devices(devices)
       report.devices = [str(d) for d in device_list]
-      report.snippet = _snippet.reproduction(
-          primitive, operands, params, seed=seed, checks=names, steps=steps,
-          n_state=n_states, devices=devices)
       problem = _validate_case(primitive, operands, params)
       if problem is not None:
         report.outcomes.append(CheckOutcome(
@@ -129,6 +126,12 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
     # Leave global state as found, whatever a check or rule did to it.
     jax.config.update('jax_enable_x64', old_x64)
     report.duration_s = time.perf_counter() - start
+    if not report.passed:
+      # Only a failure needs re-running (writing a large layer's operands
+      # out costs more than some checks).
+      report.snippet = _snippet.reproduction(
+          primitive, operands, params, seed=seed, checks=names, steps=steps,
+          n_state=n_states, devices=devices)
   return report
 
 

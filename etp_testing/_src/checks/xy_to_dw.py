@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_testing._src import executor, tolerances
+from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import compiled, to_float64, x64_enabled
+from etp_testing._src.context import (compiled, to_float64, x64_enabled,
+                                      x64_scope)
 
 # Largest Jacobian (output elements x weight elements) xy_to_dw.jacrev builds.
 JACREV_LIMIT = 2_000_000
@@ -75,19 +76,35 @@ def _jacrev_oracle(primitive, params):
 
 
 @compiled
-def _jvp_projections(primitive, params, key):
-  """``(operands, vs) -> J_key v`` for each direction ``v`` stacked in
-  ``vs`` (from ``jax.jvp``; the other weights' tangents are zero)."""
-  def projections(operands, vs):
+def _projected(primitive, params, key, n):
+  """``(operands, grad, g, seed) -> (<grad, v>, <g, J_key v>)`` for ``n``
+  random directions ``v`` of weight ``key`` drawn on the device from ``seed``
+  (``directions``), with ``J_key v`` from ``jax.jvp`` (the other weights'
+  tangents zero).
+
+  Directions are drawn on the device, one at a time, because each is as big
+  as the weight; the dot products accumulate in float64 (x64 for that part of
+  the trace only), so only the operands' own rounding remains, not that of a
+  long float32 reduction."""
+  def dot64(a, b):   # products then sum: the casts fuse, no float64 copies
+    with x64_scope():
+      return jnp.sum(a.astype(jnp.float64) * b.astype(jnp.float64))
+
+  def projected(operands, grad, g, seed):
     y_of = _y_of_weights(primitive, params, operands)
     weights = _weights_of(primitive, params, operands)
-
-    def along(v):
+    w = weights[key]
+    rule_dd, jvp_dd = [], []
+    for d in range(n):   # unrolled: XLA's CPU loops run their bodies slower
+      v = directions.uniform(seed, w.shape, w.dtype, offset=d * w.size)
       tangents = {j: (v if j == key else jnp.zeros_like(u))
                   for j, u in weights.items()}
-      return jax.jvp(y_of, (weights,), (tangents,))[1]
-    return jax.lax.map(along, vs)
-  return projections
+      y_dot = jax.jvp(y_of, (weights,), (tangents,))[1]
+      rule_dd.append(dot64(grad, v))
+      jvp_dd.append(dot64(g, y_dot))
+    with x64_scope():
+      return jnp.stack(rule_dd), jnp.stack(jvp_dd)
+  return projected
 
 
 @compiled
@@ -136,29 +153,25 @@ def check_jacrev(ctx):
   y_size = int(np.prod(g.shape))
   if ctx.fast or any(y_size * w.size > JACREV_LIMIT
                      for w in ctx.weights.values()):
-    g64 = np.asarray(g, np.float64)
     for k, w in ctx.weights.items():
-      vs = jnp.stack([ctx.normal(f'xy_to_dw.jacrev.v{d}.{k}', w.shape, w.dtype)
-                      for d in range(JVP_PROJECTIONS)])
-      y_dots = np.asarray(_jvp_projections(ctx, k)(list(ctx.operands), vs),
-                          np.float64)
-      # Dot products on the host in float64: only the operands' rounding
-      # remains, not that of a long float32 reduction.
-      rule_dd = [_dot64(actual[k], v) for v in vs]
-      jvp_dd = [float(np.vdot(g64, y_dot)) for y_dot in y_dots]
-      ctx.compare(np.array(rule_dd), np.array(jvp_dd), rule='xy_to_dw',
-                  key=k, dtype=w.dtype, what=f'fast mode: <xy_to_dw, v> vs '
-                  f'<g, J v> from jax.jvp along {JVP_PROJECTIONS} random '
-                  'directions')
+      if tuple(np.shape(actual[k])) != tuple(w.shape):
+        ctx.fail('xy_to_dw', key=k, message=(
+            f'xy_to_dw returned shape {tuple(np.shape(actual[k]))} for weight '
+            f'{k} of shape {tuple(w.shape)}'),
+                 actual_shape=tuple(np.shape(actual[k])),
+                 expected_shape=tuple(w.shape))
+        continue
+      rule_dd, jvp_dd = _projected(ctx, k, JVP_PROJECTIONS)(
+          list(ctx.operands), actual[k], g,
+          ctx.seed32(f'xy_to_dw.jacrev.v.{k}'))
+      ctx.compare(rule_dd, jvp_dd, rule='xy_to_dw', key=k, dtype=w.dtype,
+                  what=f'fast mode: <xy_to_dw, v> vs <g, J v> from jax.jvp '
+                  f'along {JVP_PROJECTIONS} random directions')
     return
   expected = _jacrev_oracle(ctx)(list(ctx.operands), g)
   for k in ctx.weights:
     ctx.compare(actual[k], expected[k], rule='xy_to_dw', key=k,
                 what='xy_to_dw vs jax.jacrev contracted with g')
-
-
-def _dot64(a, b) -> float:
-  return float(np.vdot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
 
 
 @check('xy_to_dw.fd')
