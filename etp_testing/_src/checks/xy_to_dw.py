@@ -76,11 +76,12 @@ def _jacrev_oracle(primitive, params):
 
 
 @compiled
-def _projected(primitive, params, key, n):
-  """``(operands, grad, g, seed) -> (<grad, v>, <g, J_key v>)`` for ``n``
-  random directions ``v`` of weight ``key`` drawn on the device from ``seed``
-  (``directions``), with ``J_key v`` from ``jax.jvp`` (the other weights'
-  tangents zero).
+def _projected(primitive, params, keys, n):
+  """``(operands, grads, g, seeds) -> {key: (<grads[key], v>, <g, J_key v>)}``
+  for ``n`` random directions ``v`` of each weight in ``keys``, drawn on the
+  device from ``seeds[key]`` (``directions``), with ``J_key v`` from
+  ``jax.jvp`` (the other weights' tangents zero).  One program for every key:
+  one dispatch, and XLA shares the primal between the JVPs.
 
   Directions are drawn on the device, one at a time, because each is as big
   as the weight; the dot products accumulate in float64 (x64 for that part of
@@ -90,20 +91,24 @@ def _projected(primitive, params, key, n):
     with x64_scope():
       return jnp.sum(a.astype(jnp.float64) * b.astype(jnp.float64))
 
-  def projected(operands, grad, g, seed):
+  def projected(operands, grads, g, seeds):
     y_of = _y_of_weights(primitive, params, operands)
     weights = _weights_of(primitive, params, operands)
-    w = weights[key]
-    rule_dd, jvp_dd = [], []
-    for d in range(n):   # unrolled: XLA's CPU loops run their bodies slower
-      v = directions.uniform(seed, w.shape, w.dtype, offset=d * w.size)
-      tangents = {j: (v if j == key else jnp.zeros_like(u))
-                  for j, u in weights.items()}
-      y_dot = jax.jvp(y_of, (weights,), (tangents,))[1]
-      rule_dd.append(dot64(grad, v))
-      jvp_dd.append(dot64(g, y_dot))
-    with x64_scope():
-      return jnp.stack(rule_dd), jnp.stack(jvp_dd)
+    out = {}
+    for key in keys:
+      w = weights[key]
+      rule_dd, jvp_dd = [], []
+      for d in range(n):   # unrolled: XLA's CPU loops run bodies slower
+        v = directions.uniform(seeds[key], w.shape, w.dtype,
+                               offset=d * w.size)
+        tangents = {j: (v if j == key else jnp.zeros_like(u))
+                    for j, u in weights.items()}
+        y_dot = jax.jvp(y_of, (weights,), (tangents,))[1]
+        rule_dd.append(dot64(grads[key], v))
+        jvp_dd.append(dot64(g, y_dot))
+      with x64_scope():
+        out[key] = (jnp.stack(rule_dd), jnp.stack(jvp_dd))
+    return out
   return projected
 
 
@@ -153,20 +158,24 @@ def check_jacrev(ctx):
   y_size = int(np.prod(g.shape))
   if ctx.fast or any(y_size * w.size > JACREV_LIMIT
                      for w in ctx.weights.values()):
+    keys = []
     for k, w in ctx.weights.items():
-      if tuple(np.shape(actual[k])) != tuple(w.shape):
-        ctx.fail('xy_to_dw', key=k, message=(
-            f'xy_to_dw returned shape {tuple(np.shape(actual[k]))} for weight '
-            f'{k} of shape {tuple(w.shape)}'),
-                 actual_shape=tuple(np.shape(actual[k])),
-                 expected_shape=tuple(w.shape))
+      if tuple(np.shape(actual[k])) == tuple(w.shape):
+        keys.append(k)
         continue
-      rule_dd, jvp_dd = _projected(ctx, k, JVP_PROJECTIONS)(
-          list(ctx.operands), actual[k], g,
-          ctx.seed32(f'xy_to_dw.jacrev.v.{k}'))
-      ctx.compare(rule_dd, jvp_dd, rule='xy_to_dw', key=k, dtype=w.dtype,
-                  what=f'fast mode: <xy_to_dw, v> vs <g, J v> from jax.jvp '
-                  f'along {JVP_PROJECTIONS} random directions')
+      ctx.fail('xy_to_dw', key=k, message=(
+          f'xy_to_dw returned shape {tuple(np.shape(actual[k]))} for weight '
+          f'{k} of shape {tuple(w.shape)}'),
+               actual_shape=tuple(np.shape(actual[k])),
+               expected_shape=tuple(w.shape))
+    dots = _projected(ctx, tuple(keys), JVP_PROJECTIONS)(
+        list(ctx.operands), {k: actual[k] for k in keys}, g,
+        {k: ctx.seed32(f'xy_to_dw.jacrev.v.{k}') for k in keys})
+    for k in keys:
+      ctx.compare(*dots[k], rule='xy_to_dw', key=k,
+                  dtype=ctx.weights[k].dtype, what=(
+                      'fast mode: <xy_to_dw, v> vs <g, J v> from jax.jvp '
+                      f'along {JVP_PROJECTIONS} random directions'))
     return
   expected = _jacrev_oracle(ctx)(list(ctx.operands), g)
   for k in ctx.weights:
