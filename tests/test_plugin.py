@@ -102,6 +102,19 @@ def test_broken_user_rule_fails_with_the_rule_named(tmp_path):
   assert 'Reproduce with:' in proc.stdout
 
 
+@pytest.mark.parametrize('profile,examples', [('dev', 3), ('nightly', 50)])
+def test_registered_hypothesis_profiles_are_selectable(tmp_path, profile,
+                                                       examples):
+  """Our profiles exist before hypothesis loads ``--hypothesis-profile``."""
+  report = tmp_path / 'report.json'
+  proc = _run(tmp_path, '--etp-check', '--etp-primitives', 'user_*',
+              '--etp-checks', 'init.drtrl', f'--hypothesis-profile={profile}',
+              f'--etp-report={report}')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
+  assert cell['init.drtrl']['examples'] == examples
+
+
 def test_node_ids_and_collection_only_battery(tmp_path):
   (tmp_path / 'test_other.py').write_text('def test_x():\n  pass\n')
   proc = _run(tmp_path, '--etp-check', *FAST, '--collect-only', '-q')
