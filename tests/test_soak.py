@@ -1,8 +1,9 @@
 """The false-alarm soak (``scripts/soak.py``).
 
 The full soak (10,000 generated examples of the correct built-ins, float32
-and float64, several seeds) is marked ``soak`` and excluded by default
-(``addopts = -m 'not soak'``); run it with ``pytest -m soak``.  A tiny smoke
+and float64, several seeds) is marked ``soak``; the root ``conftest.py``
+deselects it unless the ``nightly`` hypothesis profile is chosen or ``-m``
+names it (``pytest -m soak``).  A tiny smoke
 run keeps the script exercised in CI, and a broken primitive shows that the
 soak does report failures.
 """
