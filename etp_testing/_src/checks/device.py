@@ -45,7 +45,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import etp
+from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
+from etp_testing._src.context import compiled
 from etp_testing._src.errors import RuleFailure
 
 
@@ -83,6 +86,26 @@ def _xy_to_dw(ctx, operands, g):
   return grads
 
 
+@compiled
+def _jitted_step(primitive, params, rule):
+  """``(operands, g) -> result`` of one of ``_compute``'s steps, for the jit
+  path: built from the primitive and params alone, so that every example of
+  a seen shape (and sharding) reuses its compilation."""
+  xy_to_dw = etp.rules_of(primitive).xy_to_dw
+
+  def step(operands, g):
+    if rule == 'impl':
+      return executor.bind_y(primitive, operands, params)
+    x, weights, rule_params = primitive.split_operands(operands, params)
+    if rule == 'vjp':
+      y_of = lambda w: executor.bind_y(
+          primitive, executor.with_weights(primitive, operands, params, w),
+          params)
+      return jax.vjp(y_of, weights)[1](g)[0]
+    return xy_to_dw(x, g, weights, **rule_params)
+  return step
+
+
 def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
   """``{'impl': y, 'vjp': {key: ...}, 'xy_to_dw': {key: ...}}`` on these
   (placed) operands: eager, or each under its own ``jax.jit``, so that a
@@ -93,9 +116,13 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
               ('xy_to_dw', 'xy_to_dw', _xy_to_dw)]
   results = {}
   for rule, what, fn in steps:
-    f = lambda ops, g, fn=fn: fn(ctx, ops, g)
     try:
-      results[rule] = (jax.jit(f) if jit else f)(list(operands), g)
+      if jit:
+        results[rule] = _jitted_step(ctx, rule)(list(operands), g)
+        if rule == 'xy_to_dw':
+          ctx.check_keys('xy_to_dw', results[rule], ctx.weights.keys())
+      else:
+        results[rule] = fn(ctx, list(operands), g)
     except RuleFailure as e:
       raise RuleFailure(e.rule, f'{where}: {e.message}', key=e.key) from e
     except Exception as e:  # pylint: disable=broad-except
