@@ -8,8 +8,17 @@ a ``backend_compile`` duration event.  :func:`counting` listens to them:
       ...
     print(c.count, c.seconds)
 
-The listener is registered once per process and only counts while some
-:func:`counting` block is open.
+The listener is registered once per process and counts for every open
+:func:`counting` block, and for :func:`release_if_over`.
+
+Why release: every compiled XLA CPU executable keeps a few memory mappings
+alive, and a long run (the soak, a nightly battery) compiles one program per
+new shape.  Kept forever, they reach the kernel's ``vm.max_map_count``
+(65,530 by default; about 2 mappings per program) and LLVM fails with
+"Cannot allocate memory", then the process crashes.  The harness therefore
+drops every cached compiled program once ``MAX_LIVE_COMPILATIONS`` have been
+compiled since the last drop; a run's repeated shapes are then compiled once
+more, which costs seconds, not the run.
 """
 
 from __future__ import annotations
@@ -22,8 +31,14 @@ import jax
 # The event JAX records for each backend compilation (stable since jax 0.4).
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
+# Compilations after which release_if_over drops every cached program.
+MAX_LIVE_COMPILATIONS = 4000
+
 _open: list = []
 _registered = False
+_since_release = 0
+# cache_clear callables of the harness's caches of jitted functions.
+_caches: list = []
 
 
 @dataclasses.dataclass(eq=False)   # nested blocks are told apart by identity
@@ -34,19 +49,53 @@ class CompileCount:
 
 
 def _listener(event: str, duration_secs: float, **_):
+  global _since_release
   if event == BACKEND_COMPILE_EVENT:
+    _since_release += 1
     for c in _open:
       c.count += 1
       c.seconds += duration_secs
 
 
-@contextlib.contextmanager
-def counting():
-  """Counts XLA backend compilations (and their seconds) inside the block."""
+def _listen():
   global _registered
   if not _registered:
     jax.monitoring.register_event_duration_secs_listener(_listener)
     _registered = True
+
+
+def register_cache(cache_clear):
+  """Registers the ``cache_clear`` of a cache that holds jitted functions,
+  so that :func:`release` empties it."""
+  _caches.append(cache_clear)
+  return cache_clear
+
+
+def release() -> None:
+  """Drops every compiled program: the harness's caches of jitted functions
+  and JAX's own compilation caches."""
+  global _since_release
+  for cache_clear in _caches:
+    cache_clear()
+  jax.clear_caches()
+  _since_release = 0
+
+
+def release_if_over(limit: int = None) -> bool:
+  """:func:`release` once more than ``limit`` (default
+  ``MAX_LIVE_COMPILATIONS``) programs have been compiled since the last
+  release; returns whether it did.  Counting starts at the first call."""
+  _listen()
+  if _since_release > (MAX_LIVE_COMPILATIONS if limit is None else limit):
+    release()
+    return True
+  return False
+
+
+@contextlib.contextmanager
+def counting():
+  """Counts XLA backend compilations (and their seconds) inside the block."""
+  _listen()
   c = CompileCount()
   _open.append(c)
   try:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import etp
-from etp_testing._src import tolerances
+from etp_testing._src import compilations, tolerances
 from etp_testing._src.errors import CheckSkipped, RuleFailure
 from etp_testing._src.report import Finding
 
@@ -88,7 +88,7 @@ def compiled(builder):
     if ctx.params_key is None:
       return jax.jit(builder(ctx.primitive, ctx.params, *static))
     return cached(ctx.primitive, ctx.params_key, static)
-  get.cache_clear = cached.cache_clear
+  get.cache_clear = compilations.register_cache(cached.cache_clear)
   get.builder = builder
   return get
 
@@ -120,6 +120,7 @@ def _rule_fn(rule, static: tuple, vmap_depth: int):
 
 
 _jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
+compilations.register_cache(_jitted_rule.cache_clear)
 
 
 def shape_of(tree) -> Any:

@@ -11,6 +11,7 @@ import numpy as np
 
 import etp
 from etp_testing._src import checks as _checks  # registers the checks
+from etp_testing._src import compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import CheckContext, x64_enabled
@@ -102,6 +103,8 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
   names = check_registry.select(checks)
   n_states = (n_state,) if isinstance(n_state, int) else tuple(n_state)
   name = getattr(primitive, 'name', repr(primitive))
+  # Long runs compile a program per new shape; bound what stays alive.
+  compilations.release_if_over()
   report = ConsistencyReport(
       primitive=name, params=dict(params), operands=_operand_info(operands),
       seed=int(seed), jax_version=jax.__version__)

@@ -1,0 +1,57 @@
+"""Compile reuse (counted), and the release that bounds live programs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import etp
+import etp_testing
+from etp_testing._src import compilations
+
+RNG = np.random.default_rng(0)
+
+
+def _case(n_in=3, n_out=4):
+  return (RNG.standard_normal((2, n_in)).astype(np.float32),
+          RNG.standard_normal((n_in, n_out)).astype(np.float32),
+          RNG.standard_normal(n_out).astype(np.float32))
+
+
+def _battery(operands, seed=0):
+  report = etp_testing.check_rules(etp.etp_mm_p, *operands, seed=seed,
+                                   devices='cpu', has_bias=True)
+  assert report.passed, report.failure_message()
+
+
+def test_counting_sees_a_new_shape_and_not_a_repeated_one():
+  f = jax.jit(lambda a: a * 3 + 1)
+  with compilations.counting() as first:
+    f(jnp.ones(17))
+  with compilations.counting() as again:
+    f(jnp.ones(17))
+  assert first.count >= 1 and again.count == 0
+
+
+def test_a_new_example_of_a_seen_shape_compiles_nothing():
+  """Oracles and rule calls are cached per primitive and params, and jitted:
+  another example (other values) of the same shapes reuses every program,
+  the device checks' included.  (The harness seed stays that of the run;
+  another seed samples other vmap axes for primitive.vmap, a new program.)"""
+  _battery(_case())
+  with compilations.counting() as c:
+    _battery(_case())
+  assert c.count == 0, f'{c.count} compilations for a seen shape'
+
+
+def test_release_drops_every_cached_program():
+  _battery(_case(2, 5))
+  assert not compilations.release_if_over(limit=10**9)
+  with compilations.counting() as kept:
+    _battery(_case(2, 5))
+  assert kept.count == 0
+  assert compilations.release_if_over(limit=0)
+  with compilations.counting() as after:
+    _battery(_case(2, 5))
+  # Everything compiles again: nothing of the old programs was kept.
+  assert after.count > 20, after.count
