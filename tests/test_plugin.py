@@ -85,7 +85,7 @@ def test_user_primitive_passes_in_an_empty_directory(tmp_path):
   report = tmp_path / 'report.json'
   proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}')
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert '3 passed' in proc.stdout
+  assert 'collected 3 items' in proc.stdout and '3 passed' in proc.stdout
   assert 'etp rule checks' in proc.stdout and 'user_scaled_mm' in proc.stdout
   data = json.loads(report.read_text())
   cells = data['primitives']['user_scaled_mm']
