@@ -41,6 +41,10 @@ def pytest_addoption(parser):
                   help='write a JSON report of every (primitive, check)')
   group.addoption('--etp-fast', action='store_true', default=False,
                   help='random-projection mode everywhere (no full Jacobians)')
+  group.addoption('--etp-compile-cache', default='auto', metavar='DIR',
+                  help="persistent XLA compilation cache for the battery: a "
+                  "directory, 'auto' (default: in pytest's cache directory) "
+                  "or 'off'; a JAX cache directory already configured wins")
 
 
 def _register_profiles():

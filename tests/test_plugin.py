@@ -115,6 +115,25 @@ def test_registered_hypothesis_profiles_are_selectable(tmp_path, profile,
   assert cell['init.drtrl']['examples'] == examples
 
 
+def test_compile_cache_is_written_and_reported(tmp_path):
+  """Programs go to the persistent cache; a second run passes from it."""
+  cache, report = tmp_path / 'xla-cache', tmp_path / 'report.json'
+  for _ in range(2):
+    proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}',
+                f'--etp-compile-cache={cache}')
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(report.read_text())['compile_cache'] == str(cache)
+    assert len(list(cache.iterdir())) > 5
+
+
+def test_compile_cache_off(tmp_path):
+  report = tmp_path / 'report.json'
+  proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}',
+              '--etp-compile-cache=off')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert json.loads(report.read_text())['compile_cache'] is None
+
+
 def test_node_ids_and_collection_only_battery(tmp_path):
   (tmp_path / 'test_other.py').write_text('def test_x():\n  pass\n')
   proc = _run(tmp_path, '--etp-check', *FAST, '--collect-only', '-q')
