@@ -3,7 +3,9 @@
 Prints, for the built-in primitives:
 
 1. the wall time of ``pytest --etp-check`` (the default battery, run as a
-   user runs it, in a subprocess) and, per primitive and check, the seconds
+   user runs it, in a subprocess), cold and again with the compilation cache
+   the first run filled (the next commit's run), and, per primitive and
+   check (cold run), the seconds
    it spent, as a ratio to the bare cost of one jitted forward plus one VJP
    of the same primitive on its first generated case (measured here);
 2. XLA compilations per primitive over ``--examples`` hypothesis examples
@@ -88,20 +90,26 @@ def battery(prims, bare) -> bool:
   """Runs ``pytest --etp-check`` and prints its figures; True if it passed."""
   with tempfile.TemporaryDirectory() as tmp:
     report_path = os.path.join(tmp, 'report.json')
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', '--etp-check', '-q', '-p',
-         'no:cacheprovider', '--etp-report', report_path,
-         '--etp-primitives', ','.join(p.name for p in prims)],
-        cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout else ''
-    print(f'pytest --etp-check: {wall:.1f} s wall ({tail})')
-    if not os.path.exists(report_path):
-      print(proc.stdout[-3000:], proc.stderr[-3000:])
-      return False
-    with open(report_path) as f:
-      report = json.load(f)
+    # Twice, sharing a fresh compilation cache: cold (everything compiled),
+    # then warm (a second run, as on the next commit: programs from disk).
+    for run in ('cold', 'warm'):
+      start = time.perf_counter()
+      proc = subprocess.run(
+          [sys.executable, '-m', 'pytest', '--etp-check', '-q', '-p',
+           'no:cacheprovider', '--etp-report', report_path,
+           '--etp-compile-cache', os.path.join(tmp, 'xla'),
+           '--etp-primitives', ','.join(p.name for p in prims)],
+          cwd=ROOT, capture_output=True, text=True)
+      wall = time.perf_counter() - start
+      tail = proc.stdout.strip().splitlines()[-1] if proc.stdout else ''
+      print(f'pytest --etp-check, {run} compilation cache: {wall:.1f} s wall '
+            f'({tail})')
+      if not os.path.exists(report_path):
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        return False
+      if run == 'cold':   # per-check figures: the cold run
+        with open(report_path) as f:
+          report = json.load(f)
   checks = sorted({c for per in report['primitives'].values() for c in per})
   names = [p.name for p in prims]
   print('\nseconds per check over the battery\'s examples (ratio to one '
