@@ -296,7 +296,7 @@ class CheckContext:
 
   def seed32(self, tag: str) -> np.uint32:
     """A 32-bit seed for ``tag``, fixed by the seed: for draws made on the
-    device (``directions.normal``: directions as large as a weight)."""
+    device (``directions.uniform``: directions as large as a weight)."""
     return np.uint32(self.rng(tag).integers(0, 2**32, dtype=np.uint32))
 
   def uniform(self, tag: str, shape, dtype=None, minval=0.5, maxval=1.5):

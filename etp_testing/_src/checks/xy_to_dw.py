@@ -148,9 +148,10 @@ def check_jacrev(ctx):
   entries) the Jacobian is never built: ``JVP_PROJECTIONS`` random directions
   ``v`` per key compare ``<xy_to_dw_k, v>`` with ``<g, J_k v>`` from
   ``jax.jvp`` (the dot-product test).  A rule that is off by ``d != 0`` passes
-  one projection only if ``|<d, v>|`` falls under the tolerance; for Gaussian
-  ``v`` that has probability about ``0.8 tol / |d|``, so ``n`` projections let
-  it through with probability ``(0.8 tol / |d|)^n``.
+  one projection only if ``|<d, v>|`` falls under the tolerance ``tol``; for
+  the unit-variance uniform directions of ``directions`` that has probability
+  at most ``0.82 tol / |d|``, so ``n`` projections let it through with
+  probability at most ``(0.82 tol / |d|)^n``.
   """
   require_weights(ctx)
   g = _cotangent(ctx)
