@@ -6,7 +6,8 @@ checks) on examples drawn by its registered strategy, once with float32 cases
 and once with float64 cases, for several seeds, until ``--examples`` examples
 have run in total (default 10,000).  A correct primitive must pass every
 example: any failure is a false alarm of the harness (or a real bug in a
-built-in), and the script exits 1.
+built-in), and the script exits 1.  Interrupted (Ctrl-C, SIGTERM), it
+reports the runs that finished, marked INTERRUPTED, and exits 2.
 
 It prints the number of examples, failures and time, and, per check, the
 worst error seen (relative and absolute, and where), so one can see how far
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -155,8 +157,7 @@ def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
          log=print) -> dict:
   """Runs the soak and returns its summary (``failures`` lists false alarms)."""
   from hypothesis import settings
-  from etp_testing import RuleConsistencyError, check_names
-  from etp_testing._src.hypothesis_runner import check_with_hypothesis
+  from etp_testing import check_names
 
   targets = _targets(list(primitives))
   runs = [(t, d, s) for s in seeds for t in targets for d in dtypes]
@@ -166,6 +167,26 @@ def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
   base_settings = settings(database=None, print_blob=False)
   worst, failures, per_run = _Worst(), [], []
   total, start = 0, time.perf_counter()
+  interrupted = False
+  try:
+    total = _run_all(runs, plan, checks, steps, base_settings, worst,
+                     failures, per_run, log)
+  except KeyboardInterrupt:
+    # Ctrl-C or SIGTERM: what finished is kept and reported, marked as such.
+    interrupted = True
+    total = sum(r['examples'] for r in per_run)
+  return {'examples': total, 'requested': examples,
+          'failures': failures, 'runs': per_run, 'interrupted': interrupted,
+          'duration_s': round(time.perf_counter() - start, 3),
+          'worst': worst, 'check_order': list(check_names())}
+
+
+def _run_all(runs, plan, checks, steps, base_settings, worst, failures,
+             per_run, log) -> int:
+  """Runs every (target, dtype, seed) run; returns the examples run."""
+  from etp_testing import RuleConsistencyError
+  from etp_testing._src.hypothesis_runner import check_with_hypothesis
+  total = 0
   for ((label, prim, strategy), dtype, seed), n in zip(runs, plan):
     if n == 0:
       continue
@@ -198,10 +219,7 @@ def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
     if log:
       log(f'  passed  {label} {dtype} seed {seed}: {summary.examples} '
           f'examples in {summary.duration_s:.1f}s')
-  return {'examples': total, 'requested': examples,
-          'failures': failures, 'runs': per_run,
-          'duration_s': round(time.perf_counter() - start, 3),
-          'worst': worst, 'check_order': list(check_names())}
+  return total
 
 
 def main(argv=None) -> int:
@@ -211,6 +229,7 @@ def main(argv=None) -> int:
   names = tuple(n.strip() for n in args.primitives.split(',') if n.strip())
   dtypes = tuple(d.strip() for d in args.dtypes.split(',') if d.strip())
   log = None if args.quiet else (lambda s: print(s, flush=True))
+  signal.signal(signal.SIGTERM, _interrupt)
   result = soak(examples=args.examples, seeds=seeds, primitives=names,
                 dtypes=dtypes, checks=args.checks, steps=args.steps, log=log)
   worst = result.pop('worst')
@@ -222,12 +241,21 @@ def main(argv=None) -> int:
     print('\n'.join('  ' + l for l in f['message'].splitlines()[:30]))
   print(f'\nexamples: {result["examples"]} (requested {result["requested"]}), '
         f'failures: {len(result["failures"])}, '
-        f'time: {result["duration_s"]:.1f}s')
+        f'time: {result["duration_s"]:.1f}s'
+        + (' - INTERRUPTED: the completed runs above only'
+           if result['interrupted'] else ''))
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({**result, 'worst': worst.to_dict()}, f, indent=1,
                 default=str)
-  return 1 if result['failures'] else 0
+  if result['failures']:
+    return 1
+  return 2 if result['interrupted'] else 0
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 if __name__ == '__main__':

@@ -67,6 +67,32 @@ def test_soak_reports_a_failure(capsys):
   assert 'failures: 1' in out
 
 
+def test_an_interrupted_soak_keeps_what_finished(tmp_path, capsys,
+                                                 monkeypatch):
+  """Ctrl-C (here: raised after the first run) ends the soak with the runs
+  that finished, marked interrupted, and exit status 2."""
+  real_run_all = soak._run_all
+
+  def stop_after_first_run(runs, plan, *rest):
+    *front, log = rest
+    def log_then_stop(line):
+      log(line)
+      raise KeyboardInterrupt
+    return real_run_all(runs, plan, *front, log_then_stop)
+  monkeypatch.setattr(soak, '_run_all', stop_after_first_run)
+  path = tmp_path / 'soak.json'
+  code = soak.main(['--examples', '4', '--primitives', 'etp_elemwise',
+                    '--seeds', '0', '--checks', 'init.drtrl', '--json',
+                    str(path)])
+  out = capsys.readouterr().out
+  assert code == 2, out
+  assert 'examples: 2 (requested 4), failures: 0' in out
+  assert 'INTERRUPTED' in out
+  data = json.loads(path.read_text())
+  assert data['interrupted'] and data['examples'] == 2
+  assert len(data['runs']) == 1
+
+
 def test_unknown_primitive():
   with pytest.raises(SystemExit, match='no primitive with a strategy'):
     soak.main(['--examples', '1', '--primitives', 'no_such_primitive'])
