@@ -52,45 +52,9 @@ from etp_testing._src.context import compiled
 from etp_testing._src.errors import RuleFailure
 
 
-def _weights_and_aux(ctx, operands):
-  """``(x, weights, aux)``: aux the non-trainable operands the rules get."""
-  x, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
-  aux = {name: operands[i]
-         for name, i in dict(ctx.primitive.aux_invars_fn(ctx.params)).items()}
-  return x, weights, aux
-
-
-def _bind(ctx, operands, g):
-  del g
-  return ctx.bind(*operands)
-
-
-def _vjp(ctx, operands, g):
-  _, weights, _ = _weights_and_aux(ctx, operands)
-  index = ctx.primitive.trainable_invars(ctx.params)
-
-  def y_of(w):
-    new = list(operands)
-    for k, i in index.items():
-      new[i] = w[k]
-    return ctx.bind(*new)
-  return jax.vjp(y_of, weights)[1](g)[0]
-
-
-def _xy_to_dw(ctx, operands, g):
-  x, weights, aux = _weights_and_aux(ctx, operands)
-  # Eager (under _compute's jit when that is asked for): jit would hide a
-  # result committed to another device.
-  grads = ctx.call_rule('xy_to_dw', x, g, weights, jit=False, **aux)
-  ctx.check_keys('xy_to_dw', grads, weights.keys())
-  return grads
-
-
-@compiled
-def _jitted_step(primitive, params, rule):
-  """``(operands, g) -> result`` of one of ``_compute``'s steps, for the jit
-  path: built from the primitive and params alone, so that every example of
-  a seen shape (and sharding) reuses its compilation."""
+def _step(primitive, params, rule):
+  """``(operands, g) -> result`` of one of ``_compute``'s steps: the bind,
+  ``jax.vjp`` of the bind w.r.t. the weights, or the ``xy_to_dw`` rule."""
   xy_to_dw = etp.rules_of(primitive).xy_to_dw
 
   def step(operands, g):
@@ -106,23 +70,27 @@ def _jitted_step(primitive, params, rule):
   return step
 
 
+# Under jit: cached per primitive and params, so every example of a seen
+# shape (and sharding) reuses its compilation.
+_jitted_step = compiled(_step)
+
+
 def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
   """``{'impl': y, 'vjp': {key: ...}, 'xy_to_dw': {key: ...}}`` on these
-  (placed) operands: eager, or each under its own ``jax.jit``, so that a
+  (placed) operands: eager (as a user calls them: a result committed to
+  another device shows), or each under its own ``jax.jit``, so that a
   failure names its rule."""
-  steps = [('impl', 'bind', _bind)]
+  steps = [('impl', 'bind')]
   if ctx.weights:
-    steps += [('vjp', 'jax.vjp w.r.t. the weights', _vjp),
-              ('xy_to_dw', 'xy_to_dw', _xy_to_dw)]
+    steps += [('vjp', 'jax.vjp w.r.t. the weights'), ('xy_to_dw', 'xy_to_dw')]
   results = {}
-  for rule, what, fn in steps:
+  for rule, what in steps:
+    fn = (_jitted_step(ctx, rule) if jit else
+          _step(ctx.primitive, ctx.params, rule))
     try:
-      if jit:
-        results[rule] = _jitted_step(ctx, rule)(list(operands), g)
-        if rule == 'xy_to_dw':
-          ctx.check_keys('xy_to_dw', results[rule], ctx.weights.keys())
-      else:
-        results[rule] = fn(ctx, list(operands), g)
+      results[rule] = fn(list(operands), g)
+      if rule == 'xy_to_dw':
+        ctx.check_keys('xy_to_dw', results[rule], ctx.weights.keys())
     except RuleFailure as e:
       raise RuleFailure(e.rule, f'{where}: {e.message}', key=e.key) from e
     except Exception as e:  # pylint: disable=broad-except
