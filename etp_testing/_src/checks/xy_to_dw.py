@@ -97,6 +97,9 @@ def _projected(primitive, params, keys, n):
     out = {}
     for key in keys:
       w = weights[key]
+      if n * w.size >= 2**32:   # the directions' counters must not wrap
+        raise ValueError(f'{n} directions of {w.size} elements exceed the '
+                         '32-bit counter of directions.uniform')
       rule_dd, jvp_dd = [], []
       for d in range(n):   # unrolled: XLA's CPU loops run bodies slower
         v = directions.uniform(seeds[key], w.shape, w.dtype,
