@@ -55,3 +55,20 @@ def test_release_drops_every_cached_program():
     _battery(_case(2, 5))
   # Everything compiles again: nothing of the old programs was kept.
   assert after.count > 20, after.count
+
+
+def test_release_when_the_mappings_reach_their_share(monkeypatch):
+  """Without a limit, the trigger is the process's memory mappings against
+  half of vm.max_map_count (programs hold 2 to 14 mappings each)."""
+  monkeypatch.setattr(compilations, 'PROBE_EVERY', 0)
+  monkeypatch.setattr(compilations, '_mapping_cap', lambda: 10**9)
+  assert not compilations.release_if_over()
+  monkeypatch.setattr(compilations, '_mapping_cap', lambda: 1)
+  assert compilations.release_if_over()
+
+
+def test_the_mapping_count_is_read_on_linux():
+  held = compilations._mappings()
+  if held is None:
+    pytest.skip('no /proc/self/maps on this system')
+  assert held > 10 and compilations._mapping_cap() > 1000

@@ -11,14 +11,15 @@ a ``backend_compile`` duration event.  :func:`counting` listens to them:
 The listener is registered once per process and counts for every open
 :func:`counting` block, and for :func:`release_if_over`.
 
-Why release: every compiled XLA CPU executable keeps a few memory mappings
-alive, and a long run (the soak, a nightly battery) compiles one program per
-new shape.  Kept forever, they reach the kernel's ``vm.max_map_count``
-(65,530 by default; about 2 mappings per program) and LLVM fails with
-"Cannot allocate memory", then the process crashes.  The harness therefore
-drops every cached compiled program once ``MAX_LIVE_COMPILATIONS`` have been
-compiled since the last drop; a run's repeated shapes are then compiled once
-more, which costs seconds, not the run.
+Why release: every compiled XLA CPU program keeps memory mappings alive
+(2 to 14 per program, measured: more for larger programs), and a long run
+(the soak, a nightly battery) compiles programs per new shape.  Kept
+forever, they reach the kernel's ``vm.max_map_count`` (65,530 by default) and
+LLVM fails with "Cannot allocate memory", then the process crashes.  So
+:func:`release_if_over` drops every cached program once the process holds
+more than half of ``vm.max_map_count`` mappings (Linux; elsewhere, once
+``MAX_LIVE_COMPILATIONS`` programs have been compiled since the last drop).
+A run's repeated shapes are then compiled once more: seconds, not the run.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ import jax
 # The event JAX records for each backend compilation (stable since jax 0.4).
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
-# Compilations after which release_if_over drops every cached program.
-MAX_LIVE_COMPILATIONS = 4000
+# Where mappings cannot be counted: compilations after which
+# release_if_over drops every cached program.
+MAX_LIVE_COMPILATIONS = 2000
+# The share of vm.max_map_count a process may hold before the drop.
+MAPPINGS_SHARE = 0.5
+# Compilations between two counts of the mappings (a count reads a file).
+PROBE_EVERY = 50
 
 _open: list = []
 _registered = False
 _since_release = 0
+_probed_at = 0
 # cache_clear callables of the harness's caches of jitted functions.
 _caches: list = []
 
@@ -74,22 +81,50 @@ def register_cache(cache_clear):
 def release() -> None:
   """Drops every compiled program: the harness's caches of jitted functions
   and JAX's own compilation caches."""
-  global _since_release
+  global _since_release, _probed_at
   for cache_clear in _caches:
     cache_clear()
   jax.clear_caches()
-  _since_release = 0
+  _since_release = _probed_at = 0
+
+
+def _mapping_cap():
+  """Half (``MAPPINGS_SHARE``) of ``vm.max_map_count``, or ``None``."""
+  try:
+    with open('/proc/sys/vm/max_map_count') as f:
+      return int(int(f.read().strip()) * MAPPINGS_SHARE)
+  except (OSError, ValueError):
+    return None
+
+
+def _mappings():
+  """The memory mappings this process holds, or ``None``."""
+  try:
+    with open('/proc/self/maps', 'rb') as f:
+      return sum(1 for _ in f)
+  except OSError:
+    return None
 
 
 def release_if_over(limit: int = None) -> bool:
-  """:func:`release` once more than ``limit`` (default
-  ``MAX_LIVE_COMPILATIONS``) programs have been compiled since the last
-  release; returns whether it did.  Counting starts at the first call."""
+  """:func:`release` when the process holds too many mappings (see the
+  module docstring), or, with ``limit``, when more than ``limit`` programs
+  have been compiled since the last release; returns whether it did.
+  Counting starts at the first call."""
+  global _probed_at
   _listen()
-  if _since_release > (MAX_LIVE_COMPILATIONS if limit is None else limit):
+  if limit is not None:
+    over = _since_release > limit
+  elif _since_release - _probed_at < PROBE_EVERY:
+    return False
+  else:
+    _probed_at = _since_release
+    cap, held = _mapping_cap(), _mappings()
+    over = (held > cap if cap is not None and held is not None
+            else _since_release > MAX_LIVE_COMPILATIONS)
+  if over:
     release()
-    return True
-  return False
+  return over
 
 
 @contextlib.contextmanager
