@@ -33,7 +33,6 @@ CASES = ('dense', 'conv', 'lora', 'sparse')
 
 def _build(name):
   import jax
-  import jax.numpy as jnp
   import numpy as np
   import etp
   rng = np.random.default_rng(0)
@@ -44,11 +43,9 @@ def _build(name):
   if name == 'conv':       # 64 -> 64 channels, 32 x 32, 3 x 3 kernel, batch 8
     x = f32(8, 64, 32, 32)
     kernel = f32(64, 64, 3, 3) / 24
-    y = etp.conv(x, kernel, jnp.zeros(64))
     eqn = [e for e in jax.make_jaxpr(lambda a, b, c: etp.conv(a, b, c))(
         x, kernel, np.zeros(64, np.float32)).jaxpr.eqns
            if e.primitive is etp.etp_conv_p][0]
-    del y
     return etp.etp_conv_p, (x, kernel, f32(64)), dict(eqn.params)
   if name == 'lora':       # rank 16 on 4096 x 4096
     return etp.etp_lora_mv_p, (f32(4096), f32(4096, 16) / 64,

@@ -4,7 +4,6 @@ Each broken variant is a real registered primitive with the dense (or LoRA)
 impl and exactly one rule wrong.
 """
 
-import dataclasses
 import itertools
 
 import jax

@@ -6,7 +6,6 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import etp
@@ -15,7 +14,7 @@ from etp_testing._src import compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import CheckContext, x64_enabled
-from etp_testing._src.errors import (PREFIX, CheckSkipped, RuleConsistencyError,
+from etp_testing._src.errors import (CheckSkipped, RuleConsistencyError,
                                      RuleFailure)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
                                      CheckOutcome, ConsistencyReport, Finding)
