@@ -134,6 +134,24 @@ def test_correct_builtins_pass_every_rule_check(prim, operands, params):
   assert statuses['xy_to_dw.vjp'] == statuses['drtrl.exact'] == 'passed'
 
 
+def test_checks_run_matmuls_at_full_float32_precision():
+  # On GPUs the default float32 matmul is TF32 (~1e-3 relative error): the
+  # correct dense xy_to_dw failed xy_to_dw.jacrev on an H200 at 2.5e-4 before
+  # the harness pinned the precision. CPUs compute the same either way, so
+  # this records what the rule and the oracle see instead.
+  seen = []
+
+  def xy_recording(x, g, weights, *, has_bias):
+    seen.append(jax.config.jax_default_matmul_precision)
+    return dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+
+  before = jax.config.jax_default_matmul_precision
+  assert run(dense_variant(xy_to_dw=xy_recording),
+             'xy_to_dw.jacrev').status == 'passed'
+  assert seen and set(seen) == {'highest'}, seen
+  assert jax.config.jax_default_matmul_precision == before
+
+
 # ----------------------------------------------------------- xy_to_dw.*
 @pytest.mark.parametrize('check', ['xy_to_dw.vjp', 'xy_to_dw.jacrev',
                                    'xy_to_dw.fd'])

@@ -15,6 +15,10 @@ A comparison passes when ``max|actual - expected| <= atol + rtol * scale`` with
 rounding noise into a huge per-element relative error.  The reported relative
 error is ``max|actual - expected| / scale``.
 
+The bounds assume float32 products at float32 precision: the runner pins
+``jax.default_matmul_precision('highest')`` for every check, since GPUs
+default to TF32 (about 1e-3 relative).
+
 Every deliberately broken rule in the mutant catalog is off by O(1) relative
 error or more (a sign, a missing factor, a wrong axis), far above these bounds.
 """
