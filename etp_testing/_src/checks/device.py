@@ -1,26 +1,32 @@
 """``device.consistency``: the same answers on every device and when sharded.
 
-On the first device of the run's device list
-(``devices='all'|'cpu'|'gpu'|[...]``), on the last device of its platform and
-on the first device of every other platform (see ``_compared_devices``),
-the operands and a random cotangent ``g`` are placed there
-(``jax.device_put``) and three things are computed eagerly, as a user calls
-them: the bind, the ``jax.vjp`` of the bind w.r.t. the weights, and the
-``xy_to_dw`` rule.  Each is compared with the first device's result (within
-the tolerance of the dtype), and each result must stay on its device: a
+The operands and a random cotangent ``g`` are placed on the first device of
+the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and three things
+are computed under ``jax.jit``: the bind, the ``jax.vjp`` of the bind w.r.t.
+the weights, and the ``xy_to_dw`` rule.  That is the reference.  The same
+three are then computed *eagerly*, as a user calls them, on the last device
+of the first device's platform and on the first device of every other
+platform (see ``_compared_devices``), and compared with the reference (within
+the tolerance of the dtype).  Each eager result must stay on its device: a
 result *committed* to another device means the primitive or rule pinned it
 there (``jax.device_put(v, jax.devices()[0])``), and a rule that mixes such a
-pinned array with the operands raises on every other device; both are
-reported with the device.  (Under ``jax.jit`` both are silently harmless -
-JAX ignores the placement inside a jitted function - which is why this part
-runs eagerly.)
+pinned array with the operands raises there; both are reported with the
+device.  (Under ``jax.jit`` both are silently harmless - JAX ignores the
+placement inside a jitted function - which is why the compared devices run
+eagerly.)  A value pinned to the very device it is evaluated on is
+invisible, so the eager device is the *last* one: the usual pin, to
+``jax.devices()[0]`` (the default device), shows.  The first device runs
+under ``jax.jit`` only because eager evaluation compiles every op once per
+device, which made this the battery's most expensive check; when ``jax.jit``
+fails there (``primitive.jit`` reports that), the reference is computed
+eagerly instead.
 
 For a batched primitive the batch axis of ``x`` (and of ``g``) is then
 sharded over a 1-D mesh of as many devices (of the first device's platform)
 as divide the batch (``NamedSharding(mesh, P('batch'))``, every other operand
 replicated), and the same three computations, each under ``jax.jit``, are
-compared with their ``jax.jit`` on the first device alone (so that only the
-sharding differs; jit against eager is ``primitive.jit``'s business).
+compared with the reference (so that only the sharding differs; jit against
+eager is ``primitive.jit``'s business).
 
 What this can catch, and what it cannot: ``jax.jit`` with shardings is
 semantically transparent (XLA's partitioner inserts the collectives), so even
@@ -142,6 +148,21 @@ def _on_device(ctx, g, device, where):
   return results
 
 
+def _reference(ctx, g, first):
+  """``(results, description)`` on the first device: under ``jax.jit`` (a
+  cached program), or eagerly where jit fails; ``(None, '')`` when both fail
+  (recorded)."""
+  try:
+    return _compute(ctx, jax.device_put(list(ctx.operands), first),
+                    jax.device_put(g, first), jit=True,
+                    where=f'under jax.jit on {first}'), \
+        f'under jax.jit on {first}'
+  except RuleFailure:
+    pass
+  results = _on_device(ctx, g, first, f'on {first}')
+  return results, f'eager on {first}'
+
+
 def _shard_count(batch: int, n_devices: int) -> int:
   """The most devices (>= 2) that divide the batch, or 0."""
   return max((k for k in range(2, n_devices + 1) if batch % k == 0),
@@ -163,25 +184,16 @@ def _can_shard(ctx, devices) -> bool:
   return bool(_shard_devices(ctx, devices))
 
 
-def _sharded(ctx, g, devices, eager_reference) -> int:
-  """Compares jit results with the batch sharded against jit results on the
-  first device alone, so that only the sharding differs (when jit on one
-  device fails - ``primitive.jit`` reports that - against the eager ones);
-  returns 1 if it ran."""
+def _sharded(ctx, g, devices, reference, against: str) -> int:
+  """Compares jit results with the batch sharded against ``reference`` (jit
+  on the first device alone, so that only the sharding differs); returns 1
+  if it ran."""
   shard_over = _shard_devices(ctx, devices)
   if not shard_over:
     return 0
   xi = ctx.primitive.x_invar_index
   batch = int(np.shape(ctx.x)[0])
   n = len(shard_over)
-  first = devices[0]
-  try:
-    reference = _compute(ctx, jax.device_put(list(ctx.operands), first),
-                         jax.device_put(g, first), jit=True,
-                         where=f'under jax.jit on {first}')
-    against = f'under jax.jit on {first}'
-  except RuleFailure:
-    reference, against = eager_reference, f'eager on {first}'
   mesh = Mesh(np.array(shard_over), ('batch',))
   by_batch = NamedSharding(mesh, PartitionSpec('batch'))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -231,16 +243,16 @@ def check_device_consistency(ctx):
     y = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
     g = ctx.normal('device.g', y.shape, y.dtype)
     first = devices[0]
-    reference = _on_device(ctx, g, first, f'on {first}')
+    reference, against = _reference(ctx, g, first)
     if reference is None:
       return  # the first device already failed; recorded
     compared = 0
     for d in _compared_devices(devices):
       got = _on_device(ctx, g, d, f'on {d}')
       if got is not None:
-        _compare(ctx, got, reference, f'on {d} vs on {first}')
+        _compare(ctx, got, reference, f'on {d} vs {against}')
       compared += 1
-    compared += _sharded(ctx, g, devices, reference)
+    compared += _sharded(ctx, g, devices, reference, against)
   if not compared:
     _skip_nothing_to_compare(ctx, devices)
 
