@@ -72,3 +72,19 @@ def test_the_mapping_count_is_read_on_linux():
   if held is None:
     pytest.skip('no /proc/self/maps on this system')
   assert held > 10 and compilations._mapping_cap() > 1000
+
+
+def test_host_arrays_reach_jax_without_a_compilation():
+  # jnp.asarray on a NumPy array compiles a `stage` program per new shape
+  # (jax 0.10); the harness draws inputs of every generated shape, so it
+  # transfers them instead.  The control (an eager op on a new shape) shows
+  # that the counter sees eager compilations.
+  from etp._src.arrays import to_jax
+  with compilations.counting() as transferred:
+    for n in range(31, 34):
+      a = to_jax(np.ones((n, 2), np.float64), jnp.float32)
+  assert transferred.count == 0
+  assert a.dtype == jnp.float32 and a.shape == (33, 2)
+  with compilations.counting() as staged:
+    jnp.asarray(np.ones((35, 2), np.float32)) + 1
+  assert staged.count >= 1

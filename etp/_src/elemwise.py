@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from etp._src.arrays import to_jax
 from etp._src import rule_util
 from etp._src import units
 from etp._src import validation
@@ -112,6 +113,6 @@ def element_wise(weight, fn=lambda w: w):
     validation.fail(name, '`fn` returned None; it must return the transformed '
                     'weight (an array or a quantity).', TypeError)
   mantissa, unit = units.split(value)
-  mantissa = jnp.asarray(mantissa)
+  mantissa = to_jax(mantissa)
   validation.check_floating(name, 'fn(weight)', mantissa)
   return units.combine(etp_elemwise_p.bind(mantissa), unit)

@@ -35,6 +35,7 @@ from jax.interpreters import batching
 from jax.interpreters import mlir
 
 from etp._src import registry
+from etp._src.arrays import to_jax
 from etp._src.registry import ERROR_PREFIX, EtpRules
 
 __all__ = ['ETPPrimitive', 'register_primitive']
@@ -289,7 +290,7 @@ class ETPPrimitive(jex_core.Primitive):
 def _eager_impl(impl_fn, *args, **params):
   """``impl_fn`` on JAX arrays: an eager bind may get NumPy arrays, and an impl
   written in JAX (``x @ bcoo``, ``x.at[...]``) must not see them."""
-  return impl_fn(*(jnp.asarray(a) if isinstance(a, np.ndarray) else a
+  return impl_fn(*(to_jax(a) if isinstance(a, np.ndarray) else a
                    for a in args), **params)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import etp
+from etp._src.arrays import to_jax
 from etp_testing._src import compilations, tolerances
 from etp_testing._src.errors import CheckSkipped, RuleFailure
 from etp_testing._src.report import Finding
@@ -134,7 +135,7 @@ def _is_float(v) -> bool:
 def to_float64(tree):
   """Floating leaves to float64 (call inside :func:`x64_enabled`)."""
   return jax.tree.map(
-      lambda v: jnp.asarray(v, jnp.float64) if _is_float(v) else jnp.asarray(v),
+      lambda v: to_jax(v, jnp.float64) if _is_float(v) else to_jax(v),
       tree)
 
 
@@ -182,7 +183,7 @@ class CheckContext:
     self.rules = etp.rules_of(primitive)
     # Host copies (in the dtypes JAX gives them): slicing and combining
     # them in checks compiles nothing; jitted oracles take them as they are.
-    self.operands = tuple(np.asarray(jnp.asarray(o)) for o in operands)
+    self.operands = tuple(np.asarray(to_jax(o)) for o in operands)
     self.params = dict(params)
     self.seed = int(seed)
     self.steps = int(steps)
@@ -292,7 +293,7 @@ class CheckContext:
   def normal(self, tag: str, shape, dtype=None, scale: float = 1.0):
     dtype = dtype or self.weight_dtype()
     v = scale * self.rng(tag).standard_normal(tuple(shape), np.float32)
-    return jnp.asarray(v.astype(jnp.dtype(dtype)))
+    return to_jax(v, dtype)
 
   def seed32(self, tag: str) -> np.uint32:
     """A 32-bit seed for ``tag``, fixed by the seed: for draws made on the
@@ -302,7 +303,7 @@ class CheckContext:
   def uniform(self, tag: str, shape, dtype=None, minval=0.5, maxval=1.5):
     dtype = dtype or self.weight_dtype()
     v = self.rng(tag).uniform(minval, maxval, tuple(shape)).astype(np.float32)
-    return jnp.asarray(v.astype(jnp.dtype(dtype)))
+    return to_jax(v, dtype)
 
   # ------------------------------------------------------------ rules
   def call_rule(self, rule_name: str, *args, rules=None, vmap: int = 0,

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp._src.registry import call_init_rule
+from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import x64_enabled
@@ -55,7 +56,7 @@ def _call_init(ctx, rule_name, operands, n_state):
 
 
 def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
-  value = jnp.asarray(value)
+  value = to_jax(value)
   problems = []
   if tuple(value.shape) != tuple(shape):
     problems.append(f'shape {tuple(value.shape)} != expected {tuple(shape)}')
@@ -97,7 +98,7 @@ def check_init_drtrl(ctx):
   ctx = ctx.for_traces()
   for label, operands, x64 in _variants(ctx):
     with x64_enabled(x64):
-      operands = tuple(jnp.asarray(o) for o in operands)
+      operands = tuple(to_jax(o) for o in operands)
       if ctx.rules.instant_drtrl is not None:
         trace_shapes = _increment_shapes(ctx, operands)
       else:
@@ -118,7 +119,7 @@ def check_init_pp(ctx):
   """``init_pp``: zeros ``(*y_shape, n_state)`` in ``y``'s dtype (x64 on/off)."""
   for label, operands, x64 in _variants(ctx):
     with x64_enabled(x64):
-      operands = tuple(jnp.asarray(o) for o in operands)
+      operands = tuple(to_jax(o) for o in operands)
       for n_state in ctx.n_states:
         trace, y, _ = _call_init(ctx, 'init_pp', operands, n_state)
         if isinstance(trace, dict):

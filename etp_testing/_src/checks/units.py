@@ -24,9 +24,9 @@ skipped: 'no unit-aware user-facing function registered for <name>'.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import saiunit as u
 
+from etp._src.arrays import to_jax
 from etp_testing._src import unit_cases
 from etp_testing._src.checks.registry import check
 
@@ -101,8 +101,8 @@ def _check_call(ctx, description, call, out, expected_unit, expected):
     ctx.fail('units', f'{description} returned unit {unit}, expected '
              f'{expected_unit} (the product of the operand units)')
     return
-  mantissa = jnp.asarray(mantissa)
-  expected = jnp.asarray(expected)
+  mantissa = to_jax(mantissa)
+  expected = to_jax(expected)
   if mantissa.dtype != expected.dtype:
     ctx.fail('units', f'{description} returned a {mantissa.dtype} mantissa, '
              f'the bind on the mantissas gives {expected.dtype}',

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from etp._src.arrays import to_jax
 from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (compiled, to_float64, x64_enabled,
@@ -196,7 +197,7 @@ def check_fd(ctx):
     ops = to_float64(ctx.operands)
     x, weights, _ = ctx.primitive.split_operands(ops, ctx.params)
     g = np.asarray(_cotangent(ctx), np.float64)
-    grads = _rule_grads(ctx, x, jnp.asarray(g), weights)
+    grads = _rule_grads(ctx, x, to_jax(g), weights)
     index_of = ctx.primitive.trainable_invars(ctx.params)
     impl = impl_y(ctx)
     eps = tolerances.FD_EPS

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp._src.registry import call_init_rule
+from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
@@ -104,7 +105,7 @@ def reach(ctx, key, elements):
   mask = None
   for point in range(2):
     cols = np.asarray(_columns(ctx, key)(_example_operands(ctx, point),
-                                         jnp.asarray(elements)))
+                                         to_jax(elements)))
     hit = np.abs(cols) > 0
     mask = hit if mask is None else (mask | hit)
   return mask
