@@ -215,8 +215,9 @@ def check_fd(ctx):
                                   jnp.float32), np.float64)
         v = v / np.sqrt(np.mean(v * v) + 1e-300)
         plus, minus = list(ops), list(ops)
-        plus[index_of[k]] = w + eps * v
-        minus[index_of[k]] = w - eps * v
+        # On the host: eager JAX arithmetic would compile per shape.
+        plus[index_of[k]] = np.asarray(w) + eps * v
+        minus[index_of[k]] = np.asarray(w) - eps * v
         y_dot = (np.asarray(impl(plus)) - np.asarray(impl(minus))) / (2 * eps)
         rule_dd.append(np.vdot(grad_k, v))
         fd_dd.append(np.vdot(g, y_dot))

@@ -195,8 +195,8 @@ def check_linear(ctx):
   g1, g2 = (ctx.normal(f'yw_to_w.linear.g{i}', y.shape, y.dtype) for i in (1, 2))
   t1 = random_traces(ctx, 'yw_to_w.linear.T1', shapes, dt)
   t2 = random_traces(ctx, 'yw_to_w.linear.T2', shapes, dt)
-  masks = {k: (ctx.uniform(f'yw_to_w.linear.m.{k}', s, dt, 0., 1.) > 0.5
-               ).astype(dt) for k, s in shapes.items()}
+  masks = {k: (np.asarray(ctx.uniform(f'yw_to_w.linear.m.{k}', s, dt, 0., 1.))
+               > 0.5).astype(dt) for k, s in shapes.items()}
   yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
   a, b = 1.5, -0.75
   # Combinations on the host, in the operands' dtype (nothing to compile).
