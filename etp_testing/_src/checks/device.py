@@ -76,19 +76,41 @@ def _step(primitive, params, rule):
   return step
 
 
+def _steps(primitive, params, rules):
+  """``(operands, g) -> {rule: result}`` for every step in ``rules``."""
+  steps = [_step(primitive, params, rule) for rule in rules]
+  return lambda operands, g: {rule: step(operands, g)
+                              for rule, step in zip(rules, steps)}
+
+
 # Under jit: cached per primitive and params, so every example of a seen
-# shape (and sharding) reuses its compilation.
+# shape (and sharding) reuses its compilation.  All steps go in one program;
+# one program per step only names the failing step when that one fails.
 _jitted_step = compiled(_step)
+_jitted_steps = compiled(_steps)
 
 
 def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
   """``{'impl': y, 'vjp': {key: ...}, 'xy_to_dw': {key: ...}}`` on these
   (placed) operands: eager (as a user calls them: a result committed to
-  another device shows), or each under its own ``jax.jit``, so that a
-  failure names its rule."""
+  another device shows), or under ``jax.jit`` (all steps in one program, or,
+  when that fails, each in its own, so that the failure names its step)."""
   steps = [('impl', 'bind')]
   if ctx.weights:
     steps += [('vjp', 'jax.vjp w.r.t. the weights'), ('xy_to_dw', 'xy_to_dw')]
+  if jit:
+    try:
+      results = _jitted_steps(ctx, tuple(r for r, _ in steps))(
+          list(operands), g)
+    except Exception:  # pylint: disable=broad-except
+      results = None   # step by step below, so the failure names its step
+    if results is not None:
+      if 'xy_to_dw' in results:
+        try:
+          ctx.check_keys('xy_to_dw', results['xy_to_dw'], ctx.weights.keys())
+        except RuleFailure as e:
+          raise RuleFailure(e.rule, f'{where}: {e.message}', key=e.key) from e
+      return results
   results = {}
   for rule, what in steps:
     fn = (_jitted_step(ctx, rule) if jit else
