@@ -24,6 +24,11 @@ over it.  For a batched primitive the instantaneous term is taken per example
 (each as a batch of one) unless the primitive provides ``instant_drtrl``, which
 then returns per-example traces for the whole batch itself.
 
+Both sides loop over ``t`` with ``lax.scan``: one traced step, so the
+compiled program (and its compile time) does not grow with ``T``.  The
+carries keep their initial dtypes (the trace's are ``init_drtrl``'s, which
+``init.drtrl`` judges).
+
 Where a weight reaches the primitive through ``fn`` (``element_wise(w, fn)``),
 ``transforms={key: fn}`` applies ``fn`` to the raw weight, and the raw gradient
 is JAX's VJP of ``fn`` at the solved gradient.
@@ -85,17 +90,23 @@ def _apply_transforms(weights, transforms):
 
 def unrolled_loss(primitive, operands, params, raw_weights: Mapping, xs, A, Bf,
                   C, transforms: Optional[Mapping[str, Callable]] = None):
-  """``L = sum_t <c_t, h_t>`` of the recurrence, in plain JAX."""
+  """``L = sum_t <c_t, h_t>`` of the recurrence, in plain JAX (the loop over
+  ``t`` is a ``lax.scan``: the same loss, one traced step)."""
   transforms = transforms or {}
   weights = _apply_transforms(raw_weights, transforms)
   ops = with_weights(primitive, operands, params, weights)
-  h = jnp.zeros(Bf.shape[1:], jnp.result_type(Bf, *weights.values()))
-  loss = 0.
-  for t in range(A.shape[0]):
-    x_t = None if xs is None else xs[t]
+  h0 = jnp.zeros(Bf.shape[1:], jnp.result_type(Bf, *weights.values()))
+
+  def step(carry, inputs):
+    h, loss = carry
+    x_t, a_t, bf_t, c_t = inputs
     y = bind_y(primitive, with_x(primitive, ops, x_t), params)
-    h = jnp.einsum('...ab,...b->...a', A[t], h) + Bf[t] * y[..., None]
-    loss = loss + jnp.sum(C[t] * h)
+    h = (jnp.einsum('...ab,...b->...a', a_t, h) + bf_t * y[..., None]
+         ).astype(h.dtype)
+    return (h, loss + jnp.sum(c_t * h).astype(loss.dtype)), None
+
+  (_, loss), _ = jax.lax.scan(step, (h0, jnp.zeros((), h0.dtype)),
+                              (xs, A, Bf, C))
   return loss
 
 
@@ -145,22 +156,33 @@ def drtrl_gradient(primitive, operands, params, xs, A, Bf, C, transforms=None,
   link = lambda g, tr: rules.yw_to_w(g, tr, **rule_params)
   # vmap over the trace's state axis b: sum_b yw_to_w(A[..., a, b], eps[..., b])
   link_states = jax.vmap(link, in_axes=(-1, -1), out_axes=0)
-  grads = {k: jnp.zeros_like(w) for k, w in weights.items()}
-  for t in range(A.shape[0]):
-    x_t = None if xs is None else xs[t]
+
+  def step(carry, inputs):
+    trace, grads = carry
+    x_t, a_t, bf_t, c_t = inputs
     new_trace = []
     for a in range(n_state):
-      carried = jax.tree.map(lambda v: v.sum(0), link_states(A[t][..., a, :],
+      carried = jax.tree.map(lambda v: v.sum(0), link_states(a_t[..., a, :],
                                                              trace))
-      inst = instant_term(primitive, rules, x_t, Bf[t][..., a], weights,
+      inst = instant_term(primitive, rules, x_t, bf_t[..., a], weights,
                           rule_params)
       new_trace.append(jax.tree.map(jnp.add, carried, inst))
-    trace = jax.tree.map(lambda *vs: jnp.stack(vs, axis=-1), *new_trace)
+    new_trace = jax.tree.map(lambda *vs: jnp.stack(vs, axis=-1), *new_trace)
     for a in range(n_state):
-      solved = solve_term(rules, C[t][..., a],
-                          jax.tree.map(lambda v: v[..., a], trace), weights,
-                          rule_params)
-      grads = {k: grads[k] + solved[k] for k in grads}
+      solved = solve_term(rules, c_t[..., a],
+                          jax.tree.map(lambda v: v[..., a], new_trace),
+                          weights, rule_params)
+      grads = {k: grads[k] + solved[k].astype(grads[k].dtype) for k in grads}
+    # The carry keeps init_drtrl's dtypes (init.drtrl judges those), so a
+    # trace whose update promotes it still composes.
+    new_trace = jax.tree.map(lambda v, v0: v.astype(v0.dtype), new_trace,
+                             trace)
+    return (new_trace, grads), None
+
+  grads = {k: jnp.zeros_like(w) for k, w in weights.items()}
+  # One traced step for all T (lax.scan): the program, and its compile time,
+  # does not grow with the number of steps.
+  (_, grads), _ = jax.lax.scan(step, (trace, grads), (xs, A, Bf, C))
   # Through element_wise(w, fn): chain JAX's VJP of fn onto the solved grad.
   return {k: jax.vjp(transforms[k], raw_weights[k])[1](g)[0]
           if k in transforms else g for k, g in grads.items()}
