@@ -4,10 +4,13 @@ The operands and a random cotangent ``g`` are placed on the first device of
 the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and three things
 are computed under ``jax.jit``: the bind, the ``jax.vjp`` of the bind w.r.t.
 the weights, and the ``xy_to_dw`` rule.  That is the reference.  The same
-three are then computed *eagerly*, as a user calls them, on the last device
+three are then computed on the last device
 of the first device's platform and on the first device of every other
-platform (see ``_compared_devices``), and compared with the reference (within
-the tolerance of the dtype).  Each eager result must stay on its device: a
+platform (see ``_compared_devices``), the bind and ``xy_to_dw`` *eagerly*,
+as a user calls them, and ``jax.vjp`` under ``jax.jit`` on that device (it
+runs JAX's JVP and transpose of the bind, whose only user code is the impl),
+and compared with the reference (within the tolerance of the dtype).  Each
+eager result must stay on its device: a
 result *committed* to another device means the primitive or rule pinned it
 there (``jax.device_put(v, jax.devices()[0])``), and a rule that mixes such a
 pinned array with the operands raises there; both are reported with the
@@ -113,7 +116,11 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
       return results
   results = {}
   for rule, what in steps:
-    fn = (_jitted_step(ctx, rule) if jit else
+    # jax.vjp runs JAX's own JVP and transpose of the bind: eagerly that is
+    # every op compiled once more per device, and a pin in it would come
+    # from the impl, which runs eagerly here.  So it runs jitted (on the
+    # same device) in the eager pass too.
+    fn = (_jitted_step(ctx, rule) if jit or rule == 'vjp' else
           _step(ctx.primitive, ctx.params, rule))
     try:
       results[rule] = fn(list(operands), g)
