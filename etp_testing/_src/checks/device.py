@@ -2,27 +2,28 @@
 
 The operands and a random cotangent ``g`` are placed on the first device of
 the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and three things
-are computed under ``jax.jit``: the bind, the ``jax.vjp`` of the bind w.r.t.
-the weights, and the ``xy_to_dw`` rule.  That is the reference.  The same
-three are then computed on the last device
-of the first device's platform and on the first device of every other
-platform (see ``_compared_devices``), the bind and ``xy_to_dw`` *eagerly*,
-as a user calls them, and ``jax.vjp`` under ``jax.jit`` on that device (it
-runs JAX's JVP and transpose of the bind, whose only user code is the impl),
-and compared with the reference (within the tolerance of the dtype).  Each
-eager result must stay on its device: a
-result *committed* to another device means the primitive or rule pinned it
-there (``jax.device_put(v, jax.devices()[0])``), and a rule that mixes such a
+are computed there under ``jax.jit``: the bind, the ``jax.vjp`` of the bind
+w.r.t. the weights, and the ``xy_to_dw`` rule.  That is the reference.
+
+The same three are then computed on the last device of the first device's
+platform and on the first device of every other platform (see
+``_compared_devices``) and compared with the reference (within the tolerance
+of the dtype).  There the bind and ``xy_to_dw`` run *eagerly*, as a user
+calls them, and each result must stay on its device: a result *committed* to
+another device means the primitive or rule pinned it there
+(``jax.device_put(v, jax.devices()[0])``), and a rule that mixes such a
 pinned array with the operands raises there; both are reported with the
 device.  (Under ``jax.jit`` both are silently harmless - JAX ignores the
-placement inside a jitted function - which is why the compared devices run
-eagerly.)  A value pinned to the very device it is evaluated on is
-invisible, so the eager device is the *last* one: the usual pin, to
-``jax.devices()[0]`` (the default device), shows.  The first device runs
-under ``jax.jit`` only because eager evaluation compiles every op once per
-device, which made this the battery's most expensive check; when ``jax.jit``
-fails there (``primitive.jit`` reports that), the reference is computed
-eagerly instead.
+placement inside a jitted function - which is why these run eagerly.)
+``jax.vjp`` runs under ``jax.jit`` on that device: it is JAX's JVP and
+transpose of the bind, whose only user code is the impl, already run eagerly.
+
+A value pinned to the very device it is evaluated on is invisible, so the
+eager device is the *last* one: the usual pin, to ``jax.devices()[0]`` (the
+default device), shows.  The first device runs under ``jax.jit`` only
+because eager evaluation compiles every op once per device, which made this
+the battery's most expensive check; where ``jax.jit`` fails there
+(``primitive.jit`` reports that), the reference is computed eagerly instead.
 
 For a batched primitive the batch axis of ``x`` (and of ``g``) is then
 sharded over a 1-D mesh of as many devices (of the first device's platform)
