@@ -376,13 +376,20 @@ class CheckContext:
 
   def compare(self, actual, expected, *, rule: str, key=None, what: str = '',
               kind: str = 'exact', dtype=None, check_dtype: bool = False,
-              approximate: bool = False) -> Finding:
+              approximate: bool = False, term_scale=None) -> Finding:
     """Compares two arrays; records and returns a :class:`Finding`.
 
     Shapes must match exactly; values must satisfy the norm-wise bound of
     ``tolerances`` (checked with ``chex.assert_trees_all_close`` on the
     scaled difference); non-finite values fail.  ``check_dtype`` also asks
     for equal dtypes.  ``approximate`` records the error without failing.
+
+    ``term_scale``: for two sums of products added up in different orders,
+    the magnitude of the terms (``max |sum_i |a_i b_i||``, from a trusted
+    oracle on absolute values).  Their rounding differs by up to about
+    ``n eps sum_i |a_i b_i|``, which cancellation can make far larger than
+    ``eps`` times the result; the bound's scale is then the larger of the
+    two.  It only loosens the bound where the result cancels.
     """
     # On the host: comparing must not compile anything.
     actual = np.asarray(actual)
@@ -403,6 +410,10 @@ class CheckContext:
           f'{expected.dtype}'), **base))
     max_abs, max_rel, index = max_errors(actual, expected)
     scale = float(np.max(np.abs(expected), initial=0.0))
+    if term_scale is not None:
+      scale = max(scale, float(np.max(np.abs(np.asarray(term_scale,
+                                                        np.float64)),
+                                      initial=0.0)))
     if expected.size > LARGE_COMPARE:
       # Large arrays: the bound straight from max_errors' float64 pass
       # (chex would make more float64 copies of them).

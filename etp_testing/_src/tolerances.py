@@ -15,6 +15,11 @@ A comparison passes when ``max|actual - expected| <= atol + rtol * scale`` with
 rounding noise into a huge per-element relative error.  The reported relative
 error is ``max|actual - expected| / scale``.
 
+Two differently ordered sums of the same products (``drtrl.instant``) can
+cancel: their rounding is relative to the terms, not to the result, so such
+a comparison passes ``term_scale`` (see ``CheckContext.compare``) and the
+scale is the larger of the two.
+
 The bounds assume float32 products at float32 precision: the runner pins
 ``jax.default_matmul_precision('highest')`` for every check, since GPUs
 default to TF32 (about 1e-3 relative).

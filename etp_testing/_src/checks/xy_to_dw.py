@@ -58,7 +58,7 @@ def _y_of_weights(primitive, params, operands):
 
 
 @compiled
-def _vjp_oracle(primitive, params):
+def vjp_oracle(primitive, params):
   """``(operands, g) -> {key: VJP_{w_k}(g)}`` through ``jax.vjp``."""
   def vjp(operands, g):
     y_of = _y_of_weights(primitive, params, operands)
@@ -136,7 +136,7 @@ def check_vjp(ctx):
   each leaf of its weight's shape and dtype."""
   require_weights(ctx)
   g = _cotangent(ctx)
-  expected = _vjp_oracle(ctx)(list(ctx.operands), g)
+  expected = vjp_oracle(ctx)(list(ctx.operands), g)
   actual = _rule_grads(ctx, ctx.x, g, ctx.weights)
   for k, w in ctx.weights.items():
     ctx.compare(actual[k], expected[k], rule='xy_to_dw', key=k,
