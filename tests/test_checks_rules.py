@@ -388,3 +388,29 @@ def test_pp_exact_skips_non_linear_primitives():
   outcome = etp_testing.check_rules(prim, X, W, checks=['pp.exact'],
                                     has_bias=False).outcome('pp.exact')
   assert outcome.status == 'skipped' and 'not affine' in outcome.reason
+
+
+def test_drtrl_term_scales_bound_the_gradient():
+  # jax.grad of the loop on absolute values is the sum of the absolute
+  # products: by the triangle inequality never below |gradient|, and far
+  # above it where the batch cancels (the case of the soak's false alarm).
+  from etp_testing._src import context
+  from etp_testing._src.checks import drtrl
+  ctx = context.CheckContext(etp.etp_mm_p, CANCELLING[:2] + (B[:1],),
+                             {'has_bias': True}, seed=5, steps=3,
+                             n_states=(1, 2))
+  ctx = ctx.for_traces()
+  rules = drtrl.guarded_rules(ctx.rules)
+  runs = [('as given', n, False,
+           (list(ctx.operands),) + drtrl._recurrence(ctx, ctx.operands, n,
+                                                     f't.{n}'))
+          for n in (1, 2)]
+  results = drtrl._all_drtrl_gradients(ctx, rules, (False, False))(
+      [r[3] for r in runs])
+  terms = drtrl._term_scales(ctx, rules, runs)
+  for (_, want), scale in zip(results, terms):
+    for k in want:
+      assert np.all(np.asarray(scale[k]) >= np.abs(want[k]) * (1 - 1e-6)), k
+  ratio = max(float(np.max(terms[i]['weight']) /
+                    np.max(np.abs(results[i][1]['weight']))) for i in (0, 1))
+  assert ratio > 1.5

@@ -135,6 +135,27 @@ def _gradients(ctx, rules, operands, xs, a, bf, c, with_fn):
                       f'rules: {type(e).__name__}: {e}') from e
 
 
+def _absolute(tree):
+  """Floating leaves replaced by their absolute values (indices kept)."""
+  return jax.tree.map(
+      lambda v: np.abs(v) if np.issubdtype(np.asarray(v).dtype, np.floating)
+      else v, tree)
+
+
+def _term_scales(ctx, rules, runs):
+  """Per run, ``jax.grad`` of the loop on absolute values (operands, inputs
+  and coefficients): the size of the products that both sides add up in
+  different orders, the scale of their rounding where the gradient cancels
+  (see ``CheckContext.compare``).  Same shapes, so the compiled program is
+  reused; only the autodiff side is kept.  ``None`` if it cannot run."""
+  try:
+    out = _all_drtrl_gradients(ctx, rules, tuple(r[2] for r in runs))(
+        [_absolute(r[3]) for r in runs])
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return [want for _, want in out]
+
+
 @check('drtrl.exact')
 def check_drtrl_exact(ctx):
   """The reference D-RTRL executor's gradient equals ``jax.grad`` of the
@@ -160,6 +181,7 @@ def check_drtrl_exact(ctx):
     raise
   except Exception:  # pylint: disable=broad-except
     results = None   # run them one by one, so the failure names its run
+  terms = _term_scales(ctx, rules, runs) if results is not None else None
   for i, (label, n_state, with_fn, args) in enumerate(runs):
     got, want = (results[i] if results is not None
                  else _gradients(ctx, rules, *args, with_fn))
@@ -167,6 +189,7 @@ def check_drtrl_exact(ctx):
     for k in want:
       ctx.compare(got[k], want[k], rule='drtrl', key=k,
                   approximate=k in ctx.rules.approximate,
+                  term_scale=None if terms is None else terms[i].get(k),
                   what=f'D-RTRL vs jax.grad ({label}, steps={ctx.steps}, '
                   f'n_state={n_state}'
                   + (', declared approximate)' if k in ctx.rules.approximate
