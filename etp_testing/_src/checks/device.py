@@ -41,9 +41,9 @@ computes per shard what is defined on the whole batch) and code that fails
 under sharding; the per-device comparisons catch device-pinned arrays and,
 with devices of several platforms (``devices='all'`` on a GPU machine),
 platform-dependent code (``lax.platform_dependent``, a GPU-only kernel) that
-disagrees with the CPU.  Matmul precision is set to ``'highest'`` for the
-check, so that a GPU's TF32 default is not reported as a disagreement with
-the CPU.
+disagrees with the CPU.  Like every check, it runs under the runner's full
+float32 matmul precision (``runner.MATMUL_PRECISION``), so that a GPU's TF32
+default is not reported as a disagreement with the CPU.
 
 With nothing to compare (one device and no batch to shard, or no device of
 the requested kind) the check is skipped with the reason: never passed.
@@ -180,8 +180,8 @@ def _on_device(ctx, g, device, where):
 
 def _reference(ctx, g, first):
   """``(results, description)`` on the first device: under ``jax.jit`` (a
-  cached program), or eagerly where jit fails; ``(None, '')`` when both fail
-  (recorded)."""
+  cached program), or eagerly where jit fails; ``results`` is ``None`` when
+  both fail (the failure is recorded)."""
   try:
     return _compute(ctx, jax.device_put(list(ctx.operands), first),
                     jax.device_put(g, first), jit=True,
@@ -269,20 +269,19 @@ def check_device_consistency(ctx):
              '(devices resolved to an empty list)')
   if len(devices) < 2 and not _can_shard(ctx, devices):
     _skip_nothing_to_compare(ctx, devices)
-  with jax.default_matmul_precision('highest'):
-    y = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
-    g = ctx.normal('device.g', y.shape, y.dtype)
-    first = devices[0]
-    reference, against = _reference(ctx, g, first)
-    if reference is None:
-      return  # the first device already failed; recorded
-    compared = 0
-    for d in _compared_devices(devices):
-      got = _on_device(ctx, g, d, f'on {d}')
-      if got is not None:
-        _compare(ctx, got, reference, f'on {d} vs {against}')
-      compared += 1
-    compared += _sharded(ctx, g, devices, reference, against)
+  y = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
+  g = ctx.normal('device.g', y.shape, y.dtype)
+  first = devices[0]
+  reference, against = _reference(ctx, g, first)
+  if reference is None:
+    return  # the first device already failed; recorded
+  compared = 0
+  for d in _compared_devices(devices):
+    got = _on_device(ctx, g, d, f'on {d}')
+    if got is not None:
+      _compare(ctx, got, reference, f'on {d} vs {against}')
+    compared += 1
+  compared += _sharded(ctx, g, devices, reference, against)
   if not compared:
     _skip_nothing_to_compare(ctx, devices)
 
