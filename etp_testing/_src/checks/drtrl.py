@@ -216,9 +216,8 @@ def check_drtrl_instant(ctx):
   # The two sides sum the same products in different orders (per example,
   # then over the batch with c); where they cancel, rounding is relative to
   # the terms: jax.vjp of the bind on absolute values gives their size.
-  terms = xy_to_dw_checks.vjp_oracle(ctx)(
-      [np.abs(o) if np.issubdtype(np.asarray(o).dtype, np.floating) else o
-       for o in ctx.operands], np.abs(cg))
+  terms = xy_to_dw_checks.vjp_oracle(ctx)(_absolute(list(ctx.operands)),
+                                          np.abs(cg))
   for k in ctx.weights:
     ctx.compare(solved[k], want[k], rule='solve_drtrl', key=k,
                 term_scale=terms[k],
@@ -251,8 +250,9 @@ def check_pp_exact(ctx):
   bind = _bind_with_x(ctx)
   p = lambda v: np.asarray(bind(list(ctx.operands), v), np.float64)
   # Affine in x: P(x1 + x2) - P(x1) == P(x2) - P(0), up to rounding of P.
-  scale = 4 * float(np.max(np.abs(p(x1)))) + 4 * float(np.max(np.abs(p(x2))))
-  if not _close(ctx, p(x1 + x2) - p(x1), p(x2) - p(np.zeros_like(x)),
+  p1, p2 = p(x1), p(x2)
+  scale = 4 * float(np.max(np.abs(p1))) + 4 * float(np.max(np.abs(p2)))
+  if not _close(ctx, p(x1 + x2) - p1, p2 - p(np.zeros_like(x)),
                 x.dtype, scale):
     ctx.skip(f'{ctx.name} is not affine in x: the pp-prop factorisation '
              'does not apply')
