@@ -88,3 +88,45 @@ def test_host_arrays_reach_jax_without_a_compilation():
   with compilations.counting() as staged:
     jnp.asarray(np.ones((35, 2), np.float32)) + 1
   assert staged.count >= 1
+
+
+def test_harness_programs_compile_with_the_harness_options(monkeypatch):
+  """Every program a check builds goes through ``compilations.jit``, which
+  passes ``COMPILER_OPTIONS`` (where this XLA knows them) to ``jax.jit``."""
+  seen = []
+  real_jit = jax.jit
+
+  def spy(fn, **kwargs):
+    seen.append(kwargs.get('compiler_options'))
+    return real_jit(fn, **kwargs)
+
+  monkeypatch.setattr(compilations.jax, 'jit', spy)
+  compilations.release()   # so that the battery builds its jitted functions
+  _battery(_case(3, 7))
+  supported = dict(compilations._supported_options())
+  assert len(seen) > 5
+  assert all(options == supported for options in seen), seen
+
+
+def test_an_unknown_compiler_option_is_left_out(monkeypatch):
+  """An XLA without the option (older or newer) compiles with its default
+  instead of failing every check."""
+  monkeypatch.setattr(compilations, 'COMPILER_OPTIONS',
+                      {'xla_no_such_option_for_etp': True})
+  compilations._supported_options.cache_clear()
+  try:
+    assert compilations._supported_options() == ()
+    f = compilations.jit(lambda a: a * 2)
+    np.testing.assert_array_equal(f(np.arange(3.0)), [0.0, 2.0, 4.0])
+  finally:
+    compilations._supported_options.cache_clear()
+
+
+def test_the_harness_options_are_known_to_this_jax():
+  """If this fails, the option was renamed or dropped in this JAX: the
+  harness still runs (see the test above), only slower; update
+  ``COMPILER_OPTIONS``."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the option is for XLA:CPU; other backends ignore it')
+  assert dict(compilations._supported_options()) == \
+      compilations.COMPILER_OPTIONS

@@ -82,12 +82,12 @@ def compiled(builder):
   """
   @functools.lru_cache(maxsize=2048)
   def cached(primitive, params_key, static):
-    return jax.jit(builder(primitive, dict(params_key), *static))
+    return compilations.jit(builder(primitive, dict(params_key), *static))
 
   @functools.wraps(builder)
   def get(ctx, *static):
     if ctx.params_key is None:
-      return jax.jit(builder(ctx.primitive, ctx.params, *static))
+      return compilations.jit(builder(ctx.primitive, ctx.params, *static))
     return cached(ctx.primitive, ctx.params_key, static)
   get.cache_clear = compilations.register_cache(cached.cache_clear)
   get.builder = builder
@@ -117,7 +117,7 @@ def _rule_fn(rule, static: tuple, vmap_depth: int):
   f = lambda args, arrays: rule(*args, **dict(static), **arrays)
   for _ in range(vmap_depth):
     f = jax.vmap(f, in_axes=(0, None))
-  return jax.jit(f)
+  return compilations.jit(f)
 
 
 _jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
