@@ -178,6 +178,10 @@ def main(argv=None) -> int:
   parser.add_argument('--no-compilations', action='store_true')
   args = parser.parse_args(argv)
   prims = _primitives([p for p in args.primitives.split(',') if p])
+  import jax
+  from etp_testing._src.compilations import options_in_effect
+  print(f'jax {jax.__version__} on {jax.default_backend()}; the harness '
+        f'compiles with {options_in_effect() or "XLA defaults"}')
   ok = True
   if not args.no_battery:
     bare = {p.name: bare_fwd_vjp_seconds(p, *first_case(p)) for p in prims}

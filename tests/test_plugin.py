@@ -131,7 +131,12 @@ def test_compile_cache_off(tmp_path):
   proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}',
               '--etp-compile-cache=off')
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert json.loads(report.read_text())['compile_cache'] is None
+  data = json.loads(report.read_text())
+  assert data['compile_cache'] is None
+  # The options the harness's programs compiled with (none where this XLA
+  # does not know them).
+  from etp_testing._src import compilations
+  assert data['compiler_options'] == compilations.options_in_effect()
 
 
 def test_node_ids_and_collection_only_battery(tmp_path):

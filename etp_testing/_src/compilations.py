@@ -28,7 +28,10 @@ such programs as its older elemental emitters, for code that runs about as
 fast at these sizes, so the harness compiles its own programs with
 ``COMPILER_OPTIONS``.  The option names an XLA:CPU code generator; other
 backends ignore it, and where this XLA does not know it, :func:`jit` leaves it
-out.  Programs a user's code compiles (eager ops included) are not affected.
+out: jax 0.11's XLA no longer has it ("No such compile option"), and compiles
+these programs faster with its default.  :func:`options_in_effect` says which
+applied (the battery's JSON report records it).  Programs a user's code
+compiles (eager ops included) are not affected.
 """
 
 from __future__ import annotations
@@ -95,6 +98,11 @@ def _supported_options() -> tuple:
   except Exception:  # pylint: disable=broad-except
     return ()   # an older or newer XLA without the option: its default
   return options
+
+
+def options_in_effect() -> dict:
+  """The compiler options :func:`jit` passes in this process."""
+  return dict(_supported_options())
 
 
 def jit(fn, **kwargs):

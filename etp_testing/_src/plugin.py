@@ -234,6 +234,7 @@ class EtpCheckPlugin:
       return
     import jax
     import etp_testing
+    from etp_testing._src import compilations
     checks = {}
     for (prim, check), record in sorted(self.results.items()):
       checks.setdefault(prim, {})[check] = {
@@ -250,6 +251,7 @@ class EtpCheckPlugin:
         'seed': seed(self.config), 'examples': examples(self.config),
         'duration_s': time.perf_counter() - self.start,
         'compile_cache': self.compile_cache,
+        'compiler_options': compilations.options_in_effect(),
         'totals': {s: statuses.count(s) for s in sorted(set(statuses))},
         'unchecked_primitives': self.unchecked,
         'primitives': checks,
