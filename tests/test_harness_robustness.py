@@ -234,20 +234,6 @@ def test_a_run_leaves_global_state_as_found():
   assert ad.primitive_jvps[etp.etp_mv_p] is jvp
 
 
-def test_operands_are_held_on_the_host_in_jax_dtypes():
-  """NumPy operands already in the dtype JAX gives them are held as they
-  are (no round trip through a device); others get that dtype."""
-  from etp_testing._src.context import CheckContext, x64_enabled
-  x, w = np.ones((2, 3), np.float32), np.ones((3, 4), np.float32)
-  ctx = CheckContext(etp.etp_mm_p, (x, jnp.asarray(w)), {'has_bias': False})
-  assert ctx.operands[0] is x
-  assert isinstance(ctx.operands[1], np.ndarray)
-  with x64_enabled(False):
-    ctx = CheckContext(etp.etp_mm_p, (x.astype(np.float64), w.astype(float)),
-                       {'has_bias': False})
-  assert [o.dtype for o in ctx.operands] == [np.float32, np.float32]
-
-
 # -------------------------------------------------------------------- report
 def test_the_report_is_json():
   good = etp_testing.check_rules(etp.etp_mm_p, *_operands(),
