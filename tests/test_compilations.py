@@ -93,6 +93,7 @@ def test_host_arrays_reach_jax_without_a_compilation():
 def test_harness_programs_compile_with_the_harness_options(monkeypatch):
   """Every program a check builds goes through ``compilations.jit``, which
   passes ``COMPILER_OPTIONS`` (where this XLA knows them) to ``jax.jit``."""
+  supported = compilations.options_in_effect()   # probed before the spy
   seen = []
   real_jit = jax.jit
 
@@ -103,7 +104,6 @@ def test_harness_programs_compile_with_the_harness_options(monkeypatch):
   monkeypatch.setattr(compilations.jax, 'jit', spy)
   compilations.release()   # so that the battery builds its jitted functions
   _battery(_case(3, 7))
-  supported = compilations.options_in_effect()
   assert len(seen) > 5
   assert all(options == supported for options in seen), seen
 
@@ -120,4 +120,3 @@ def test_an_unknown_compiler_option_is_left_out(monkeypatch):
     np.testing.assert_array_equal(f(np.arange(3.0)), [0.0, 2.0, 4.0])
   finally:
     compilations._supported_options.cache_clear()
-

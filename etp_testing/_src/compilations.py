@@ -25,13 +25,13 @@ Why :func:`jit`: the checks build many small programs and run each a few
 times, so compile time is most of what they cost.  XLA:CPU's fusion emitters
 (its default code generator in recent JAX) take about twice as long to compile
 such programs as its older elemental emitters, for code that runs about as
-fast at these sizes, so the harness compiles its own programs with
-``COMPILER_OPTIONS``.  The option names an XLA:CPU code generator; other
-backends ignore it, and where this XLA does not know it, :func:`jit` leaves it
-out: jax 0.11's XLA no longer has it ("No such compile option"), and compiles
-these programs faster with its default.  :func:`options_in_effect` says which
-applied (the battery's JSON report records it).  Programs a user's code
-compiles (eager ops included) are not affected.
+fast (the large-layer benchmark's times did not change), so the harness
+compiles its own programs with ``COMPILER_OPTIONS``.  The option names an
+XLA:CPU code generator; other backends ignore it, and where this XLA does not
+know it, :func:`jit` leaves it out: jax 0.11's XLA no longer has it ("No such
+compile option") and compiles with its default.  :func:`options_in_effect`
+says which applied (the battery's JSON report records it).  Programs a user's
+code compiles (eager ops included) are not affected.
 """
 
 from __future__ import annotations
