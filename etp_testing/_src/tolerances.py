@@ -15,8 +15,8 @@ A comparison passes when ``max|actual - expected| <= atol + rtol * scale`` with
 rounding noise into a huge per-element relative error.  The reported relative
 error is ``max|actual - expected| / scale``.
 
-Two differently ordered sums of the same products (``drtrl.instant``) can
-cancel: their rounding is relative to the terms, not to the result, so such
+Two differently ordered sums of the same products (``drtrl.instant``,
+``drtrl.exact``) can cancel: their rounding is relative to the terms, not to the result, so such
 a comparison passes ``term_scale`` (see ``CheckContext.compare``) and the
 scale is the larger of the two.
 
