@@ -33,6 +33,42 @@ def test_counting_sees_a_new_shape_and_not_a_repeated_one():
   assert first.count >= 1 and again.count == 0
 
 
+@pytest.fixture
+def persistent_cache(tmp_path):
+  """JAX's persistent compilation cache in ``tmp_path`` for one test, every
+  program cached; the old settings are restored after."""
+  from jax.experimental.compilation_cache import compilation_cache
+  names = ('jax_compilation_cache_dir',
+           'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+  compilation_cache.reset_cache()
+  try:
+    yield tmp_path
+  finally:
+    for n, v in old.items():
+      jax.config.update(n, v)
+    compilation_cache.reset_cache()
+
+
+def test_a_program_from_the_persistent_cache_counts_as_loaded(
+    persistent_cache):
+  """JAX reports a persistent-cache hit with the same event as a
+  compilation; the count tells them apart, so a warm run's figure is what
+  XLA compiled."""
+  f = jax.jit(lambda a: a * 5 - 2)
+  with compilations.counting() as cold:
+    f(np.ones(23, np.float32))
+  assert (cold.count, cold.loaded) == (1, 0)
+  jax.clear_caches()   # the in-memory caches: the next call asks the disk
+  with compilations.counting() as warm:
+    f(np.ones(23, np.float32))
+  assert (warm.count, warm.loaded) == (0, 1)
+
+
 def test_a_new_example_of_a_seen_shape_compiles_nothing():
   """Oracles and rule calls are cached per primitive and params, and jitted:
   another example (other values) of the same shapes reuses every program,

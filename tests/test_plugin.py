@@ -116,14 +116,31 @@ def test_registered_hypothesis_profiles_are_selectable(tmp_path, profile,
 
 
 def test_compile_cache_is_written_and_reported(tmp_path):
-  """Programs go to the persistent cache; a second run passes from it."""
+  """Programs go to the persistent cache; a second run passes from it,
+  compiling nothing: the report and the summary count the programs XLA
+  compiled apart from those loaded from the cache."""
   cache, report = tmp_path / 'xla-cache', tmp_path / 'report.json'
+  counts = []
   for _ in range(2):
     proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}',
                 f'--etp-compile-cache={cache}')
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(report.read_text())['compile_cache'] == str(cache)
+    data = json.loads(report.read_text())
+    assert data['compile_cache'] == str(cache)
     assert len(list(cache.iterdir())) > 5
+    totals = data['compilations']
+    per_check = data['primitives']['user_scaled_mm'].values()
+    assert totals == {'compiled': sum(c['compiled'] for c in per_check),
+                      'loaded': sum(c['loaded'] for c in per_check)}
+    assert (f"XLA programs: {totals['compiled']} compiled, "
+            f"{totals['loaded']} loaded") in proc.stdout
+    counts.append(totals)
+  cold, warm = counts
+  # Cold, a program another check already compiled (the same HLO from
+  # another jitted function) may come from the cache too.
+  assert cold['compiled'] > 5, counts
+  assert warm == {'compiled': 0,
+                  'loaded': cold['compiled'] + cold['loaded']}, counts
 
 
 def test_compile_cache_off(tmp_path):

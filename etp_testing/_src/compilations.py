@@ -6,7 +6,12 @@ a ``backend_compile`` duration event.  :func:`counting` listens to them:
 
     with counting() as c:
       ...
-    print(c.count, c.seconds)
+    print(c.count, c.loaded, c.seconds)
+
+JAX reports the same event when a program comes from the persistent
+compilation cache (``--etp-compile-cache``) instead of XLA, after a
+``cache_hits`` event; those are counted apart, as ``loaded``: ``count`` is
+what XLA actually compiled.
 
 The listener is registered once per process and counts for every open
 :func:`counting` block, and for :func:`release_if_over`.
@@ -43,8 +48,11 @@ import functools
 import jax
 import numpy as np
 
-# The event JAX records for each backend compilation (stable since jax 0.4).
+# The event JAX records for each backend compilation (stable since jax 0.4),
+# whether XLA compiled the program or the persistent cache had it.
 BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+# The event JAX records, inside the above, when the persistent cache had it.
+CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 # XLA options of every program the harness compiles itself (see :func:`jit`).
 COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False}
@@ -59,6 +67,7 @@ PROBE_EVERY = 50
 
 _open: list = []
 _registered = False
+_hit_pending = False   # a cache hit seen, its backend_compile event not yet
 _since_release = 0
 _probed_at = 0
 # cache_clear callables of the harness's caches of jitted functions.
@@ -67,23 +76,41 @@ _caches: list = []
 
 @dataclasses.dataclass(eq=False)   # nested blocks are told apart by identity
 class CompileCount:
-  """Compilations seen while a :func:`counting` block was open."""
+  """What a :func:`counting` block saw.
+
+  Attributes:
+    count: programs XLA compiled.
+    loaded: programs loaded from the persistent compilation cache instead.
+    seconds: time in both.
+  """
   count: int = 0
+  loaded: int = 0
   seconds: float = 0.0
 
 
+def _hit_listener(event: str, **_):
+  global _hit_pending
+  if event == CACHE_HIT_EVENT:
+    _hit_pending = True
+
+
 def _listener(event: str, duration_secs: float, **_):
-  global _since_release
+  global _since_release, _hit_pending
   if event == BACKEND_COMPILE_EVENT:
+    hit, _hit_pending = _hit_pending, False
     _since_release += 1
     for c in _open:
-      c.count += 1
+      if hit:
+        c.loaded += 1
+      else:
+        c.count += 1
       c.seconds += duration_secs
 
 
 def _listen():
   global _registered
   if not _registered:
+    jax.monitoring.register_event_listener(_hit_listener)
     jax.monitoring.register_event_duration_secs_listener(_listener)
     _registered = True
 
@@ -169,7 +196,8 @@ def release_if_over(limit: int = None) -> bool:
 
 @contextlib.contextmanager
 def counting():
-  """Counts XLA backend compilations (and their seconds) inside the block."""
+  """Counts XLA compilations, and programs loaded from the persistent
+  cache, inside the block (a :class:`CompileCount`)."""
   _listen()
   c = CompileCount()
   _open.append(c)

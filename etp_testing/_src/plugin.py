@@ -98,6 +98,15 @@ def seed(config) -> int:
   return int(value) if value is not None else 0
 
 
+def compile_totals(records) -> tuple:
+  """``(compiled, loaded)``: XLA programs the checks compiled, and those
+  they loaded from the persistent compilation cache, summed over
+  ``records``."""
+  records = list(records)
+  return (sum(r.get('compiled') or 0 for r in records),
+          sum(r.get('loaded') or 0 for r in records))
+
+
 class EtpCheckItem(pytest.Item):
   """One check of one primitive over generated examples."""
 
@@ -108,6 +117,7 @@ class EtpCheckItem(pytest.Item):
     self.add_marker('etp_check')
 
   def runtest(self):
+    from etp_testing._src import compilations
     from etp_testing._src.hypothesis_runner import check_with_hypothesis
     from etp_testing._src.errors import RuleConsistencyError
     config = self.config
@@ -115,10 +125,15 @@ class EtpCheckItem(pytest.Item):
     record = {'primitive': self.primitive.name, 'check': self.check,
               'seed': seed(config), 'examples': examples(config)}
     try:
-      summary = check_with_hypothesis(
-          self.primitive, max_examples=examples(config), checks=[self.check],
-          seed=seed(config), devices=config.getoption('etp_devices'),
-          fast=True if config.getoption('etp_fast') else None)
+      with compilations.counting() as programs:
+        try:
+          summary = check_with_hypothesis(
+              self.primitive, max_examples=examples(config),
+              checks=[self.check], seed=seed(config),
+              devices=config.getoption('etp_devices'),
+              fast=True if config.getoption('etp_fast') else None)
+        finally:
+          record.update(compiled=programs.count, loaded=programs.loaded)
     except RuleConsistencyError as e:
       worst = e.report.outcome(self.check)
       worst = worst.worst() if worst else None
@@ -225,6 +240,11 @@ class EtpCheckPlugin:
       tr.write_line(f"FAILED etp::{record['primitive']}::{record['check']}")
       tr.write_line(record.get('message', ''))
     path = self.config.getoption('etp_report')
+    compiled, loaded = compile_totals(self.results.values())
+    tr.write_line(f'XLA programs: {compiled} compiled, {loaded} loaded from '
+                  'the persistent compilation cache'
+                  + (f' ({self.compile_cache})' if self.compile_cache else
+                     ' (none in use)'))
     if path:
       tr.write_line(f'etp report written to {path}')
 
@@ -240,7 +260,7 @@ class EtpCheckPlugin:
       checks.setdefault(prim, {})[check] = {
           k: record.get(k) for k in ('status', 'max_abs_err', 'max_rel_err',
                                      'seed', 'examples', 'duration_s',
-                                     'skip_reasons')}
+                                     'skip_reasons', 'compiled', 'loaded')}
     statuses = [r['status'] for r in self.results.values()]
     data = {
         'etp_report_version': 1,
@@ -253,6 +273,8 @@ class EtpCheckPlugin:
         'compile_cache': self.compile_cache,
         'compiler_options': compilations.options_in_effect(),
         'totals': {s: statuses.count(s) for s in sorted(set(statuses))},
+        'compilations': dict(zip(('compiled', 'loaded'),
+                                 compile_totals(self.results.values()))),
         'unchecked_primitives': self.unchecked,
         'primitives': checks,
     }
