@@ -124,6 +124,35 @@ _jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
 compilations.register_cache(_jitted_rule.cache_clear)
 
 
+def _bind_y(primitive, operands, params):
+  out = primitive.bind(*operands, **params)
+  return out[primitive.y_outvar_index] if primitive.multiple_results else out
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_y_aval(primitive, params_key, avals, x64):
+  del x64   # part of the key: a bind may follow the default dtype
+  return jax.eval_shape(
+      lambda *ops: _bind_y(primitive, ops, dict(params_key)),
+      *(jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
+        for a in avals))
+
+
+def y_aval(primitive, operands, params) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of the bind's ``y`` on ``operands`` (nothing compiled).
+
+  Traced once per primitive, params, operand avals and x64 setting: the
+  checks ask for it many times per case, and tracing costs a fast-mode check
+  more than its compiled work on a small layer.  Raises what the bind
+  raises."""
+  key = hashable_params(params)
+  if key is None:
+    return jax.eval_shape(lambda *ops: _bind_y(primitive, ops, params),
+                          *operands)
+  return _cached_y_aval(primitive, key, tuple(jax.typeof(o) for o in operands),
+                        bool(jax.config.jax_enable_x64))
+
+
 def shape_of(tree) -> Any:
   return jax.tree.map(lambda v: tuple(np.shape(v)), tree)
 
@@ -209,16 +238,21 @@ class CheckContext:
 
   def bind(self, *operands, **params):
     """Binds the primitive; returns ``y`` (the ``y_outvar_index`` output)."""
-    out = self.primitive.bind(*operands, **(params or self.params))
-    return out[self.primitive.y_outvar_index] if self.primitive.multiple_results \
-        else out
+    return _bind_y(self.primitive, operands, params or self.params)
 
   def y(self):
     return self.bind(*self.operands)
 
+  def y_aval(self, operands=None) -> jax.ShapeDtypeStruct:
+    """Shape and dtype of ``y`` on ``operands`` (default: the case's); see
+    :func:`y_aval`."""
+    return y_aval(self.primitive,
+                  self.operands if operands is None else operands,
+                  self.params)
+
   def jacobian_size(self) -> int:
     """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
-    y = jax.eval_shape(lambda *ops: self.bind(*ops), *self.operands)
+    y = self.y_aval()
     sizes = [int(np.prod(y.shape)) * int(np.size(w))
              for w in self.weights.values()]
     return max(sizes, default=0)

@@ -13,7 +13,7 @@ from etp_testing._src import checks as _checks  # registers the checks
 from etp_testing._src import compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
-from etp_testing._src.context import CheckContext, x64_enabled
+from etp_testing._src.context import CheckContext, x64_enabled, y_aval
 from etp_testing._src.errors import (CheckSkipped, RuleConsistencyError,
                                      RuleFailure)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
@@ -59,7 +59,7 @@ def _validate_case(primitive, operands, params) -> Optional[str]:
     return (f'{primitive!r} is not an ETP primitive (create it with '
             'etp.register_primitive)')
   try:
-    jax.eval_shape(lambda *ops: primitive.bind(*ops, **params), *operands)
+    y_aval(primitive, operands, params)
   except Exception as e:  # pylint: disable=broad-except
     shapes = [tuple(np.shape(o)) for o in operands]
     return (f'binding {primitive.name} on shapes {shapes} with params '

@@ -269,7 +269,7 @@ def check_device_consistency(ctx):
              '(devices resolved to an empty list)')
   if len(devices) < 2 and not _can_shard(ctx, devices):
     _skip_nothing_to_compare(ctx, devices)
-  y = jax.eval_shape(lambda *ops: ctx.bind(*ops), *ctx.operands)
+  y = ctx.y_aval()
   g = ctx.normal('device.g', y.shape, y.dtype)
   first = devices[0]
   reference, against = _reference(ctx, g, first)

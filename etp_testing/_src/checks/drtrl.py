@@ -69,7 +69,7 @@ def guarded_rules(rules):
 
 
 def _y_shape_dtype(ctx, operands):
-  y = jax.eval_shape(lambda *o: ctx.bind(*o), *operands)
+  y = ctx.y_aval(operands)
   return tuple(y.shape), y.dtype
 
 
@@ -203,7 +203,7 @@ def check_drtrl_instant(ctx):
     ctx.skip('no instant_drtrl/solve_drtrl: the defaults (xy_to_dw, yw_to_w) '
              'are used, and drtrl.exact covers them')
   ctx = ctx.for_traces()
-  y = jax.eval_shape(ctx.y)
+  y = ctx.y_aval()
   g = ctx.normal('drtrl.instant.g', y.shape, y.dtype)
   c = ctx.normal('drtrl.instant.c', y.shape, y.dtype)
   trace = ctx.call_rule('instant_drtrl', ctx.x, g, ctx.weights)
@@ -256,7 +256,7 @@ def check_pp_exact(ctx):
                 x.dtype, scale):
     ctx.skip(f'{ctx.name} is not affine in x: the pp-prop factorisation '
              'does not apply')
-  y = jax.eval_shape(ctx.y)
+  y = ctx.y_aval()
   g = ctx.normal('pp.g', y.shape, y.dtype)
   dw1 = ctx.call_rule('xy_to_dw', x1, g, ctx.weights)
   dw2 = ctx.call_rule('xy_to_dw', 2 * x1, g, ctx.weights)

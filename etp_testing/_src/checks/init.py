@@ -77,7 +77,7 @@ def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
 def _increment_shapes(ctx, operands):
   """Leaf shapes of one trace increment (``instant_drtrl`` or the default)."""
   x, weights, rule_params = ctx.primitive.split_operands(operands, ctx.params)
-  y = jax.eval_shape(lambda: ctx.bind(*operands))
+  y = ctx.y_aval(operands)
   g = jax.ShapeDtypeStruct(y.shape, y.dtype)
   try:
     # Shapes only: traced, never compiled.
@@ -103,7 +103,7 @@ def check_init_drtrl(ctx):
         trace_shapes = _increment_shapes(ctx, operands)
       else:
         _, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
-        y = jax.eval_shape(lambda *o: ctx.bind(*o), *operands)
+        y = ctx.y_aval(operands)
         lead = tuple(y.shape[:1]) if ctx.batched else ()
         trace_shapes = {k: lead + tuple(w.shape) for k, w in weights.items()}
       for n_state in ctx.n_states:

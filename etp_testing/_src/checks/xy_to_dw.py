@@ -38,7 +38,7 @@ JVP_PROJECTIONS = 3
 
 
 def _cotangent(ctx, tag='xy_to_dw.g'):
-  y = jax.eval_shape(ctx.y)
+  y = ctx.y_aval()
   return ctx.normal(tag, y.shape, y.dtype)
 
 

@@ -119,7 +119,7 @@ def check_anchor(ctx):
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   shapes = trace_shapes(ctx)
-  y = jax.eval_shape(ctx.y)
+  y = ctx.y_aval()
   g = ctx.normal('yw_to_w.anchor.g', y.shape, y.dtype)
   traces = linked = None   # built when an anchored key needs them
   for k, w in ctx.weights.items():
@@ -190,7 +190,7 @@ def check_linear(ctx):
     ctx.skip(f'{ctx.name} has no trainable operands')
   ctx = ctx.for_traces()
   shapes = trace_shapes(ctx)
-  y = jax.eval_shape(ctx.y)
+  y = ctx.y_aval()
   dt = ctx.weight_dtype()
   g1, g2 = (ctx.normal(f'yw_to_w.linear.g{i}', y.shape, y.dtype) for i in (1, 2))
   t1 = random_traces(ctx, 'yw_to_w.linear.T1', shapes, dt)
@@ -229,7 +229,7 @@ def check_vmap(ctx):
     ctx.skip(f'{ctx.name} has no trainable operands')
   ctx = ctx.for_traces()
   shapes = trace_shapes(ctx)
-  y = jax.eval_shape(ctx.y)
+  y = ctx.y_aval()
   dt = ctx.weight_dtype()
   g = ctx.normal('yw_to_w.vmap.g', y.shape, y.dtype)
   t = random_traces(ctx, 'yw_to_w.vmap.T', shapes, dt)
