@@ -335,3 +335,22 @@ def test_the_output_shape_is_traced_once_per_operand_avals():
       y_aval(prim, (np.ones((2, 5), np.float32), np.ones((5, 4), np.float32)),
              {})
   assert len(traced) == 5
+
+
+@pytest.mark.parametrize('value', [
+    np.linspace(-1, 1, 4096 * 3).reshape(4096, 3),           # float64
+    np.arange(12, dtype=np.int64).reshape(3, 4),
+    np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3).T,  # not contiguous
+    np.array([True, False]), np.float32(2.5), np.zeros((0, 3), np.float32)])
+def test_a_host_copy_is_the_device_round_trip_aligned(value):
+  """``CheckContext`` copies operands with NumPy: the same dtype, shape and
+  values as a round trip through the device, 64-byte aligned (so later
+  transfers do not copy), and never the caller's memory."""
+  from etp._src.arrays import to_jax
+  from etp_testing._src.context import HOST_ALIGNMENT, host_copy
+  copy, trip = host_copy(value), np.asarray(to_jax(value))
+  assert (copy.dtype, copy.shape) == (trip.dtype, trip.shape)
+  np.testing.assert_array_equal(copy, trip)
+  if copy.size:
+    assert copy.ctypes.data % HOST_ALIGNMENT == 0
+    assert not np.shares_memory(copy, value)
