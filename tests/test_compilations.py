@@ -144,6 +144,26 @@ def test_harness_programs_compile_with_the_harness_options(monkeypatch):
   assert all(options == supported for options in seen), seen
 
 
+def test_a_large_case_compiles_with_xla_defaults(monkeypatch):
+  """Above ``SMALL_CASE_ELEMENTS`` operand elements the programs' run time
+  matters more than their compile time: no harness options."""
+  seen = []
+  real_jit = jax.jit
+
+  def spy(fn, **kwargs):
+    seen.append(kwargs.get('compiler_options'))
+    return real_jit(fn, **kwargs)
+
+  monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 20)
+  monkeypatch.setattr(compilations.jax, 'jit', spy)
+  compilations.release()
+  operands = _case(3, 7)   # 6 + 21 + 7 = 34 elements
+  assert not compilations.is_small(operands)
+  _battery(operands)
+  assert len(seen) > 5
+  assert all(not options for options in seen), seen
+
+
 def test_an_unknown_compiler_option_is_left_out(monkeypatch):
   """An XLA without the option (older or newer) compiles with its default
   instead of failing every check."""

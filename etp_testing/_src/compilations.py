@@ -31,7 +31,13 @@ times, so compile time is most of what they cost.  XLA:CPU's fusion emitters
 (its default code generator in recent JAX) take about twice as long to compile
 such programs as its older elemental emitters, for code that runs about as
 fast (the large-layer benchmark's times did not change), so the harness
-compiles its own programs with ``COMPILER_OPTIONS``.  The option names an
+compiles its own programs for small cases with ``COMPILER_OPTIONS``.  Cases
+whose operands hold more than ``SMALL_CASE_ELEMENTS`` elements compile with
+XLA's defaults: a large layer's programs run long enough for their run time
+to matter, and there the older emitters are sometimes slower (the fast-mode
+projections of the sparse 4096 x 4096 layer ran 1.2 to 2.3x slower, the
+dense 4096 x 4096 jax.vjp oracle 1.4x; measured on this 2-core machine,
+jax 0.10).  The option names an
 XLA:CPU code generator; other backends ignore it, and where this XLA does not
 know it, :func:`jit` leaves it out: jax 0.11's XLA no longer has it ("No such
 compile option") and compiles with its default.  :func:`options_in_effect`
@@ -54,8 +60,12 @@ BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 # The event JAX records, inside the above, when the persistent cache had it.
 CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
-# XLA options of every program the harness compiles itself (see :func:`jit`).
+# XLA options of the programs the harness compiles itself for small cases
+# (see :func:`jit`).
 COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False}
+# Operand elements (all operands together) up to which a case is small.
+# The generated cases hold at most a few thousand; the large layers millions.
+SMALL_CASE_ELEMENTS = 65_536
 
 # Where mappings cannot be counted: compilations after which
 # release_if_over drops every cached program.
@@ -128,14 +138,21 @@ def _supported_options() -> tuple:
 
 
 def options_in_effect() -> dict:
-  """The compiler options :func:`jit` passes in this process."""
+  """The compiler options :func:`jit` passes for small cases in this
+  process (large cases: none)."""
   return dict(_supported_options())
 
 
-def jit(fn, **kwargs):
-  """``jax.jit(fn, **kwargs)`` compiled with ``COMPILER_OPTIONS`` (the
-  harness's programs: see the module docstring)."""
-  return jax.jit(fn, compiler_options=dict(_supported_options()), **kwargs)
+def is_small(operands) -> bool:
+  """Whether a case with ``operands`` is small (see ``SMALL_CASE_ELEMENTS``)."""
+  return sum(int(np.size(o)) for o in operands) <= SMALL_CASE_ELEMENTS
+
+
+def jit(fn, small: bool = True, **kwargs):
+  """``jax.jit(fn, **kwargs)`` compiled with ``COMPILER_OPTIONS`` for a
+  small case, with XLA's defaults otherwise (see the module docstring)."""
+  options = dict(_supported_options()) if small else {}
+  return jax.jit(fn, compiler_options=options, **kwargs)
 
 
 def register_cache(cache_clear):

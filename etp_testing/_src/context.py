@@ -81,14 +81,16 @@ def compiled(builder):
   its array arguments: anything it closes over is fixed by the key.
   """
   @functools.lru_cache(maxsize=2048)
-  def cached(primitive, params_key, static):
-    return compilations.jit(builder(primitive, dict(params_key), *static))
+  def cached(primitive, params_key, static, small):
+    return compilations.jit(builder(primitive, dict(params_key), *static),
+                            small=small)
 
   @functools.wraps(builder)
   def get(ctx, *static):
     if ctx.params_key is None:
-      return compilations.jit(builder(ctx.primitive, ctx.params, *static))
-    return cached(ctx.primitive, ctx.params_key, static)
+      return compilations.jit(builder(ctx.primitive, ctx.params, *static),
+                              small=ctx.small)
+    return cached(ctx.primitive, ctx.params_key, static, ctx.small)
   get.cache_clear = compilations.register_cache(cached.cache_clear)
   get.builder = builder
   return get
@@ -135,13 +137,14 @@ def host_copy(value) -> np.ndarray:
   return out
 
 
-def _rule_fn(rule, static: tuple, vmap_depth: int):
+def _rule_fn(rule, static: tuple, vmap_depth: int, small: bool = True):
   """``jax.jit`` of ``(args, arrays) -> rule(*args, **static, **arrays)``,
-  mapped over a leading axis of ``args`` ``vmap_depth`` times."""
+  mapped over a leading axis of ``args`` ``vmap_depth`` times (compiled as
+  ``compilations.jit`` does for a ``small`` case or a large one)."""
   f = lambda args, arrays: rule(*args, **dict(static), **arrays)
   for _ in range(vmap_depth):
     f = jax.vmap(f, in_axes=(0, None))
-  return compilations.jit(f)
+  return compilations.jit(f, small=small)
 
 
 _jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
@@ -226,6 +229,8 @@ class CheckContext:
     devices: the devices the device checks may use.
     fast: random-projection mode (no full Jacobians); ``None`` chooses it
       when the largest Jacobian exceeds ``FAST_MODE_THRESHOLD`` entries.
+    small: whether the harness compiles this case's programs with
+      ``compilations.COMPILER_OPTIONS`` (see ``compilations.is_small``).
     findings: what the current check recorded (reset per check).
   """
 
@@ -250,6 +255,8 @@ class CheckContext:
         self.operands, self.params)
     self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
         else bool(fast)
+    # Small cases compile for compile time, large ones for run time.
+    self.small = compilations.is_small(self.operands)
 
   # ------------------------------------------------------------- the case
   @property
@@ -385,9 +392,9 @@ class CheckContext:
       if split is None:   # an unhashable param: jit afresh, nothing cached
         arrays = {k: v for k, v in kw.items() if hasattr(v, 'shape')}
         static = tuple((k, v) for k, v in kw.items() if k not in arrays)
-        return _rule_fn(rule, static, vmap)(args, arrays)
+        return _rule_fn(rule, static, vmap, self.small)(args, arrays)
       static, arrays = split
-      return _jitted_rule(rule, static, vmap)(args, arrays)
+      return _jitted_rule(rule, static, vmap, self.small)(args, arrays)
     except RuleFailure:
       raise
     except Exception as e:  # pylint: disable=broad-except
