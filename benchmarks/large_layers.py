@@ -60,7 +60,12 @@ def _build(name):
   raise ValueError(name)
 
 
-def _bare_forward_vjp_seconds(prim, operands, params, repeat=5):
+# Every timing that goes into a ratio is the best of this many runs, the
+# same on both sides (a shared machine's speed drifts from run to run).
+REPEAT = 20
+
+
+def _bare_forward_vjp_seconds(prim, operands, params, repeat=REPEAT):
   """Best-of-``repeat`` time of one jitted forward plus one VJP (compiled)."""
   import jax
   import numpy as np
@@ -108,7 +113,7 @@ def run_case(name: str, checks: str) -> dict:
   fast = lambda: etp_testing.check_rules(prim, *operands, checks=FAST_CHECKS,
                                          seed=0, fast=True, **params)
   fast()
-  warm = min(_timed(fast) for _ in range(3))
+  warm = min(_timed(fast) for _ in range(REPEAT))
   device = _fast_device_seconds(prim, operands, params)
   return {
       'case': name, 'primitive': prim.name, 'battery_s': wall,
@@ -122,7 +127,7 @@ def run_case(name: str, checks: str) -> dict:
   }
 
 
-def _fast_device_seconds(prim, operands, params, repeat=5) -> float:
+def _fast_device_seconds(prim, operands, params, repeat=REPEAT) -> float:
   """Best-of-``repeat`` time of the compiled work of the fast-mode gradient
   check alone: the xy_to_dw rule call plus the one projection program (every
   weight key, its directions, JVPs and float64 dot products), without the
