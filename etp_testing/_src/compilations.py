@@ -78,6 +78,7 @@ PROBE_EVERY = 50
 _open: list = []
 _registered = False
 _hit_pending = False   # a cache hit seen, its backend_compile event not yet
+_probing = False       # the options probe runs: its compilation is not counted
 _since_release = 0
 _probed_at = 0
 # cache_clear callables of the harness's caches of jitted functions.
@@ -106,7 +107,7 @@ def _hit_listener(event: str, **_):
 
 def _listener(event: str, duration_secs: float, **_):
   global _since_release, _hit_pending
-  if event == BACKEND_COMPILE_EVENT:
+  if event == BACKEND_COMPILE_EVENT and not _probing:
     hit, _hit_pending = _hit_pending, False
     _since_release += 1
     for c in _open:
@@ -128,12 +129,17 @@ def _listen():
 @functools.lru_cache(maxsize=None)
 def _supported_options() -> tuple:
   """``COMPILER_OPTIONS`` where this XLA accepts them (probed once, on a
-  one-element program), else ``()``."""
+  one-element program, which no count includes: where XLA rejects the
+  option, the failed attempt still reports a compilation), else ``()``."""
+  global _probing
   options = tuple(sorted(COMPILER_OPTIONS.items()))
+  _probing = True
   try:
     jax.jit(lambda x: x + 1, compiler_options=dict(options))(np.int32(0))
   except Exception:  # pylint: disable=broad-except
     return ()   # an older or newer XLA without the option: its default
+  finally:
+    _probing = False
   return options
 
 
