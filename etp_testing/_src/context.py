@@ -121,11 +121,14 @@ HOST_ALIGNMENT = 64
 
 def host_copy(value) -> np.ndarray:
   """A host copy of ``value`` in the dtype JAX gives it (float64 becomes
-  float32 unless x64 is on), ``HOST_ALIGNMENT``-aligned.
+  float32 unless x64 is on), ``HOST_ALIGNMENT``-aligned where ``value`` is
+  a NumPy array or scalar.
 
-  Made with NumPy where ``value`` is a NumPy array: the same bytes as a
+  Made with NumPy for those: the same bytes as a
   round trip through the device, without its two dispatches (a fixed cost
   that dominated the fast-mode check of a small layer)."""
+  if isinstance(value, np.generic):
+    value = np.asarray(value)
   if not isinstance(value, np.ndarray):
     return np.asarray(to_jax(value))
   dtype = np.dtype(jax.dtypes.canonicalize_dtype(value.dtype))
