@@ -354,3 +354,19 @@ def test_a_host_copy_is_the_device_round_trip_aligned(value):
   if copy.size:
     assert copy.ctypes.data % HOST_ALIGNMENT == 0
     assert not np.shares_memory(copy, value)
+
+
+def test_a_quantity_operand_is_a_clear_type_error():
+  """The unit-aware functions take quantities; a primitive binds mantissas.
+  Passing a quantity says so, instead of NumPy's error from the report."""
+  import saiunit as u
+  x = np.ones(3, np.float32) * u.mV
+  w = np.ones((3, 2), np.float32)
+  with pytest.raises(TypeError, match=r'operand 0 of etp_mv is a saiunit '
+                     r'Quantity.*mantissa'):
+    etp_testing.assert_rule_consistent(etp.etp_mv_p, x, w, has_bias=False)
+  # A dimensionless quantity would convert, silently: still refused.
+  with pytest.raises(TypeError, match='operand 1'):
+    etp_testing.check_rules(etp.etp_mv_p, np.ones(3, np.float32),
+                            u.Quantity(np.ones((3, 2), np.float32)),
+                            has_bias=False)

@@ -14,8 +14,8 @@ from etp_testing._src import compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import CheckContext, x64_enabled, y_aval
-from etp_testing._src.errors import (CheckSkipped, RuleConsistencyError,
-                                     RuleFailure)
+from etp_testing._src.errors import (PREFIX, CheckSkipped,
+                                     RuleConsistencyError, RuleFailure)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
                                      CheckOutcome, ConsistencyReport, Finding)
 
@@ -102,15 +102,30 @@ def run_check(name: str, ctx: CheckContext) -> CheckOutcome:
 MATMUL_PRECISION = 'highest'
 
 
+def _reject_quantities(name: str, operands) -> None:
+  """Raises a clear ``TypeError`` for a ``saiunit`` quantity among the
+  operands (NumPy's own error comes from deep inside the report)."""
+  import saiunit as u
+  for i, o in enumerate(operands):
+    if isinstance(o, u.Quantity):
+      raise TypeError(
+          f'{PREFIX}operand {i} of {name} is a saiunit Quantity (unit '
+          f'{o.unit}); ETP primitives and their rules bind unitless arrays: '
+          'pass its mantissa (q.mantissa, or q.to_decimal(unit)).  The '
+          "'units' check covers the unit-aware functions.")
+
+
 def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                 seed: int = 0, steps: int = 3, n_state: Sequence[int] = (1, 2),
                 devices='all', fast=None,
                 **params) -> ConsistencyReport:
   """Like :func:`assert_rule_consistent`, but returns the report, never raises
-  for failed checks (only for unknown check names)."""
+  for failed checks (only for unknown check names and ``saiunit``
+  quantities as operands)."""
   names = check_registry.select(checks)
   n_states = (n_state,) if isinstance(n_state, int) else tuple(n_state)
   name = getattr(primitive, 'name', repr(primitive))
+  _reject_quantities(name, operands)
   # Long runs compile a program per new shape; bound what stays alive.
   compilations.release_if_over()
   report = ConsistencyReport(
@@ -175,6 +190,8 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
     RuleConsistencyError: a check failed or could not run; its message names
       the primitive, the failed checks and rules, the errors and where they
       occur, and a snippet that reproduces the case; ``.report`` holds it all.
+    TypeError: an operand is a ``saiunit`` quantity (pass its mantissa).
+    ValueError: an unknown check name.
   """
   report = check_rules(primitive, *operands, checks=checks, rtol=rtol,
                        atol=atol, seed=seed, steps=steps, n_state=n_state,
