@@ -29,9 +29,9 @@ A run's repeated shapes are then compiled once more: seconds, not the run.
 Why :func:`jit`: the checks build many small programs and run each a few
 times, so compile time is most of what they cost.  XLA:CPU's fusion emitters
 (its default code generator in recent JAX) take about twice as long to compile
-such programs as its older elemental emitters, for code that runs about as
-fast (the large-layer benchmark's times did not change), so the harness
-compiles its own programs for small cases with ``COMPILER_OPTIONS``.  Cases
+such programs as its older elemental emitters, for code whose run time does
+not matter at these sizes, so the harness compiles its own programs for
+small cases with ``COMPILER_OPTIONS``.  Cases
 whose operands hold more than ``SMALL_CASE_ELEMENTS`` elements compile with
 XLA's defaults: a large layer's programs run long enough for their run time
 to matter, and there the older emitters are sometimes slower (the fast-mode
