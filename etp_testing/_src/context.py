@@ -21,7 +21,7 @@ import numpy as np
 
 import etp
 from etp._src.arrays import to_jax
-from etp_testing._src import compilations, tolerances
+from etp_testing._src import compilations, executor, tolerances
 from etp_testing._src.errors import CheckSkipped, RuleFailure
 from etp_testing._src.report import Finding
 
@@ -154,16 +154,11 @@ _jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
 compilations.register_cache(_jitted_rule.cache_clear)
 
 
-def _bind_y(primitive, operands, params):
-  out = primitive.bind(*operands, **params)
-  return out[primitive.y_outvar_index] if primitive.multiple_results else out
-
-
 @functools.lru_cache(maxsize=4096)
 def _cached_y_aval(primitive, params_key, avals, x64):
   del x64   # part of the key: a bind may follow the default dtype
   return jax.eval_shape(
-      lambda *ops: _bind_y(primitive, ops, dict(params_key)),
+      lambda *ops: executor.bind_y(primitive, ops, dict(params_key)),
       *(jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
         for a in avals))
 
@@ -177,8 +172,8 @@ def y_aval(primitive, operands, params) -> jax.ShapeDtypeStruct:
   Raises what the bind raises."""
   key = hashable_params(params)
   if key is None:
-    return jax.eval_shape(lambda *ops: _bind_y(primitive, ops, params),
-                          *operands)
+    return jax.eval_shape(
+        lambda *ops: executor.bind_y(primitive, ops, params), *operands)
   return _cached_y_aval(primitive, key, tuple(jax.typeof(o) for o in operands),
                         bool(jax.config.jax_enable_x64))
 
@@ -272,7 +267,7 @@ class CheckContext:
 
   def bind(self, *operands, **params):
     """Binds the primitive; returns ``y`` (the ``y_outvar_index`` output)."""
-    return _bind_y(self.primitive, operands, params or self.params)
+    return executor.bind_y(self.primitive, operands, params or self.params)
 
   def y(self):
     return self.bind(*self.operands)
@@ -305,7 +300,6 @@ class CheckContext:
     """Entries of the largest trace ``init_drtrl`` gives for one state
     (shapes only, nothing allocated); 0 when it cannot say."""
     from etp._src.registry import call_init_rule
-    from etp_testing._src import executor
     try:
       x_var, y_var, weight_vars = executor.jaxpr_vars(
           self.primitive, self.operands, self.params)
