@@ -16,9 +16,9 @@ rounding noise into a huge per-element relative error.  The reported relative
 error is ``max|actual - expected| / scale``.
 
 Two differently ordered sums of the same products (``drtrl.instant``,
-``drtrl.exact``) can cancel: their rounding is relative to the terms, not to the result, so such
-a comparison passes ``term_scale`` (see ``CheckContext.compare``) and the
-scale is the larger of the two.
+``drtrl.exact``) can cancel: their rounding is relative to the terms, not to
+the result, so such a comparison passes ``term_scale`` (see
+``CheckContext.compare``) and the scale is the larger of the two.
 
 The bounds assume float32 products at float32 precision: the runner pins
 ``jax.default_matmul_precision('highest')`` for every check, since GPUs
