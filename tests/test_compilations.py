@@ -126,10 +126,12 @@ def test_host_arrays_reach_jax_without_a_compilation():
   assert staged.count >= 1
 
 
-def test_harness_programs_compile_with_the_harness_options(monkeypatch):
-  """Every program a check builds goes through ``compilations.jit``, which
-  passes ``COMPILER_OPTIONS`` (where this XLA knows them) to ``jax.jit``."""
-  supported = compilations.options_in_effect()   # probed before the spy
+@pytest.fixture
+def jit_options(monkeypatch):
+  """The ``compiler_options`` of every ``jax.jit`` that ``compilations``
+  makes from here on (the options are probed first, outside the spy), with
+  the harness's jitted functions dropped so that the battery builds them."""
+  compilations.options_in_effect()
   seen = []
   real_jit = jax.jit
 
@@ -138,25 +140,25 @@ def test_harness_programs_compile_with_the_harness_options(monkeypatch):
     return real_jit(fn, **kwargs)
 
   monkeypatch.setattr(compilations.jax, 'jit', spy)
-  compilations.release()   # so that the battery builds its jitted functions
+  compilations.release()
+  return seen
+
+
+def test_harness_programs_compile_with_the_harness_options(jit_options):
+  """Every program a check builds goes through ``compilations.jit``, which
+  passes ``COMPILER_OPTIONS`` (where this XLA knows them) to ``jax.jit``."""
+  supported = compilations.options_in_effect()
+  seen = jit_options
   _battery(_case(3, 7))
   assert len(seen) > 5
   assert all(options == supported for options in seen), seen
 
 
-def test_a_large_case_compiles_with_xla_defaults(monkeypatch):
+def test_a_large_case_compiles_with_xla_defaults(monkeypatch, jit_options):
   """Above ``SMALL_CASE_ELEMENTS`` operand elements the programs' run time
   matters more than their compile time: no harness options."""
-  seen = []
-  real_jit = jax.jit
-
-  def spy(fn, **kwargs):
-    seen.append(kwargs.get('compiler_options'))
-    return real_jit(fn, **kwargs)
-
+  seen = jit_options
   monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 20)
-  monkeypatch.setattr(compilations.jax, 'jit', spy)
-  compilations.release()
   operands = _case(3, 7)   # 6 + 21 + 7 = 34 elements
   assert not compilations.is_small(operands)
   _battery(operands)
