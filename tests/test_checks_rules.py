@@ -194,6 +194,48 @@ def test_jacrev_fast_mode_names_a_wrong_gradient_shape():
   assert 'returned shape (4, 2)' in outcome.findings[0].message
 
 
+def test_jacrev_fast_mode_names_a_raising_rule_and_a_dropped_key():
+  def raising(x, g, weights, *, has_bias):
+    raise ValueError('no gradient today')
+  outcome = etp_testing.check_rules(
+      dense_variant(xy_to_dw=raising), X, W, B, checks=['xy_to_dw.jacrev'],
+      fast=True, has_bias=True).outcome('xy_to_dw.jacrev')
+  assert_caught(outcome, 'xy_to_dw')
+  assert 'ValueError: no gradient today' in outcome.findings[0].message
+
+  def dropped(x, g, weights, *, has_bias):
+    return {'weight': dense._xy_to_dw(x, g, weights, has_bias=has_bias)['weight']}
+  outcome = etp_testing.check_rules(
+      dense_variant(xy_to_dw=dropped), X, W, B, checks=['xy_to_dw.jacrev'],
+      fast=True, has_bias=True).outcome('xy_to_dw.jacrev')
+  assert_caught(outcome, 'xy_to_dw')
+  assert "missing ['bias']" in outcome.findings[-1].message
+
+
+@pytest.mark.parametrize('broken', [None, xy_scaled])
+def test_jacrev_fast_mode_leaves_device_operands_on_the_device(monkeypatch,
+                                                               broken):
+  # A large layer's operands on an accelerator: fast mode runs its one
+  # program on them where they are; copying them to the host (and back)
+  # cost more than the check on an H200.
+  from etp_testing._src import context
+  copied = []
+  real = context.host_copy
+  monkeypatch.setattr(context, 'host_copy',
+                      lambda v: copied.append(np.shape(v)) or real(v))
+  prim = etp.etp_mm_p if broken is None else dense_variant(xy_to_dw=broken)
+  report = etp_testing.check_rules(prim, *jax.device_put((X, W, B)),
+                                   checks=['xy_to_dw.jacrev'], fast=True,
+                                   has_bias=True)
+  outcome = report.outcome('xy_to_dw.jacrev')
+  if broken is None:
+    assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  else:
+    assert_caught(outcome, 'xy_to_dw', 'weight')
+  assert copied == [], copied
+  assert report.operands[1] == {'shape': [2, 4], 'dtype': 'float32'}
+
+
 def test_dropped_and_extra_keys_are_named():
   def dropped(x, g, weights, *, has_bias):
     return {'weight': dense._xy_to_dw(x, g, weights, has_bias=has_bias)['weight']}

@@ -33,6 +33,20 @@ def test_counting_sees_a_new_shape_and_not_a_repeated_one():
   assert first.count >= 1 and again.count == 0
 
 
+def test_fast_mode_gradient_check_is_one_program():
+  # Rule, cotangent, directions, JVPs and dot products compile together:
+  # one program per new signature, none when it repeats.
+  operands = _case(n_in=6, n_out=7)   # a shape no other test uses
+  run = lambda: etp_testing.check_rules(
+      etp.etp_mm_p, *operands, checks='xy_to_dw.jacrev', fast=True,
+      has_bias=True)
+  with compilations.counting() as first:
+    assert run().passed
+  with compilations.counting() as again:
+    assert run().passed
+  assert (first.count, again.count) == (1, 0), (first.count, again.count)
+
+
 @pytest.fixture
 def persistent_cache(tmp_path):
   """JAX's persistent compilation cache in ``tmp_path`` for one test, every

@@ -237,9 +237,10 @@ class CheckContext:
                devices=None, fast=None):
     self.primitive = primitive
     self.rules = etp.rules_of(primitive)
-    # Host copies (in the dtypes JAX gives them): slicing and combining
-    # them in checks compiles nothing; jitted oracles take them as they are.
-    self.operands = tuple(host_copy(o) for o in operands)
+    # As given: a JAX array stays where it is until a check needs its host
+    # copy (see operands); the fast-mode projections run on it in place.
+    self.given = tuple(operands)
+    self._host_copies: dict = {}
     self.params = dict(params)
     self.seed = int(seed)
     self.steps = int(steps)
@@ -249,12 +250,58 @@ class CheckContext:
     self.devices = list(devices) if devices is not None else jax.devices()
     self.findings: list = []
     self.params_key = hashable_params(self.params)
-    self.x, self.weights, self.rule_params = primitive.split_operands(
-        self.operands, self.params)
     self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
         else bool(fast)
     # Small cases compile for compile time, large ones for run time.
-    self.small = compilations.is_small(self.operands)
+    self.small = compilations.is_small(self.given)
+
+  @functools.cached_property
+  def operands(self) -> tuple:
+    """Host copies of the operands, in the dtypes JAX gives them: slicing
+    and combining them in checks compiles nothing, and jitted oracles take
+    them as they are.  Made on first use: a check that only runs programs on
+    the operands (fast mode's projections) never copies a device array of a
+    large layer to the host."""
+    return tuple(self._host_copy(i) for i in range(len(self.given)))
+
+  def _host_copy(self, i: int) -> np.ndarray:
+    if i not in self._host_copies:
+      self._host_copies[i] = host_copy(self.given[i])
+    return self._host_copies[i]
+
+  @functools.cached_property
+  def _split(self) -> tuple:
+    return self.primitive.split_operands(self.operands, self.params)
+
+  @property
+  def x(self):
+    """The input operand (host copy), ``None`` without one."""
+    return self._split[0]
+
+  @property
+  def weights(self) -> dict:
+    """``{key: operand}`` of the trainable operands (host copies)."""
+    return self._split[1]
+
+  @property
+  def rule_params(self) -> dict:
+    """The params every rule receives (bind params plus aux operands)."""
+    return self._split[2]
+
+  @functools.cached_property
+  def device_operands(self) -> tuple:
+    """The operands to pass to a program: a JAX array as given (no copy,
+    wherever it lives), anything else as its host copy."""
+    return tuple(o if isinstance(o, jax.Array) else self._host_copy(i)
+                 for i, o in enumerate(self.given))
+
+  @functools.cached_property
+  def weight_avals(self) -> dict:
+    """``{key: ShapeDtypeStruct}`` of the trainable operands, from the
+    operands as given (no copy)."""
+    return {k: jax.ShapeDtypeStruct(np.shape(self.given[i]),
+                                    jax.typeof(self.given[i]).dtype)
+            for k, i in self.primitive.trainable_invars(self.params).items()}
 
   # ------------------------------------------------------------- the case
   @property
@@ -276,14 +323,14 @@ class CheckContext:
     """Shape and dtype of ``y`` on ``operands`` (default: the case's); see
     :func:`y_aval`."""
     return y_aval(self.primitive,
-                  self.operands if operands is None else operands,
+                  self.given if operands is None else operands,
                   self.params)
 
   def jacobian_size(self) -> int:
     """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
     y = self.y_aval()
-    sizes = [int(np.prod(y.shape)) * int(np.size(w))
-             for w in self.weights.values()]
+    sizes = [int(np.prod(y.shape)) * int(np.prod(w.shape))
+             for w in self.weight_avals.values()]
     return max(sizes, default=0)
 
   def with_operands(self, x=None, weights: Optional[Mapping] = None) -> list:

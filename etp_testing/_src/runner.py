@@ -45,8 +45,11 @@ def resolve_devices(devices='all') -> list:
 
 
 def _operand_info(operands) -> list:
+  # The dtype attribute where there is one: np.asarray would copy a device
+  # array to the host.
   return [{'shape': [int(s) for s in np.shape(o)],
-           'dtype': str(np.asarray(o).dtype)} for o in operands]
+           'dtype': str(o.dtype if hasattr(o, 'dtype') else
+                        np.asarray(o).dtype)} for o in operands]
 
 
 def _wants_x64(operands) -> bool:

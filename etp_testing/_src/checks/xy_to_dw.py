@@ -19,6 +19,8 @@ shares the most machinery with JAX to the one that shares none:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,7 @@ from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (compiled, to_float64, x64_enabled,
                                       x64_scope)
+from etp_testing._src.errors import RuleFailure
 
 # Largest Jacobian (output elements x weight elements) xy_to_dw.jacrev builds.
 JACREV_LIMIT = 2_000_000
@@ -76,44 +79,89 @@ def _jacrev_oracle(primitive, params):
   return contracted
 
 
+def _dot64(a, b):
+  """``sum(a * b)`` accumulated in float64 (x64 for this part of the trace
+  only): only the operands' own rounding remains, not that of a long float32
+  reduction.  Products then sum, so the casts fuse: no float64 copies."""
+  with x64_scope():
+    return jnp.sum(a.astype(jnp.float64) * b.astype(jnp.float64))
+
+
 @compiled
-def _projected(primitive, params, keys, n):
-  """``(operands, grads, g, seeds) -> {key: (<grads[key], v>, <g, J_key v>)}``
-  for ``n`` random directions ``v`` of each weight in ``keys``, drawn on the
-  device from ``seeds[key]`` (``directions``), with ``J_key v`` from
-  ``jax.jvp`` (the other weights' tangents zero).  One program for every key:
-  one dispatch, and XLA shares the primal between the JVPs.
+def _fast_projections(primitive, params, rule, keys, n):
+  """``(operands, seeds) -> dots``: the whole fast-mode check as one
+  program, for ``n`` random directions ``v`` of each weight in ``keys``;
+  ``dots[i] = (<xy_to_dw_k, v>, <g, J_k v>)`` for ``k = keys[i]``, float64,
+  shape ``(len(keys), 2, n)`` (one array: one transfer back).
 
-  Directions are drawn on the device, one at a time, because each is as big
-  as the weight; the dot products accumulate in float64 (x64 for that part of
-  the trace only), so only the operands' own rounding remains, not that of a
-  long float32 reduction."""
-  def dot64(a, b):   # products then sum: the casts fuse, no float64 copies
-    with x64_scope():
-      return jnp.sum(a.astype(jnp.float64) * b.astype(jnp.float64))
-
-  def projected(operands, grads, g, seeds):
+  The cotangent ``g`` and the directions are drawn on the device
+  (``directions``; each direction is as big as its weight) from ``seeds``,
+  one uint32 array: ``g``'s first, then one per key.  ``rule`` (the
+  primitive's ``xy_to_dw``) is traced into the program, as the ETP
+  compiler's ``jit`` traces it; ``J_k v`` comes from ``jax.jvp`` with the
+  other weights' tangents zero.  One dispatch per check, XLA shares the
+  primal between the JVPs, and only the dot products leave the device, so
+  a large layer's operands and gradients are never copied."""
+  def program(operands, seeds):
+    x, weights, rule_params = primitive.split_operands(operands, params)
     y_of = _y_of_weights(primitive, params, operands)
-    weights = _weights_of(primitive, params, operands)
-    out = {}
-    for key in keys:
+    y = jax.eval_shape(y_of, weights)
+    g = directions.uniform(seeds[0], y.shape, y.dtype)
+    grads = rule(x, g, weights, **rule_params)
+    out = []
+    for i, key in enumerate(keys):
       w = weights[key]
       if n * w.size >= 2**32:   # the directions' counters must not wrap
         raise ValueError(f'{n} directions of {w.size} elements exceed the '
                          '32-bit counter of directions.uniform')
       rule_dd, jvp_dd = [], []
       for d in range(n):   # unrolled: XLA's CPU loops run bodies slower
-        v = directions.uniform(seeds[key], w.shape, w.dtype,
+        v = directions.uniform(seeds[1 + i], w.shape, w.dtype,
                                offset=d * w.size)
         tangents = {j: (v if j == key else jnp.zeros_like(u))
                     for j, u in weights.items()}
         y_dot = jax.jvp(y_of, (weights,), (tangents,))[1]
-        rule_dd.append(dot64(grads[key], v))
-        jvp_dd.append(dot64(g, y_dot))
-      with x64_scope():
-        out[key] = (jnp.stack(rule_dd), jnp.stack(jvp_dd))
-    return out
-  return projected
+        rule_dd.append(_dot64(grads[key], v))
+        jvp_dd.append(_dot64(g, y_dot))
+      out.append(rule_dd + jvp_dd)
+    with x64_scope():
+      return jnp.stack([jnp.stack(dd) for dd in out]).reshape(len(keys), 2, n)
+  return program
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_rule_avals(rule, primitive, params_key, avals, x64):
+  del x64   # part of the key: the avals' dtypes depend on it
+  params = dict(params_key)
+
+  def shapes(*operands):
+    x, weights, rule_params = primitive.split_operands(operands, params)
+    y = executor.bind_y(primitive, operands, params)
+    return rule(x, jnp.zeros(y.shape, y.dtype), weights, **rule_params)
+  return jax.eval_shape(shapes, *(jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                  for a in avals))
+
+
+def _rule_avals(ctx) -> dict:
+  """What ``xy_to_dw`` returns on this case, as shapes and dtypes (traced
+  once per signature; nothing runs, nothing is copied); raises
+  :class:`RuleFailure` for a rule that raises or returns no dict with the
+  weights' keys."""
+  rule = ctx.rules.xy_to_dw
+  avals = tuple(jax.typeof(o) for o in ctx.given)
+  try:
+    if ctx.params_key is None:
+      out = _cached_rule_avals.__wrapped__(
+          rule, ctx.primitive, tuple(ctx.params.items()), avals, None)
+    else:
+      out = _cached_rule_avals(rule, ctx.primitive, ctx.params_key, avals,
+                               bool(jax.config.jax_enable_x64))
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure('xy_to_dw', f'xy_to_dw raised {type(e).__name__}: {e} '
+                      f'(traced on operand shapes '
+                      f'{[tuple(a.shape) for a in avals]})') from e
+  ctx.check_keys('xy_to_dw', out, ctx.weight_avals.keys())
+  return out
 
 
 @compiled
@@ -126,7 +174,7 @@ def impl_y(primitive, params):
 
 
 def require_weights(ctx):
-  if not ctx.weights:
+  if not ctx.weight_avals:
     ctx.skip(f'{ctx.name} has no trainable operands')
 
 
@@ -158,34 +206,45 @@ def check_jacrev(ctx):
   probability at most ``(0.82 tol / |d|)^n``.
   """
   require_weights(ctx)
+  y_size = int(np.prod(ctx.y_aval().shape))
+  if ctx.fast or any(y_size * w.size > JACREV_LIMIT
+                     for w in ctx.weight_avals.values()):
+    _check_projections(ctx)
+    return
   g = _cotangent(ctx)
   actual = _rule_grads(ctx, ctx.x, g, ctx.weights)
-  y_size = int(np.prod(g.shape))
-  if ctx.fast or any(y_size * w.size > JACREV_LIMIT
-                     for w in ctx.weights.values()):
-    keys = []
-    for k, w in ctx.weights.items():
-      if tuple(np.shape(actual[k])) == tuple(w.shape):
-        keys.append(k)
-        continue
-      ctx.fail('xy_to_dw', key=k, message=(
-          f'xy_to_dw returned shape {tuple(np.shape(actual[k]))} for weight '
-          f'{k} of shape {tuple(w.shape)}'),
-               actual_shape=tuple(np.shape(actual[k])),
-               expected_shape=tuple(w.shape))
-    dots = _projected(ctx, tuple(keys), JVP_PROJECTIONS)(
-        list(ctx.operands), {k: actual[k] for k in keys}, g,
-        {k: ctx.seed32(f'xy_to_dw.jacrev.v.{k}') for k in keys})
-    for k in keys:
-      ctx.compare(*dots[k], rule='xy_to_dw', key=k,
-                  dtype=ctx.weights[k].dtype, what=(
-                      'fast mode: <xy_to_dw, v> vs <g, J v> from jax.jvp '
-                      f'along {JVP_PROJECTIONS} random directions'))
-    return
   expected = _jacrev_oracle(ctx)(list(ctx.operands), g)
   for k in ctx.weights:
     ctx.compare(actual[k], expected[k], rule='xy_to_dw', key=k,
                 what='xy_to_dw vs jax.jacrev contracted with g')
+
+
+def _check_projections(ctx):
+  """The fast-mode half of ``xy_to_dw.jacrev`` (see there)."""
+  returned = _rule_avals(ctx)
+  keys = []
+  for k, w in ctx.weight_avals.items():
+    if tuple(np.shape(returned[k])) == tuple(w.shape):
+      keys.append(k)
+      continue
+    ctx.fail('xy_to_dw', key=k, message=(
+        f'xy_to_dw returned shape {tuple(np.shape(returned[k]))} for weight '
+        f'{k} of shape {tuple(w.shape)}'),
+             actual_shape=tuple(np.shape(returned[k])),
+             expected_shape=tuple(w.shape))
+  if not keys:
+    return
+  program = _fast_projections(ctx, ctx.rules.xy_to_dw, tuple(keys),
+                              JVP_PROJECTIONS)
+  seeds = np.array([ctx.seed32('xy_to_dw.jacrev.g')] +
+                   [ctx.seed32(f'xy_to_dw.jacrev.v.{k}') for k in keys],
+                   np.uint32)
+  dots = np.asarray(program(list(ctx.device_operands), seeds))
+  for k, (rule_dd, jvp_dd) in zip(keys, dots):
+    ctx.compare(rule_dd, jvp_dd, rule='xy_to_dw', key=k,
+                dtype=ctx.weight_avals[k].dtype, what=(
+                    'fast mode: <xy_to_dw, v> vs <g, J v> from jax.jvp '
+                    f'along {JVP_PROJECTIONS} random directions'))
 
 
 @check('xy_to_dw.fd')
