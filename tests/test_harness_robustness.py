@@ -378,3 +378,21 @@ def test_a_quantity_operand_is_a_clear_type_error():
     etp_testing.check_rules(etp.etp_mv_p, np.ones(3, np.float32),
                             u.Quantity(np.ones((3, 2), np.float32)),
                             has_bias=False)
+
+
+@pytest.mark.parametrize('actual, expected, passed', [
+    ([1.0, 2.0], [1.0, 2.0 + 1e-9], True),
+    ([1.0, 2.1], [1.0, 2.0], False),
+    ([1.0, np.inf], [1.0, np.inf], False),    # equal infinities still fail
+    ([1.0, 2.0], [1.0, np.inf], False),
+    ([np.nan, 2.0], [1.0, 2.0], False),
+    ([np.nan, 2.0], [np.nan, 2.0], False),
+])
+def test_compare_fails_any_non_finite_value(actual, expected, passed):
+  from etp_testing._src.context import CheckContext
+  ctx = CheckContext(etp.etp_mv_p, (np.ones(2, np.float32),
+                                    np.ones((2, 2), np.float32)),
+                     {'has_bias': False})
+  finding = ctx.compare(np.array(actual), np.array(expected), rule='r',
+                        dtype=np.float32)
+  assert finding.passed is passed, finding.describe()
