@@ -231,9 +231,13 @@ class CheckContext:
 
   Attributes:
     primitive, rules: the primitive and its :class:`etp.EtpRules`.
-    operands: concrete operands in invar order.
+    given: the concrete operands in invar order, as the caller passed them.
+    operands: their host copies (made on first use).
+    device_operands: what programs take (JAX arrays as given, the rest as
+      host copies); weight_avals: the weights' shapes and dtypes.
     params: the bind params.
-    x, weights, rule_params: from ``primitive.split_operands``.
+    x, weights, rule_params: from ``primitive.split_operands`` on the host
+      copies.
     seed, steps, n_states: as given to ``assert_rule_consistent``.
     devices: the devices the device checks may use.
     fast: random-projection mode (no full Jacobians); ``None`` chooses it
