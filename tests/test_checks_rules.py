@@ -212,6 +212,27 @@ def test_jacrev_fast_mode_names_a_raising_rule_and_a_dropped_key():
   assert "missing ['bias']" in outcome.findings[-1].message
 
 
+def test_jacrev_fast_mode_sees_rules_registered_again():
+  # The rule's output shapes and its program are cached; both are keyed by
+  # the rule itself, so replacing the rules is seen at once.
+  prim = dense_variant()
+  run_fast = lambda: etp_testing.check_rules(
+      prim, X, W, B, checks=['xy_to_dw.jacrev'], fast=True,
+      has_bias=True).outcome('xy_to_dw.jacrev')
+  assert run_fast().status == 'passed'
+  base = etp.rules_of(etp.etp_mm_p)
+
+  def transposed(x, g, weights, *, has_bias):
+    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    return {**out, 'weight': out['weight'].T}
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=transposed,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp,
+                          replace=True)
+  outcome = run_fast()
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+  assert 'returned shape (4, 2)' in outcome.findings[0].message
+
+
 @pytest.mark.parametrize('broken', [None, xy_scaled])
 def test_jacrev_fast_mode_leaves_device_operands_on_the_device(monkeypatch,
                                                                broken):

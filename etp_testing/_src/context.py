@@ -155,27 +155,41 @@ compilations.register_cache(_jitted_rule.cache_clear)
 
 
 @functools.lru_cache(maxsize=4096)
-def _cached_y_aval(primitive, params_key, avals, x64):
+def _cached_shapes(fn, primitive, params_key, avals, x64, static):
   del x64   # part of the key: a bind may follow the default dtype
+  params = dict(params_key)
   return jax.eval_shape(
-      lambda *ops: executor.bind_y(primitive, ops, dict(params_key)),
+      lambda *ops: fn(primitive, params, ops, *static),
       *(jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=a.weak_type)
         for a in avals))
 
 
-def y_aval(primitive, operands, params) -> jax.ShapeDtypeStruct:
-  """Shape and dtype of the bind's ``y`` on ``operands`` (nothing compiled).
+def traced_shapes(fn, primitive, operands, params, *static):
+  """Shapes and dtypes of ``fn(primitive, params, operands, *static)``
+  (traced, nothing compiled or run).
 
-  Traced once per primitive, params, operand avals and x64 setting: the
-  checks ask for it many times per case, and each trace cost 0.2-0.35 ms on
-  the LoRA 4096 layer, about half the fast-mode check's compiled work there.
-  Raises what the bind raises."""
+  Traced once per ``fn``, primitive, params, operand avals, x64 setting and
+  ``static`` (hashable), where the params are hashable: the checks ask many
+  times per case, and each trace of the LoRA 4096 layer's bind cost
+  0.2-0.35 ms, about half the fast-mode check's compiled work there.
+  Raises what ``fn`` raises (and caches nothing then)."""
   key = hashable_params(params)
   if key is None:
-    return jax.eval_shape(
-        lambda *ops: executor.bind_y(primitive, ops, params), *operands)
-  return _cached_y_aval(primitive, key, tuple(jax.typeof(o) for o in operands),
-                        bool(jax.config.jax_enable_x64))
+    return jax.eval_shape(lambda *ops: fn(primitive, params, ops, *static),
+                          *operands)
+  return _cached_shapes(fn, primitive, key,
+                        tuple(jax.typeof(o) for o in operands),
+                        bool(jax.config.jax_enable_x64), static)
+
+
+def _bound_y(primitive, params, operands):
+  return executor.bind_y(primitive, operands, params)
+
+
+def y_aval(primitive, operands, params) -> jax.ShapeDtypeStruct:
+  """Shape and dtype of the bind's ``y`` on ``operands`` (nothing compiled;
+  see :func:`traced_shapes`).  Raises what the bind raises."""
+  return traced_shapes(_bound_y, primitive, operands, params)
 
 
 def shape_of(tree) -> Any:

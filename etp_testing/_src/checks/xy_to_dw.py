@@ -19,8 +19,6 @@ shares the most machinery with JAX to the one that shares none:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,8 +26,8 @@ import numpy as np
 from etp._src.arrays import to_jax
 from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import (compiled, to_float64, x64_enabled,
-                                      x64_scope)
+from etp_testing._src.context import (compiled, to_float64, traced_shapes,
+                                      x64_enabled, x64_scope)
 from etp_testing._src.errors import RuleFailure
 
 # Largest Jacobian (output elements x weight elements) xy_to_dw.jacrev builds.
@@ -129,17 +127,10 @@ def _fast_projections(primitive, params, rule, keys, n):
   return program
 
 
-@functools.lru_cache(maxsize=4096)
-def _cached_rule_avals(rule, primitive, params_key, avals, x64):
-  del x64   # part of the key: the avals' dtypes depend on it
-  params = dict(params_key)
-
-  def shapes(*operands):
-    x, weights, rule_params = primitive.split_operands(operands, params)
-    y = executor.bind_y(primitive, operands, params)
-    return rule(x, jnp.zeros(y.shape, y.dtype), weights, **rule_params)
-  return jax.eval_shape(shapes, *(jax.ShapeDtypeStruct(a.shape, a.dtype)
-                                  for a in avals))
+def _rule_shapes(primitive, params, operands, rule):
+  x, weights, rule_params = primitive.split_operands(operands, params)
+  y = executor.bind_y(primitive, operands, params)
+  return rule(x, jnp.zeros(y.shape, y.dtype), weights, **rule_params)
 
 
 def _rule_avals(ctx) -> dict:
@@ -147,19 +138,13 @@ def _rule_avals(ctx) -> dict:
   once per signature; nothing runs, nothing is copied); raises
   :class:`RuleFailure` for a rule that raises or returns no dict with the
   weights' keys."""
-  rule = ctx.rules.xy_to_dw
-  avals = tuple(jax.typeof(o) for o in ctx.given)
   try:
-    if ctx.params_key is None:
-      out = _cached_rule_avals.__wrapped__(
-          rule, ctx.primitive, tuple(ctx.params.items()), avals, None)
-    else:
-      out = _cached_rule_avals(rule, ctx.primitive, ctx.params_key, avals,
-                               bool(jax.config.jax_enable_x64))
+    out = traced_shapes(_rule_shapes, ctx.primitive, ctx.given, ctx.params,
+                        ctx.rules.xy_to_dw)
   except Exception as e:  # pylint: disable=broad-except
     raise RuleFailure('xy_to_dw', f'xy_to_dw raised {type(e).__name__}: {e} '
                       f'(traced on operand shapes '
-                      f'{[tuple(a.shape) for a in avals]})') from e
+                      f'{[tuple(np.shape(o)) for o in ctx.given]})') from e
   ctx.check_keys('xy_to_dw', out, ctx.weight_avals.keys())
   return out
 
