@@ -133,7 +133,8 @@ def run_case(name: str, checks: str) -> dict:
   fast = lambda ops: (lambda: etp_testing.check_rules(
       prim, *ops, checks=FAST_CHECKS, seed=0, fast=True, **params))
   warm = _best_interleaved({'bare': _bare_forward_vjp(prim, operands, params),
-                            'fast': fast(on_device), 'fast_host': fast(operands),
+                            'fast': fast(on_device),
+                            'fast_host': fast(operands),
                             'work': _fast_device_work(prim, on_device,
                                                       params)})
   return {
@@ -155,17 +156,12 @@ def _fast_device_work(prim, operands, params):
   the JVPs and the float64 dot products), without the harness's Python
   around it (context, checking the rule's shapes, comparing)."""
   import jax
-  import numpy as np
   from etp_testing._src.checks import xy_to_dw
   from etp_testing._src.context import CheckContext
   ctx = CheckContext(prim, operands, params, seed=0, steps=2,
                      n_states=((1,),), rtol=None, atol=None,
                      devices=jax.devices()[:1], fast=True)
-  keys = tuple(ctx.weight_avals)
-  program = xy_to_dw._fast_projections(ctx, ctx.rules.xy_to_dw, keys,
-                                       xy_to_dw.JVP_PROJECTIONS)
-  args = (list(ctx.device_operands),
-          np.array([ctx.seed32(k) for k in ('g',) + keys], np.uint32))
+  program, args = xy_to_dw.projection_call(ctx, tuple(ctx.weight_avals))
   return lambda: jax.block_until_ready(program(*args))
 
 

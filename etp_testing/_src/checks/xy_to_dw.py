@@ -204,6 +204,18 @@ def check_jacrev(ctx):
                 what='xy_to_dw vs jax.jacrev contracted with g')
 
 
+def projection_call(ctx, keys):
+  """``(program, args)``: the fast-mode program for the weights ``keys``
+  (see :func:`_fast_projections`) and its arguments, the operands as
+  ``ctx.device_operands`` and the seeds; ``program(*args)`` gives the dots."""
+  seeds = np.array([ctx.seed32('xy_to_dw.jacrev.g')] +
+                   [ctx.seed32(f'xy_to_dw.jacrev.v.{k}') for k in keys],
+                   np.uint32)
+  program = _fast_projections(ctx, ctx.rules.xy_to_dw, tuple(keys),
+                              JVP_PROJECTIONS)
+  return program, (list(ctx.device_operands), seeds)
+
+
 def _check_projections(ctx):
   """The fast-mode half of ``xy_to_dw.jacrev`` (see there)."""
   returned = _rule_avals(ctx)
@@ -219,12 +231,8 @@ def _check_projections(ctx):
              expected_shape=tuple(w.shape))
   if not keys:
     return
-  program = _fast_projections(ctx, ctx.rules.xy_to_dw, tuple(keys),
-                              JVP_PROJECTIONS)
-  seeds = np.array([ctx.seed32('xy_to_dw.jacrev.g')] +
-                   [ctx.seed32(f'xy_to_dw.jacrev.v.{k}') for k in keys],
-                   np.uint32)
-  dots = np.asarray(program(list(ctx.device_operands), seeds))
+  program, args = projection_call(ctx, keys)
+  dots = np.asarray(program(*args))
   for k, (rule_dd, jvp_dd) in zip(keys, dots):
     ctx.compare(rule_dd, jvp_dd, rule='xy_to_dw', key=k,
                 dtype=ctx.weight_avals[k].dtype, what=(
