@@ -63,6 +63,11 @@ def assert_caught(outcome, rule, key=None):
 
 
 # ------------------------------------------------------------ broken rules
+def xy_dropped_bias(x, g, weights, *, has_bias):
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {'weight': out['weight']}
+
+
 def xy_scaled(x, g, weights, *, has_bias):
   out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
   return {**out, 'weight': 2.0 * out['weight']}
@@ -75,6 +80,11 @@ def xy_first_example_only(x, g, weights, *, has_bias):
 def xy_transposed(x, g, weights, *, has_bias):
   out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
   return {**out, 'weight': out['weight'].T.reshape(out['weight'].shape)}
+
+
+def xy_wrong_shape(x, g, weights, *, has_bias):
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {**out, 'weight': out['weight'].T}
 
 
 def yw_square_axis(g, trace, *, has_bias):
@@ -184,12 +194,10 @@ def test_jacrev_fast_mode_passes_correct_rules(x64, dtype):
 
 
 def test_jacrev_fast_mode_names_a_wrong_gradient_shape():
-  def flat(x, g, weights, *, has_bias):
-    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-    return {**out, 'weight': out['weight'].T}
   outcome = etp_testing.check_rules(
-      dense_variant(xy_to_dw=flat), X, W, B, checks=['xy_to_dw.jacrev'],
-      fast=True, has_bias=True).outcome('xy_to_dw.jacrev')
+      dense_variant(xy_to_dw=xy_wrong_shape), X, W, B,
+      checks=['xy_to_dw.jacrev'], fast=True,
+      has_bias=True).outcome('xy_to_dw.jacrev')
   assert_caught(outcome, 'xy_to_dw', 'weight')
   assert 'returned shape (4, 2)' in outcome.findings[0].message
 
@@ -203,11 +211,10 @@ def test_jacrev_fast_mode_names_a_raising_rule_and_a_dropped_key():
   assert_caught(outcome, 'xy_to_dw')
   assert 'ValueError: no gradient today' in outcome.findings[0].message
 
-  def dropped(x, g, weights, *, has_bias):
-    return {'weight': dense._xy_to_dw(x, g, weights, has_bias=has_bias)['weight']}
   outcome = etp_testing.check_rules(
-      dense_variant(xy_to_dw=dropped), X, W, B, checks=['xy_to_dw.jacrev'],
-      fast=True, has_bias=True).outcome('xy_to_dw.jacrev')
+      dense_variant(xy_to_dw=xy_dropped_bias), X, W, B,
+      checks=['xy_to_dw.jacrev'], fast=True,
+      has_bias=True).outcome('xy_to_dw.jacrev')
   assert_caught(outcome, 'xy_to_dw')
   assert "missing ['bias']" in outcome.findings[-1].message
 
@@ -221,11 +228,7 @@ def test_jacrev_fast_mode_sees_rules_registered_again():
       has_bias=True).outcome('xy_to_dw.jacrev')
   assert run_fast().status == 'passed'
   base = etp.rules_of(etp.etp_mm_p)
-
-  def transposed(x, g, weights, *, has_bias):
-    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-    return {**out, 'weight': out['weight'].T}
-  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=transposed,
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=xy_wrong_shape,
                           init_drtrl=base.init_drtrl, init_pp=base.init_pp,
                           replace=True)
   outcome = run_fast()
@@ -258,9 +261,7 @@ def test_jacrev_fast_mode_leaves_device_operands_on_the_device(monkeypatch,
 
 
 def test_dropped_and_extra_keys_are_named():
-  def dropped(x, g, weights, *, has_bias):
-    return {'weight': dense._xy_to_dw(x, g, weights, has_bias=has_bias)['weight']}
-  outcome = run(dense_variant(xy_to_dw=dropped), 'xy_to_dw.vjp')
+  outcome = run(dense_variant(xy_to_dw=xy_dropped_bias), 'xy_to_dw.vjp')
   assert_caught(outcome, 'xy_to_dw')
   assert "missing ['bias']" in outcome.findings[-1].message
 
