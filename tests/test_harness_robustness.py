@@ -388,11 +388,14 @@ def test_a_quantity_operand_is_a_clear_type_error():
     ([np.nan, 2.0], [1.0, 2.0], False),
     ([np.nan, 2.0], [np.nan, 2.0], False),
 ])
-def test_compare_fails_any_non_finite_value(actual, expected, passed):
+@pytest.mark.parametrize('use_chex', [True, False])
+def test_compare_fails_any_non_finite_value(actual, expected, passed,
+                                            use_chex):
+  # With or without chex (fast mode's dot products skip it), one verdict.
   from etp_testing._src.context import CheckContext
   ctx = CheckContext(etp.etp_mv_p, (np.ones(2, np.float32),
                                     np.ones((2, 2), np.float32)),
                      {'has_bias': False})
   finding = ctx.compare(np.array(actual), np.array(expected), rule='r',
-                        dtype=np.float32)
+                        dtype=np.float32, use_chex=use_chex)
   assert finding.passed is passed, finding.describe()
