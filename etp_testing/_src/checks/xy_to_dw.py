@@ -204,6 +204,17 @@ def check_jacrev(ctx):
                 what='xy_to_dw vs jax.jacrev contracted with g')
 
 
+def _shaped_like(ctx, key, grad, weight) -> bool:
+  """Whether ``xy_to_dw``'s ``grad`` for ``key`` has ``weight``'s shape;
+  records the failure where it does not."""
+  got, want = tuple(np.shape(grad)), tuple(np.shape(weight))
+  if got != want:
+    ctx.fail('xy_to_dw', key=key, message=(
+        f'xy_to_dw returned shape {got} for weight {key} of shape {want}'),
+             actual_shape=got, expected_shape=want)
+  return got == want
+
+
 def projection_call(ctx, keys):
   """``(program, args)``: the fast-mode program for the weights ``keys``
   (see :func:`_fast_projections`) and its arguments, the operands as
@@ -221,14 +232,8 @@ def _check_projections(ctx):
   returned = _rule_avals(ctx)
   keys = []
   for k, w in ctx.weight_avals.items():
-    if tuple(np.shape(returned[k])) == tuple(w.shape):
+    if _shaped_like(ctx, k, returned[k], w):
       keys.append(k)
-      continue
-    ctx.fail('xy_to_dw', key=k, message=(
-        f'xy_to_dw returned shape {tuple(np.shape(returned[k]))} for weight '
-        f'{k} of shape {tuple(w.shape)}'),
-             actual_shape=tuple(np.shape(returned[k])),
-             expected_shape=tuple(w.shape))
   if not keys:
     return
   program, args = projection_call(ctx, keys)
@@ -255,11 +260,7 @@ def check_fd(ctx):
     eps = tolerances.FD_EPS
     for k, w in weights.items():
       grad_k = np.asarray(grads[k], np.float64)
-      if grad_k.shape != w.shape:
-        ctx.fail('xy_to_dw', key=k, message=(
-            f'xy_to_dw returned shape {grad_k.shape} for weight {k} of shape '
-            f'{tuple(w.shape)}'), actual_shape=grad_k.shape,
-                 expected_shape=tuple(w.shape))
+      if not _shaped_like(ctx, k, grad_k, w):
         continue
       rule_dd, fd_dd = [], []
       for d in range(FD_DIRECTIONS):
