@@ -193,11 +193,12 @@ def test_jacrev_fast_mode_passes_correct_rules(x64, dtype):
   assert all('fast mode' in f.message for f in outcome.findings)
 
 
-def test_jacrev_fast_mode_names_a_wrong_gradient_shape():
+@pytest.mark.parametrize('check', ['xy_to_dw.jacrev', 'xy_to_dw.fd'])
+def test_a_wrong_gradient_shape_is_named(check):
+  # xy_to_dw.jacrev in fast mode: before its one program is built.
   outcome = etp_testing.check_rules(
-      dense_variant(xy_to_dw=xy_wrong_shape), X, W, B,
-      checks=['xy_to_dw.jacrev'], fast=True,
-      has_bias=True).outcome('xy_to_dw.jacrev')
+      dense_variant(xy_to_dw=xy_wrong_shape), X, W, B, checks=[check],
+      fast=True, has_bias=True).outcome(check)
   assert_caught(outcome, 'xy_to_dw', 'weight')
   assert 'returned shape (4, 2)' in outcome.findings[0].message
 
