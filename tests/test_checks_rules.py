@@ -129,6 +129,16 @@ def init_pp_state_first(x, y, w, n):
   return jnp.zeros((n,) + y.aval.shape, y.aval.dtype)
 
 
+def init_raises_for_two_states(x, y, w, n):
+  if n == 2:
+    raise ValueError('only one state')
+  return rule_util.weight_shaped_traces(x, y, w, n, True)
+
+
+def init_names_not_arrays(x, y, w, n):
+  return {k: 'zeros' for k in w}
+
+
 # ---------------------------------------------------------------- correct
 @pytest.mark.parametrize('prim,operands,params', [
     (etp.etp_mm_p, (X, W, B), {'has_bias': True}),
@@ -343,6 +353,18 @@ def test_init_drtrl_catches(broken, words):
   outcome = run(dense_variant(init_drtrl=broken), 'init.drtrl')
   assert_caught(outcome, 'init_drtrl')
   assert any(words in f.message for f in outcome.findings if not f.passed)
+
+
+@pytest.mark.parametrize('broken,words', [
+    (init_raises_for_two_states,
+     'init_drtrl raised ValueError: only one state (n_state=2)'),
+    (init_names_not_arrays, 'init_drtrl returned no arrays'),
+])
+def test_init_drtrl_names_a_rule_that_gives_no_zeros(broken, words):
+  outcome = run(dense_variant(init_drtrl=broken), 'init.drtrl')
+  assert_caught(outcome, 'init_drtrl')
+  assert any(words in f.message for f in outcome.findings if not f.passed), \
+      [f.describe() for f in outcome.findings]
 
 
 def test_init_pp_catches_wrong_shape():

@@ -47,6 +47,21 @@ def test_fast_mode_gradient_check_is_one_program():
   assert (first.count, again.count) == (1, 0), (first.count, again.count)
 
 
+def test_init_checks_compile_one_program_per_variant():
+  # Each init check calls its rule for every n_state in one program, for
+  # the operands as given and for float32 ones with x64 on: 2 programs per
+  # check for a new signature (eagerly, each jnp.zeros compiled its own).
+  operands = _case(n_in=5, n_out=9)   # a shape no other test uses
+  run = lambda: etp_testing.check_rules(
+      etp.etp_mm_p, *operands, checks='init.*', n_state=(1, 2, 3),
+      has_bias=True)
+  with compilations.counting() as first:
+    assert run().passed
+  with compilations.counting() as again:
+    assert run().passed
+  assert (first.count, again.count) == (4, 0), (first.count, again.count)
+
+
 @pytest.fixture
 def persistent_cache(tmp_path):
   """JAX's persistent compilation cache in ``tmp_path`` for one test, every

@@ -1,8 +1,10 @@
 r"""Checks of ``init_drtrl`` and ``init_pp``: keys, shapes, zeros and dtypes.
 
 Both rules receive real jaxpr variables, from tracing one bind of the
-primitive.  Each case runs twice: on the operands as given, and on float32
-copies with ``jax_enable_x64`` on, so a rule that follows the global default
+primitive, and are traced into one program per check and case (for every
+``n_state``), as the ETP compiler's ``jit`` traces them.  Each case runs
+twice: on the operands as given, and on float32 copies with
+``jax_enable_x64`` on, so a rule that follows the global default
 dtype (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
 returns float64 there and is caught.
 
@@ -23,7 +25,7 @@ from etp._src.registry import call_init_rule
 from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import x64_enabled
+from etp_testing._src.context import compiled, x64_enabled
 from etp_testing._src.errors import RuleFailure
 
 
@@ -38,21 +40,49 @@ def _variants(ctx):
   yield 'float32 operands with x64 on', _as_float32(ctx.operands), True
 
 
-def _call_init(ctx, rule_name, operands, n_state):
-  x_var, y_var, weight_vars = executor.jaxpr_vars(ctx.primitive, operands,
-                                                  ctx.params)
-  _, _, rule_params = ctx.primitive.split_operands(operands, ctx.params)
+@compiled
+def _init_program(primitive, params, rule_name, rule, n_states):
+  """``operands -> [rule(x_var, y_var, weight_vars, n) for n in n_states]``,
+  the variables those of one bind on the operands' avals.
+
+  One program per signature for every ``n_state`` (as the ETP compiler's
+  ``jit`` traces the rule): called eagerly, each ``jnp.zeros`` of a rule
+  compiled a program of its own per shape, a third of the programs a new
+  signature compiled."""
+  def program(operands):
+    x_var, y_var, weight_vars = executor.jaxpr_vars(primitive, operands,
+                                                    params)
+    _, _, rule_params = primitive.split_operands(operands, params)
+    out = []
+    for n_state in n_states:
+      try:
+        out.append(call_init_rule(rule, x_var, y_var, weight_vars, n_state,
+                                  rule_params))
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuleFailure(rule_name, f'{rule_name} raised '
+                          f'{type(e).__name__}: {e} (n_state={n_state})') from e
+    return out
+  return program
+
+
+def _call_init(ctx, rule_name, operands):
+  """``(outputs, y_aval, dtype)``: ``rule_name``'s output for each of
+  ``ctx.n_states``, ``y``'s aval and the ``result_type`` of ``x``, ``y``
+  and the weights."""
   rule = getattr(ctx.rules, rule_name)
   if rule is None:
     raise RuleFailure(rule_name, f'rule {rule_name!r} is not registered')
+  program = _init_program(ctx, rule_name, rule, tuple(ctx.n_states))
   try:
-    out = call_init_rule(rule, x_var, y_var, weight_vars, n_state, rule_params)
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuleFailure(rule_name, f'{rule_name} raised {type(e).__name__}: {e} '
-                      f'(n_state={n_state})') from e
-  dtypes = [v.aval.dtype for v in (x_var, y_var, *weight_vars.values())
-            if v is not None]
-  return out, y_var.aval, jnp.result_type(*dtypes)
+    outputs = program(list(operands))
+  except TypeError as e:
+    # jit's output is not a tree of arrays: a leaf of the rule's is none.
+    raise RuleFailure(rule_name, f'{rule_name} returned no arrays: '
+                      f'{type(e).__name__}: {e}') from e
+  x, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
+  y = ctx.y_aval(operands)
+  dtypes = [v.dtype for v in (x, y, *weights.values()) if v is not None]
+  return outputs, y, jnp.result_type(*dtypes)
 
 
 def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
@@ -106,8 +136,8 @@ def check_init_drtrl(ctx):
         y = ctx.y_aval(operands)
         lead = tuple(y.shape[:1]) if ctx.batched else ()
         trace_shapes = {k: lead + tuple(w.shape) for k, w in weights.items()}
-      for n_state in ctx.n_states:
-        traces, _, dtype = _call_init(ctx, 'init_drtrl', operands, n_state)
+      outputs, _, dtype = _call_init(ctx, 'init_drtrl', operands)
+      for n_state, traces in zip(ctx.n_states, outputs):
         ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
         for k, shape in trace_shapes.items():
           _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
@@ -120,8 +150,8 @@ def check_init_pp(ctx):
   for label, operands, x64 in _variants(ctx):
     with x64_enabled(x64):
       operands = tuple(to_jax(o) for o in operands)
-      for n_state in ctx.n_states:
-        trace, y, _ = _call_init(ctx, 'init_pp', operands, n_state)
+      outputs, y, _ = _call_init(ctx, 'init_pp', operands)
+      for n_state, trace in zip(ctx.n_states, outputs):
         if isinstance(trace, dict):
           raise RuleFailure('init_pp', 'init_pp returned a dict; it returns '
                             'one array shaped (*y_shape, n_state)')
