@@ -464,6 +464,18 @@ def test_pp_exact_catches_and_reports_bias_as_not_applicable():
              for f in good.findings)
 
 
+def xy_plus_one(x, g, weights, *, has_bias):
+  return jax.tree.map(lambda v: v + 1, dense._xy_to_dw(x, g, weights,
+                                                      has_bias=has_bias))
+
+
+def test_pp_exact_judges_a_rule_not_linear_in_x():
+  # The +1 makes xy_to_dw affine, not linear, in x; whether pp-prop applies
+  # to a key is read off jax.vjp, so the weight is still compared.
+  outcome = run(dense_variant(xy_to_dw=xy_plus_one), 'pp.exact')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+
+
 def test_pp_exact_skips_non_linear_primitives():
   prim = etp.register_primitive(f'tanh_mm_{next(_ids)}',
                                 lambda x, w, *, has_bias: jnp.tanh(x @ w),
