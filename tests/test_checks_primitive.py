@@ -530,6 +530,16 @@ def test_units_pass_a_correct_wrapper_and_skip_without_one():
           in outcome.reason)
 
 
+def test_units_skip_a_unit_case_that_gives_no_calls():
+  # A registered case with nothing to call checks nothing: skipped, never
+  # passed with no findings.
+  prim = _dense_clone('units_empty')
+  etp_testing.register_unit_case(prim, lambda ctx: [])
+  outcome = _run(prim, _dense_case(), ['units']).outcome('units')
+  assert outcome.status == 'skipped', _describe(outcome)
+  assert 'gave no calls' in outcome.reason
+
+
 def test_units_skip_a_case_the_wrapper_rejects():
   # Repeated sparse indices bind, but sparse_matmul rejects them.
   rng = np.random.default_rng(4)
