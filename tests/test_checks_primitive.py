@@ -105,10 +105,16 @@ def _assert_passed(report, *checks):
     assert outcome.findings, f'{check} passed without comparing anything'
 
 
-def _needs_devices(n=2):
-  if jax.device_count() < n:
-    pytest.skip(f'needs {n} devices (run pytest from the repository root; '
-                'conftest.py sets --xla_force_host_platform_device_count=4)')
+def _cpus(n=2) -> list:
+  """Every CPU device, at least ``n`` of them, or skips.  CPU devices, so
+  that these tests run on a one-GPU machine too (the forced host device
+  count applies to the CPU platform only)."""
+  cpus = jax.devices('cpu')
+  if len(cpus) < n:
+    pytest.skip(f'needs {n} CPU devices (run pytest from the repository '
+                'root; conftest.py sets '
+                '--xla_force_host_platform_device_count=4)')
+  return cpus
 
 
 # ----------------------------------------------------------------- built-ins
@@ -137,11 +143,10 @@ def _builtin_cases():
 
 @pytest.mark.parametrize('prim, ops, params', _builtin_cases())
 def test_builtins_pass(prim, ops, params):
-  _needs_devices()
   # Two devices are enough to compare devices and shard the batch (every
   # batch here is even); test_device_compares_sharded_batches uses four.
   report = etp_testing.check_rules(prim, *ops, checks=MY_CHECKS,
-                                   devices=jax.devices()[:2], **params)
+                                   devices=_cpus()[:2], **params)
   _assert_passed(report, *MY_CHECKS)
 
 
@@ -326,13 +331,13 @@ def test_vmap_catches_examples_that_are_not_independent():
   # vmap over x alone folds the mapped axis into the batch (the contract
   # says examples are independent), so the batch mean changes.
   prim = _dense_clone('batch_centred', impl=_batch_centred_impl)
-  report = _run(prim, _dense_case(), ['primitive.vmap', 'device.consistency'])
+  report = _run(prim, _dense_case(), ['primitive.vmap', 'device.consistency'],
+                devices=_cpus())
   hits = _assert_failed(report, 'primitive.vmap', 'batching')
   assert any('in_axes=(0, None, None)' in f.message for f in hits)
-  if jax.device_count() >= 2:
-    # What device.consistency cannot see: jit with the batch sharded is
-    # semantically transparent, so the coupled batch gives the same answer.
-    _assert_passed(report, 'device.consistency')
+  # What device.consistency cannot see: jit with the batch sharded is
+  # semantically transparent, so the coupled batch gives the same answer.
+  _assert_passed(report, 'device.consistency')
 
 
 def test_vmap_keeps_integer_operands_valid():
@@ -353,29 +358,29 @@ def test_vmap_keeps_integer_operands_valid():
 
 # ---------------------------------------------------------- device.consistency
 def test_device_catches_a_rule_pinned_to_the_first_device():
-  _needs_devices()
+  cpus = _cpus()
 
   def xy_to_dw(x, g, weights, **params):
     grads = dense._xy_to_dw(x, g, weights, **params)
-    return {k: jax.device_put(v, jax.devices()[0]) for k, v in grads.items()}
+    return {k: jax.device_put(v, cpus[0]) for k, v in grads.items()}
   prim = _dense_clone('pinned_result', xy_to_dw=xy_to_dw)
-  report = _run(prim, _dense_case(), ['device.consistency'])
+  report = _run(prim, _dense_case(), ['device.consistency'], devices=cpus)
   hits = _assert_failed(report, 'device.consistency', 'xy_to_dw')
-  assert any(str(jax.devices()[-1]) in f.message for f in hits)
+  assert any(str(cpus[-1]) in f.message for f in hits)
 
 
 def test_device_catches_a_rule_mixing_in_a_pinned_constant():
-  _needs_devices()
+  cpus = _cpus()
 
   def xy_to_dw(x, g, weights, **params):
     # A constant created on (committed to) the first device.
-    scale = jax.device_put(np.float32(1.0), jax.devices()[0])
+    scale = jax.device_put(np.float32(1.0), cpus[0])
     return {k: v * scale
             for k, v in dense._xy_to_dw(x, g, weights, **params).items()}
   prim = _dense_clone('pinned_constant', xy_to_dw=xy_to_dw)
-  report = _run(prim, _dense_case(), ['device.consistency'])
+  report = _run(prim, _dense_case(), ['device.consistency'], devices=cpus)
   hits = _assert_failed(report, 'device.consistency', 'xy_to_dw')
-  assert any(str(jax.devices()[-1]) in f.message for f in hits)
+  assert any(str(cpus[-1]) in f.message for f in hits)
 
 
 def _sum_over_the_batch_without_psum():
@@ -403,14 +408,15 @@ def _sum_over_the_batch_without_psum():
 
 
 def test_device_catches_a_rule_that_is_wrong_when_sharded():
-  _needs_devices()
+  cpus = _cpus(4)
   outer = _sum_over_the_batch_without_psum()
 
   def xy_to_dw(x, g, weights, *, has_bias):
     grads = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
     return {**grads, 'weight': outer(x, g)}
   prim = _dense_clone('sharded_sum', xy_to_dw=xy_to_dw)
-  report = _run(prim, _dense_case(batch=4), ['device.consistency'])
+  report = _run(prim, _dense_case(batch=4), ['device.consistency'],
+                devices=cpus[:4])
   hits = _assert_failed(report, 'device.consistency', 'xy_to_dw',
                         key='weight')
   assert all('sharded over 4 devices' in f.message for f in hits)
@@ -450,12 +456,13 @@ def test_device_skips_without_a_gpu():
 
 
 def test_device_compares_sharded_batches():
-  _needs_devices(4)
-  report = _run(etp.etp_mm_p, _dense_case(batch=6), ['device.consistency'])
+  cpus = _cpus(4)
+  report = _run(etp.etp_mm_p, _dense_case(batch=6), ['device.consistency'],
+                devices=cpus[:4])
   _assert_passed(report, 'device.consistency')
   messages = [f.message for f in report.outcome('device.consistency').findings]
   assert any('sharded over 3 devices' in m for m in messages)  # 3 divides 6
-  assert any(f'on {jax.devices()[3]}' in m for m in messages)
+  assert any(f'on {cpus[3]}' in m for m in messages)
 
 
 # ---------------------------------------------------------------------- units
