@@ -165,7 +165,9 @@ class TestDerivedRules:
   def test_transpose_of_nonlinear_impl_is_a_clear_error(self):
     p = etp.register_primitive(_name('nonlin'), lambda x, w: jnp.tanh(x @ w),
                                trainable_invars_fn=lambda p: {'weight': 1})
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match=r"\[etp\] primitive '.*nonlin.*' "
+                       r'cannot be transposed in operands \[1\]: its impl is '
+                       'not linear in them'):
       jax.linear_transpose(lambda w: p.bind(self.x, w), self.w)(jnp.ones(4))
 
   @pytest.mark.parametrize('axes', [(0, None, None), (1, None, None),
