@@ -43,7 +43,7 @@ def _variants(ctx):
 @compiled
 def _init_program(primitive, params, rule_name, rule, n_states):
   """``operands -> [rule(x_var, y_var, weight_vars, n) for n in n_states]``,
-  the variables those of one bind on the operands' avals.
+  with the jaxpr variables of one bind on the operands' avals.
 
   One program per signature for every ``n_state`` (as the ETP compiler's
   ``jit`` traces the rule): called eagerly, each ``jnp.zeros`` of a rule
