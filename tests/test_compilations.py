@@ -33,6 +33,18 @@ def test_counting_sees_a_new_shape_and_not_a_repeated_one():
   assert first.count >= 1 and again.count == 0
 
 
+def _programs_new_then_repeated(run) -> tuple:
+  """Programs compiled by ``run()`` (a passing report) on a signature no
+  test has used, then by the same call again."""
+  counts = []
+  for _ in range(2):
+    with compilations.counting() as programs:
+      report = run()
+    assert report.passed, report.failure_message()
+    counts.append(programs.count)
+  return tuple(counts)
+
+
 def test_fast_mode_gradient_check_is_one_program():
   # Rule, cotangent, directions, JVPs and dot products compile together:
   # one program per new signature, none when it repeats.
@@ -40,11 +52,8 @@ def test_fast_mode_gradient_check_is_one_program():
   run = lambda: etp_testing.check_rules(
       etp.etp_mm_p, *operands, checks='xy_to_dw.jacrev', fast=True,
       has_bias=True)
-  with compilations.counting() as first:
-    assert run().passed
-  with compilations.counting() as again:
-    assert run().passed
-  assert (first.count, again.count) == (1, 0), (first.count, again.count)
+  counts = _programs_new_then_repeated(run)
+  assert counts == (1, 0), counts
 
 
 def test_init_checks_compile_one_program_per_variant():
@@ -55,11 +64,8 @@ def test_init_checks_compile_one_program_per_variant():
   run = lambda: etp_testing.check_rules(
       etp.etp_mm_p, *operands, checks='init.*', n_state=(1, 2, 3),
       has_bias=True)
-  with compilations.counting() as first:
-    assert run().passed
-  with compilations.counting() as again:
-    assert run().passed
-  assert (first.count, again.count) == (4, 0), (first.count, again.count)
+  counts = _programs_new_then_repeated(run)
+  assert counts == (4, 0), counts
 
 
 @pytest.fixture
