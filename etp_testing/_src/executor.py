@@ -61,6 +61,18 @@ def jaxpr_vars(primitive, operands, params):
   return x_var, y_var, weight_vars
 
 
+def all_eqns(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs in its equations' params
+  (``jit``, ``cond``, ``scan``, ``custom_jvp_call``, ...), depth first."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for item in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(item, 'jaxpr', item)
+        if hasattr(inner, 'eqns'):
+          yield from all_eqns(inner)
+
+
 def bind_y(primitive, operands, params):
   """The ``y`` output of one bind."""
   out = primitive.bind(*operands, **params)

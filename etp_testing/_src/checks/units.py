@@ -27,7 +27,7 @@ import jax
 import saiunit as u
 
 from etp._src.arrays import to_jax
-from etp_testing._src import unit_cases
+from etp_testing._src import executor, unit_cases
 from etp_testing._src.checks.registry import check
 
 _ETP_PREFIX = '[etp] '
@@ -35,22 +35,7 @@ _ETP_PREFIX = '[etp] '
 
 def _binds(jaxpr, primitive) -> bool:
   """Whether ``primitive`` occurs in ``jaxpr`` or any jaxpr inside it."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive is primitive:
-      return True
-    for sub in _sub_jaxprs(eqn.params):
-      if _binds(sub, primitive):
-        return True
-  return False
-
-
-def _sub_jaxprs(params):
-  """Jaxprs in an equation's params (``jit``, ``cond``, ``scan``, ...)."""
-  for v in params.values():
-    for item in (v if isinstance(v, (tuple, list)) else (v,)):
-      inner = getattr(item, 'jaxpr', item)
-      if hasattr(inner, 'eqns'):
-        yield inner
+  return any(eqn.primitive is primitive for eqn in executor.all_eqns(jaxpr))
 
 
 def _is_validation_error(e: Exception) -> bool:
