@@ -383,6 +383,44 @@ def test_device_catches_a_rule_mixing_in_a_pinned_constant():
   assert any(str(cpus[-1]) in f.message for f in hits)
 
 
+def _pinned_xy_to_dw(device):
+  def xy_to_dw(x, g, weights, **params):
+    grads = dense._xy_to_dw(x, g, weights, **params)
+    return {k: jax.device_put(v, device) for k, v in grads.items()}
+  return xy_to_dw
+
+
+def test_device_catches_a_pin_to_the_device_it_is_evaluated_on():
+  # The eager pass runs on the last device, where a result pinned there
+  # stays put; the pin shows in the rule's jaxpr.
+  cpus = _cpus()
+  prim = _dense_clone('pinned_last', xy_to_dw=_pinned_xy_to_dw(cpus[-1]))
+  report = _run(prim, _dense_case(), ['device.consistency'], devices=cpus)
+  hit, = _assert_failed(report, 'device.consistency', 'xy_to_dw')
+  assert f'fixed device {cpus[-1]}' in hit.message
+
+
+def test_device_catches_a_pin_with_one_device():
+  # Nothing to compare on one device, but a pin is still a failure, not a
+  # skip; in the impl it is named as the impl's.
+  cpus = _cpus(1)
+
+  def pinned_impl(x, weight, *bias, has_bias):
+    return jax.device_put(dense._impl(x, weight, *bias, has_bias=has_bias),
+                          cpus[0])
+  prim = _dense_clone('pinned_impl', impl=pinned_impl)
+  report = _run(prim, _dense_case(), ['device.consistency'],
+                devices=cpus[:1])
+  hit, = _assert_failed(report, 'device.consistency', 'impl')
+  assert f'fixed device {cpus[0]}' in hit.message
+  # The correct primitive on one device: skipped, its scan recorded.
+  outcome = _run(etp.etp_mm_p, _dense_case(), ['device.consistency'],
+                 devices=cpus[:1]).outcome('device.consistency')
+  assert outcome.status == 'skipped'
+  assert any('no jax.device_put to a fixed device' in f.message
+             for f in outcome.findings)
+
+
 def _sum_over_the_batch_without_psum():
   """``x^T g`` summed over the batch, with a sharding rule that lets every
   device sum its own examples and forgets the cross-device reduction (a

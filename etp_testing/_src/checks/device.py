@@ -1,8 +1,13 @@
 """``device.consistency``: the same answers on every device and when sharded.
 
-The operands and a random cotangent ``g`` are placed on the first device of
-the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and three things
-are computed there under ``jax.jit``: the bind, the ``jax.vjp`` of the bind
+First, the jaxprs of the impl and of ``xy_to_dw`` (traced on the operands'
+shapes; nothing runs) must not put a value on a fixed device (a
+``jax.device_put`` naming a device or a single-device sharding).  That sees
+a pin to any device, on a machine with a single device too.
+
+Then the operands and a random cotangent ``g`` are placed on the first
+device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and
+three things are computed there under ``jax.jit``: the bind, the ``jax.vjp`` of the bind
 w.r.t. the weights, and the ``xy_to_dw`` rule.  That is the reference.
 
 The same three are then computed on the last device of the first device's
@@ -18,9 +23,12 @@ placement inside a jitted function - which is why these run eagerly.)
 ``jax.vjp`` runs under ``jax.jit`` on that device: it is JAX's JVP and
 transpose of the bind, whose only user code is the impl, already run eagerly.
 
-A value pinned to the very device it is evaluated on is invisible, so the
-eager device is the *last* one: the usual pin, to ``jax.devices()[0]`` (the
-default device), shows.  The first device runs under ``jax.jit`` only
+A value pinned to the very device it is evaluated on is invisible in the
+results (the jaxpr scan above sees it), so the eager device is the *last*
+one: the usual pin, to ``jax.devices()[0]`` (the default device), shows
+there too, and so does one made outside a trace (a committed constant the
+rule closes over, which its jaxpr holds as a value, not a
+``device_put``).  The first device runs under ``jax.jit`` only
 because eager evaluation compiles every op once per device, which made this
 the battery's most expensive check; where ``jax.jit`` fails there
 (``primitive.jit`` reports that), the reference is computed eagerly instead.
@@ -45,8 +53,9 @@ disagrees with the CPU.  Like every check, it runs under the runner's full
 float32 matmul precision (``runner.MATMUL_PRECISION``), so that a GPU's TF32
 default is not reported as a disagreement with the CPU.
 
-With nothing to compare (one device and no batch to shard, or no device of
-the requested kind) the check is skipped with the reason: never passed.
+With nothing to compare the check is skipped with the reason, never
+passed: with no device of the requested kind; or with one device and no
+batch to shard, unless the scan found a pin (then it fails).
 """
 
 from __future__ import annotations
@@ -135,6 +144,47 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
                         f'{e} (operand shapes {shapes}, g '
                         f'{tuple(np.shape(g))})') from e
   return results
+
+
+def _fixed_devices(fn, *avals) -> list:
+  """The devices that ``jax.device_put`` calls in the trace of ``fn`` on
+  ``avals`` name (as devices or single-device shardings), as strings."""
+  found = set()
+  for eqn in executor.all_eqns(jax.make_jaxpr(fn)(*avals).jaxpr):
+    if eqn.primitive.name != 'device_put':
+      continue
+    for target in eqn.params.get('devices', ()):
+      if isinstance(target, jax.Device):
+        found.add(str(target))
+      elif isinstance(target, jax.sharding.SingleDeviceSharding):
+        found |= {str(d) for d in target.device_set}
+  return sorted(found)
+
+
+def _check_no_fixed_devices(ctx, y) -> None:
+  """Fails the impl or ``xy_to_dw`` where its jaxpr puts a value on a fixed
+  device.  Read off the trace, so it sees a pin to any device, the one it
+  is evaluated on included (which no result placement shows) and on a
+  machine with one device; nothing is compiled."""
+  avals = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in ctx.operands]
+  g = jax.ShapeDtypeStruct(y.shape, y.dtype)
+  traced = [('impl', lambda ops, g: ctx.primitive.impl_fn(*ops, **ctx.params))]
+  if ctx.weights:
+    traced.append(('xy_to_dw', _step(ctx.primitive, ctx.params, 'xy_to_dw')))
+  for rule, fn in traced:
+    try:
+      devices = _fixed_devices(fn, avals, g)
+    except Exception:  # pylint: disable=broad-except
+      continue   # the computations below report what cannot be traced
+    if devices:
+      ctx.fail(rule, f'{rule} puts a value on the fixed device '
+               f'{", ".join(devices)} (jax.device_put with a device, in its '
+               'jaxpr): eager, with operands on another device, it returns '
+               'results committed there or mixes devices; let the operands '
+               'decide where it runs')
+    else:
+      ctx.record_pass(rule, f'{rule}: no jax.device_put to a fixed device '
+                      'in its jaxpr')
 
 
 def _committed_elsewhere(value, device) -> list:
@@ -267,9 +317,10 @@ def check_device_consistency(ctx):
   if not devices:
     ctx.skip('no gpu device: no device of the requested kind is visible '
              '(devices resolved to an empty list)')
-  if len(devices) < 2 and not _can_shard(ctx, devices):
-    _skip_nothing_to_compare(ctx, devices)
   y = ctx.y_aval()
+  _check_no_fixed_devices(ctx, y)
+  if len(devices) < 2 and not _can_shard(ctx, devices):
+    return _skip_nothing_to_compare(ctx, devices)
   g = ctx.normal('device.g', y.shape, y.dtype)
   first = devices[0]
   reference, against = _reference(ctx, g, first)
@@ -287,6 +338,9 @@ def check_device_consistency(ctx):
 
 
 def _skip_nothing_to_compare(ctx, devices):
+  """Skips, saying why, unless a fixed device was found (a failure)."""
+  if any(not f.passed for f in ctx.findings):
+    return
   ctx.skip(f'{len(devices)} device visible; set XLA_FLAGS=--xla_force_'
            'host_platform_device_count=N before JAX starts (or pass '
            'devices=[...]) to compare devices ('
