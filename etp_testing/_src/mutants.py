@@ -547,6 +547,18 @@ def _(name):
   return _clone(name, 'etp_mm', impl=_offset_when_traced(dense._impl))
 
 
+@_mutant('xy_pinned', 'dense', base='etp_mm', bug_class='device_pin',
+         expected=('device.consistency',),
+         case=DENSE_MM,
+         description='xy_to_dw puts its gradients on the first device '
+         '(jax.device_put(v, jax.devices()[0])), wherever the operands are')
+def _(name):
+  def xy_to_dw(x, g, weights, **params):
+    out = _rules('etp_mm').xy_to_dw(x, g, weights, **params)
+    return {k: jax.device_put(v, jax.devices()[0]) for k, v in out.items()}
+  return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
+
+
 @_mutant('xy_cancellation', 'dense', base='etp_mm', bug_class='float64_only',
          expected=('xy_to_dw.vjp', 'xy_to_dw.jacrev'),
          case=DENSE_MM,
