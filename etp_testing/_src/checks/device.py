@@ -7,8 +7,9 @@ a pin to any device, on a machine with a single device too.
 
 Then the operands and a random cotangent ``g`` are placed on the first
 device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and
-three things are computed there under ``jax.jit``: the bind, the ``jax.vjp`` of the bind
-w.r.t. the weights, and the ``xy_to_dw`` rule.  That is the reference.
+three things are computed there under ``jax.jit``: the bind, the
+``jax.vjp`` of the bind w.r.t. the weights, and the ``xy_to_dw`` rule.
+That is the reference.
 
 The same three are then computed on the last device of the first device's
 platform and on the first device of every other platform (see
@@ -320,7 +321,8 @@ def check_device_consistency(ctx):
   y = ctx.y_aval()
   _check_no_fixed_devices(ctx, y)
   if len(devices) < 2 and not _can_shard(ctx, devices):
-    return _skip_nothing_to_compare(ctx, devices)
+    _skip_nothing_to_compare(ctx, devices)
+    return   # not skipped: the scan found a pin
   g = ctx.normal('device.g', y.shape, y.dtype)
   first = devices[0]
   reference, against = _reference(ctx, g, first)
