@@ -68,9 +68,21 @@ def xy_dropped_bias(x, g, weights, *, has_bias):
   return {'weight': out['weight']}
 
 
-def xy_scaled(x, g, weights, *, has_bias):
-  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-  return {**out, 'weight': 2.0 * out['weight']}
+def xy_scaled_by(factor):
+  """dense's xy_to_dw with the weight's gradient times ``factor``."""
+  def xy_to_dw(x, g, weights, *, has_bias):
+    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    return {**out, 'weight': factor * out['weight']}
+  return xy_to_dw
+
+
+xy_scaled = xy_scaled_by(2.0)
+xy_five_percent_off = xy_scaled_by(1.05)
+
+
+def xy_plus_one(x, g, weights, *, has_bias):
+  return jax.tree.map(lambda v: v + 1, dense._xy_to_dw(x, g, weights,
+                                                      has_bias=has_bias))
 
 
 def xy_first_example_only(x, g, weights, *, has_bias):
@@ -157,11 +169,6 @@ def test_correct_builtins_pass_every_rule_check(prim, operands, params):
                 if o.status != 'passed'}
   assert set(not_passed) == expected_skips, not_passed
   assert all(status == 'skipped' for status, _ in not_passed.values())
-
-
-def xy_five_percent_off(x, g, weights, *, has_bias):
-  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-  return {**out, 'weight': 1.05 * out['weight']}
 
 
 @pytest.mark.parametrize('dtype', ['float16', 'bfloat16'])
@@ -487,11 +494,6 @@ def test_pp_exact_catches_and_reports_bias_as_not_applicable():
   assert good.status == 'passed'
   assert any(f.key == 'bias' and 'does not apply' in f.message
              for f in good.findings)
-
-
-def xy_plus_one(x, g, weights, *, has_bias):
-  return jax.tree.map(lambda v: v + 1, dense._xy_to_dw(x, g, weights,
-                                                      has_bias=has_bias))
 
 
 def test_pp_exact_judges_a_rule_not_linear_in_x():
