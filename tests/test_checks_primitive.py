@@ -490,7 +490,9 @@ def test_device_skips_without_a_gpu():
                 devices='gpu')
   outcome = report.outcome('device.consistency')
   assert outcome.status == 'skipped' and 'no gpu device' in outcome.reason
-  assert report.passed  # skipped is not a failure, and never 'passed'
+  # Skipped is not a failure, and never a pass.
+  assert not report.failures and report.status == 'skipped'
+  assert not report.passed
 
 
 def test_device_compares_sharded_batches():

@@ -247,6 +247,7 @@ def test_the_report_is_json():
     data = json.loads(report.to_json(allow_nan=False))
     assert data['primitive'] == report.primitive
     assert data['passed'] == report.passed
+    assert data['status'] == report.status
     assert [o['name'] for o in data['outcomes']] == [
         o.name for o in report.outcomes]
     assert data['operands'] == [{'shape': [4, 3], 'dtype': 'float32'},
@@ -260,6 +261,38 @@ def test_the_report_is_json():
   vjp = data['outcomes'][0]
   assert vjp['status'] == 'failed' and vjp['max_abs_err'] == 'inf'
   assert vjp['findings'][0]['key'] == 'weight'
+
+
+# ----------------------------------------------------- nothing checked
+def test_a_case_on_which_every_check_skips_is_not_a_pass():
+  # etp_mm has no instant rules: drtrl.instant can only skip.
+  with pytest.raises(etp_testing.NothingCheckedError) as info:
+    etp_testing.assert_rule_consistent(etp.etp_mm_p, *_operands(),
+                                       checks=['drtrl.instant'],
+                                       has_bias=False)
+  message = str(info.value)
+  assert message.startswith('[etp_testing] etp_mm: nothing was checked')
+  assert '- drtrl.instant: ' in message and 'instant_drtrl' in message
+  report = info.value.report
+  assert report.status == 'skipped' and not report.passed
+  assert not report.failures and not report.snippet   # not a failure either
+  assert isinstance(info.value, etp_testing.RuleConsistencyError)
+
+
+def test_a_skip_beside_a_checked_check_still_passes():
+  report = etp_testing.assert_rule_consistent(
+      etp.etp_mm_p, *_operands(), checks=['xy_to_dw.vjp', 'drtrl.instant'],
+      has_bias=False)
+  assert report.status == 'passed' and report.passed
+  assert report.outcome('drtrl.instant').status == 'skipped'
+
+
+def test_a_hypothesis_run_on_which_every_check_skips_is_not_a_pass():
+  summary = etp_testing.check_with_hypothesis(
+      etp.etp_mv_p, max_examples=2, checks=['drtrl.instant'], seed=0)
+  assert summary.examples == 2
+  assert summary.status == 'skipped' and not summary.passed
+  assert summary.to_dict()['status'] == 'skipped'
 
 
 # ------------------------------------------------------------------- snippet

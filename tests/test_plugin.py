@@ -210,10 +210,17 @@ def test_fixture_and_marker(tmp_path):
         s = etp_check.hypothesis(etp.etp_mv_p, max_examples=2,
                                  checks=['xy_to_dw.vjp'])
         assert s.examples == 2
+
+      def test_nothing_checkable(etp_check):
+        x = np.ones((2, 3), np.float32)
+        w = np.ones((3, 4), np.float32)
+        etp_check(etp.etp_mm_p, x, w, checks='drtrl.instant', has_bias=False)
+        raise AssertionError('etp_check returned on an all-skipped case')
       '''))
-  proc = _run(tmp_path, '-p', 'no:cacheprovider', 'test_mine.py')
+  proc = _run(tmp_path, '-p', 'no:cacheprovider', '-rs', 'test_mine.py')
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert '2 passed' in proc.stdout
+  assert '2 passed, 1 skipped' in proc.stdout
+  assert 'nothing was checked' in proc.stdout
 
 
 def test_cli_exit_codes_and_matrix(tmp_path):

@@ -19,6 +19,17 @@ class RuleConsistencyError(AssertionError):
     self.report = report
 
 
+class NothingCheckedError(RuleConsistencyError):
+  """Every check selected for a case was skipped: nothing was proven.
+
+  Not a failure of any rule, but not a pass either (a primitive with no
+  trainable operand asked only for ``xy_to_dw``, or ``device.consistency``
+  on one device with nothing pinned).  The message lists each check with
+  the reason it was skipped; ``.report`` holds the report.  The pytest
+  ``etp_check`` fixture turns it into a skip.
+  """
+
+
 class CheckSkipped(Exception):
   """Raised inside a check that cannot run here; the reason is reported."""
 

@@ -125,14 +125,21 @@ class HypothesisSummary:
   distinct_shapes: int = 0
 
   @property
+  def status(self) -> str:
+    """``skipped`` when every check was skipped in every example (or no
+    example ran), else ``passed`` (failures raise instead)."""
+    return report_mod.overall_status(c.status for c in self.checks.values())
+
+  @property
   def passed(self) -> bool:
-    return not any(c.status in report_mod.BAD_STATUSES
-                   for c in self.checks.values())
+    """Every check passed or was skipped, and at least one was run."""
+    return self.status == report_mod.PASSED
 
   def to_dict(self) -> dict:
     return {'primitive': self.primitive, 'examples': self.examples,
             'seed': self.seed, 'duration_s': round(self.duration_s, 6),
-            'distinct_shapes': self.distinct_shapes, 'passed': self.passed,
+            'distinct_shapes': self.distinct_shapes, 'status': self.status,
+            'passed': self.passed,
             'checks': {n: c.to_dict() for n, c in self.checks.items()}}
 
 
@@ -258,7 +265,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
                          seed=harness_seed, steps=steps, n_state=n_state,
                          devices=devices, fast=fast, rtol=rtol, atol=atol,
                          **params)
-    if not report.passed:
+    if report.failures:
       raise _ExampleFailed(report)
     example = summary.examples
     summary.examples += 1

@@ -19,6 +19,20 @@ ERROR = 'error'        # the check itself could not run the primitive/rules
 SKIPPED = 'skipped'    # cannot run here (the reason says why): never a pass
 MEASURED = 'measured'  # passed, and reports the error of approximate weights
 BAD_STATUSES = (FAILED, ERROR)
+CHECKED_STATUSES = (PASSED, MEASURED)   # something was actually compared
+
+
+def overall_status(statuses) -> str:
+  """One status for several checks: ``failed`` if any failed or could not
+  run, ``skipped`` if none was checked (every one skipped, or there were
+  none), else ``passed``.  Skips beside checked ones do not change it: a
+  skip is reported as a skip, and never counts as a pass."""
+  statuses = list(statuses)
+  if any(s in BAD_STATUSES for s in statuses):
+    return FAILED
+  if not any(s in CHECKED_STATUSES for s in statuses):
+    return SKIPPED
+  return PASSED
 
 
 def _json_float(v):
@@ -128,8 +142,16 @@ class ConsistencyReport:
   duration_s: float = 0.0
 
   @property
+  def status(self) -> str:
+    """``failed`` (a check failed or could not run), ``skipped`` (no check
+    compared anything: every one was skipped) or ``passed``."""
+    return overall_status(o.status for o in self.outcomes)
+
+  @property
   def passed(self) -> bool:
-    return not any(o.failed for o in self.outcomes)
+    """Nothing failed and at least one check was run (an all-skipped
+    report is not a pass)."""
+    return self.status == PASSED
 
   @property
   def failures(self) -> list:
@@ -146,7 +168,7 @@ class ConsistencyReport:
         'primitive': self.primitive,
         'params': {k: _jsonable(v) for k, v in self.params.items()},
         'operands': self.operands, 'seed': self.seed,
-        'passed': self.passed,
+        'status': self.status, 'passed': self.passed,
         'jax_version': self.jax_version, 'devices': self.devices,
         'duration_s': round(self.duration_s, 6),
         'outcomes': [o.to_dict() for o in self.outcomes],
@@ -181,6 +203,18 @@ class ConsistencyReport:
     if self.snippet:
       lines.append('Reproduce with:')
       lines.extend('    ' + l for l in self.snippet.splitlines())
+    return '\n'.join(lines)
+
+
+  def nothing_checked_message(self) -> str:
+    """The text of :class:`NothingCheckedError`: every check was skipped,
+    and why."""
+    lines = [f'[etp_testing] {self.primitive}: nothing was checked: all '
+             f'{len(self.outcomes)} selected check(s) were skipped',
+             f'  params {self.params}, operands '
+             + ', '.join(f"{o['dtype']}{list(o['shape'])}"
+                         for o in self.operands) + f', seed {self.seed}']
+    lines.extend(f'- {o.name}: {o.reason}' for o in self.outcomes)
     return '\n'.join(lines)
 
 

@@ -15,6 +15,7 @@ from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import CheckContext, x64_enabled, y_aval
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
+                                     NothingCheckedError,
                                      RuleConsistencyError, RuleFailure)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
                                      CheckOutcome, ConsistencyReport, Finding)
@@ -156,7 +157,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
     # Leave global state as found, whatever a check or rule did to it.
     jax.config.update('jax_enable_x64', old_x64)
     report.duration_s = time.perf_counter() - start
-    if not report.passed:
+    if report.failures:
       # Only a failure needs re-running (writing a large layer's operands
       # out costs more than some checks).
       report.snippet = _snippet.reproduction(
@@ -187,20 +188,25 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
     **params: the primitive's bind params.
 
   Returns:
-    The :class:`ConsistencyReport` (every check passed, measured or skipped).
+    The :class:`ConsistencyReport`: every check passed, measured or skipped,
+    and at least one was not skipped.
 
   Raises:
     RuleConsistencyError: a check failed or could not run; its message names
       the primitive, the failed checks and rules, the errors and where they
       occur, and a snippet that reproduces the case; ``.report`` holds it all.
+    NothingCheckedError: (a ``RuleConsistencyError``) every selected check
+      was skipped, so nothing was proven; the message gives each reason.
     TypeError: an operand is a ``saiunit`` quantity (pass its mantissa).
     ValueError: an unknown check name.
   """
   report = check_rules(primitive, *operands, checks=checks, rtol=rtol,
                        atol=atol, seed=seed, steps=steps, n_state=n_state,
                        devices=devices, fast=fast, **params)
-  if not report.passed:
+  if report.failures:
     raise RuleConsistencyError(report.failure_message(), report)
+  if not report.passed:
+    raise NothingCheckedError(report.nothing_checked_message(), report)
   return report
 
 
