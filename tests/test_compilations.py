@@ -202,18 +202,35 @@ def test_a_large_case_compiles_with_xla_defaults(monkeypatch, jit_options):
 
 
 def test_an_unknown_compiler_option_is_left_out(monkeypatch):
-  """An XLA without the option (older or newer) compiles with its default
-  instead of failing every check."""
+  """An XLA without an option (older or newer) compiles with its default
+  for that one instead of failing every check, and keeps the others."""
   monkeypatch.setattr(compilations, 'COMPILER_OPTIONS',
-                      {'xla_no_such_option_for_etp': True})
+                      {'xla_no_such_option_for_etp': True,
+                       'xla_backend_optimization_level': 0})
   compilations._supported_options.cache_clear()
   try:
     with compilations.counting() as probe:
-      assert compilations.options_in_effect() == {}
+      assert compilations.options_in_effect() == {
+          'xla_backend_optimization_level': 0}
     # XLA rejected the option; the failed attempt is not a compilation (it
     # would count in every run's report, persistent cache or not).
     assert probe.count == 0
     f = compilations.jit(lambda a: a * 2)
     np.testing.assert_array_equal(f(np.arange(3.0)), [0.0, 2.0, 4.0])
+  finally:
+    compilations._supported_options.cache_clear()
+
+
+def test_compiler_options_apply_only_on_their_backend(monkeypatch):
+  """On another default backend (a GPU) the harness compiles with XLA's
+  defaults: the options were chosen and measured for XLA:CPU."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the default backend is not a CPU')
+  compilations._supported_options.cache_clear()
+  assert compilations.options_in_effect()   # this CPU machine: options
+  monkeypatch.setattr(compilations, 'OPTIONS_BACKEND', 'no_such_backend')
+  compilations._supported_options.cache_clear()
+  try:
+    assert compilations.options_in_effect() == {}
   finally:
     compilations._supported_options.cache_clear()

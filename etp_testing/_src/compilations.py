@@ -27,22 +27,29 @@ more than half of ``vm.max_map_count`` mappings (Linux; elsewhere, once
 A run's repeated shapes are then compiled once more: seconds, not the run.
 
 Why :func:`jit`: the checks build many small programs and run each a few
-times, so compile time is most of what they cost.  XLA:CPU's fusion emitters
-(its default code generator in recent JAX) take about twice as long to compile
-such programs as its older elemental emitters, for code whose run time does
-not matter at these sizes, so the harness compiles its own programs for
-small cases with ``COMPILER_OPTIONS``.  Cases
-whose operands hold more than ``SMALL_CASE_ELEMENTS`` elements compile with
-XLA's defaults: a large layer's programs run long enough for their run time
-to matter, and there the older emitters are sometimes slower (the fast-mode
-projections of the sparse 4096 x 4096 layer ran 1.2 to 2.3x slower, the
-dense 4096 x 4096 jax.vjp oracle 1.4x; measured on this 2-core machine,
-jax 0.10).  The option names an
-XLA:CPU code generator; other backends ignore it, and where this XLA does not
-know it, :func:`jit` leaves it out: jax 0.11's XLA no longer has it ("No such
-compile option") and compiles with its default.  :func:`options_in_effect`
-says which applied (the battery's JSON report records it).  Programs a user's
-code compiles (eager ops included) are not affected.
+times, so compile time is most of what they cost.  For small cases, on a CPU
+backend, the harness compiles its own programs with ``COMPILER_OPTIONS``:
+
+* ``xla_cpu_use_fusion_emitters=False``: XLA:CPU's fusion emitters (its
+  default code generator in recent JAX) take about twice as long to compile
+  such programs as its older elemental emitters;
+* ``xla_backend_optimization_level=0``: LLVM's optimisation of the emitted
+  code, another third of what is left (a small jitted VJP: 39 -> 22-26 ms
+  to compile), for code whose run time does not matter at these sizes.
+  Numerics are unchanged: XLA:CPU does not enable fast-math, so no level
+  may reassociate float arithmetic.
+
+Cases whose operands hold more than ``SMALL_CASE_ELEMENTS`` elements compile
+with XLA's defaults: a large layer's programs run long enough for their run
+time to matter, and there the older emitters are sometimes slower (the
+fast-mode projections of the sparse 4096 x 4096 layer ran 1.2 to 2.3x
+slower, the dense 4096 x 4096 jax.vjp oracle 1.4x; measured on this 2-core
+machine, jax 0.10).  Other backends (a GPU) compile with their defaults.
+Each option is probed once: where this XLA does not know one, :func:`jit`
+leaves that one out (jax 0.11's XLA no longer has the fusion-emitter option,
+"No such compile option") and keeps the rest.  :func:`options_in_effect`
+says which applied (the battery's JSON report records it).  Programs a
+user's code compiles (eager ops included) are not affected.
 """
 
 from __future__ import annotations
@@ -61,8 +68,11 @@ BACKEND_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 
 # XLA options of the programs the harness compiles itself for small cases
-# (see :func:`jit`).
-COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False}
+# on a CPU backend (see :func:`jit`).
+COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False,
+                    'xla_backend_optimization_level': 0}
+# The backend on which COMPILER_OPTIONS apply.
+OPTIONS_BACKEND = 'cpu'
 # Operand elements (all operands together) up to which a case is small.
 # The generated cases hold at most a few thousand; the large layers millions.
 SMALL_CASE_ELEMENTS = 65_536
@@ -126,21 +136,29 @@ def _listen():
     _registered = True
 
 
-@functools.lru_cache(maxsize=None)
-def _supported_options() -> tuple:
-  """``COMPILER_OPTIONS`` where this XLA accepts them (probed once, on a
+def _accepted(name, value) -> bool:
+  """Whether this XLA compiles with option ``name=value`` (probed on a
   one-element program, which no count includes: where XLA rejects the
-  option, the failed attempt still reports a compilation), else ``()``."""
+  option, the failed attempt still reports a compilation)."""
   global _probing
-  options = tuple(sorted(COMPILER_OPTIONS.items()))
   _probing = True
   try:
-    jax.jit(lambda x: x + 1, compiler_options=dict(options))(np.int32(0))
+    jax.jit(lambda x: x + 1, compiler_options={name: value})(np.int32(0))
   except Exception:  # pylint: disable=broad-except
-    return ()   # an older or newer XLA without the option: its default
+    return False   # an older or newer XLA without it: its default
   finally:
     _probing = False
-  return options
+  return True
+
+
+@functools.lru_cache(maxsize=None)
+def _supported_options() -> tuple:
+  """The ``COMPILER_OPTIONS`` this XLA accepts, each probed on its own;
+  ``()`` where the default backend is not ``OPTIONS_BACKEND``."""
+  if jax.default_backend() != OPTIONS_BACKEND:
+    return ()
+  return tuple((k, v) for k, v in sorted(COMPILER_OPTIONS.items())
+               if _accepted(k, v))
 
 
 def options_in_effect() -> dict:
