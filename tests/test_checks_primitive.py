@@ -14,6 +14,7 @@ The device tests need several devices: the root ``conftest.py`` asks XLA for
 4 CPU devices before JAX starts.
 """
 
+import functools
 import itertools
 
 import jax
@@ -28,6 +29,7 @@ from jax.interpreters import mlir
 import etp
 import etp_testing
 from etp._src import dense
+from etp._src import lora
 from etp._src import registry
 from etp._src import units as etp_units
 from etp_testing._src import unit_cases
@@ -419,6 +421,69 @@ def test_device_catches_a_pin_with_one_device():
   assert outcome.status == 'skipped'
   assert any('no jax.device_put to a fixed device' in f.message
              for f in outcome.findings)
+
+
+def _pinned_rule(rule, device):
+  """``rule`` with every array it returns put on ``device``."""
+  @functools.wraps(rule)   # call_init_rule reads the signature
+  def pinned(*args, **kwargs):
+    return jax.tree.map(lambda v: jax.device_put(v, device),
+                        rule(*args, **kwargs))
+  return pinned
+
+
+@pytest.mark.parametrize('rule', ['yw_to_w', 'init_drtrl', 'init_pp',
+                                  'instant_drtrl', 'solve_drtrl'])
+def test_device_catches_a_pin_in_any_rule(rule):
+  # The eager comparisons run only the impl and xy_to_dw; the scan of the
+  # executor's composition sees the other rules, on one device too, and
+  # names the pinned one (nothing else in the battery sees such a pin:
+  # the executor's checks run on one device, under jit).
+  cpus = _cpus(1)
+  base_prim = (etp.etp_lora_mm_p if rule in ('instant_drtrl', 'solve_drtrl')
+               else etp.etp_mm_p)
+  base = etp.rules_of(base_prim)
+  rules = {n: getattr(base, n) for n in registry.SEED_RULES +
+           registry.OPTIONAL_RULES if getattr(base, n) is not None}
+  rules[rule] = _pinned_rule(rules[rule], cpus[0])
+  module = lora if base_prim is etp.etp_lora_mm_p else dense
+  prim = etp.register_primitive(_name(f'pinned_{rule}'), module._impl,
+                                batched=True,
+                                trainable_invars_fn=module._trainable)
+  prim.register_etp_rules(**rules)
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+  if module is lora:
+    ops, params = [f32(4, 3), f32(3, 2), f32(2, 5)], {'alpha': 0.5,
+                                                      'has_bias': False}
+  else:
+    ops, params = _dense_case()
+  report = _run(prim, (ops, params), ['device.consistency', 'drtrl.exact'],
+                devices=cpus[:1])
+  hit, = _assert_failed(report, 'device.consistency', rule)
+  assert f'{rule} puts a value on the fixed device {cpus[0]}' in hit.message
+  assert report.outcome('drtrl.exact').status == 'passed'   # blind to it
+  # The correct rules: every one scanned and clean (skipped: one device).
+  correct = _run(base_prim, (ops, params), ['device.consistency'],
+                 devices=cpus[:1]).outcome('device.consistency')
+  assert correct.status == 'skipped'
+  assert {f.rule for f in correct.findings if f.passed} == {'impl', *rules}
+
+
+def test_device_scan_is_traced_once_per_signature(monkeypatch):
+  from etp_testing._src.checks import device as device_check
+  traced = []
+  real = device_check._fixed_devices
+  monkeypatch.setattr(device_check, '_fixed_devices',
+                      lambda fn, *avals: traced.append(fn) or real(fn, *avals))
+  cpus = _cpus(1)
+  prim = _dense_clone('scan_once')
+  for seed in (0, 1):   # new values, same shapes
+    _run(prim, _dense_case(seed=seed), ['device.consistency'],
+         devices=cpus[:1])
+  assert len(traced) == 4   # impl, xy_to_dw, D-RTRL, pp-prop: once
+  _run(prim, _dense_case(batch=2), ['device.consistency'], devices=cpus[:1])
+  assert len(traced) == 8   # a new signature is scanned
 
 
 def _sum_over_the_batch_without_psum():

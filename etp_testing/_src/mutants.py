@@ -559,6 +559,19 @@ def _(name):
   return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
 
 
+@_mutant('yw_pinned', 'dense', base='etp_mm', bug_class='device_pin',
+         expected=('device.consistency',),
+         case=DENSE_MM,
+         description='yw_to_w puts its result on the first device '
+         '(jax.device_put(v, jax.devices()[0])); only the D-RTRL compiler '
+         'calls it, on one device under jit, where nothing else shows it')
+def _(name):
+  def yw_to_w(g, trace, **params):
+    out = _rules('etp_mm').yw_to_w(g, trace, **params)
+    return {k: jax.device_put(v, jax.devices()[0]) for k, v in out.items()}
+  return _clone(name, 'etp_mm', yw_to_w=yw_to_w)
+
+
 @_mutant('xy_cancellation', 'dense', base='etp_mm', bug_class='float64_only',
          expected=('xy_to_dw.vjp', 'xy_to_dw.jacrev'),
          case=DENSE_MM,

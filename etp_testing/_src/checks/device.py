@@ -1,9 +1,15 @@
 """``device.consistency``: the same answers on every device and when sharded.
 
-First, the jaxprs of the impl and of ``xy_to_dw`` (traced on the operands'
+First, the jaxprs of the impl and of every rule (traced on the operands'
 shapes; nothing runs) must not put a value on a fixed device (a
 ``jax.device_put`` naming a device or a single-device sharding).  That sees
-a pin to any device, on a machine with a single device too.
+a pin to any device, on a machine with a single device too.  ``xy_to_dw`` is
+traced alone; the other rules as the reference executor composes them (one
+step of D-RTRL with one state, and of pp-prop where there is an ``x``), each
+under a ``jax.named_scope`` of its name, so that a pin is blamed on the rule
+whose scope it sits in.  The eager comparisons below run the impl and
+``xy_to_dw`` only: for ``yw_to_w``, the init rules and
+``instant_drtrl``/``solve_drtrl`` the scan is the whole check.
 
 Then the operands and a random cotangent ``g`` are placed on the first
 device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and
@@ -61,11 +67,16 @@ batch to shard, unless the scan found a pin (then it fails).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import etp
+from etp._src import registry
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
@@ -147,36 +158,122 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
   return results
 
 
-def _fixed_devices(fn, *avals) -> list:
-  """The devices that ``jax.device_put`` calls in the trace of ``fn`` on
-  ``avals`` name (as devices or single-device shardings), as strings."""
-  found = set()
+RULE_NAMES = registry.SEED_RULES + registry.OPTIONAL_RULES
+# A rule name in a jaxpr equation's name stack (transforms wrap it, as in
+# 'vmap(yw_to_w)'; '_' is a word character, so init_pp is not part of
+# init_pp_x).
+_RULE_IN_STACK = re.compile(r'\b(' + '|'.join(RULE_NAMES) + r')\b')
+
+
+def _fixed_devices(fn, *avals) -> dict:
+  """``{scope: [device, ...]}``: the devices that ``jax.device_put`` calls in
+  the trace of ``fn`` on ``avals`` name (as devices or single-device
+  shardings), by the innermost rule whose ``jax.named_scope`` they sit in
+  (``None`` outside every rule)."""
+  found = {}
   for eqn in executor.all_eqns(jax.make_jaxpr(fn)(*avals).jaxpr):
     if eqn.primitive.name != 'device_put':
       continue
+    names = _RULE_IN_STACK.findall(str(eqn.source_info.name_stack))
+    scope = names[-1] if names else None
     for target in eqn.params.get('devices', ()):
       if isinstance(target, jax.Device):
-        found.add(str(target))
+        found.setdefault(scope, set()).add(str(target))
       elif isinstance(target, jax.sharding.SingleDeviceSharding):
-        found |= {str(d) for d in target.device_set}
-  return sorted(found)
+        found.setdefault(scope, set()).update(
+            str(d) for d in target.device_set)
+  return {k: sorted(v) for k, v in found.items()}
 
 
-def _check_no_fixed_devices(ctx, y) -> None:
-  """Fails the impl or ``xy_to_dw`` where its jaxpr puts a value on a fixed
-  device.  Read off the trace, so it sees a pin to any device, the one it
-  is evaluated on included (which no result placement shows) and on a
-  machine with one device; nothing is compiled."""
-  avals = [jax.ShapeDtypeStruct(o.shape, o.dtype) for o in ctx.operands]
+def _scoped(name, rule):
+  if rule is None:
+    return None
+
+  @functools.wraps(rule)
+  def call(*args, **kwargs):
+    with jax.named_scope(name):
+      return rule(*args, **kwargs)
+  return call
+
+
+@functools.lru_cache(maxsize=256)
+def _scoped_rules(rules):
+  """The rules record with every rule traced under a ``jax.named_scope`` of
+  its name (cached per record)."""
+  return dataclasses.replace(rules, **{n: _scoped(n, getattr(rules, n))
+                                       for n in RULE_NAMES})
+
+
+def _composed(primitive, rules, params, operands, y):
+  """``[(rule names, fn, avals)]``: the reference executor's compositions of
+  the rules other than ``xy_to_dw`` (one step of D-RTRL with one state, and
+  of pp-prop where there is an ``x``) on the ``operands`` avals, and the
+  rules each one calls."""
+  x, weights, _ = primitive.split_operands(operands, params)
+  if not weights:
+    return []
+  scoped = _scoped_rules(rules)
+  xs = None if x is None else jax.ShapeDtypeStruct((1,) + x.shape, x.dtype)
+  per_step = lambda *tail: jax.ShapeDtypeStruct((1,) + tuple(y.shape) + tail,
+                                                y.dtype)
+  drtrl = lambda ops, xs, a, bf, c: executor.drtrl_gradient(
+      primitive, ops, params, xs, a, bf, c, rules=scoped)
+  present = [n for n in RULE_NAMES if getattr(rules, n) is not None]
+  out = [([n for n in present if n not in ('xy_to_dw', 'init_pp')], drtrl,
+          (list(operands), xs, per_step(1, 1), per_step(1), per_step(1)))]
+  if x is not None:
+    pp = lambda ops, xs, c: executor.pp_gradient(
+        primitive, ops, params, xs, c, 0.5, rules=scoped)
+    out.append((['init_pp'], pp, (list(operands), xs, per_step())))
+  return out
+
+
+def _scan(primitive, rules, params, operands) -> tuple:
+  """``((rule, devices), ...)`` for the impl and every rule, on the
+  ``operands`` avals: the fixed devices its jaxpr puts values on (empty:
+  none).  A program that cannot be traced is left out: the other checks
+  report what cannot run."""
+  y = jax.eval_shape(lambda ops: executor.bind_y(primitive, ops, params),
+                     list(operands))
   g = jax.ShapeDtypeStruct(y.shape, y.dtype)
-  traced = [('impl', lambda ops, g: ctx.primitive.impl_fn(*ops, **ctx.params))]
-  if ctx.weights:
-    traced.append(('xy_to_dw', _step(ctx.primitive, ctx.params, 'xy_to_dw')))
-  for rule, fn in traced:
+  impl = lambda ops, g: primitive.impl_fn(*ops, **params)
+  traced = [(['impl'], impl, (list(operands), g))]
+  if primitive.trainable_invars(params):
+    traced.append((['xy_to_dw'], _step(primitive, params, 'xy_to_dw'),
+                   (list(operands), g)))
+  traced += _composed(primitive, rules, params, operands, y)
+  out = []
+  for names, fn, args in traced:
     try:
-      devices = _fixed_devices(fn, avals, g)
+      found = _fixed_devices(fn, *args)
     except Exception:  # pylint: disable=broad-except
-      continue   # the computations below report what cannot be traced
+      continue
+    if names in (['impl'], ['xy_to_dw']):
+      # Traced alone, it owns every device_put in its jaxpr.
+      found = {names[0]: sorted(set().union(*found.values()))} if found else {}
+    out += [(rule, tuple(found.get(rule, ()))) for rule in names]
+  return tuple(out)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_scan(primitive, rules, params_key, avals, x64):
+  del x64   # part of the key: the avals' dtypes under it
+  return _scan(primitive, rules, dict(params_key), avals)
+
+
+def _check_no_fixed_devices(ctx) -> None:
+  """Fails the impl or a rule where its jaxpr puts a value on a fixed
+  device.  Read off the traces, so it sees a pin to any device, the one it
+  is evaluated on included (which no result placement shows) and on a
+  machine with one device; nothing is compiled, and every example of a
+  signature reuses the first one's scan."""
+  avals = tuple(jax.ShapeDtypeStruct(o.shape, o.dtype) for o in ctx.operands)
+  if ctx.params_key is None:
+    scanned = _scan(ctx.primitive, ctx.rules, ctx.params, avals)
+  else:
+    scanned = _cached_scan(ctx.primitive, ctx.rules, ctx.params_key, avals,
+                           bool(jax.config.jax_enable_x64))
+  for rule, devices in scanned:
     if devices:
       ctx.fail(rule, f'{rule} puts a value on the fixed device '
                f'{", ".join(devices)} (jax.device_put with a device, in its '
@@ -319,7 +416,7 @@ def check_device_consistency(ctx):
     ctx.skip('no gpu device: no device of the requested kind is visible '
              '(devices resolved to an empty list)')
   y = ctx.y_aval()
-  _check_no_fixed_devices(ctx, y)
+  _check_no_fixed_devices(ctx)
   if len(devices) < 2 and not _can_shard(ctx, devices):
     _skip_nothing_to_compare(ctx, devices)
     return   # not skipped: the scan found a pin
