@@ -227,7 +227,8 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=False))
   base = [sys.executable, '-m', 'etp_testing', '--conftest',
           str(tmp_path / 'conftest.py'), '--primitives', 'user_*',
-          '--checks', 'xy_to_dw.vjp', '--examples', '2']
+          '--checks', 'xy_to_dw.vjp', '--examples', '2',
+          '--compile-cache', 'off']
   ok = subprocess.run(base, capture_output=True, text=True, env=_env())
   assert ok.returncode == 0, ok.stdout + ok.stderr
   assert 'xy_to_dw.vjp' in ok.stdout and 'pass' in ok.stdout
@@ -237,3 +238,29 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   usage = subprocess.run(base + ['--checks', 'no_such_check'],
                          capture_output=True, text=True, env=_env())
   assert usage.returncode == 2 and 'no check matches' in usage.stderr
+
+
+def test_cli_compile_cache_is_written_and_reported(tmp_path):
+  """The second run of the same battery loads every program from the
+  persistent cache; by default the cache is under $XDG_CACHE_HOME."""
+  env = {**_env(), 'XDG_CACHE_HOME': str(tmp_path / 'xdg')}
+  base = [sys.executable, '-m', 'etp_testing', '--primitives', 'etp_mv',
+          '--checks', 'xy_to_dw.vjp,primitive.jit', '--examples', '2']
+  counts = []
+  for run in ('cold', 'warm'):
+    report = tmp_path / f'{run}.json'
+    proc = subprocess.run(base + ['--report', str(report)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(report.read_text())
+    assert data['compile_cache'] == str(tmp_path / 'xdg' / 'etp_testing' /
+                                        'xla')
+    assert (f"XLA programs: {data['compiled']} compiled, {data['loaded']} "
+            'loaded' in proc.stdout)
+    counts.append((data['compiled'], data['loaded']))
+  (cold_compiled, cold_loaded), warm = counts
+  assert cold_compiled > 2
+  assert warm == (0, cold_compiled + cold_loaded), counts
+  off = subprocess.run(base + ['--compile-cache', 'off'], capture_output=True,
+                       text=True, env=env)
+  assert off.returncode == 0 and '(none in use)' in off.stdout

@@ -1,7 +1,11 @@
 """``etp-check`` / ``python -m etp_testing``: the battery outside pytest.
 
-Prints the same primitive x check matrix as ``pytest --etp-check``.  Exit
-status: 0 every check passed (skips allowed), 1 a check failed, 2 usage error.
+Prints the same primitive x check matrix as ``pytest --etp-check``, and how
+many XLA programs were compiled and how many loaded from the persistent
+compilation cache (``--compile-cache``; by default
+``$XDG_CACHE_HOME/etp_testing/xla``, ``~/.cache/etp_testing/xla`` without
+it, so a second run of the same battery compiles nothing).  Exit status: 0
+every check passed (skips allowed), 1 a check failed, 2 usage error.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import fnmatch
 import importlib
 import importlib.util
 import json
+import os
 import sys
 import time
 
@@ -31,6 +36,11 @@ def _parser():
   p.add_argument('--fast', action='store_true',
                  help='random-projection mode everywhere')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--compile-cache', default='auto', metavar='DIR',
+                 help="persistent XLA compilation cache: a directory, 'auto' "
+                 '(default: $XDG_CACHE_HOME/etp_testing/xla, or '
+                 "~/.cache/etp_testing/xla) or 'off'; a JAX cache directory "
+                 'already configured wins')
   p.add_argument('--import', dest='imports', action='append', default=[],
                  metavar='MODULE', help='import MODULE first (it registers '
                  'primitives and strategies); repeatable')
@@ -50,11 +60,32 @@ def _load(args):
     spec.loader.exec_module(module)
 
 
+def default_cache_dir() -> str:
+  """``$XDG_CACHE_HOME/etp_testing/xla``, or ``~/.cache/etp_testing/xla``."""
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return os.path.join(base, 'etp_testing', 'xla')
+
+
+def _compile_cache(choice):
+  """The persistent cache directory in use for ``--compile-cache``, or
+  ``None``."""
+  import jax
+  from etp_testing._src import compilations
+  if choice == 'off':
+    return None
+  if jax.config.jax_compilation_cache_dir:   # the user's own: keep it
+    return jax.config.jax_compilation_cache_dir
+  directory = default_cache_dir() if choice == 'auto' else choice
+  os.makedirs(directory, exist_ok=True)
+  return compilations.use_persistent_cache(directory)
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   import etp
   import etp_testing
-  from etp_testing._src import matrix, strategies
+  from etp_testing._src import compilations, matrix, strategies
   from etp_testing._src.checks import registry as check_registry
   try:
     _load(args)
@@ -77,37 +108,48 @@ def main(argv=None) -> int:
     print(f'etp-check: no primitive matches {args.primitives!r}',
           file=sys.stderr)
     return 2
+  try:
+    cache = _compile_cache(args.compile_cache)
+  except OSError as e:
+    print(f'etp-check: --compile-cache: {e}', file=sys.stderr)
+    return 2
   results, failures, unchecked, summaries = {}, [], [], {}
   start = time.perf_counter()
-  for prim in prims:
-    if strategies.strategy_for(prim) is None:
-      unchecked.append(prim.name)
-      continue
-    try:
-      summary = etp_testing.check_with_hypothesis(
-          prim, max_examples=args.examples, checks=checks, seed=args.seed,
-          devices=args.devices, fast=True if args.fast else None)
-    except etp_testing.RuleConsistencyError as e:
-      failures.append(str(e))
-      for o in e.report.outcomes:
-        w = o.worst()
-        results[(prim.name, o.name)] = (o.status,
-                                        w.max_rel_err if w else None)
-      continue
-    summaries[prim.name] = summary.to_dict()
-    for name, c in summary.checks.items():
-      results[(prim.name, name)] = (c.status, c.max_rel_err)
+  with compilations.counting() as programs:
+    for prim in prims:
+      if strategies.strategy_for(prim) is None:
+        unchecked.append(prim.name)
+        continue
+      try:
+        summary = etp_testing.check_with_hypothesis(
+            prim, max_examples=args.examples, checks=checks, seed=args.seed,
+            devices=args.devices, fast=True if args.fast else None)
+      except etp_testing.RuleConsistencyError as e:
+        failures.append(str(e))
+        for o in e.report.outcomes:
+          w = o.worst()
+          results[(prim.name, o.name)] = (o.status,
+                                          w.max_rel_err if w else None)
+        continue
+      summaries[prim.name] = summary.to_dict()
+      for name, c in summary.checks.items():
+        results[(prim.name, name)] = (c.status, c.max_rel_err)
   print(matrix.render(results, check_registry.check_names()))
   if unchecked:
     print('no strategy (not checked): ' + ', '.join(unchecked))
   for message in failures:
     print()
     print(message)
+  print(f'XLA programs: {programs.count} compiled, {programs.loaded} loaded '
+        'from the persistent compilation cache'
+        + (f' ({cache})' if cache else ' (none in use)'))
   print(f'{time.perf_counter() - start:.1f} s')
   if args.report:
     with open(args.report, 'w') as f:
       json.dump({'primitives': summaries, 'failures': failures,
                  'unchecked_primitives': unchecked,
+                 'compile_cache': cache,
+                 'compiled': programs.count, 'loaded': programs.loaded,
                  'cells': {f'{p}::{c}': s for (p, c), s in results.items()}},
                 f, indent=2, default=str)
   return 1 if failures else 0

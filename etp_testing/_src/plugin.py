@@ -41,6 +41,7 @@ def configure_compile_cache(config):
   (``auto``: ``<pytest cache>/etp-xla``, none without the cacheprovider
   plugin; ``off``: none); returns the directory in use, or ``None``."""
   import jax
+  from etp_testing._src import compilations
   choice = config.getoption('etp_compile_cache')
   if choice == 'off':
     return None
@@ -51,16 +52,7 @@ def configure_compile_cache(config):
     if cache is None:
       return None
     choice = str(cache.mkdir('etp-xla'))
-  jax.config.update('jax_compilation_cache_dir', choice)
-  # Every program, however small or quick to compile: the battery's are both.
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  try:   # a cache JAX already initialised (without a directory) starts over
-    from jax.experimental.compilation_cache import compilation_cache
-    compilation_cache.reset_cache()
-  except (ImportError, AttributeError):
-    pass
-  return choice
+  return compilations.use_persistent_cache(choice)
 
 
 def selected(config):
