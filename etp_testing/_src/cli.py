@@ -67,20 +67,6 @@ def default_cache_dir() -> str:
   return os.path.join(base, 'etp_testing', 'xla')
 
 
-def _compile_cache(choice):
-  """The persistent cache directory in use for ``--compile-cache``, or
-  ``None``."""
-  import jax
-  from etp_testing._src import compilations
-  if choice == 'off':
-    return None
-  if jax.config.jax_compilation_cache_dir:   # the user's own: keep it
-    return jax.config.jax_compilation_cache_dir
-  directory = default_cache_dir() if choice == 'auto' else choice
-  os.makedirs(directory, exist_ok=True)
-  return compilations.use_persistent_cache(directory)
-
-
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   import etp
@@ -109,7 +95,8 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   try:
-    cache = _compile_cache(args.compile_cache)
+    cache = compilations.use_persistent_cache(args.compile_cache,
+                                              default_cache_dir)
   except OSError as e:
     print(f'etp-check: --compile-cache: {e}', file=sys.stderr)
     return 2

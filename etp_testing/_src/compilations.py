@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -235,13 +236,20 @@ def release_if_over(limit: int = None) -> bool:
   return over
 
 
-def use_persistent_cache(directory: str) -> str:
-  """Points JAX's persistent compilation cache at ``directory``, for every
-  program however small or quick to compile (the battery's are both), and
-  returns the directory in use: a cache directory the user already
-  configured for JAX wins, and is returned instead."""
+def use_persistent_cache(choice: str, auto_dir) -> "str | None":
+  """Points JAX's persistent compilation cache at ``choice`` (a directory,
+  created if need be; ``'auto'``: ``auto_dir()``, none where that gives
+  ``None``; ``'off'``: none), for every program however small or quick to
+  compile (the battery's are both).  A cache directory the user already
+  configured for JAX wins.  Returns the directory in use, or ``None``."""
+  if choice == 'off':
+    return None
   if jax.config.jax_compilation_cache_dir:   # the user's own: keep it
     return jax.config.jax_compilation_cache_dir
+  directory = auto_dir() if choice == 'auto' else choice
+  if directory is None:
+    return None
+  os.makedirs(directory, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', str(directory))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

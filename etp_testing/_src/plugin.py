@@ -40,19 +40,11 @@ def configure_compile_cache(config):
   """Points JAX's persistent compilation cache at the option's directory
   (``auto``: ``<pytest cache>/etp-xla``, none without the cacheprovider
   plugin; ``off``: none); returns the directory in use, or ``None``."""
-  import jax
   from etp_testing._src import compilations
-  choice = config.getoption('etp_compile_cache')
-  if choice == 'off':
-    return None
-  if jax.config.jax_compilation_cache_dir:   # the user's own: keep it
-    return jax.config.jax_compilation_cache_dir
-  if choice == 'auto':
-    cache = getattr(config, 'cache', None)
-    if cache is None:
-      return None
-    choice = str(cache.mkdir('etp-xla'))
-  return compilations.use_persistent_cache(choice)
+  cache = getattr(config, 'cache', None)
+  return compilations.use_persistent_cache(
+      config.getoption('etp_compile_cache'),
+      lambda: None if cache is None else str(cache.mkdir('etp-xla')))
 
 
 def selected(config):
