@@ -36,13 +36,25 @@ is JAX's VJP of ``fn`` at the solved gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 import etp
+from etp._src import registry
 from etp._src.registry import call_init_rule
+
+RULE_NAMES = registry.SEED_RULES + registry.OPTIONAL_RULES
+
+
+def map_rules(rules, wrap):
+  """The rules record with each registered rule ``r`` (of ``RULE_NAMES``)
+  replaced by ``wrap(name, r)``; rules not registered stay ``None``."""
+  return dataclasses.replace(rules, **{
+      n: wrap(n, getattr(rules, n)) for n in RULE_NAMES
+      if getattr(rules, n) is not None})
 
 
 def jaxpr_vars(primitive, operands, params):

@@ -67,7 +67,6 @@ batch to shard, unless the scan found a pin (then it fails).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import re
 
@@ -76,7 +75,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import etp
-from etp._src import registry
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
@@ -158,7 +156,7 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
   return results
 
 
-RULE_NAMES = registry.SEED_RULES + registry.OPTIONAL_RULES
+RULE_NAMES = executor.RULE_NAMES
 # A rule name in a jaxpr equation's name stack (transforms wrap it, as in
 # 'vmap(yw_to_w)'; '_' is a word character, so init_pp is not part of
 # init_pp_x).
@@ -186,9 +184,6 @@ def _fixed_devices(fn, *avals) -> dict:
 
 
 def _scoped(name, rule):
-  if rule is None:
-    return None
-
   @functools.wraps(rule)
   def call(*args, **kwargs):
     with jax.named_scope(name):
@@ -200,8 +195,7 @@ def _scoped(name, rule):
 def _scoped_rules(rules):
   """The rules record with every rule traced under a ``jax.named_scope`` of
   its name (cached per record)."""
-  return dataclasses.replace(rules, **{n: _scoped(n, getattr(rules, n))
-                                       for n in RULE_NAMES})
+  return executor.map_rules(rules, _scoped)
 
 
 def _composed(primitive, rules, params, operands, y):

@@ -21,7 +21,6 @@ r"""D-RTRL and pp-prop: the rules composed, against ``jax.grad`` of the loop.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -29,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp._src import registry
 from etp_testing._src import executor
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
@@ -42,9 +40,6 @@ ELEMENT_WISE_FN = ('sin(w) + w**3 / 3', lambda w: jnp.sin(w) + w ** 3 / 3)
 
 
 def _guarded(name, rule):
-  if rule is None:
-    return None
-
   @functools.wraps(rule)
   def call(*args, **kwargs):
     try:
@@ -63,9 +58,7 @@ def _guarded(name, rule):
 def guarded_rules(rules):
   """The rules record with every rule's exceptions turned into RuleFailure
   (cached, so jitted functions keyed on it are reused)."""
-  names = registry.SEED_RULES + registry.OPTIONAL_RULES
-  return dataclasses.replace(rules, **{n: _guarded(n, getattr(rules, n))
-                                       for n in names})
+  return executor.map_rules(rules, _guarded)
 
 
 def _y_shape_dtype(ctx, operands):
