@@ -470,6 +470,21 @@ def test_device_catches_a_pin_in_any_rule(rule):
   assert {f.rule for f in correct.findings if f.passed} == {'impl', *rules}
 
 
+def test_device_blames_a_pin_inside_a_jitted_helper_on_its_rule():
+  # Inside a nested jax.jit an equation's name stack starts afresh; the
+  # scan carries the enclosing rule's scope in.
+  cpus = _cpus(1)
+  base = etp.rules_of(etp.etp_mm_p)
+  pin = jax.jit(lambda v: jax.device_put(v, cpus[0]))
+
+  def yw_to_w(g, trace, **params):
+    return {k: pin(v) for k, v in base.yw_to_w(g, trace, **params).items()}
+  prim = _dense_clone('pinned_in_jit', yw_to_w=yw_to_w)
+  report = _run(prim, _dense_case(), ['device.consistency'], devices=cpus)
+  hit, = _assert_failed(report, 'device.consistency', 'yw_to_w')
+  assert f'fixed device {cpus[0]}' in hit.message
+
+
 def test_device_scan_is_traced_once_per_signature(monkeypatch):
   from etp_testing._src.checks import device as device_check
   traced = []

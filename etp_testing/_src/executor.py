@@ -76,13 +76,24 @@ def jaxpr_vars(primitive, operands, params):
 def all_eqns(jaxpr):
   """Every equation of ``jaxpr`` and of the jaxprs in its equations' params
   (``jit``, ``cond``, ``scan``, ``custom_jvp_call``, ...), depth first."""
-  for eqn in jaxpr.eqns:
+  for eqn, _ in eqns_with_name_stacks(jaxpr):
     yield eqn
+
+
+def eqns_with_name_stacks(jaxpr, outer: str = ''):
+  """``(eqn, name_stack)`` for :func:`all_eqns`' equations, each with its
+  full ``jax.named_scope`` path: inside a nested jaxpr (a ``jax.jit``
+  called in a scope) an equation's own name stack starts afresh, so the
+  enclosing equation's is put in front."""
+  for eqn in jaxpr.eqns:
+    own = str(eqn.source_info.name_stack)
+    stack = '/'.join(s for s in (outer, own) if s)
+    yield eqn, stack
     for v in eqn.params.values():
       for item in (v if isinstance(v, (tuple, list)) else (v,)):
         inner = getattr(item, 'jaxpr', item)
         if hasattr(inner, 'eqns'):
-          yield from all_eqns(inner)
+          yield from eqns_with_name_stacks(inner, stack)
 
 
 def bind_y(primitive, operands, params):

@@ -169,10 +169,11 @@ def _fixed_devices(fn, *avals) -> dict:
   shardings), by the innermost rule whose ``jax.named_scope`` they sit in
   (``None`` outside every rule)."""
   found = {}
-  for eqn in executor.all_eqns(jax.make_jaxpr(fn)(*avals).jaxpr):
+  jaxpr = jax.make_jaxpr(fn)(*avals).jaxpr
+  for eqn, stack in executor.eqns_with_name_stacks(jaxpr):
     if eqn.primitive.name != 'device_put':
       continue
-    names = _RULE_IN_STACK.findall(str(eqn.source_info.name_stack))
+    names = _RULE_IN_STACK.findall(stack)
     scope = names[-1] if names else None
     for target in eqn.params.get('devices', ()):
       if isinstance(target, jax.Device):
