@@ -1,15 +1,19 @@
 """``device.consistency``: the same answers on every device and when sharded.
 
 First, the jaxprs of the impl and of every rule (traced on the operands'
-shapes; nothing runs) must not put a value on a fixed device (a
-``jax.device_put`` naming a device or a single-device sharding).  That sees
-a pin to any device, on a machine with a single device too.  ``xy_to_dw`` is
-traced alone; the other rules as the reference executor composes them (one
-step of D-RTRL with one state, and of pp-prop where there is an ``x``), each
-under a ``jax.named_scope`` of its name, so that a pin is blamed on the rule
-whose scope it sits in.  The eager comparisons below run the impl and
-``xy_to_dw`` only: for ``yw_to_w``, the init rules and
-``instant_drtrl``/``solve_drtrl`` the scan is the whole check.
+shapes; nothing runs) must not pin a value to a fixed device: with a
+``jax.device_put`` naming a device or a single-device sharding, or by
+closing over an array committed to a device (``jax.device_put(v, device)``
+made outside the trace: a const of the jaxpr).  That sees a pin to any
+device, on a machine with a single device too.  The impl and ``xy_to_dw``
+are traced alone; the other rules as the reference executor composes them
+(one step of D-RTRL with one state, and of pp-prop where there is an
+``x``), each under a ``jax.named_scope`` of its name and (but for the init
+rules, which receive jaxpr variables) in a ``jax.jit`` of its own, so that
+a pin, a closed-over array included, is blamed on the rule it sits in.  The
+eager comparisons below run the impl and ``xy_to_dw`` only: for
+``yw_to_w``, the init rules and ``instant_drtrl``/``solve_drtrl`` the scan
+is the whole check.
 
 Then the operands and a random cotangent ``g`` are placed on the first
 device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and
@@ -33,9 +37,8 @@ transpose of the bind, whose only user code is the impl, already run eagerly.
 A value pinned to the very device it is evaluated on is invisible in the
 results (the jaxpr scan above sees it), so the eager device is the *last*
 one: the usual pin, to ``jax.devices()[0]`` (the default device), shows
-there too, and so does one made outside a trace (a committed constant the
-rule closes over, which its jaxpr holds as a value, not a
-``device_put``).  The first device runs under ``jax.jit`` only
+there too, and so does a committed constant the rule closes over.  The
+first device runs under ``jax.jit`` only
 because eager evaluation compiles every op once per device, which made this
 the battery's most expensive check; where ``jax.jit`` fails there
 (``primitive.jit`` reports that), the reference is computed eagerly instead.
@@ -163,51 +166,92 @@ RULE_NAMES = executor.RULE_NAMES
 _RULE_IN_STACK = re.compile(r'\b(' + '|'.join(RULE_NAMES) + r')\b')
 
 
+# What pins a value, as _fixed_devices reports it.
+DEVICE_PUT = 'device_put'   # jax.device_put(v, device) in the trace
+CONSTANT = 'constant'       # a closed-over array committed to a device
+
+
+def _committed_to(value) -> list:
+  """The devices a concrete array is committed to (``[]``: not committed,
+  or not a concrete array)."""
+  try:
+    if getattr(value, 'committed', False) is not True:
+      return []
+  except Exception:  # pylint: disable=broad-except
+    return []   # a tracer (an operand closed over): no placement of its own
+  return [str(d) for d in value.devices()]
+
+
 def _fixed_devices(fn, *avals) -> dict:
-  """``{scope: [device, ...]}``: the devices that ``jax.device_put`` calls in
-  the trace of ``fn`` on ``avals`` name (as devices or single-device
-  shardings), by the innermost rule whose ``jax.named_scope`` they sit in
-  (``None`` outside every rule)."""
+  """``{scope: {kind: [device, ...]}}``: the devices that the trace of
+  ``fn`` on ``avals`` pins values to, by the innermost rule whose
+  ``jax.named_scope`` they sit in (``None`` outside every rule): through
+  ``jax.device_put`` naming a device or a single-device sharding
+  (``DEVICE_PUT``), or by closing over an array committed to one
+  (``CONSTANT``; such arrays are the consts of the traced jaxpr, or of a
+  nested ``jax.jit``'s, or literals)."""
   found = {}
-  jaxpr = jax.make_jaxpr(fn)(*avals).jaxpr
-  for eqn, stack in executor.eqns_with_name_stacks(jaxpr):
-    if eqn.primitive.name != 'device_put':
-      continue
+  add = lambda scope, kind, devices: found.setdefault(scope, {}).setdefault(
+      kind, set()).update(devices)
+  closed = jax.make_jaxpr(fn)(*avals)
+  for value in closed.consts:
+    add(None, CONSTANT, _committed_to(value))
+  for eqn, stack in executor.eqns_with_name_stacks(closed.jaxpr):
     names = _RULE_IN_STACK.findall(stack)
     scope = names[-1] if names else None
+    for v in eqn.invars:
+      if hasattr(v, 'val'):   # a literal
+        add(scope, CONSTANT, _committed_to(v.val))
+    for param in eqn.params.values():
+      for item in (param if isinstance(param, (tuple, list)) else (param,)):
+        for value in getattr(item, 'consts', ()):
+          add(scope, CONSTANT, _committed_to(value))
+    if eqn.primitive.name != 'device_put':
+      continue
     for target in eqn.params.get('devices', ()):
       if isinstance(target, jax.Device):
-        found.setdefault(scope, set()).add(str(target))
+        add(scope, DEVICE_PUT, [str(target)])
       elif isinstance(target, jax.sharding.SingleDeviceSharding):
-        found.setdefault(scope, set()).update(
-            str(d) for d in target.device_set)
-  return {k: sorted(v) for k, v in found.items()}
+        add(scope, DEVICE_PUT, [str(d) for d in target.device_set])
+  return {scope: {k: sorted(v) for k, v in kinds.items() if v}
+          for scope, kinds in found.items()}
 
 
-def _scoped(name, rule):
+# Rules that receive jaxpr variables, not arrays: not traced alone.
+_INIT_RULES = ('init_drtrl', 'init_pp')
+
+
+def _scoped(name, rule, constants: dict):
+  """``rule`` traced under a ``jax.named_scope`` of its name; the devices
+  of committed arrays it closes over go to ``constants[name]``."""
   @functools.wraps(rule)
   def call(*args, **kwargs):
     with jax.named_scope(name):
+      if name not in _INIT_RULES:
+        # In the whole program the arrays a rule closes over are hoisted to
+        # its top, where no scope says whose they are; traced alone (on
+        # these abstract arguments: nothing runs) they are its own consts.
+        try:
+          closed = jax.make_jaxpr(functools.partial(rule, **kwargs))(*args)
+        except Exception:  # pylint: disable=broad-except
+          closed = None   # the call below, or another check, reports it
+        for value in getattr(closed, 'consts', ()):
+          constants.setdefault(name, set()).update(_committed_to(value))
       return rule(*args, **kwargs)
   return call
 
 
-@functools.lru_cache(maxsize=256)
-def _scoped_rules(rules):
-  """The rules record with every rule traced under a ``jax.named_scope`` of
-  its name (cached per record)."""
-  return executor.map_rules(rules, _scoped)
-
-
-def _composed(primitive, rules, params, operands, y):
+def _composed(primitive, rules, params, operands, y, constants: dict):
   """``[(rule names, fn, avals)]``: the reference executor's compositions of
   the rules other than ``xy_to_dw`` (one step of D-RTRL with one state, and
   of pp-prop where there is an ``x``) on the ``operands`` avals, and the
-  rules each one calls."""
+  rules each one calls; tracing them fills ``constants`` (see
+  :func:`_scoped`)."""
   x, weights, _ = primitive.split_operands(operands, params)
   if not weights:
     return []
-  scoped = _scoped_rules(rules)
+  scoped = executor.map_rules(
+      rules, lambda name, rule: _scoped(name, rule, constants))
   xs = None if x is None else jax.ShapeDtypeStruct((1,) + x.shape, x.dtype)
   per_step = lambda *tail: jax.ShapeDtypeStruct((1,) + tuple(y.shape) + tail,
                                                 y.dtype)
@@ -224,10 +268,10 @@ def _composed(primitive, rules, params, operands, y):
 
 
 def _scan(primitive, rules, params, operands) -> tuple:
-  """``((rule, devices), ...)`` for the impl and every rule, on the
-  ``operands`` avals: the fixed devices its jaxpr puts values on (empty:
-  none).  A program that cannot be traced is left out: the other checks
-  report what cannot run."""
+  """``((rule, ((kind, devices), ...)), ...)`` for the impl and every rule,
+  on the ``operands`` avals: the fixed devices its jaxpr pins values to, by
+  kind (``DEVICE_PUT``, ``CONSTANT``; empty: none).  A program that cannot
+  be traced is left out: the other checks report what cannot run."""
   y = jax.eval_shape(lambda ops: executor.bind_y(primitive, ops, params),
                      list(operands))
   g = jax.ShapeDtypeStruct(y.shape, y.dtype)
@@ -236,7 +280,8 @@ def _scan(primitive, rules, params, operands) -> tuple:
   if primitive.trainable_invars(params):
     traced.append((['xy_to_dw'], _step(primitive, params, 'xy_to_dw'),
                    (list(operands), g)))
-  traced += _composed(primitive, rules, params, operands, y)
+  constants = {}
+  traced += _composed(primitive, rules, params, operands, y, constants)
   out = []
   for names, fn, args in traced:
     try:
@@ -244,9 +289,19 @@ def _scan(primitive, rules, params, operands) -> tuple:
     except Exception:  # pylint: disable=broad-except
       continue
     if names in (['impl'], ['xy_to_dw']):
-      # Traced alone, it owns every device_put in its jaxpr.
-      found = {names[0]: sorted(set().union(*found.values()))} if found else {}
-    out += [(rule, tuple(found.get(rule, ()))) for rule in names]
+      # Traced alone, it owns every pin in its jaxpr.
+      merged = {}
+      for kinds in found.values():
+        for kind, devices in kinds.items():
+          merged[kind] = sorted(set(merged.get(kind, ())) | set(devices))
+      found = {names[0]: merged}
+    for rule in names:
+      if constants.get(rule):
+        kinds = found.setdefault(rule, {})
+        kinds[CONSTANT] = sorted(set(kinds.get(CONSTANT, ())) |
+                                 constants[rule])
+    out += [(rule, tuple(sorted(found.get(rule, {}).items())))
+            for rule in names]
   return tuple(out)
 
 
@@ -268,16 +323,24 @@ def _check_no_fixed_devices(ctx) -> None:
   else:
     scanned = _cached_scan(ctx.primitive, ctx.rules, ctx.params_key, avals,
                            bool(jax.config.jax_enable_x64))
-  for rule, devices in scanned:
-    if devices:
-      ctx.fail(rule, f'{rule} puts a value on the fixed device '
-               f'{", ".join(devices)} (jax.device_put with a device, in its '
-               'jaxpr): eager, with operands on another device, it returns '
-               'results committed there or mixes devices; let the operands '
-               'decide where it runs')
-    else:
+  for rule, pins in scanned:
+    for kind, devices in pins:
+      where = ', '.join(devices)
+      if kind == DEVICE_PUT:
+        ctx.fail(rule, f'{rule} puts a value on the fixed device {where} '
+                 '(jax.device_put with a device, in its jaxpr): eager, with '
+                 'operands on another device, it returns results committed '
+                 'there or mixes devices; let the operands decide where it '
+                 'runs')
+      else:
+        ctx.fail(rule, f'{rule} closes over an array committed to {where} '
+                 '(made with jax.device_put(v, device) outside the trace): '
+                 'eager, with operands on another device, mixing it in '
+                 'raises; make it inside the rule, or leave it uncommitted '
+                 '(jnp.asarray)')
+    if not pins:
       ctx.record_pass(rule, f'{rule}: no jax.device_put to a fixed device '
-                      'in its jaxpr')
+                      'and no committed constant in its jaxpr')
 
 
 def _committed_elsewhere(value, device) -> list:
