@@ -223,3 +223,29 @@ def test_registry_forget_is_private_helper():
   p = etp.register_primitive(_name('forget'), dense._impl)
   registry._forget(p)
   assert not etp.is_etp_primitive(p)
+
+
+@pytest.mark.parametrize('prim', [p for p in etp.primitives()
+                                  if p.name.startswith('etp_')],
+                         ids=lambda p: p.name)
+def test_eager_bind_and_xy_to_dw_run_where_their_operands_are(prim):
+  # The harness compares devices under jit (where JAX moves a pinned value
+  # silently) and finds pins by reading jaxprs; this is the eager path, as a
+  # user calls it, off the default device, once per built-in.
+  import hypothesis
+  import etp_testing
+  cpus = jax.devices('cpu')
+  if len(cpus) < 2:
+    pytest.skip('needs 2 CPU devices (conftest.py sets 4)')
+  ops, params = hypothesis.find(etp_testing.strategy_for(prim),
+                                lambda _: True)
+  ops = jax.device_put(list(ops), cpus[-1])
+  y = prim.bind(*ops, **params)
+  for leaf in jax.tree.leaves(y):
+    assert leaf.devices() == {cpus[-1]}
+  y = y[prim.y_outvar_index] if prim.multiple_results else y
+  x, weights, rule_params = prim.split_operands(ops, params)
+  grads = etp.rules_of(prim).xy_to_dw(x, jnp.ones_like(y), weights,
+                                      **rule_params)
+  for leaf in jax.tree.leaves(grads):
+    assert leaf.devices() == {cpus[-1]}

@@ -19,29 +19,21 @@ Then the operands and a random cotangent ``g`` are placed on the first
 device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and
 three things are computed there under ``jax.jit``: the bind, the
 ``jax.vjp`` of the bind w.r.t. the weights, and the ``xy_to_dw`` rule.
-That is the reference.
+That is the reference (computed eagerly where ``jax.jit`` fails there;
+``primitive.jit`` reports that).
 
-The same three are then computed on the last device of the first device's
-platform and on the first device of every other platform (see
-``_compared_devices``) and compared with the reference (within the tolerance
-of the dtype).  There the bind and ``xy_to_dw`` run *eagerly*, as a user
-calls them, and each result must stay on its device: a result *committed* to
-another device means the primitive or rule pinned it there
-(``jax.device_put(v, jax.devices()[0])``), and a rule that mixes such a
-pinned array with the operands raises there; both are reported with the
-device.  (Under ``jax.jit`` both are silently harmless - JAX ignores the
-placement inside a jitted function - which is why these run eagerly.)
-``jax.vjp`` runs under ``jax.jit`` on that device: it is JAX's JVP and
-transpose of the bind, whose only user code is the impl, already run eagerly.
-
-A value pinned to the very device it is evaluated on is invisible in the
-results (the jaxpr scan above sees it), so the eager device is the *last*
-one: the usual pin, to ``jax.devices()[0]`` (the default device), shows
-there too, and so does a committed constant the rule closes over.  The
-first device runs under ``jax.jit`` only
-because eager evaluation compiles every op once per device, which made this
-the battery's most expensive check; where ``jax.jit`` fails there
-(``primitive.jit`` reports that), the reference is computed eagerly instead.
+The same three are then computed under ``jax.jit`` on the last device of
+the first device's platform and on the first device of every other
+platform (see ``_compared_devices``) and compared with the reference
+(within the tolerance of the dtype); each result must stay on its device.
+These comparisons catch code whose answer depends on the device
+(``lax.platform_dependent``, a GPU-only kernel); pins are the scan's
+business.  They ran eagerly until the scan saw every way a value is pinned
+(a ``jax.device_put`` to a device, a closed-over committed array; under
+``jax.jit`` JAX moves both silently, eagerly they show): eager evaluation
+compiles every op of the impl and ``xy_to_dw`` once per device, 170 of the
+703 programs of the default battery, where jit compiles one program per
+device (54 in all; the battery 41 -> 34 s here).
 
 For a batched primitive the batch axis of ``x`` (and of ``g``) is then
 sharded over a 1-D mesh of as many devices (of the first device's platform)
@@ -370,12 +362,12 @@ def _compare(ctx, got, want, where: str) -> None:
                   what=f'{name} {where}')
 
 
-def _on_device(ctx, g, device, where):
-  """Eager results with everything on ``device``; a failure is recorded
-  (naming the device) and gives ``None``."""
+def _on_device(ctx, g, device, where, jit: bool = True):
+  """Results with everything on ``device``, under ``jax.jit`` (or eager);
+  a failure is recorded (naming the device) and gives ``None``."""
   operands = jax.device_put(list(ctx.operands), device)
   try:
-    results = _compute(ctx, operands, jax.device_put(g, device), jit=False,
+    results = _compute(ctx, operands, jax.device_put(g, device), jit=jit,
                        where=where)
   except RuleFailure as e:
     ctx.fail(e.rule, e.message, key=e.key)
@@ -395,7 +387,7 @@ def _reference(ctx, g, first):
         f'under jax.jit on {first}'
   except RuleFailure:
     pass
-  results = _on_device(ctx, g, first, f'on {first}')
+  results = _on_device(ctx, g, first, f'on {first}', jit=False)
   return results, f'eager on {first}'
 
 
@@ -447,12 +439,11 @@ def _sharded(ctx, g, devices, reference, against: str) -> int:
 
 
 def _compared_devices(devices) -> list:
-  """The devices compared eagerly with the first: the last one of the first
+  """The devices compared with the first: the last one of the first
   device's platform and the first of every other platform.
 
-  Eager evaluation compiles every op for every device; one more device of
-  the same platform already catches a result pinned to another device (or
-  code that assumes the first device), and one of each other platform
+  Each compiles the program once more; one more device of the same platform
+  is a second placement of the same code, and one of each other platform
   catches platform-dependent code.  Every device of the platform still takes
   part in the sharded comparison.
   """
@@ -485,7 +476,7 @@ def check_device_consistency(ctx):
     return  # the first device already failed; recorded
   compared = 0
   for d in _compared_devices(devices):
-    got = _on_device(ctx, g, d, f'on {d}')
+    got = _on_device(ctx, g, d, f'under jax.jit on {d}')
     if got is not None:
       _compare(ctx, got, reference, f'on {d} vs {against}')
     compared += 1
