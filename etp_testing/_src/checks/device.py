@@ -48,10 +48,10 @@ an impl that couples the examples of a batch (a batch mean) gives the same
 answer sharded.  The sharded comparison catches code that tells the
 partitioner something false (``custom_partitioning`` or ``shard_map`` that
 computes per shard what is defined on the whole batch) and code that fails
-under sharding; the per-device comparisons catch device-pinned arrays and,
-with devices of several platforms (``devices='all'`` on a GPU machine),
-platform-dependent code (``lax.platform_dependent``, a GPU-only kernel) that
-disagrees with the CPU.  Like every check, it runs under the runner's full
+under sharding; the scan catches device-pinned values; the per-device
+comparisons, with devices of several platforms (``devices='all'`` on a GPU
+machine), catch platform-dependent code (``lax.platform_dependent``, a
+GPU-only kernel) that disagrees with the CPU.  Like every check, it runs under the runner's full
 float32 matmul precision (``runner.MATMUL_PRECISION``), so that a GPU's TF32
 default is not reported as a disagreement with the CPU.
 
