@@ -89,11 +89,17 @@ def eqns_with_name_stacks(jaxpr, outer: str = ''):
     own = str(eqn.source_info.name_stack)
     stack = '/'.join(s for s in (outer, own) if s)
     yield eqn, stack
-    for v in eqn.params.values():
-      for item in (v if isinstance(v, (tuple, list)) else (v,)):
-        inner = getattr(item, 'jaxpr', item)
-        if hasattr(inner, 'eqns'):
-          yield from eqns_with_name_stacks(inner, stack)
+    for item in param_items(eqn):
+      inner = getattr(item, 'jaxpr', item)
+      if hasattr(inner, 'eqns'):
+        yield from eqns_with_name_stacks(inner, stack)
+
+
+def param_items(eqn):
+  """An equation's param values, the items of tuple/list ones one by one
+  (where nested jaxprs sit: ``cond``'s branches are a tuple)."""
+  for v in eqn.params.values():
+    yield from (v if isinstance(v, (tuple, list)) else (v,))
 
 
 def bind_y(primitive, operands, params):

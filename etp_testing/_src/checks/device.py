@@ -8,12 +8,12 @@ made outside the trace: a const of the jaxpr).  That sees a pin to any
 device, on a machine with a single device too.  The impl and ``xy_to_dw``
 are traced alone; the other rules as the reference executor composes them
 (one step of D-RTRL with one state, and of pp-prop where there is an
-``x``), each under a ``jax.named_scope`` of its name and (but for the init
-rules, which receive jaxpr variables) in a ``jax.jit`` of its own, so that
-a pin, a closed-over array included, is blamed on the rule it sits in.  The
-eager comparisons below run the impl and ``xy_to_dw`` only: for
-``yw_to_w``, the init rules and ``instant_drtrl``/``solve_drtrl`` the scan
-is the whole check.
+``x``), each under a ``jax.named_scope`` of its name, so that a pin is
+blamed on the rule it sits in; each is also traced alone on its abstract
+arguments (but for the init rules, which receive jaxpr variables), so that
+the arrays it closes over are its own consts.  The device comparisons below
+run the impl and ``xy_to_dw`` only: for ``yw_to_w``, the init rules and
+``instant_drtrl``/``solve_drtrl`` the scan is the whole check.
 
 Then the operands and a random cotangent ``g`` are placed on the first
 device of the run's device list (``devices='all'|'cpu'|'gpu'|[...]``) and
@@ -51,9 +51,10 @@ computes per shard what is defined on the whole batch) and code that fails
 under sharding; the scan catches device-pinned values; the per-device
 comparisons, with devices of several platforms (``devices='all'`` on a GPU
 machine), catch platform-dependent code (``lax.platform_dependent``, a
-GPU-only kernel) that disagrees with the CPU.  Like every check, it runs under the runner's full
-float32 matmul precision (``runner.MATMUL_PRECISION``), so that a GPU's TF32
-default is not reported as a disagreement with the CPU.
+GPU-only kernel) that disagrees with the CPU.  Like every check, it runs
+under the runner's full float32 matmul precision
+(``runner.MATMUL_PRECISION``), so that a GPU's TF32 default is not reported
+as a disagreement with the CPU.
 
 With nothing to compare the check is skipped with the reason, never
 passed: with no device of the requested kind; or with one device and no
@@ -151,11 +152,11 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
   return results
 
 
-RULE_NAMES = executor.RULE_NAMES
 # A rule name in a jaxpr equation's name stack (transforms wrap it, as in
 # 'vmap(yw_to_w)'; '_' is a word character, so init_pp is not part of
 # init_pp_x).
-_RULE_IN_STACK = re.compile(r'\b(' + '|'.join(RULE_NAMES) + r')\b')
+_RULE_IN_STACK = re.compile(
+    r'\b(' + '|'.join(executor.RULE_NAMES) + r')\b')
 
 
 # What pins a value, as _fixed_devices reports it.
@@ -194,10 +195,9 @@ def _fixed_devices(fn, *avals) -> dict:
     for v in eqn.invars:
       if hasattr(v, 'val'):   # a literal
         add(scope, CONSTANT, _committed_to(v.val))
-    for param in eqn.params.values():
-      for item in (param if isinstance(param, (tuple, list)) else (param,)):
-        for value in getattr(item, 'consts', ()):
-          add(scope, CONSTANT, _committed_to(value))
+    for item in executor.param_items(eqn):   # a nested jit's consts
+      for value in getattr(item, 'consts', ()):
+        add(scope, CONSTANT, _committed_to(value))
     if eqn.primitive.name != 'device_put':
       continue
     for target in eqn.params.get('devices', ()):
@@ -249,7 +249,8 @@ def _composed(primitive, rules, params, operands, y, constants: dict):
                                                 y.dtype)
   drtrl = lambda ops, xs, a, bf, c: executor.drtrl_gradient(
       primitive, ops, params, xs, a, bf, c, rules=scoped)
-  present = [n for n in RULE_NAMES if getattr(rules, n) is not None]
+  present = [n for n in executor.RULE_NAMES
+             if getattr(rules, n) is not None]
   out = [([n for n in present if n not in ('xy_to_dw', 'init_pp')], drtrl,
           (list(operands), xs, per_step(1, 1), per_step(1), per_step(1)))]
   if x is not None:
