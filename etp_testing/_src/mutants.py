@@ -547,16 +547,18 @@ def _(name):
   return _clone(name, 'etp_mm', impl=_offset_when_traced(dense._impl))
 
 
+def _on_first_device(v):
+  """``v`` put on (committed to) the default device, wherever it was."""
+  return jax.device_put(v, jax.devices()[0])
+
+
 @_mutant('xy_pinned', 'dense', base='etp_mm', bug_class='device_pin',
          expected=('device.consistency',),
          case=DENSE_MM,
          description='xy_to_dw puts its gradients on the first device '
          '(jax.device_put(v, jax.devices()[0])), wherever the operands are')
 def _(name):
-  def xy_to_dw(x, g, weights, **params):
-    out = _rules('etp_mm').xy_to_dw(x, g, weights, **params)
-    return {k: jax.device_put(v, jax.devices()[0]) for k, v in out.items()}
-  return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
+  return _clone(name, 'etp_mm', xy_to_dw=_xy_with('etp_mm', _on_first_device))
 
 
 @_mutant('yw_pinned', 'dense', base='etp_mm', bug_class='device_pin',
@@ -566,10 +568,7 @@ def _(name):
          '(jax.device_put(v, jax.devices()[0])); only the D-RTRL compiler '
          'calls it, on one device under jit, where nothing else shows it')
 def _(name):
-  def yw_to_w(g, trace, **params):
-    out = _rules('etp_mm').yw_to_w(g, trace, **params)
-    return {k: jax.device_put(v, jax.devices()[0]) for k, v in out.items()}
-  return _clone(name, 'etp_mm', yw_to_w=yw_to_w)
+  return _clone(name, 'etp_mm', yw_to_w=_yw_with('etp_mm', _on_first_device))
 
 
 @_mutant('xy_cancellation', 'dense', base='etp_mm', bug_class='float64_only',
