@@ -20,7 +20,8 @@ from etp_testing import strategies
 
 __all__ = [
     'assert_rule_consistent', 'check_rules', 'check_names',
-    'RuleConsistencyError', 'NothingCheckedError', 'ConsistencyReport', 'CheckOutcome', 'Finding',
+    'RuleConsistencyError', 'NothingCheckedError', 'ConsistencyReport',
+    'CheckOutcome', 'Finding',
     'tolerances', 'register_unit_case', 'strategies', 'register_strategy',
     'strategy_for', 'check_with_hypothesis', 'HypothesisSummary',
 ]
