@@ -496,7 +496,8 @@ def test_device_blames_a_pin_inside_a_jitted_helper_on_its_rule():
   assert f'fixed device {cpus[0]}' in hit.message
 
 
-@pytest.mark.parametrize('rule', ['xy_to_dw', 'yw_to_w', 'solve_drtrl'])
+@pytest.mark.parametrize('rule', ['xy_to_dw', 'yw_to_w', 'init_drtrl',
+                                  'init_pp', 'solve_drtrl'])
 def test_device_catches_a_closed_over_committed_constant(rule):
   # Made outside any trace, the constant is a value in the jaxpr, not a
   # device_put; under jit it is silently moved, eagerly mixing it in raises.

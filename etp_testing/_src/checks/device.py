@@ -10,8 +10,8 @@ are traced alone; the other rules as the reference executor composes them
 (one step of D-RTRL with one state, and of pp-prop where there is an
 ``x``), each under a ``jax.named_scope`` of its name, so that a pin is
 blamed on the rule it sits in; each is also traced alone on its abstract
-arguments (but for the init rules, which receive jaxpr variables), so that
-the arrays it closes over are its own consts.  The device comparisons below
+arguments (the init rules on their jaxpr variables), so that the arrays it
+closes over are its own consts.  The device comparisons below
 run the impl and ``xy_to_dw`` only: for ``yw_to_w``, the init rules and
 ``instant_drtrl``/``solve_drtrl`` the scan is the whole check.
 
@@ -209,7 +209,7 @@ def _fixed_devices(fn, *avals) -> dict:
           for scope, kinds in found.items()}
 
 
-# Rules that receive jaxpr variables, not arrays: not traced alone.
+# Rules that receive jaxpr variables (shapes and dtypes), not arrays.
 _INIT_RULES = ('init_drtrl', 'init_pp')
 
 
@@ -219,16 +219,20 @@ def _scoped(name, rule, constants: dict):
   @functools.wraps(rule)
   def call(*args, **kwargs):
     with jax.named_scope(name):
-      if name not in _INIT_RULES:
-        # In the whole program the arrays a rule closes over are hoisted to
-        # its top, where no scope says whose they are; traced alone (on
-        # these abstract arguments: nothing runs) they are its own consts.
-        try:
-          closed = jax.make_jaxpr(functools.partial(rule, **kwargs))(*args)
-        except Exception:  # pylint: disable=broad-except
-          closed = None   # the call below, or another check, reports it
-        for value in getattr(closed, 'consts', ()):
-          constants.setdefault(name, set()).update(_committed_to(value))
+      # In the whole program the arrays a rule closes over are hoisted to
+      # its top, where no scope says whose they are; traced alone (on these
+      # abstract arguments: nothing runs) they are its own consts.  The init
+      # rules' jaxpr variables are no JAX values: closed over, not traced.
+      if name in _INIT_RULES:
+        alone, avals = functools.partial(rule, *args, **kwargs), ()
+      else:
+        alone, avals = functools.partial(rule, **kwargs), args
+      try:
+        closed = jax.make_jaxpr(alone)(*avals)
+      except Exception:  # pylint: disable=broad-except
+        closed = None   # the call below, or another check, reports it
+      for value in getattr(closed, 'consts', ()):
+        constants.setdefault(name, set()).update(_committed_to(value))
       return rule(*args, **kwargs)
   return call
 
