@@ -399,6 +399,23 @@ def test_init_drtrl_names_a_rule_that_gives_no_zeros(broken, words):
       [f.describe() for f in outcome.findings]
 
 
+@pytest.mark.parametrize('broken_rule', ['init_drtrl', 'init_pp'])
+@pytest.mark.parametrize('broken', [init_raises_for_two_states,
+                                    init_names_not_arrays])
+def test_a_broken_init_rule_fails_its_own_check_only(broken_rule, broken):
+  # On small cases both init rules share one program; the other rule's
+  # check must neither fail with the broken one nor stop checking.
+  prim = dense_variant(**{broken_rule: broken})
+  report = etp_testing.check_rules(prim, X, W, B, checks='init.*',
+                                   has_bias=True)
+  own, other = (('init.drtrl', 'init.pp') if broken_rule == 'init_drtrl'
+                else ('init.pp', 'init.drtrl'))
+  assert_caught(report.outcome(own), broken_rule)
+  assert report.outcome(other).status == 'passed', \
+      report.outcome(other).findings
+  assert report.outcome(other).findings   # it checked something
+
+
 def test_init_pp_catches_wrong_shape():
   assert_caught(run(dense_variant(init_pp=init_pp_state_first), 'init.pp'),
                 'init_pp')

@@ -56,16 +56,19 @@ def test_fast_mode_gradient_check_is_one_program():
   assert counts == (1, 0), counts
 
 
-def test_init_checks_compile_one_program_per_variant():
-  # Each init check calls its rule for every n_state in one program, for
-  # the operands as given and for float32 ones with x64 on: 2 programs per
-  # check for a new signature (eagerly, each jnp.zeros compiled its own).
-  operands = _case(n_in=5, n_out=9)   # a shape no other test uses
+@pytest.mark.parametrize('checks,programs', [('init.*', 2), ('init.pp', 2)])
+def test_init_checks_compile_one_program_per_variant(checks, programs):
+  # Both init rules, for every n_state, go in one program, for the operands
+  # as given and for float32 ones with x64 on: 2 programs for a new
+  # signature, whichever init checks run (eagerly, each jnp.zeros compiled
+  # its own; with a program per check, 4).
+  n_out = 9 if checks == 'init.*' else 10   # shapes no other test uses
+  operands = _case(n_in=5, n_out=n_out)
   run = lambda: etp_testing.check_rules(
-      etp.etp_mm_p, *operands, checks='init.*', n_state=(1, 2, 3),
+      etp.etp_mm_p, *operands, checks=checks, n_state=(1, 2, 3),
       has_bias=True)
   counts = _programs_new_then_repeated(run)
-  assert counts == (4, 0), counts
+  assert counts == (programs, 0), counts
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 r"""Checks of ``init_drtrl`` and ``init_pp``: keys, shapes, zeros and dtypes.
 
 Both rules receive real jaxpr variables, from tracing one bind of the
-primitive, and are traced into one program per check and case (for every
-``n_state``), as the ETP compiler's ``jit`` traces them.  Each case runs
+primitive, and are traced into one program per case (for every
+``n_state``; on a small case both rules in the same program, which the
+other init check reuses), as the ETP compiler's ``jit`` traces them.  Each
+case runs
 twice: on the operands as given, and on float32 copies with
 ``jax_enable_x64`` on, so a rule that follows the global default
 dtype (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
@@ -25,7 +27,7 @@ from etp._src.registry import call_init_rule
 from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import compiled, x64_enabled
+from etp_testing._src.context import compiled, traced_shapes, x64_enabled
 from etp_testing._src.errors import RuleFailure
 
 
@@ -40,45 +42,94 @@ def _variants(ctx):
   yield 'float32 operands with x64 on', _as_float32(ctx.operands), True
 
 
+_INIT_RULES = ('init_drtrl', 'init_pp')
+
+
+def _rule_outputs(name, rule, primitive, params, operands, n_states):
+  """``[rule(x_var, y_var, weight_vars, n) for n in n_states]``, with the
+  jaxpr variables of one bind on ``operands`` (arrays or tracers); a rule
+  that raises becomes :class:`RuleFailure`."""
+  x_var, y_var, weight_vars = executor.jaxpr_vars(primitive, operands, params)
+  _, _, rule_params = primitive.split_operands(operands, params)
+  out = []
+  for n_state in n_states:
+    try:
+      out.append(call_init_rule(rule, x_var, y_var, weight_vars, n_state,
+                                rule_params))
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuleFailure(name, f'{name} raised {type(e).__name__}: {e} '
+                        f'(n_state={n_state})') from e
+  return out
+
+
 @compiled
-def _init_program(primitive, params, rule_name, rule, n_states):
-  """``operands -> [rule(x_var, y_var, weight_vars, n) for n in n_states]``,
-  with the jaxpr variables of one bind on the operands' avals.
+def _init_program(primitive, params, rules, n_states):
+  """``operands -> {name: outputs}`` with :func:`_rule_outputs` of each
+  ``(name, rule)`` in ``rules``.
 
   One program per signature for every ``n_state`` (as the ETP compiler's
   ``jit`` traces the rule): called eagerly, each ``jnp.zeros`` of a rule
   compiled a program of its own per shape, a third of the programs a new
   signature compiled."""
   def program(operands):
-    x_var, y_var, weight_vars = executor.jaxpr_vars(primitive, operands,
-                                                    params)
-    _, _, rule_params = primitive.split_operands(operands, params)
-    out = []
-    for n_state in n_states:
-      try:
-        out.append(call_init_rule(rule, x_var, y_var, weight_vars, n_state,
-                                  rule_params))
-      except Exception as e:  # pylint: disable=broad-except
-        raise RuleFailure(rule_name, f'{rule_name} raised '
-                          f'{type(e).__name__}: {e} (n_state={n_state})') from e
-    return out
+    return {name: _rule_outputs(name, rule, primitive, params, operands,
+                                n_states) for name, rule in rules}
   return program
+
+
+def _traced_outputs(primitive, params, operands, name, rule, n_states):
+  return _rule_outputs(name, rule, primitive, params, operands, n_states)
+
+
+def _output_shapes(ctx, name, rule, operands, n_states):
+  """What :func:`_rule_outputs` gives, as shapes (traced once per
+  signature, nothing compiled); raises :class:`RuleFailure` where the rule
+  raises or returns something that is no array."""
+  try:
+    return traced_shapes(_traced_outputs, ctx.primitive, operands, ctx.params,
+                         name, rule, n_states)
+  except RuleFailure:
+    raise
+  except TypeError as e:
+    # Tracing the output failed: a leaf the rule returned is no array.
+    raise RuleFailure(name, f'{name} returned no arrays: '
+                      f'{type(e).__name__}: {e}') from e
+
+
+def _partner_traces(ctx, name, operands, n_states) -> bool:
+  """Whether the other init rule ``name`` is registered and traces here."""
+  rule = getattr(ctx.rules, name)
+  if rule is None:
+    return False
+  try:
+    _output_shapes(ctx, name, rule, operands, n_states)
+  except Exception:  # pylint: disable=broad-except
+    return False   # its own check reports it
+  return True
 
 
 def _call_init(ctx, rule_name, operands):
   """``(outputs, y_aval, dtype)``: ``rule_name``'s output for each of
   ``ctx.n_states``, ``y``'s aval and the ``result_type`` of ``x``, ``y``
-  and the weights."""
+  and the weights.
+
+  For a small case (compiling costs more than running) both init rules go
+  into one program, which the other init check then reuses: one compile
+  per signature and x64 setting, not two.  The other rule joins only where
+  it traces, so its failure stays its own check's.  Not in fast mode, where
+  ``init.drtrl`` may run on a batch of one."""
   rule = getattr(ctx.rules, rule_name)
   if rule is None:
     raise RuleFailure(rule_name, f'rule {rule_name!r} is not registered')
-  program = _init_program(ctx, rule_name, rule, tuple(ctx.n_states))
-  try:
-    outputs = program(list(operands))
-  except TypeError as e:
-    # jit's output is not a tree of arrays: a leaf of the rule's is none.
-    raise RuleFailure(rule_name, f'{rule_name} returned no arrays: '
-                      f'{type(e).__name__}: {e}') from e
+  n_states = tuple(ctx.n_states)
+  _output_shapes(ctx, rule_name, rule, operands, n_states)
+  names = [rule_name]
+  if ctx.small and not ctx.fast:
+    names = [n for n in _INIT_RULES if n == rule_name or
+             _partner_traces(ctx, n, operands, n_states)]
+  program = _init_program(ctx, tuple((n, getattr(ctx.rules, n))
+                                     for n in names), n_states)
+  outputs = program(list(operands))[rule_name]
   x, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
   y = ctx.y_aval(operands)
   dtypes = [v.dtype for v in (x, y, *weights.values()) if v is not None]
