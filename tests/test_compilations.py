@@ -71,6 +71,18 @@ def test_init_checks_compile_one_program_per_variant(checks, programs):
   assert counts == (programs, 0), counts
 
 
+def test_yw_to_w_vmap_compiles_one_program_per_form():
+  # The batch kept (shared with yw_to_w.linear), the batch stripped under
+  # vmap, and extra leading axes directly and under vmap (one program for
+  # both): 3 programs for a new signature of a batched primitive (4 with a
+  # program per call).
+  operands = _case(n_in=5, n_out=11)   # a shape no other test uses
+  run = lambda: etp_testing.check_rules(
+      etp.etp_mm_p, *operands, checks='yw_to_w.vmap', has_bias=True)
+  counts = _programs_new_then_repeated(run)
+  assert counts == (3, 0), counts
+
+
 @pytest.fixture
 def persistent_cache(tmp_path):
   """JAX's persistent compilation cache in ``tmp_path`` for one test, every

@@ -140,14 +140,21 @@ def host_copy(value) -> np.ndarray:
   return out
 
 
-def _rule_fn(rule, static: tuple, vmap_depth: int, small: bool = True):
+def _rule_fn(rule, static: tuple, vmap_depth, small: bool = True):
   """``jax.jit`` of ``(args, arrays) -> rule(*args, **static, **arrays)``,
   mapped over a leading axis of ``args`` ``vmap_depth`` times (compiled as
-  ``compilations.jit`` does for a ``small`` case or a large one)."""
-  f = lambda args, arrays: rule(*args, **dict(static), **arrays)
-  for _ in range(vmap_depth):
-    f = jax.vmap(f, in_axes=(0, None))
-  return compilations.jit(f, small=small)
+  ``compilations.jit`` does for a ``small`` case or a large one); for a
+  tuple of depths, one program giving the tuple of results at each."""
+  def mapped(depth):
+    f = lambda args, arrays: rule(*args, **dict(static), **arrays)
+    for _ in range(depth):
+      f = jax.vmap(f, in_axes=(0, None))
+    return f
+  if isinstance(vmap_depth, tuple):
+    fs = [mapped(d) for d in vmap_depth]
+    return compilations.jit(
+        lambda args, arrays: tuple(f(args, arrays) for f in fs), small=small)
+  return compilations.jit(mapped(vmap_depth), small=small)
 
 
 _jitted_rule = functools.lru_cache(maxsize=4096)(_rule_fn)
@@ -443,11 +450,12 @@ class CheckContext:
     return to_jax(v, dtype)
 
   # ------------------------------------------------------------ rules
-  def call_rule(self, rule_name: str, *args, rules=None, vmap: int = 0,
+  def call_rule(self, rule_name: str, *args, rules=None, vmap=0,
                 jit: bool = True, **kwargs):
     """Calls a rule under ``jax.jit`` (as the ETP compiler runs it; compiled
     once per shape and reused by every example), under ``vmap`` nested
-    ``jax.vmap`` over the leading axis of ``args``; ``jit=False`` calls it
+    ``jax.vmap`` over the leading axis of ``args``; for a tuple of depths,
+    the tuple of results at each, from one program.  ``jit=False`` calls it
     eagerly (where placement matters); anything it raises becomes a
     :class:`RuleFailure`."""
     rules = rules or self.rules

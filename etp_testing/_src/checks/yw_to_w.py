@@ -251,8 +251,8 @@ def check_vmap(ctx):
   t_extra = {k: np.asarray(ctx.normal(f'yw_to_w.vmap.TT.{k}', extra + s, dt))
              for k, s in shapes.items()}
   try:
-    direct = yw(g_extra, t_extra)
-    mapped = yw(g_extra, t_extra, vmap=2)
+    # One program: direct and under vmap.
+    direct, mapped = yw(g_extra, t_extra, vmap=(0, 2))
   except RuleFailure as e:
     raise RuleFailure('yw_to_w', f'with extra leading axes {extra}: '
                       f'{e.message}') from e
