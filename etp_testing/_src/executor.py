@@ -47,6 +47,8 @@ from etp._src import registry
 from etp._src.registry import call_init_rule
 
 RULE_NAMES = registry.SEED_RULES + registry.OPTIONAL_RULES
+# The rules that receive jaxpr variables (shapes and dtypes), not arrays.
+INIT_RULES = ('init_drtrl', 'init_pp')
 
 
 def map_rules(rules, wrap):

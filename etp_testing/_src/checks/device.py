@@ -209,10 +209,6 @@ def _fixed_devices(fn, *avals) -> dict:
           for scope, kinds in found.items()}
 
 
-# Rules that receive jaxpr variables (shapes and dtypes), not arrays.
-_INIT_RULES = ('init_drtrl', 'init_pp')
-
-
 def _scoped(name, rule, constants: dict):
   """``rule`` traced under a ``jax.named_scope`` of its name; the devices
   of committed arrays it closes over go to ``constants[name]``."""
@@ -223,7 +219,7 @@ def _scoped(name, rule, constants: dict):
       # its top, where no scope says whose they are; traced alone (on these
       # abstract arguments: nothing runs) they are its own consts.  The init
       # rules' jaxpr variables are no JAX values: closed over, not traced.
-      if name in _INIT_RULES:
+      if name in executor.INIT_RULES:
         alone, avals = functools.partial(rule, *args, **kwargs), ()
       else:
         alone, avals = functools.partial(rule, **kwargs), args

@@ -4,10 +4,9 @@ Both rules receive real jaxpr variables, from tracing one bind of the
 primitive, and are traced into one program per case (for every
 ``n_state``; on a small case both rules in the same program, which the
 other init check reuses), as the ETP compiler's ``jit`` traces them.  Each
-case runs
-twice: on the operands as given, and on float32 copies with
-``jax_enable_x64`` on, so a rule that follows the global default
-dtype (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
+case runs twice: on the operands as given, and on float32 copies with
+``jax_enable_x64`` on, so a rule that follows the global default dtype
+(``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
 returns float64 there and is caught.
 
 * ``init.drtrl``: per trainable key, zeros of shape
@@ -42,10 +41,7 @@ def _variants(ctx):
   yield 'float32 operands with x64 on', _as_float32(ctx.operands), True
 
 
-_INIT_RULES = ('init_drtrl', 'init_pp')
-
-
-def _rule_outputs(name, rule, primitive, params, operands, n_states):
+def _rule_outputs(primitive, params, operands, name, rule, n_states):
   """``[rule(x_var, y_var, weight_vars, n) for n in n_states]``, with the
   jaxpr variables of one bind on ``operands`` (arrays or tracers); a rule
   that raises becomes :class:`RuleFailure`."""
@@ -72,13 +68,9 @@ def _init_program(primitive, params, rules, n_states):
   compiled a program of its own per shape, a third of the programs a new
   signature compiled."""
   def program(operands):
-    return {name: _rule_outputs(name, rule, primitive, params, operands,
+    return {name: _rule_outputs(primitive, params, operands, name, rule,
                                 n_states) for name, rule in rules}
   return program
-
-
-def _traced_outputs(primitive, params, operands, name, rule, n_states):
-  return _rule_outputs(name, rule, primitive, params, operands, n_states)
 
 
 def _output_shapes(ctx, name, rule, operands, n_states):
@@ -86,7 +78,7 @@ def _output_shapes(ctx, name, rule, operands, n_states):
   signature, nothing compiled); raises :class:`RuleFailure` where the rule
   raises or returns something that is no array."""
   try:
-    return traced_shapes(_traced_outputs, ctx.primitive, operands, ctx.params,
+    return traced_shapes(_rule_outputs, ctx.primitive, operands, ctx.params,
                          name, rule, n_states)
   except RuleFailure:
     raise
@@ -125,7 +117,7 @@ def _call_init(ctx, rule_name, operands):
   _output_shapes(ctx, rule_name, rule, operands, n_states)
   names = [rule_name]
   if ctx.small and not ctx.fast:
-    names = [n for n in _INIT_RULES if n == rule_name or
+    names = [n for n in executor.INIT_RULES if n == rule_name or
              _partner_traces(ctx, n, operands, n_states)]
   program = _init_program(ctx, tuple((n, getattr(ctx.rules, n))
                                      for n in names), n_states)
