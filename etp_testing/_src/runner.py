@@ -6,6 +6,7 @@ import time
 from typing import Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import etp
@@ -45,30 +46,46 @@ def resolve_devices(devices='all') -> list:
   return list(devices)
 
 
-def _operand_info(operands) -> list:
+def _dtype_of(operand):
   # The dtype attribute where there is one: np.asarray would copy a device
   # array to the host.
-  return [{'shape': [int(s) for s in np.shape(o)],
-           'dtype': str(o.dtype if hasattr(o, 'dtype') else
-                        np.asarray(o).dtype)} for o in operands]
+  return (operand.dtype if hasattr(operand, 'dtype') else
+          np.asarray(operand).dtype)
+
+
+def _operand_info(operands) -> list:
+  return [{'shape': [int(s) for s in np.shape(o)], 'dtype': str(_dtype_of(o))}
+          for o in operands]
 
 
 def _wants_x64(operands) -> bool:
   return any(getattr(o, 'dtype', None) == np.float64 for o in operands)
 
 
-def _validate_case(primitive, operands, params) -> Optional[str]:
-  """Why the operands/params cannot be bound, or ``None``."""
+def _validate_case(primitive, operands, params) -> Optional[tuple]:
+  """``(what, why)``: why the case cannot be checked (``what`` is
+  ``'bind'`` where binding fails, ``'operands'`` where the operands cannot
+  be trained), or ``None``."""
   if not etp.is_etp_primitive(primitive):
-    return (f'{primitive!r} is not an ETP primitive (create it with '
-            'etp.register_primitive)')
+    return 'bind', (f'{primitive!r} is not an ETP primitive (create it with '
+                    'etp.register_primitive)')
   try:
     y_aval(primitive, operands, params)
   except Exception as e:  # pylint: disable=broad-except
     shapes = [tuple(np.shape(o)) for o in operands]
-    return (f'binding {primitive.name} on shapes {shapes} with params '
-            f'{params} raised {type(e).__name__}: {e} (the operands do not fit '
-            'the primitive, or its impl raises)')
+    return 'bind', (f'binding {primitive.name} on shapes {shapes} with '
+                    f'params {params} raised {type(e).__name__}: {e} (the '
+                    'operands do not fit the primitive, or its impl raises)')
+  # A gradient w.r.t. an integer or boolean operand is not defined: every
+  # rule check would fail, each in JAX's words, none saying why.
+  for key, i in primitive.trainable_invars(params).items():
+    dtype = _dtype_of(operands[i])
+    if not jnp.issubdtype(dtype, jnp.inexact):
+      return 'operands', (
+          f'trainable operand {key!r} (operand {i}) of {primitive.name} is '
+          f'{dtype}: gradients, and so the rules, are defined for floating '
+          'weights only; pass it as a float array (an operand that is not '
+          'trained belongs in aux_invars_fn)')
   return None
 
 
@@ -142,11 +159,12 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
         jax.default_matmul_precision(MATMUL_PRECISION):
       device_list = resolve_devices(devices)
       report.devices = [str(d) for d in device_list]
-      problem = _validate_case(primitive, operands, params)
-      if problem is not None:
+      invalid = _validate_case(primitive, operands, params)
+      if invalid is not None:
+        what, problem = invalid
         report.outcomes.append(CheckOutcome(
             name='operands', status=ERROR, reason=problem,
-            findings=[Finding(rule='bind', passed=False, message=problem)]))
+            findings=[Finding(rule=what, passed=False, message=problem)]))
         return report
       ctx = CheckContext(primitive, operands, params, seed=seed, steps=steps,
                          n_states=n_states, rtol=rtol, atol=atol,
