@@ -165,6 +165,26 @@ def test_an_impl_that_raises_or_operands_that_do_not_fit(where):
   assert outcome.status == 'error' and outcome.findings[0].rule == 'bind'
 
 
+@pytest.mark.parametrize('dtype', [np.int32, np.bool_])
+def test_a_weight_that_cannot_be_trained_is_an_operands_error(dtype):
+  # Not one failure per rule check in JAX's words (float0 tangents, jacrev
+  # refusing integers, rounding): one error that says why.
+  x, w = _operands()[:2]
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(etp.etp_mm_p, x, w.astype(dtype),
+                                       has_bias=False)
+  report = info.value.report
+  assert [o.name for o in report.outcomes] == ['operands']
+  assert report.outcomes[0].findings[0].rule == 'operands'
+  assert (f"trainable operand 'weight' (operand 1) of etp_mm is "
+          f'{np.dtype(dtype)}') in str(info.value)
+  # Integer operands that are not trained are fine (sparse indices).
+  etp_testing.assert_rule_consistent(
+      etp.etp_sp_mm_p, x, w[:, 0].copy(),
+      np.array([[0, 0], [1, 1], [2, 2]], np.int32), checks='xy_to_dw.vjp',
+      shape=(3, 5), has_bias=False)
+
+
 def test_broken_jax_rules_are_diagnosed_not_crashes():
   # A JVP rule and a batching rule that raise: failed findings naming the
   # JAX rule, with the operands, from the primitive checks.
