@@ -11,6 +11,7 @@ from jax.experimental import sparse as jsparse
 
 import etp
 from etp_testing._src import executor
+from etp_testing._src.context import x64_enabled
 
 TOL = {jnp.float32: 2e-5, jnp.float64: 1e-10}
 
@@ -340,6 +341,21 @@ class TestTransformations:
     (got,) = jax.linear_transpose(f, self.x[0])(ct)
     np.testing.assert_allclose(
         got, dense_of(self.data, self.indices, self.shape) @ ct, rtol=1e-6)
+
+  @pytest.mark.parametrize('x_dtype,data_dtype', [
+      (jnp.float32, jnp.bfloat16), (jnp.float64, jnp.float32)])
+  def test_cotangent_has_the_dtype_of_mixed_precision_data(self, x_dtype,
+                                                           data_dtype):
+    # BCOO's own transpose gives bfloat16 data next to a float32 x a float32
+    # cotangent; the impl computes in the common dtype, so it comes back cast.
+    with x64_enabled(x_dtype == jnp.float64):
+      x = self.x.astype(x_dtype)
+      data = self.data.astype(data_dtype)
+      f = lambda d: etp.sparse_matmul(x, d, self.indices, self.shape)
+      y, vjp = jax.vjp(f, data)
+      assert y.dtype == jnp.result_type(x_dtype, data_dtype)
+      (ct,) = vjp(jnp.ones_like(y))
+      assert ct.dtype == data.dtype
 
   def test_empty_pattern(self):
     e_data, e_idx = jnp.zeros(0), jnp.zeros((0, 2), jnp.int32)

@@ -50,9 +50,15 @@ __all__ = ['etp_sp_mv_p', 'etp_sp_mm_p', 'sparse_matmul']
 
 
 def _impl(x, data, indices, *bias, shape: tuple, has_bias: bool):
-  # jnp.asarray: a NumPy x (a constant closed over by a traced function)
-  # would make ``@`` NumPy's, which iterates the BCOO matrix row by row.
-  y = jnp.asarray(x) @ jsparse.BCOO((data, indices), shape=shape)
+  # Both in their common dtype first: BCOO's own transpose gives a
+  # bfloat16 weight a float32 cotangent next to a float32 x, where a
+  # cotangent must have its primal's dtype; through the cast, JAX's
+  # transpose casts it back.  jnp.asarray: a NumPy x (a constant closed
+  # over by a traced function) would make ``@`` NumPy's, which iterates the
+  # BCOO matrix row by row.
+  dtype = jnp.result_type(x, data)
+  y = jnp.asarray(x, dtype) @ jsparse.BCOO((data.astype(dtype), indices),
+                                           shape=shape)
   return y + bias[0] if has_bias else y
 
 
