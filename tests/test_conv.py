@@ -58,6 +58,16 @@ class TestHandComputed:
     np.testing.assert_allclose(
         etp.conv(self.x, self.k, self.b, padding='VALID'), [[[12.5, 23.5]]])
 
+  @pytest.mark.parametrize('x_dtype,k_dtype', [
+      (jnp.bfloat16, jnp.float32), (jnp.float32, jnp.bfloat16)])
+  def test_mixed_precision_computes_in_the_common_dtype(self, x_dtype,
+                                                        k_dtype):
+    # lax.conv takes one dtype; the primitive, like ``@``, promotes.
+    y = etp.etp_conv_p.bind(self.x.astype(x_dtype), self.k.astype(k_dtype),
+                            **self.params())
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, [[[12., 23.]]])
+
   def test_xy_to_dw(self):
     g = jnp.array([[[1., -1.]]])
     dw = rules().xy_to_dw(self.x, g, {'weight': self.k, 'bias': self.b},

@@ -66,6 +66,10 @@ def _dimension_numbers(rank: int, dimension_numbers):
 
 def _impl(x, kernel, *bias, window_strides, padding, rhs_dilation,
           dimension_numbers, has_bias: bool):
+  # lax.conv takes one dtype; mixed precision (bfloat16 activations, float32
+  # kernels) computes in the common one, as ``@`` does for dense layers.
+  dtype = jnp.result_type(x, kernel)
+  x, kernel = jnp.asarray(x, dtype), jnp.asarray(kernel, dtype)
   y = lax.conv_general_dilated(x, kernel, window_strides, padding,
                                rhs_dilation=rhs_dilation,
                                dimension_numbers=dimension_numbers)
