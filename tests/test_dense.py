@@ -182,6 +182,15 @@ class TestUnits:
     assert u.get_unit(y) == u.mA
     np.testing.assert_allclose(u.get_mantissa(y), [4.001, 4.001], rtol=1e-6)
 
+  @pytest.mark.parametrize('dtype', [jnp.bfloat16, np.float16])
+  def test_a_bias_converted_to_the_output_unit_keeps_its_dtype(self, dtype):
+    # NumPy makes a bfloat16 array times the unit's scale float32; the
+    # conversion scales a JAX array, which keeps it.
+    b = np.ones(2, dtype) * u.uA
+    y = etp.matmul(np.ones(4, dtype) * u.mV, np.ones((4, 2), dtype) * u.siemens,
+                   b)
+    assert u.get_mantissa(y).dtype == dtype
+
   def test_unitless_returns_array(self):
     y = etp.matmul(jnp.ones(4), jnp.ones((4, 2)))
     assert isinstance(y, jax.Array)

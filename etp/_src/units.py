@@ -7,6 +7,7 @@ recombines with the product of the operands' units.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import saiunit as u
 
 from etp._src.registry import ERROR_PREFIX
@@ -28,7 +29,9 @@ def mantissa_in(value, unit, *, fn: str, arg: str):
   if own.has_same_dim(unit):
     if own == unit:
       return mantissa
-    return u.Quantity(mantissa, unit=own).to_decimal(unit)
+    # Scaled as a JAX array: NumPy would promote a bfloat16 mantissa times
+    # the (Python float) scale to float32; JAX keeps the mantissa's dtype.
+    return u.Quantity(jnp.asarray(mantissa), unit=own).to_decimal(unit)
   raise u.UnitMismatchError(
       f'{ERROR_PREFIX}{fn}: `{arg}` has unit {own}, but must have the '
       f'dimension of {unit} (the unit of the output).')
