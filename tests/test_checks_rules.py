@@ -186,6 +186,56 @@ def test_half_precision_rows_pass_correct_rules_and_catch_5_percent(dtype):
     assert_caught(bad.outcome(check), 'xy_to_dw', 'weight')
 
 
+def _mixed(prim, x_dtype, w_dtype):
+  """The first case hypothesis draws for ``prim``, with ``x`` in
+  ``x_dtype`` and the weights in ``w_dtype``."""
+  import hypothesis
+  ops, params = hypothesis.find(etp_testing.strategy_for(prim),
+                                lambda _: True)
+  trained = set(prim.trainable_invars(params).values())
+  cast = lambda i, o: (np.asarray(o, np.float64).astype(jnp.dtype(
+      x_dtype if i == prim.x_invar_index else w_dtype)) if
+      i == prim.x_invar_index or i in trained else o)
+  return [cast(i, o) for i, o in enumerate(ops)], params
+
+
+MIXED = [('bfloat16', 'float32'), ('float32', 'bfloat16'),
+         ('float64', 'float32'), ('float32', 'float64')]
+
+
+@pytest.mark.parametrize('prim,x_dtype,w_dtype', [
+    (etp.etp_mm_p, *pair) for pair in MIXED] + [
+    (etp.etp_sp_mm_p, 'float32', 'bfloat16'),
+    (etp.etp_sp_mv_p, 'float64', 'float32'),
+    (etp.etp_conv_p, 'bfloat16', 'float32'),
+    (etp.etp_lora_mm_p, 'float32', 'bfloat16')], ids=str)
+def test_mixed_precision_cases_pass_the_correct_builtins(prim, x_dtype,
+                                                         w_dtype):
+  # Each side of a comparison is judged at the coarsest dtype it went
+  # through (a float32 gradient of a bfloat16 weight carries bfloat16's
+  # rounding).  Before, every pair failed some check of the correct
+  # built-ins, sparse's jax.vjp gave bfloat16 data a float32 cotangent, and
+  # conv did not bind.
+  ops, params = _mixed(prim, x_dtype, w_dtype)
+  report = etp_testing.check_rules(prim, *ops, devices='cpu', **params)
+  assert report.passed, report.failure_message()
+
+
+@pytest.mark.parametrize('x_dtype,w_dtype', MIXED, ids=str)
+def test_mixed_precision_cases_still_catch_small_errors(x_dtype, w_dtype):
+  # The direct comparisons catch 5 %; the recurrences, judged at bfloat16's
+  # 3 % in half the pairs (plus their terms' rounding), 25 %.
+  ops, params = _mixed(etp.etp_mm_p, x_dtype, w_dtype)
+  for factor, checks in ((1.05, ['xy_to_dw.vjp', 'xy_to_dw.jacrev']),
+                         (1.25, ['drtrl.exact', 'pp.exact'])):
+    bad = etp_testing.check_rules(
+        dense_variant(xy_to_dw=xy_scaled_by(factor)), *ops, checks=checks,
+        **params)
+    for check in checks:
+      assert_caught(bad.outcome(check), 'drtrl' if check == 'drtrl.exact'
+                    else 'xy_to_dw', 'weight')
+
+
 def test_checks_run_matmuls_at_full_float32_precision():
   # On GPUs the default float32 matmul is TF32 (~1e-3 relative error): the
   # correct dense xy_to_dw failed xy_to_dw.jacrev on an H200 at 2.5e-4 before

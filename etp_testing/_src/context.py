@@ -526,8 +526,10 @@ class CheckContext:
     """Compares two arrays; records and returns a :class:`Finding`.
 
     Shapes must match exactly; values must satisfy the norm-wise bound of
-    ``tolerances`` (checked with ``chex.assert_trees_all_close`` on the
-    scaled difference); non-finite values fail.  ``check_dtype`` also asks
+    ``tolerances`` for ``dtype`` (by default the coarser of the two sides'
+    dtypes: ``tolerances.coarsest``), checked with
+    ``chex.assert_trees_all_close`` on the scaled difference; non-finite
+    values fail.  ``check_dtype`` also asks
     for equal dtypes.  ``approximate`` records the error without failing.
 
     ``use_chex=False`` judges the same bound from :func:`max_errors` alone,
@@ -545,7 +547,7 @@ class CheckContext:
     # On the host: comparing must not compile anything.
     actual = np.asarray(actual)
     expected = np.asarray(expected)
-    dtype = dtype or expected.dtype
+    dtype = dtype or tolerances.coarsest(actual.dtype, expected.dtype)
     rtol, atol = self.tolerance(dtype, kind)
     base = dict(rule=rule, key=key, actual_shape=tuple(actual.shape),
                 expected_shape=tuple(expected.shape),
@@ -587,12 +589,12 @@ class CheckContext:
         max_rel_err=max_rel, index=index, **base))
 
   def compare_trees(self, actual: Mapping, expected: Mapping, *, rule: str,
-                    what: str = '', kind: str = 'exact',
+                    what: str = '', kind: str = 'exact', dtype=None,
                     check_dtype: bool = False, approximate_keys=()) -> list:
     """:meth:`compare` per key of two dicts (after :meth:`check_keys`)."""
     self.check_keys(rule, actual, expected.keys())
     return [self.compare(actual[k], expected[k], rule=rule, key=k, what=what,
-                         kind=kind, check_dtype=check_dtype,
+                         kind=kind, dtype=dtype, check_dtype=check_dtype,
                          approximate=k in approximate_keys)
             for k in expected]
 

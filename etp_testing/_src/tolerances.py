@@ -53,6 +53,16 @@ def dtype_name(dtype) -> str:
   return np.dtype(jnp.dtype(dtype)).name if dtype is not None else 'float32'
 
 
+def coarsest(*dtypes):
+  """The dtype among ``dtypes`` with the loosest ``'exact'`` tolerance.
+
+  A value that passed through a coarser dtype carries that dtype's rounding
+  whatever it is stored in (a float32 gradient of a bfloat16 weight, a
+  float64 result of a float32 input), so a comparison is judged at the
+  tolerance of the coarsest dtype that its two sides went through."""
+  return max(dtypes, key=lambda d: tolerance(d)[0])
+
+
 def tolerance(dtype, kind: str = 'exact') -> tuple:
   """``(rtol, atol)`` for comparing values of ``dtype`` by ``kind``."""
   table = TABLES[kind]

@@ -61,8 +61,9 @@ def unit_case_for(primitive):
 
 def _scaled(mantissa, unit, factor: float):
   """The quantity ``mantissa`` (in the output unit) written in ``unit``,
-  ``factor`` of which make one output unit (1e3 uA per mA)."""
-  return (mantissa * factor) * unit
+  ``factor`` of which make one output unit (1e3 uA per mA), in the
+  mantissa's dtype (NumPy makes a bfloat16 array times a float float32)."""
+  return (mantissa * factor).astype(mantissa.dtype) * unit
 
 
 def _bias(ctx, index, unit, factor):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_testing._src import executor
+from etp_testing._src import executor, tolerances
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
@@ -286,7 +286,11 @@ def check_pp_exact(ctx):
     raise RuleFailure('xy_to_dw', f'pp-prop could not compose the rules: '
                       f'{type(e).__name__}: {e}') from e
   for k in keys:
+    # pp-prop carries the input trace in x's dtype, jax.grad the loop in
+    # y's: judged at the coarser of x's and the weight's.
     ctx.compare(got[k], want[k], rule='xy_to_dw', key=k,
+                dtype=tolerances.coarsest(x.dtype, ctx.weights[k].dtype,
+                                          np.asarray(want[k]).dtype),
                 what=f'pp-prop factorised gradient vs jax.grad (alpha='
                 f'{PP_ALPHA}, steps={ctx.steps})')
 

@@ -24,10 +24,11 @@ skipped: 'no unit-aware user-facing function registered for <name>'.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import saiunit as u
 
 from etp._src.arrays import to_jax
-from etp_testing._src import executor, unit_cases
+from etp_testing._src import executor, tolerances, unit_cases
 from etp_testing._src.checks.registry import check
 
 _ETP_PREFIX = '[etp] '
@@ -100,7 +101,11 @@ def _check_call(ctx, description, call, out, expected_unit, expected):
   # are scaled to match: compare in the expected unit.
   value = mantissa if unit == expected_unit else \
       u.Quantity(mantissa, unit=unit).to_decimal(expected_unit)
-  ctx.compare(value, expected, rule='units', dtype=expected.dtype,
+  # Operands are scaled to their units in their own dtypes (a bias in uA
+  # is 1e3 times its mantissa): judged at the coarsest dtype among them.
+  dtype = tolerances.coarsest(expected.dtype, *(
+      o.dtype for o in ctx.operands if jnp.issubdtype(o.dtype, jnp.inexact)))
+  ctx.compare(value, expected, rule='units', dtype=dtype,
               what=f'{description}: result in {expected_unit} vs the bind on '
               'the mantissas')
   try:
