@@ -222,18 +222,42 @@ def test_mixed_precision_cases_pass_the_correct_builtins(prim, x_dtype,
 
 
 @pytest.mark.parametrize('x_dtype,w_dtype', MIXED, ids=str)
-def test_mixed_precision_cases_still_catch_small_errors(x_dtype, w_dtype):
-  # The direct comparisons catch 5 %; the recurrences, judged at bfloat16's
-  # 3 % in half the pairs (plus their terms' rounding), 25 %.
+def test_mixed_precision_cases_still_catch_a_5_percent_error(x_dtype,
+                                                             w_dtype):
   ops, params = _mixed(etp.etp_mm_p, x_dtype, w_dtype)
-  for factor, checks in ((1.05, ['xy_to_dw.vjp', 'xy_to_dw.jacrev']),
-                         (1.25, ['drtrl.exact', 'pp.exact'])):
-    bad = etp_testing.check_rules(
-        dense_variant(xy_to_dw=xy_scaled_by(factor)), *ops, checks=checks,
-        **params)
-    for check in checks:
-      assert_caught(bad.outcome(check), 'drtrl' if check == 'drtrl.exact'
-                    else 'xy_to_dw', 'weight')
+  checks = ['xy_to_dw.vjp', 'xy_to_dw.jacrev', 'drtrl.exact', 'pp.exact']
+  bad = etp_testing.check_rules(dense_variant(xy_to_dw=xy_five_percent_off),
+                                *ops, checks=checks, **params)
+  for check in checks:
+    assert_caught(bad.outcome(check), 'drtrl' if check == 'drtrl.exact'
+                  else 'xy_to_dw', 'weight')
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+@pytest.mark.parametrize('prim', [etp.etp_mm_p, etp.etp_elemwise_p,
+                                  etp.etp_lora_mm_p], ids=lambda p: p.name)
+def test_half_precision_cases_pass_the_whole_battery(prim, dtype):
+  # Over 3 steps, D-RTRL and jax.grad of the loop rounded in bfloat16 were
+  # up to 36 % apart for the correct built-ins (1 drawn case in 10 failed):
+  # the recurrences run on float32 copies, and say so.
+  ops, params = _mixed(prim, dtype, dtype)
+  report = etp_testing.check_rules(prim, *ops, devices='cpu', **params)
+  assert report.passed, report.failure_message()
+  for check in ('drtrl.exact', 'pp.exact'):
+    outcome = report.outcome(check)
+    if outcome.status == 'passed':
+      assert any('runs on float32 copies' in f.message
+                 for f in outcome.findings), outcome.findings
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_half_precision_recurrences_catch_a_5_percent_error(dtype):
+  ops = tuple(v.astype(jnp.dtype(dtype)) for v in (X, W, B))
+  checks = ['drtrl.exact', 'pp.exact']
+  bad = etp_testing.check_rules(dense_variant(xy_to_dw=xy_five_percent_off),
+                                *ops, checks=checks, has_bias=True)
+  assert_caught(bad.outcome('drtrl.exact'), 'drtrl', 'weight')
+  assert_caught(bad.outcome('pp.exact'), 'xy_to_dw', 'weight')
 
 
 def test_checks_run_matmuls_at_full_float32_precision():

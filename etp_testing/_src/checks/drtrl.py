@@ -155,7 +155,7 @@ def check_drtrl_exact(ctx):
   unrolled recurrence, per weight, for every ``n_state``."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  ctx = ctx.for_traces()
+  ctx = ctx.for_traces().in_float32_for_recurrences('drtrl')
   rules = guarded_rules(ctx.rules)
   runs = []
   for label, operands, transforms in _variants(ctx):
@@ -239,6 +239,7 @@ def check_pp_exact(ctx):
     ctx.skip(f'{ctx.name} has no input x (pp-prop factorises over x)')
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
+  ctx = ctx.in_float32_for_recurrences('xy_to_dw')
   x = ctx.x
   # Host arrays: combining them compiles nothing.
   x1 = np.asarray(ctx.normal('pp.x1', x.shape, x.dtype))
