@@ -341,11 +341,11 @@ def _normal(rng, shape, dtype=np.float32):
 
 
 def _dense_case(*, batch=None, n_in=3, n_out=5, bias=False,
-                dtype=np.float32, seed=0):
+                dtype=np.float32, x_dtype=None, seed=0):
   def case():
     rng = _rng(seed)
     lead = () if batch is None else (batch,)
-    ops = [_normal(rng, lead + (n_in,), dtype),
+    ops = [_normal(rng, lead + (n_in,), x_dtype or dtype),
            _normal(rng, (n_in, n_out), dtype)]
     if bias:
       ops.append(_normal(rng, (n_out,), dtype))
@@ -359,6 +359,9 @@ def _dense_case(*, batch=None, n_in=3, n_out=5, bias=False,
 DENSE_MM = _dense_case(batch=3, n_in=3, n_out=5, bias=True)
 DENSE_MV = _dense_case(n_in=4, n_out=3, bias=True, dtype=np.float64)
 DENSE_SQUARE = _dense_case(n_in=4, n_out=4, bias=True)
+# Mixed precision: bfloat16 activations, float32 weights.
+DENSE_MIXED = _dense_case(batch=3, n_in=3, n_out=5, bias=True,
+                          x_dtype=jnp.bfloat16)
 
 
 # --------------------------------------------------------------------- dense
@@ -569,6 +572,19 @@ def _(name):
          'calls it, on one device under jit, where nothing else shows it')
 def _(name):
   return _clone(name, 'etp_mm', yw_to_w=_yw_with('etp_mm', _on_first_device))
+
+
+@_mutant('xy_in_x_dtype', 'dense', base='etp_mm', bug_class='mixed_precision',
+         expected=('xy_to_dw.vjp',),
+         case=DENSE_MIXED,
+         description="xy_to_dw returns its gradients in x's dtype, not each "
+         "weight's: right while they share one; bfloat16 gradients for "
+         'float32 weights under mixed precision')
+def _(name):
+  def xy_to_dw(x, g, weights, **params):
+    out = _rules('etp_mm').xy_to_dw(x, g, weights, **params)
+    return {k: v.astype(x.dtype) for k, v in out.items()}
+  return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
 
 
 @_mutant('xy_cancellation', 'dense', base='etp_mm', bug_class='float64_only',
