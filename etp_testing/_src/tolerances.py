@@ -15,6 +15,9 @@ A comparison passes when ``max|actual - expected| <= atol + rtol * scale`` with
 rounding noise into a huge per-element relative error.  The reported relative
 error is ``max|actual - expected| / scale``.
 
+A comparison whose sides went through different dtypes (mixed precision)
+is judged at the coarsest of them (:func:`coarsest`).
+
 Two differently ordered sums of the same products (``drtrl.instant``,
 ``drtrl.exact``) can cancel: their rounding is relative to the terms, not to
 the result, so such a comparison passes ``term_scale`` (see
