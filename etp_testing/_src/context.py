@@ -404,11 +404,7 @@ class CheckContext:
     if entries <= FAST_TRACE_LIMIT:
       return self
     if self.batched and self.x is not None and np.shape(self.x)[0] > 1:
-      one = CheckContext(
-          self.primitive, self.with_operands(x=self.x[:1]), self.params,
-          seed=self.seed, steps=self.steps, n_states=self.n_states,
-          rtol=self.rtol_override, atol=self.atol_override,
-          devices=self.devices, fast=True)
+      one = self._on(self.with_operands(x=self.x[:1]))
       one_entries = one.trace_entries()
       if one_entries <= FAST_TRACE_LIMIT:
         one.findings = self.findings
@@ -420,6 +416,13 @@ class CheckContext:
     self.skip(f'fast mode: a trace has {entries} entries per state, above '
               f'FAST_TRACE_LIMIT={FAST_TRACE_LIMIT}; the generated small '
               'cases check this (or run with fast=False)')
+
+  def _on(self, operands) -> 'CheckContext':
+    """A context on other ``operands`` with this one's settings."""
+    return CheckContext(
+        self.primitive, operands, self.params, seed=self.seed,
+        steps=self.steps, n_states=self.n_states, rtol=self.rtol_override,
+        atol=self.atol_override, devices=self.devices, fast=self.fast)
 
   def in_float32_for_recurrences(self, rule: str) -> 'CheckContext':
     """The context the recurrence checks (``drtrl.exact``, ``pp.exact``)
@@ -438,12 +441,8 @@ class CheckContext:
             if o.dtype in (jnp.float16, jnp.bfloat16)}
     if not half:
       return self
-    ops = tuple(o.astype(np.float32) if i in half else o
-                for i, o in enumerate(self.operands))
-    wide = CheckContext(
-        self.primitive, ops, self.params, seed=self.seed, steps=self.steps,
-        n_states=self.n_states, rtol=self.rtol_override,
-        atol=self.atol_override, devices=self.devices, fast=self.fast)
+    wide = self._on([o.astype(np.float32) if i in half else o
+                     for i, o in enumerate(self.operands)])
     wide.findings = self.findings
     self.record_pass(rule, message=(
         'half precision: the recurrence runs on float32 copies of operands '
@@ -560,8 +559,8 @@ class CheckContext:
     ``tolerances`` for ``dtype`` (by default the coarser of the two sides'
     dtypes: ``tolerances.coarsest``), checked with
     ``chex.assert_trees_all_close`` on the scaled difference; non-finite
-    values fail.  ``check_dtype`` also asks
-    for equal dtypes.  ``approximate`` records the error without failing.
+    values fail.  ``check_dtype`` also asks for equal dtypes.
+    ``approximate`` records the error without failing.
 
     ``use_chex=False`` judges the same bound from :func:`max_errors` alone,
     as arrays above ``LARGE_COMPARE`` elements always are: for fast mode's
