@@ -185,15 +185,18 @@ class ConsistencyReport:
     return f'{self.primitive}: ' + ', '.join(
         f'{n} {s}' for s, n in sorted(counts.items()))
 
+  def _case_line(self) -> str:
+    """The case under test: params, operand dtypes and shapes, seed."""
+    return (f'  params {self.params}, operands '
+            + ', '.join(f"{o['dtype']}{list(o['shape'])}"
+                        for o in self.operands) + f', seed {self.seed}')
+
   def failure_message(self) -> str:
     """The text of :class:`RuleConsistencyError`: headline, details, snippet."""
     failed = self.failures
     names = ', '.join(o.name for o in failed)
     lines = [f'[etp_testing] {self.primitive} failed {len(failed)} check(s): '
-             f'{names}',
-             f'  params {self.params}, operands '
-             + ', '.join(f"{o['dtype']}{list(o['shape'])}" for o in self.operands)
-             + f', seed {self.seed}']
+             f'{names}', self._case_line()]
     for o in failed:
       lines.append(f'- {o.name} ({o.status})'
                    + (f': {o.reason}' if o.reason else ''))
@@ -205,15 +208,12 @@ class ConsistencyReport:
       lines.extend('    ' + l for l in self.snippet.splitlines())
     return '\n'.join(lines)
 
-
   def nothing_checked_message(self) -> str:
     """The text of :class:`NothingCheckedError`: every check was skipped,
     and why."""
     lines = [f'[etp_testing] {self.primitive}: nothing was checked: all '
              f'{len(self.outcomes)} selected check(s) were skipped',
-             f'  params {self.params}, operands '
-             + ', '.join(f"{o['dtype']}{list(o['shape'])}"
-                         for o in self.operands) + f', seed {self.seed}']
+             self._case_line()]
     lines.extend(f'- {o.name}: {o.reason}' for o in self.outcomes)
     return '\n'.join(lines)
 
