@@ -15,6 +15,8 @@ import etp
 import etp_testing
 from etp._src import dense, lora, rule_util
 
+from _cases import first_case
+
 _ids = itertools.count()
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((3, 2)).astype(np.float32)      # batch 3, in 2
@@ -189,9 +191,7 @@ def test_half_precision_rows_pass_correct_rules_and_catch_5_percent(dtype):
 def _mixed(prim, x_dtype, w_dtype):
   """The first case hypothesis draws for ``prim``, with ``x`` in
   ``x_dtype`` and the weights in ``w_dtype``."""
-  import hypothesis
-  ops, params = hypothesis.find(etp_testing.strategy_for(prim),
-                                lambda _: True)
+  ops, params = first_case(prim)
   trained = set(prim.trainable_invars(params).values())
   cast = lambda i, o: (np.asarray(o, np.float64).astype(jnp.dtype(
       x_dtype if i == prim.x_invar_index else w_dtype)) if

@@ -10,6 +10,8 @@ import pytest
 import etp
 from etp._src import dense, registry
 
+from _cases import first_case
+
 _counter = itertools.count()
 
 
@@ -232,13 +234,10 @@ def test_eager_bind_and_xy_to_dw_run_where_their_operands_are(prim):
   # The harness compares devices under jit (where JAX moves a pinned value
   # silently) and finds pins by reading jaxprs; this is the eager path, as a
   # user calls it, off the default device, once per built-in.
-  import hypothesis
-  import etp_testing
   cpus = jax.devices('cpu')
   if len(cpus) < 2:
     pytest.skip('needs 2 CPU devices (conftest.py sets 4)')
-  ops, params = hypothesis.find(etp_testing.strategy_for(prim),
-                                lambda _: True)
+  ops, params = first_case(prim)
   ops = jax.device_put(list(ops), cpus[-1])
   y = prim.bind(*ops, **params)
   for leaf in jax.tree.leaves(y):
