@@ -32,7 +32,7 @@ from etp._src import dense
 from etp._src import lora
 from etp._src import registry
 from etp._src import units as etp_units
-from etp_testing._src import unit_cases
+from etp_testing._src import executor, unit_cases
 
 from _cases import first_case
 
@@ -441,8 +441,7 @@ def _clone_with_rule(tag, rule, wrap):
   base_prim = (etp.etp_lora_mm_p if rule in ('instant_drtrl', 'solve_drtrl')
                else etp.etp_mm_p)
   base = etp.rules_of(base_prim)
-  rules = {n: getattr(base, n) for n in registry.SEED_RULES +
-           registry.OPTIONAL_RULES if getattr(base, n) is not None}
+  rules = {n: getattr(base, n) for n in executor.registered_rules(base)}
   rules[rule] = wrap(rules[rule])
   module = lora if base_prim is etp.etp_lora_mm_p else dense
   prim = etp.register_primitive(_name(f'{tag}_{rule}'), module._impl,
@@ -476,10 +475,8 @@ def test_device_catches_a_pin_in_any_rule(rule):
   correct = _run(base_prim, case, ['device.consistency'],
                  devices=cpus[:1]).outcome('device.consistency')
   assert correct.status == 'skipped'
-  registered = etp.rules_of(base_prim)
-  assert {f.rule for f in correct.findings if f.passed} == {'impl'} | {
-      n for n in registry.SEED_RULES + registry.OPTIONAL_RULES
-      if getattr(registered, n) is not None}
+  assert {f.rule for f in correct.findings if f.passed} == {'impl'} | set(
+      executor.registered_rules(etp.rules_of(base_prim)))
 
 
 def test_device_blames_a_pin_inside_a_jitted_helper_on_its_rule():
@@ -527,11 +524,8 @@ def test_device_scan_covers_every_rule_of_the_builtins(prim):
   ops, params = first_case(prim)
   outcome = _run(prim, (ops, params), ['device.consistency'],
                  devices=_cpus(1)[:1]).outcome('device.consistency')
-  rules = etp.rules_of(prim)
   scanned = {f.rule for f in outcome.findings if f.passed}
-  expected = {'impl'} | {n for n in registry.SEED_RULES +
-                         registry.OPTIONAL_RULES
-                         if getattr(rules, n) is not None}
+  expected = {'impl'} | set(executor.registered_rules(etp.rules_of(prim)))
   if prim.x_invar_index is None:
     expected.discard('init_pp')   # pp-prop needs an input x
   assert scanned == expected, outcome.findings

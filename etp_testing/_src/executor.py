@@ -51,12 +51,17 @@ RULE_NAMES = registry.SEED_RULES + registry.OPTIONAL_RULES
 INIT_RULES = ('init_drtrl', 'init_pp')
 
 
+def registered_rules(rules) -> tuple:
+  """The names of ``RULE_NAMES`` that the rules record has (the optional
+  ones only where registered)."""
+  return tuple(n for n in RULE_NAMES if getattr(rules, n) is not None)
+
+
 def map_rules(rules, wrap):
   """The rules record with each registered rule ``r`` (of ``RULE_NAMES``)
   replaced by ``wrap(name, r)``; rules not registered stay ``None``."""
   return dataclasses.replace(rules, **{
-      n: wrap(n, getattr(rules, n)) for n in RULE_NAMES
-      if getattr(rules, n) is not None})
+      n: wrap(n, getattr(rules, n)) for n in registered_rules(rules)})
 
 
 def jaxpr_vars(primitive, operands, params):

@@ -249,9 +249,8 @@ def _composed(primitive, rules, params, operands, y, constants: dict):
                                                 y.dtype)
   drtrl = lambda ops, xs, a, bf, c: executor.drtrl_gradient(
       primitive, ops, params, xs, a, bf, c, rules=scoped)
-  present = [n for n in executor.RULE_NAMES
-             if getattr(rules, n) is not None]
-  out = [([n for n in present if n not in ('xy_to_dw', 'init_pp')], drtrl,
+  out = [([n for n in executor.registered_rules(rules)
+           if n not in ('xy_to_dw', 'init_pp')], drtrl,
           (list(operands), xs, per_step(1, 1), per_step(1), per_step(1)))]
   if x is not None:
     pp = lambda ops, xs, c: executor.pp_gradient(
