@@ -6,6 +6,7 @@ few examples with a few fast checks, since every new shape compiles anew.
 
 import itertools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -304,13 +305,18 @@ def test_same_seed_same_draws_and_settings_are_merged():
 
 def _broken_when_non_square():
   """Dense, but xy_to_dw's weight gradient is doubled when in != out."""
+  return _dense_doubled_when(lambda n_in, n_out: n_in != n_out)
+
+
+def _dense_doubled_when(doubled):
+  """Dense, but xy_to_dw's weight gradient is doubled where
+  ``doubled(n_in, n_out)``."""
   def xy_to_dw(x, g, weights, *, has_bias):
     out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-    n_in, n_out = weights['weight'].shape
-    if n_in != n_out:
+    if doubled(*weights['weight'].shape):
       out['weight'] = 2 * out['weight']
     return out
-  prim = etp.register_primitive(f'broken_square_{next(_ids)}', dense._impl,
+  prim = etp.register_primitive(f'broken_dense_{next(_ids)}', dense._impl,
                                 batched=True, x_invar_index=0,
                                 trainable_invars_fn=dense._trainable)
   base = etp.rules_of(etp.etp_mm_p)
@@ -344,3 +350,19 @@ def test_broken_dense_is_caught_and_shrunk_to_a_minimal_case():
   assert 'seed=3' in message and '@reproduce_failure(' in message
   assert 'Reproduce with' in message
   assert err.summary.primitive == prim.name
+
+
+def test_a_failing_run_shrinks_without_hypothesis_explain_phase():
+  # With no passing example seen (a rule wrong on every case), the explain
+  # phase re-ran the failing battery about 100 more times, each varied shape
+  # compiling, for notes the harness's error does not show.
+  prim = _dense_doubled_when(lambda n_in, n_out: True)
+  etp_testing.register_strategy(prim, strategies.dense_cases(batched=True))
+  for settings_given in (None, settings(database=None)):
+    with pytest.raises(etp_testing.RuleConsistencyError) as info:
+      etp_testing.check_with_hypothesis(prim, max_examples=15, seed=3,
+                                        checks=['xy_to_dw.vjp'],
+                                        settings=settings_given)
+    calls = int(re.search(r'found by hypothesis after (\d+) examples',
+                          str(info.value)).group(1))
+    assert calls < 40, calls

@@ -25,7 +25,7 @@ import time
 from typing import Optional
 
 import numpy as np
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, Phase, given
 from hypothesis import seed as hypothesis_seed
 from hypothesis import settings as hypothesis_settings
 
@@ -40,6 +40,11 @@ from etp_testing._src.runner import check_rules
 _SUPPRESSED = (HealthCheck.too_slow, HealthCheck.data_too_large,
                HealthCheck.filter_too_much)
 _BLOB = re.compile(r'@reproduce_failure\([^)]*\)')
+# Hypothesis's explain phase re-runs a failing example with each part varied
+# to annotate its own report (about 100 more runs of the battery, each new
+# shape compiling); the error raised here is the harness's, which does not
+# use those annotations.
+_UNUSED_PHASES = tuple(p for p in (getattr(Phase, 'explain', None),) if p)
 
 
 @dataclasses.dataclass
@@ -161,9 +166,10 @@ def _run_settings(settings, max_examples):
   """The settings of the run: the user's (or the active profile's), with
   ``deadline=None``, the speed health checks off and, without a user
   ``settings``, no example database (a library call must not write
-  ``.hypothesis/`` or replay stale failures) and ``print_blob`` on."""
+  ``.hypothesis/`` or replay stale failures) and ``print_blob`` on; never
+  the explain phase (see ``_UNUSED_PHASES``)."""
   base = settings if settings is not None else hypothesis_settings()
-  extra = {}
+  extra = {'phases': [p for p in base.phases if p not in _UNUSED_PHASES]}
   if settings is None:
     extra.update(database=None, print_blob=True)
   if max_examples is not None:
@@ -226,9 +232,10 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
       profile, whose draws are reproducible anyway; the harness seed is 0).
     settings: a ``hypothesis.settings`` to start from; without one, the
       active profile's, with ``database=None`` and ``print_blob=True``.
-      Either way ``deadline=None`` and the ``too_slow``,
-      ``data_too_large`` and ``filter_too_much`` health checks are off
-      (compiling a new shape is slow, not wrong).
+      Either way ``deadline=None``, the ``too_slow``, ``data_too_large``
+      and ``filter_too_much`` health checks are off (compiling a new shape
+      is slow, not wrong), and so is the explain phase (a hundred more runs
+      of a failing battery for annotations the raised error does not show).
 
   Returns:
     A :class:`HypothesisSummary` of the examples (all passed, measured or
