@@ -99,7 +99,17 @@ def test_broken_user_rule_fails_with_the_rule_named(tmp_path):
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert 'FAILED etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
   assert 'xy_to_dw[weight]' in proc.stdout
-  assert 'Reproduce with:' in proc.stdout
+  # The snippet once: under FAILURES, not again in the etp summary; with
+  # --tb=no (no FAILURES section) in the summary.
+  summary = proc.stdout.split('etp rule checks')[1]
+  assert proc.stdout.count('Reproduce with:') == 1
+  assert 'FAILED etp::user_scaled_mm::xy_to_dw.vjp' in summary
+  assert 'xy_to_dw[weight]' in summary and 'Reproduce with:' not in summary
+  proc = _run(tmp_path, '--etp-check', *FAST, '--tb=no', broken=True)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  summary = proc.stdout.split('etp rule checks')[1]
+  assert proc.stdout.count('Reproduce with:') == 1
+  assert 'Reproduce with:' in summary
 
 
 @pytest.mark.parametrize('profile,examples', [('dev', 3), ('nightly', 50)])

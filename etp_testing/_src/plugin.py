@@ -219,10 +219,17 @@ class EtpCheckPlugin:
     if self.unchecked:
       tr.write_line('no strategy (not checked): ' + ', '.join(self.unchecked)
                     + ' - register one with etp_testing.register_strategy')
+    # pytest's FAILURES section shows each message in full, snippet and
+    # all, unless --tb=no; here each failure is listed without its snippet.
+    in_full = self.config.getoption('tbstyle') == 'no'
     for record in self.failures:
+      message = record.get('message', '')
+      if not in_full:
+        message = message.split('\nReproduce with:', 1)[0] + (
+            '\n(the snippet that re-runs it: under FAILURES above)')
       tr.write_line('')
       tr.write_line(f"FAILED etp::{record['primitive']}::{record['check']}")
-      tr.write_line(record.get('message', ''))
+      tr.write_line(message)
     path = self.config.getoption('etp_report')
     compiled, loaded = compile_totals(self.results.values())
     tr.write_line(f'XLA programs: {compiled} compiled, {loaded} loaded from '
