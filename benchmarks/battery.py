@@ -17,10 +17,15 @@ Prints, for the built-in primitives:
    distinct shape signatures among them; the same examples drawn again in
    that process (every signature seen: compile reuse leaves nothing to
    compile); and the same number of examples that all share one shape
-   (the first example compiles, the rest reuse).
+   (the first example compiles, the rest reuse);
+4. with ``--long N``: one hypothesis run of N examples per primitive, and
+   the compilations and new shape signatures in each block of 100 of its
+   examples: the strategies draw from finitely many signatures, so a long
+   run compiles less and less.
 
     python benchmarks/battery.py                      # everything
     python benchmarks/battery.py --no-battery --examples 20 --primitives etp_mm
+    python benchmarks/battery.py --no-battery --no-compilations --long 500
 
 Targets (issue 6): battery <= 60 s on the 2-core machine; <= 10 compilations
 per 100 examples per primitive.  Every new shape signature compiles the
@@ -199,6 +204,53 @@ def compilations(prims, examples: int) -> None:
           f'{again.count:>14}{per100(same.count):>20}{same_s:8.1f}')
 
 
+def long_run(prims, examples: int, block: int = 100) -> None:
+  """Prints, per primitive, the compilations and the new shape signatures
+  in each block of ``block`` examples of one ``examples``-long run."""
+  from etp_testing._src import compilations as comp
+  from etp_testing._src import strategies
+  from etp_testing._src.hypothesis_runner import _signature, \
+      check_with_hypothesis
+  blocks = -(-examples // block)
+  print(f'\nOne run of {examples} examples per primitive: XLA compilations '
+        f'(new shape signatures) per block of {block}')
+  print(f'{"primitive":16}' + ''.join(
+      f'{f"{i * block + 1}-{min((i + 1) * block, examples)}":>14}'
+      for i in range(blocks)) + f'{"s":>8}')
+  for prim in prims:
+    comp.release()
+    # Marks taken as each example is drawn, just before it runs: the
+    # compilations so far, and whether its signature is new.
+    marks, seen = [], set()
+
+    def mark(case, count):
+      sig = _signature(*case)
+      marks.append((count.count, sig not in seen))
+      seen.add(sig)
+      return case
+    releases = comp.releases
+    with comp.counting() as count:
+      strategy = strategies.strategy_for(prim).map(lambda c: mark(c, count))
+      t = time.perf_counter()
+      check_with_hypothesis(prim, max_examples=examples, seed=0,
+                            strategy=strategy)
+      seconds = time.perf_counter() - t
+    marks.append((count.count, False))
+    row = []
+    for i in range(blocks):
+      lo, hi = i * block, min((i + 1) * block, len(marks) - 1)
+      if lo >= hi:
+        row.append(f'{"-":>14}')
+        continue
+      new = sum(is_new for _, is_new in marks[lo:hi])
+      before = marks[lo][0] if i else 0   # the first block from the start
+      row.append(f'{marks[hi][0] - before} ({new})'.rjust(14))
+    dropped = comp.releases - releases
+    print(f'{prim.name:16}' + ''.join(row) + f'{seconds:8.1f}'
+          + (f'  ({dropped} release(s) of every program inside)'
+             if dropped else ''))
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--primitives', default='',
@@ -206,6 +258,9 @@ def main(argv=None) -> int:
   parser.add_argument('--examples', type=int, default=100)
   parser.add_argument('--no-battery', action='store_true')
   parser.add_argument('--no-compilations', action='store_true')
+  parser.add_argument('--long', type=int, default=0, metavar='N',
+                      help='also one run of N examples per primitive, '
+                      'compilations per block of 100')
   args = parser.parse_args(argv)
   prims = _primitives([p for p in args.primitives.split(',') if p])
   import jax
@@ -218,6 +273,8 @@ def main(argv=None) -> int:
     ok = battery(prims, bare)
   if not args.no_compilations:
     compilations(prims, args.examples)
+  if args.long:
+    long_run(prims, args.long)
   return 0 if ok else 1
 
 

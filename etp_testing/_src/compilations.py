@@ -92,6 +92,7 @@ _hit_pending = False   # a cache hit seen, its backend_compile event not yet
 _probing = False       # the options probe runs: its compilation is not counted
 _since_release = 0
 _probed_at = 0
+releases = 0           # calls of release(), for benchmarks that must know
 # cache_clear callables of the harness's caches of jitted functions.
 _caches: list = []
 
@@ -190,7 +191,8 @@ def register_cache(cache_clear):
 def release() -> None:
   """Drops every compiled program: the harness's caches of jitted functions
   and JAX's own compilation caches."""
-  global _since_release, _probed_at
+  global _since_release, _probed_at, releases
+  releases += 1
   for cache_clear in _caches:
     cache_clear()
   jax.clear_caches()
