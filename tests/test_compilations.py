@@ -236,6 +236,46 @@ def test_an_unknown_compiler_option_is_left_out(monkeypatch):
     compilations._supported_options.cache_clear()
 
 
+def _small_vjp(x, w):
+  y, vjp = jax.vjp(lambda w: jnp.tanh(x @ w) * 2 + w.sum(), w)
+  return vjp(y)
+
+
+def _mappings_per_program(options, sizes) -> float:
+  """Memory mappings the process gains per program compiled with
+  ``options``, one program per size (the first two not counted: a thread
+  pool's first use maps its stacks)."""
+  kept = []   # alive, as the harness's caches keep them
+
+  def compile_one(n):
+    f = jax.jit(_small_vjp, compiler_options=options)
+    f(np.ones((2, n), np.float32), np.ones((n, 3), np.float32))
+    kept.append(f)
+  for n in sizes[:2]:
+    compile_one(n)
+  before = compilations._mappings()
+  for n in sizes[2:]:
+    compile_one(n)
+  return (compilations._mappings() - before) / len(sizes[2:])
+
+
+def test_one_codegen_part_per_program_holds_fewer_mappings():
+  """``xla_cpu_parallel_codegen_split_count=1``: every program the harness
+  compiles holds fewer memory mappings, so long runs release less often."""
+  if compilations._mappings() is None:
+    pytest.skip('no /proc/self/maps on this system')
+  option = 'xla_cpu_parallel_codegen_split_count'
+  if (jax.default_backend() != compilations.OPTIONS_BACKEND
+      or not compilations._accepted(option, 1)):
+    pytest.skip(f'this XLA has no {option}, or the backend is not a CPU')
+  supported = compilations.options_in_effect()
+  assert supported.get(option) == 1, supported
+  without = {k: v for k, v in supported.items() if k != option}
+  harness = _mappings_per_program(supported, list(range(40, 52)))
+  split = _mappings_per_program(without, list(range(60, 72)))
+  assert harness < 0.8 * split, (harness, split)
+
+
 def test_compiler_options_apply_only_on_their_backend(monkeypatch):
   """On another default backend (a GPU) the harness compiles with XLA's
   defaults: the options were chosen and measured for XLA:CPU."""

@@ -17,7 +17,8 @@ The listener is registered once per process and counts for every open
 :func:`counting` block, and for :func:`release_if_over`.
 
 Why release: every compiled XLA CPU program keeps memory mappings alive
-(2 to 14 per program, measured: more for larger programs), and a long run
+(three per object file XLA emits for it: 12 to 18 per program of the
+battery with ``COMPILER_OPTIONS``, 18 to 32 without), and a long run
 (the soak, a nightly battery) compiles programs per new shape.  Kept
 forever, they reach the kernel's ``vm.max_map_count`` (65,530 by default) and
 LLVM fails with "Cannot allocate memory", then the process crashes.  So
@@ -37,7 +38,12 @@ backend, the harness compiles its own programs with ``COMPILER_OPTIONS``:
   code, another third of what is left (a small jitted VJP: 39 -> 22-26 ms
   to compile), for code whose run time does not matter at these sizes.
   Numerics are unchanged: XLA:CPU does not enable fast-math, so no level
-  may reassociate float arithmetic.
+  may reassociate float arithmetic;
+* ``xla_cpu_parallel_codegen_split_count=1``: one object file per program
+  part instead of several for parallel LLVM compilation, which these small
+  programs do not need: each file holds three memory mappings, so a program
+  holds about half as many (LoRA's battery: 32 -> 18 per program), and a long
+  run releases its programs half as often (see "Why release").
 
 Cases whose operands hold more than ``SMALL_CASE_ELEMENTS`` elements compile
 with XLA's defaults: a large layer's programs run long enough for their run
@@ -71,7 +77,8 @@ CACHE_HIT_EVENT = '/jax/compilation_cache/cache_hits'
 # XLA options of the programs the harness compiles itself for small cases
 # on a CPU backend (see :func:`jit`).
 COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False,
-                    'xla_backend_optimization_level': 0}
+                    'xla_backend_optimization_level': 0,
+                    'xla_cpu_parallel_codegen_split_count': 1}
 # The backend on which COMPILER_OPTIONS apply.
 OPTIONS_BACKEND = 'cpu'
 # Operand elements (all operands together) up to which a case is small.
