@@ -316,7 +316,7 @@ def _dense_doubled_when(doubled):
     if doubled(*weights['weight'].shape):
       out['weight'] = 2 * out['weight']
     return out
-  prim = etp.register_primitive(f'broken_dense_{next(_ids)}', dense._impl,
+  prim = etp.register_primitive(f'doubled_dense_{next(_ids)}', dense._impl,
                                 batched=True, x_invar_index=0,
                                 trainable_invars_fn=dense._trainable)
   base = etp.rules_of(etp.etp_mm_p)
