@@ -42,8 +42,9 @@ backend, the harness compiles its own programs with ``COMPILER_OPTIONS``:
 * ``xla_cpu_parallel_codegen_split_count=1``: one object file per program
   part instead of several for parallel LLVM compilation, which these small
   programs do not need: each file holds three memory mappings, so a program
-  holds about half as many (LoRA's battery: 32 -> 18 per program), and a long
-  run releases its programs half as often (see "Why release").
+  holds a third to a half fewer (a small VJP: 21 -> 15; LoRA's battery:
+  32 -> 18 per program), and a long run releases its programs less often
+  (see "Why release").
 
 Cases whose operands hold more than ``SMALL_CASE_ELEMENTS`` elements compile
 with XLA's defaults: a large layer's programs run long enough for their run

@@ -224,9 +224,9 @@ class EtpCheckPlugin:
     in_full = self.config.getoption('tbstyle') == 'no'
     for record in self.failures:
       message = record.get('message', '')
-      if not in_full:
-        message = message.split('\nReproduce with:', 1)[0] + (
-            '\n(the snippet that re-runs it: under FAILURES above)')
+      head, snippet, _ = message.partition('\nReproduce with:')
+      if snippet and not in_full:
+        message = head + '\n(the snippet that re-runs it: under FAILURES above)'
       tr.write_line('')
       tr.write_line(f"FAILED etp::{record['primitive']}::{record['check']}")
       tr.write_line(message)
