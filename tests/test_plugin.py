@@ -112,6 +112,20 @@ def test_broken_user_rule_fails_with_the_rule_named(tmp_path):
   assert 'Reproduce with:' in summary
 
 
+def test_last_failed_reruns_only_the_failed_check(tmp_path):
+  """Node ids are ``::etp::<primitive>::<check>`` with one name per ``::``
+  segment, so pytest's cache finds a failed check again (``--lf``)."""
+  cached = [a for a in FAST if a not in ('-p', 'no:cacheprovider')]
+  proc = _run(tmp_path, '--etp-check', *cached, broken=True)
+  assert proc.returncode == 1 and '1 failed, 2 passed' in proc.stdout
+  proc = _run(tmp_path, '--etp-check', *cached, '--lf', broken=True)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert 'rerun previous 1 failure' in proc.stdout
+  assert '1 failed, 2 deselected' in proc.stdout
+  proc = _run(tmp_path, '--etp-check', *cached, '--lf')   # fixed: passes
+  assert proc.returncode == 0 and '1 passed, 2 deselected' in proc.stdout
+
+
 @pytest.mark.parametrize('profile,examples', [('dev', 3), ('nightly', 50)])
 def test_registered_hypothesis_profiles_are_selectable(tmp_path, profile,
                                                        examples):

@@ -147,19 +147,38 @@ class EtpCheckItem(pytest.Item):
     return self.path, None, f'etp::{self.primitive.name}::{self.check}'
 
 
+class EtpPrimitiveCollector(pytest.Collector):
+  """One primitive's node: its selected checks' items."""
+
+  def __init__(self, *, primitive, checks, **kwargs):
+    super().__init__(**kwargs)
+    self.primitive = primitive
+    self.checks = checks
+
+  def collect(self):
+    for check in self.checks:
+      yield EtpCheckItem.from_parent(self, name=check,
+                                     primitive=self.primitive, check=check)
+
+
 class EtpCollector(pytest.Collector):
-  """The ``etp`` node: the battery's items."""
+  """The ``etp`` node: a node per primitive (so that node ids are
+  ``::etp::<primitive>::<check>``, one name per ``::`` segment, as pytest's
+  ``--lf``/``--ff``/``--sw`` parse them back)."""
 
   def collect(self):
     pairs, _ = selected(self.config)
+    checks = {}
     for prim, check in pairs:
-      yield EtpCheckItem.from_parent(self, name=f'{prim.name}::{check}',
-                                     primitive=prim, check=check)
+      checks.setdefault(prim, []).append(check)
+    for prim, names in checks.items():
+      yield EtpPrimitiveCollector.from_parent(self, name=prim.name,
+                                              primitive=prim, checks=names)
 
 
 def battery_items(session):
   collector = EtpCollector.from_parent(session, name='etp')
-  return list(collector.collect())
+  return [item for node in collector.collect() for item in node.collect()]
 
 
 class EtpCheckPlugin:
