@@ -59,17 +59,23 @@ FAST = ['--etp-primitives', 'user_*', '--etp-checks',
         'xy_to_dw.vjp,yw_to_w.anchor,init.drtrl', '-p', 'no:cacheprovider']
 
 
-def _env():
+def _env(ci=False):
+  """The environment of a user's run.  pytest reports differently when
+  ``CI`` or ``BUILD_NUMBER`` is set, so a test states which it means."""
   env = dict(os.environ)
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  for name in ('CI', 'BUILD_NUMBER'):
+    env.pop(name, None)
+  if ci:
+    env['CI'] = 'true'
   return env
 
 
-def _run(tmp_path, *args, broken=False, timeout=300):
+def _run(tmp_path, *args, broken=False, timeout=300, ci=False):
   (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=broken))
   return subprocess.run([sys.executable, '-m', 'pytest', *args],
                         cwd=tmp_path, capture_output=True, text=True,
-                        env=_env(), timeout=timeout)
+                        env=_env(ci), timeout=timeout)
 
 
 def test_help_lists_the_option_group(tmp_path):
@@ -94,18 +100,30 @@ def test_user_primitive_passes_in_an_empty_directory(tmp_path):
   assert data['jax_version'] and data['devices'] and 'seed' in data
 
 
-def test_broken_user_rule_fails_with_the_rule_named(tmp_path):
-  proc = _run(tmp_path, '--etp-check', *FAST, broken=True)
+HEADLINE = ('[etp_testing] user_scaled_mm failed 1 check(s): xy_to_dw.vjp')
+
+
+@pytest.mark.parametrize('ci', [False, True], ids=['terminal', 'CI'])
+def test_broken_user_rule_fails_with_the_rule_named(tmp_path, ci):
+  """The snippet is printed once: under FAILURES, not again in the etp
+  summary nor in the short test summary (which, with ``CI`` set, prints a
+  plain-string report in full); with ``--tb=no`` in the etp summary.  The
+  CI run goes through pytest-xdist, which sends the report between
+  processes."""
+  workers = ['-n', '2'] if ci else []
+  proc = _run(tmp_path, '--etp-check', *FAST, *workers, broken=True, ci=ci)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   assert 'FAILED etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
   assert 'xy_to_dw[weight]' in proc.stdout
-  # The snippet once: under FAILURES, not again in the etp summary; with
-  # --tb=no (no FAILURES section) in the summary.
   summary = proc.stdout.split('etp rule checks')[1]
   assert proc.stdout.count('Reproduce with:') == 1
   assert 'FAILED etp::user_scaled_mm::xy_to_dw.vjp' in summary
   assert 'xy_to_dw[weight]' in summary and 'Reproduce with:' not in summary
-  proc = _run(tmp_path, '--etp-check', *FAST, '--tb=no', broken=True)
+  short = proc.stdout.split('short test summary info')[1]
+  assert 'xy_to_dw[weight]' not in short
+  if ci:   # the whole headline, untrimmed, and nothing after it
+    assert f'FAILED ::etp::user_scaled_mm::xy_to_dw.vjp - {HEADLINE}\n=' in short
+  proc = _run(tmp_path, '--etp-check', *FAST, '--tb=no', broken=True, ci=ci)
   assert proc.returncode == 1, proc.stdout + proc.stderr
   summary = proc.stdout.split('etp rule checks')[1]
   assert proc.stdout.count('Reproduce with:') == 1

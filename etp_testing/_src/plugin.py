@@ -140,11 +140,36 @@ class EtpCheckItem(pytest.Item):
   def repr_failure(self, excinfo, style=None):
     from etp_testing._src.errors import RuleConsistencyError
     if isinstance(excinfo.value, RuleConsistencyError):
-      return str(excinfo.value)
+      return message_repr(str(excinfo.value),
+                          f'etp::{self.primitive.name}::{self.check}')
     return super().repr_failure(excinfo, style)
 
   def reportinfo(self):
     return self.path, None, f'etp::{self.primitive.name}::{self.check}'
+
+
+def message_repr(message: str, where: str):
+  """A failure shown as ``message`` in pytest's FAILURES section, with the
+  message's first line as its crash line (``where:0: <first line>`` under
+  ``--tb=line``).
+
+  The short test summary prints a report's crash line; for a plain string
+  report that is the whole string whenever ``CI`` is set or under ``-vv``,
+  which repeated every snippet.  Built from pytest's own exception repr
+  classes (what pytest-xdist sends between processes); a pytest without
+  them gets the string.
+  """
+  try:
+    from _pytest._code.code import (ExceptionChainRepr, ReprEntryNative,
+                                    ReprFileLocation, ReprTraceback)
+  except ImportError:   # pragma: no cover - a pytest that moved them
+    return message
+  lines = [line + '\n' for line in message.splitlines()]
+  traceback = ReprTraceback(reprentries=[ReprEntryNative(lines)],
+                            extraline=None, style='native')
+  crash = ReprFileLocation(path=where, lineno=0,
+                           message=message.split('\n', 1)[0])
+  return ExceptionChainRepr([(traceback, crash, None)])
 
 
 class EtpPrimitiveCollector(pytest.Collector):
