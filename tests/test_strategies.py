@@ -366,3 +366,21 @@ def test_a_failing_run_shrinks_without_hypothesis_explain_phase():
     calls = int(re.search(r'found by hypothesis after (\d+) examples',
                           str(info.value)).group(1))
     assert calls < 40, calls
+
+
+def test_a_derandomized_failure_says_how_it_replays():
+  # Under hypothesis's ci profile (loaded when CI is set) there is no seed to
+  # report; the message says a rerun draws the same examples instead.
+  prim = _dense_doubled_when(lambda n_in, n_out: True)
+  etp_testing.register_strategy(prim, strategies.dense_cases(batched=True))
+  messages = []
+  for _ in range(2):
+    with pytest.raises(etp_testing.RuleConsistencyError) as info:
+      etp_testing.check_with_hypothesis(
+          prim, max_examples=5, checks=['xy_to_dw.vjp'],
+          settings=settings(database=None, derandomize=True))
+    messages.append(str(info.value))
+  assert messages[0] == messages[1]
+  replay = messages[0].splitlines()[-1]
+  assert info.value.summary.seed is None and 'seed=' not in replay
+  assert 'derandomized' in replay and 'replays the same draws' in replay

@@ -192,13 +192,16 @@ def _find_failure(error) -> Optional[_ExampleFailed]:
   return None
 
 
-def _replay_line(error, seed, calls, passed) -> str:
+def _replay_line(error, seed, calls, passed, derandomized=False) -> str:
   notes = '\n'.join(getattr(error, '__notes__', ()) or ())
   blob = _BLOB.search(notes)
   how = []
   if seed is not None:
     how.append(f'check_with_hypothesis(..., seed={seed}) replays the same '
                'draws')
+  elif derandomized:
+    how.append('the settings are derandomized (as in hypothesis\'s ci '
+               'profile), so running it again replays the same draws')
   if blob:
     how.append(f'{blob.group(0)} on a test decorated with '
                '@given(<the same strategy>) replays this example')
@@ -293,7 +296,8 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
     summary.duration_s = time.perf_counter() - start
     summary.distinct_shapes = len(signatures)
     message = (failure.report.failure_message() + '\n' +
-               _replay_line(e, seed, calls[0], summary.examples))
+               _replay_line(e, seed, calls[0], summary.examples,
+                            run_settings.derandomize))
     error = RuleConsistencyError(message, failure.report)
     error.summary = summary
     raise error from None
