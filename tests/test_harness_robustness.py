@@ -433,6 +433,25 @@ def test_a_quantity_operand_is_a_clear_type_error():
                             has_bias=False)
 
 
+def test_list_operands_are_checked_as_numpy_reads_them():
+  """A Python list is checked as ``np.asarray`` of it (float64), the array
+  its report and snippet name; a broken rule still fails on it."""
+  from etp_testing._src import mutants
+  x, w = [[1.0, 2.0]], [[1.0, 2.0, 3.0], [0.5, 0.25, 2.0]]
+  report = etp_testing.check_rules(etp.etp_mm_p, x, w, has_bias=False,
+                                   checks=['xy_to_dw.vjp', 'drtrl.exact'])
+  assert report.passed, report.failure_message()
+  assert [o['dtype'] for o in report.operands] == ['float64', 'float64']
+  as_arrays = etp_testing.check_rules(etp.etp_mm_p, np.asarray(x),
+                                      np.asarray(w), has_bias=False,
+                                      checks=['xy_to_dw.vjp', 'drtrl.exact'])
+  assert report.snippet == as_arrays.snippet
+  broken = mutants.get('dense_xy_sign').primitive()
+  report = etp_testing.check_rules(broken, x, w, has_bias=False,
+                                   checks=['xy_to_dw.vjp'])
+  assert report.outcome('xy_to_dw.vjp').status == 'failed'
+
+
 @pytest.mark.parametrize('actual, expected, passed', [
     ([1.0, 2.0], [1.0, 2.0 + 1e-9], True),
     ([1.0, 2.1], [1.0, 2.0], False),

@@ -147,6 +147,10 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
   n_states = (n_state,) if isinstance(n_state, int) else tuple(n_state)
   name = getattr(primitive, 'name', repr(primitive))
   _reject_quantities(name, operands)
+  # A Python list or scalar becomes the array NumPy makes of it (float64 for
+  # floats), so the checks, the report and its snippet see one array.
+  operands = tuple(o if hasattr(o, 'dtype') else np.asarray(o)
+                   for o in operands)
   # Long runs compile a program per new shape; bound what stays alive.
   compilations.release_if_over()
   report = ConsistencyReport(
@@ -192,7 +196,9 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
 
   Args:
     primitive: an ETP primitive (built-in or from ``etp.register_primitive``).
-    *operands: concrete operands in the primitive's invar order.
+    *operands: concrete operands in the primitive's invar order: arrays
+      (NumPy or JAX), or Python lists and scalars, taken as ``np.asarray``
+      makes them (float64 for floats, so checked with x64 on).
     checks: ``'all'``, or names / groups / glob patterns (see ``check_names``).
     rtol, atol: override the per-dtype tolerance table for every comparison.
     seed: fixes every drawn input (cotangents, traces, recurrence
