@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -142,6 +143,24 @@ def test_last_failed_reruns_only_the_failed_check(tmp_path):
   assert '1 failed, 2 deselected' in proc.stdout
   proc = _run(tmp_path, '--etp-check', *cached, '--lf')   # fixed: passes
   assert proc.returncode == 0 and '1 passed, 2 deselected' in proc.stdout
+
+
+def test_a_printed_node_id_reruns_that_check_alone(tmp_path):
+  """The id in ``FAILED ::etp::<primitive>::<check>`` is an argument that
+  selects that check (pytest would look for a file of that name)."""
+  proc = _run(tmp_path, '--etp-check', *FAST, broken=True)
+  node_id = re.search(r'^FAILED (\S+) - ', proc.stdout, re.M).group(1)
+  assert node_id == '::etp::user_scaled_mm::xy_to_dw.vjp'
+  for ids in ([node_id], [node_id[2:], 'etp::user_scaled_mm::init.drtrl']):
+    proc = _run(tmp_path, '--etp-check', *FAST, *ids, broken=True)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f'collected {len(ids)} item' in proc.stdout
+    assert 'FAILED ::etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
+  proc = _run(tmp_path, '--etp-check', *FAST, 'etp::user_scaled_mm')
+  assert proc.returncode == 0 and '3 passed' in proc.stdout
+  proc = _run(tmp_path, '--etp-check', *FAST, 'etp::user_scaled_mm::fd')
+  assert proc.returncode == 4
+  assert 'etp::user_scaled_mm::fd names no check' in proc.stderr
 
 
 @pytest.mark.parametrize('profile,examples', [('dev', 3), ('nightly', 50)])

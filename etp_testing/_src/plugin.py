@@ -7,7 +7,8 @@ imports JAX through the plugin.
 Collection: one item per (primitive, check) for every primitive in
 ``etp.primitives()`` with a strategy, named ``etp::<primitive>::<check>``.
 Without path arguments only the battery is collected; with paths, the battery
-runs next to the tests found there.
+runs next to the tests found there.  A node id among the arguments
+(``::etp::etp_mm::xy_to_dw.vjp``, ``etp::etp_mm``) selects those items.
 
 Compilation: the battery compiles a few dozen XLA programs per primitive and
 shape, and hypothesis draws the same shapes on every run; a persistent XLA
@@ -21,10 +22,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import platform
+import re
 import time
 
 import pytest
 
+from etp_testing._src.errors import PREFIX
 from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, RESULT_KEY
 
 
@@ -47,23 +50,65 @@ def configure_compile_cache(config):
       lambda: None if cache is None else str(cache.mkdir('etp-xla')))
 
 
+# A battery node id as pytest prints it: ``::etp::<primitive>::<check>``
+# (the leading ``::`` optional, the last parts too).
+_NODE_ID = re.compile(r'(?:::)?etp(?:::(?P<prim>[^:]+)(?:::(?P<check>[^:]+))?)?')
+NODE_IDS = pytest.StashKey[list]()
+
+
+def take_node_id_args(config) -> list:
+  """Moves the battery node ids among the path arguments (``pytest
+  --etp-check ::etp::etp_mm::xy_to_dw.vjp``, copied from a report) out of
+  them, where pytest would look for a file, into ``config.stash``; returns
+  them as ``(primitive, check)`` pairs (``None``: any)."""
+  paths, ids = [], []
+  for arg in config.option.file_or_dir or []:
+    match = _NODE_ID.fullmatch(arg)
+    if match:
+      ids.append((arg, match.group('prim'), match.group('check')))
+    else:
+      paths.append(arg)
+  if ids:
+    config.option.file_or_dir = paths
+    config.args = [a for a in config.args if not _NODE_ID.fullmatch(a)]
+  config.stash[NODE_IDS] = ids
+  return ids
+
+
+def _named(prim_name, check, ids) -> bool:
+  """Whether node ids ``ids`` (none: all) name ``check`` of ``prim_name``
+  (``check=None``: some check of it)."""
+  return not ids or any(
+      p in (None, prim_name) and (check is None or c in (None, check))
+      for _, p, c in ids)
+
+
 def selected(config):
-  """``[(primitive, check_name)]`` the options select, in a fixed order, and
-  the primitives that have no strategy."""
+  """``[(primitive, check_name)]`` the options (and node id arguments)
+  select, in a fixed order, and the primitives that have no strategy."""
   import etp
   from etp_testing._src import strategies
   from etp_testing._src.checks import registry as check_registry
   prim_patterns = _split(config.getoption('etp_primitives'))
   check_patterns = _split(config.getoption('etp_checks'))
   checks = check_registry.select(check_patterns or 'all')
+  ids = config.stash.get(NODE_IDS, [])
   pairs, unchecked = [], []
   for prim in etp.primitives():
-    if not _matches(prim.name, prim_patterns):
+    if not _matches(prim.name, prim_patterns) or not _named(prim.name, None,
+                                                            ids):
       continue
     if strategies.strategy_for(prim) is None:
       unchecked.append(prim.name)
       continue
-    pairs.extend((prim, c) for c in checks)
+    pairs.extend((prim, c) for c in checks if _named(prim.name, c, ids))
+  for arg, prim, check in ids:
+    if not any(_named(p.name, c, [(arg, prim, check)]) for p, c in pairs):
+      raise pytest.UsageError(
+          f'{PREFIX}{arg} names no check of the battery: ids are '
+          'etp::<primitive>::<check>, for a primitive with a strategy and a '
+          'check the --etp-primitives and --etp-checks options select '
+          '(pytest --etp-check --collect-only -q lists them)')
   return pairs, unchecked
 
 
@@ -216,6 +261,7 @@ class EtpCheckPlugin:
     self.unchecked = []
     self.start = time.perf_counter()
     self.compile_cache = None
+    take_node_id_args(config)
 
   @pytest.hookimpl(tryfirst=True)
   def pytest_collection(self, session):
