@@ -88,6 +88,20 @@ def test_help_lists_the_option_group(tmp_path):
     assert option in out
 
 
+@pytest.mark.parametrize('args,imports_jax', [
+    ([], False), (['--etp-check', '--etp-primitives', 'etp_mv'], True)])
+def test_only_an_etp_check_run_imports_jax(tmp_path, args, imports_jax):
+  """pytest imports the plugin (and so ``etp_testing``) in every run where
+  etp is installed; one without ``--etp-check`` must not import JAX."""
+  code = ('import sys, pytest\n'
+          f'pytest.main(["--collect-only", "-q", *{args!r}])\n'
+          'print("jax imported:", "jax" in sys.modules)')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path,
+                        capture_output=True, text=True, env=_env())
+  assert f'jax imported: {imports_jax}' in proc.stdout, proc.stdout + (
+      proc.stderr)
+
+
 def test_user_primitive_passes_in_an_empty_directory(tmp_path):
   report = tmp_path / 'report.json'
   proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}')
