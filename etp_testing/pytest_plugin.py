@@ -8,10 +8,17 @@ This module imports neither JAX nor the harness: the work lives in
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 DEFAULT_EXAMPLES = 3
 RESULT_KEY = 'etp_check_result'
+# A battery node id as pytest prints it: ``::etp::<primitive>::<check>`` (the
+# leading ``::`` optional, the last parts too, but some ``::``: a bare
+# ``etp`` is a path, such as this project's own package directory).
+NODE_ID = re.compile(
+    r'(?=.*::)(?:::)?etp(?:::(?P<prim>[^:]+)(?:::(?P<check>[^:]+))?)?')
 
 # name -> hypothesis settings; registered unless the user has one by that name.
 # ('ci' is hypothesis's own profile: 100 derandomized examples.)
@@ -64,6 +71,12 @@ def pytest_configure(config):
   if config.getoption('etp_check', False):
     from etp_testing._src.plugin import EtpCheckPlugin
     config.pluginmanager.register(EtpCheckPlugin(config), 'etp-check-session')
+    return
+  for arg in config.getoption('file_or_dir', None) or []:
+    if NODE_ID.fullmatch(arg):   # pytest would say "file not found"
+      raise pytest.UsageError(
+          f'[etp_testing] {arg} is a check of the ETP battery, collected '
+          'with --etp-check: pytest --etp-check ' + arg)
 
 
 @pytest.fixture

@@ -175,6 +175,12 @@ def test_a_printed_node_id_reruns_that_check_alone(tmp_path):
   proc = _run(tmp_path, '--etp-check', *FAST, 'etp::user_scaled_mm::fd')
   assert proc.returncode == 4
   assert 'etp::user_scaled_mm::fd names no check' in proc.stderr
+  proc = _run(tmp_path, *FAST, node_id)   # no --etp-check: says to add it
+  assert proc.returncode == 4
+  assert f'pytest --etp-check {node_id}' in proc.stderr
+  # A bare 'etp' is a path (a directory of that name), not the battery.
+  proc = _run(tmp_path, '--etp-check', *FAST, '--co', 'etp')
+  assert 'file or directory not found: etp' in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize('profile,examples', [('dev', 3), ('nightly', 50)])

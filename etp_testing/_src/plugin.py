@@ -22,13 +22,12 @@ from __future__ import annotations
 import fnmatch
 import json
 import platform
-import re
 import time
 
 import pytest
 
 from etp_testing._src.errors import PREFIX
-from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, RESULT_KEY
+from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, NODE_ID, RESULT_KEY
 
 
 def _split(value):
@@ -50,9 +49,6 @@ def configure_compile_cache(config):
       lambda: None if cache is None else str(cache.mkdir('etp-xla')))
 
 
-# A battery node id as pytest prints it: ``::etp::<primitive>::<check>``
-# (the leading ``::`` optional, the last parts too).
-_NODE_ID = re.compile(r'(?:::)?etp(?:::(?P<prim>[^:]+)(?:::(?P<check>[^:]+))?)?')
 NODE_IDS = pytest.StashKey[list]()
 
 
@@ -63,14 +59,14 @@ def take_node_id_args(config) -> list:
   them as ``(primitive, check)`` pairs (``None``: any)."""
   paths, ids = [], []
   for arg in config.option.file_or_dir or []:
-    match = _NODE_ID.fullmatch(arg)
+    match = NODE_ID.fullmatch(arg)
     if match:
       ids.append((arg, match.group('prim'), match.group('check')))
     else:
       paths.append(arg)
   if ids:
     config.option.file_or_dir = paths
-    config.args = [a for a in config.args if not _NODE_ID.fullmatch(a)]
+    config.args = [a for a in config.args if not NODE_ID.fullmatch(a)]
   config.stash[NODE_IDS] = ids
   return ids
 
