@@ -115,7 +115,7 @@ def test_user_primitive_passes_in_an_empty_directory(tmp_path):
   assert data['jax_version'] and data['devices'] and 'seed' in data
 
 
-HEADLINE = ('[etp_testing] user_scaled_mm failed 1 check(s): xy_to_dw.vjp')
+HEADLINE = '[etp_testing] user_scaled_mm failed 1 check(s): xy_to_dw.vjp'
 
 
 @pytest.mark.parametrize('ci', [False, True], ids=['terminal', 'CI'])

@@ -56,7 +56,7 @@ def take_node_id_args(config) -> list:
   """Moves the battery node ids among the path arguments (``pytest
   --etp-check ::etp::etp_mm::xy_to_dw.vjp``, copied from a report) out of
   them, where pytest would look for a file, into ``config.stash``; returns
-  them as ``(primitive, check)`` pairs (``None``: any)."""
+  them as ``(argument, primitive, check)`` (``None``: any)."""
   paths, ids = [], []
   for arg in config.option.file_or_dir or []:
     match = NODE_ID.fullmatch(arg)
@@ -181,12 +181,16 @@ class EtpCheckItem(pytest.Item):
   def repr_failure(self, excinfo, style=None):
     from etp_testing._src.errors import RuleConsistencyError
     if isinstance(excinfo.value, RuleConsistencyError):
-      return message_repr(str(excinfo.value),
-                          f'etp::{self.primitive.name}::{self.check}')
+      return message_repr(str(excinfo.value), self.label)
     return super().repr_failure(excinfo, style)
 
   def reportinfo(self):
-    return self.path, None, f'etp::{self.primitive.name}::{self.check}'
+    return self.path, None, self.label
+
+  @property
+  def label(self) -> str:
+    """``etp::<primitive>::<check>``, as reports name the item."""
+    return f'etp::{self.primitive.name}::{self.check}'
 
 
 def message_repr(message: str, where: str):
