@@ -145,7 +145,8 @@ def test_release_drops_every_cached_program():
 
 def test_release_when_the_mappings_reach_their_share(monkeypatch):
   """Without a limit, the trigger is the process's memory mappings against
-  half of vm.max_map_count (programs hold 2 to 14 mappings each)."""
+  half of vm.max_map_count (12 to 32 mappings per program: see the module
+  docstring)."""
   monkeypatch.setattr(compilations, 'PROBE_EVERY', 0)
   monkeypatch.setattr(compilations, '_mapping_cap', lambda: 10**9)
   assert not compilations.release_if_over()
