@@ -9,6 +9,8 @@ import textwrap
 
 import pytest
 
+import etp
+
 pytest_plugins = ['pytester']
 
 USER_CONFTEST = '''
@@ -72,8 +74,10 @@ def _env(ci=False):
   return env
 
 
-def _run(tmp_path, *args, broken=False, timeout=300, ci=False):
-  (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=broken))
+def _run(tmp_path, *args, broken=False, timeout=300, ci=False,
+         conftest=None):
+  conftest = conftest or USER_CONFTEST.format(broken=broken)
+  (tmp_path / 'conftest.py').write_text(conftest)
   return subprocess.run([sys.executable, '-m', 'pytest', *args],
                         cwd=tmp_path, capture_output=True, text=True,
                         env=_env(ci), timeout=timeout)
@@ -112,7 +116,9 @@ def test_user_primitive_passes_in_an_empty_directory(tmp_path):
   cells = data['primitives']['user_scaled_mm']
   assert set(cells) == {'xy_to_dw.vjp', 'yw_to_w.anchor', 'init.drtrl'}
   assert all(c['status'] == 'passed' for c in cells.values())
+  assert all(c['message'] is None for c in cells.values())
   assert data['jax_version'] and data['devices'] and 'seed' in data
+  assert data['etp_testing_version'] == etp.__version__
 
 
 HEADLINE = '[etp_testing] user_scaled_mm failed 1 check(s): xy_to_dw.vjp'
@@ -143,6 +149,47 @@ def test_broken_user_rule_fails_with_the_rule_named(tmp_path, ci):
   summary = proc.stdout.split('etp rule checks')[1]
   assert proc.stdout.count('Reproduce with:') == 1
   assert 'Reproduce with:' in summary
+
+
+def test_a_failed_check_s_message_is_in_the_report(tmp_path):
+  report = tmp_path / 'report.json'
+  proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}',
+              broken=True)
+  assert proc.returncode == 1
+  cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
+  assert cell['xy_to_dw.vjp']['status'] == 'failed'
+  assert cell['xy_to_dw.vjp']['message'].startswith(HEADLINE)
+  assert 'Reproduce with:' in cell['xy_to_dw.vjp']['message']
+
+
+def test_a_strategy_error_shows_the_user_s_frames_and_is_an_error_cell(
+    tmp_path):
+  """A strategy that raises: the traceback starts in the user's code (not a
+  thousand lines of pytest, pluggy and hypothesis), the etp summary and the
+  report name it an error, with hypothesis's note that a strategy raised."""
+  conftest = USER_CONFTEST.format(broken=False).replace(
+      '    n_in, n_out = draw(dims()), draw(dims())\n',
+      '    n_in, n_out = draw(dims()), draw(dims())\n'
+      '    raise KeyError("no such layer")\n')
+  report = tmp_path / 'report.json'
+  proc = _run(tmp_path, '--etp-check', *FAST, '--etp-checks', 'init.drtrl',
+              f'--etp-report={report}', conftest=conftest)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  failures = proc.stdout.split('= FAILURES =')[1].split('etp rule checks')[0]
+  assert 'raise KeyError("no such layer")' in failures
+  assert 'conftest.py:' in failures and '_pytest' not in failures
+  assert 'hypothesis/core.py' not in failures
+  assert len(failures.splitlines()) < 40, failures
+  summary = proc.stdout.split('etp rule checks')[1]
+  assert 'ERROR etp::user_scaled_mm::init.drtrl' in summary
+  assert "while generating 'case'" in summary and 'ERR' in summary
+  cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
+  assert cell['init.drtrl']['status'] == 'error'
+  assert 'no such layer' in cell['init.drtrl']['message']
+  # --fulltrace still shows everything.
+  proc = _run(tmp_path, '--etp-check', *FAST, '--etp-checks', 'init.drtrl',
+              '--fulltrace', conftest=conftest)
+  assert '_pytest' in proc.stdout and 'hypothesis/core.py' in proc.stdout
 
 
 def test_last_failed_reruns_only_the_failed_check(tmp_path):

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import platform
 import time
 
+import _pytest
 import pytest
 
 from etp_testing._src.errors import PREFIX
@@ -168,6 +170,11 @@ class EtpCheckItem(pytest.Item):
                     message=str(e))
       self.user_properties.append((RESULT_KEY, json.dumps(record)))
       raise
+    except Exception as e:   # a strategy's or the harness's own error
+      record.update(status='error', duration_s=time.perf_counter() - start,
+                    message=error_message(e))
+      self.user_properties.append((RESULT_KEY, json.dumps(record)))
+      raise
     result = summary.checks[self.check]
     record.update(status=result.status, duration_s=summary.duration_s,
                   max_abs_err=result.max_abs_err,
@@ -182,6 +189,8 @@ class EtpCheckItem(pytest.Item):
     from etp_testing._src.errors import RuleConsistencyError
     if isinstance(excinfo.value, RuleConsistencyError):
       return message_repr(str(excinfo.value), self.label)
+    if not self.config.getoption('fulltrace', False):
+      excinfo.traceback = user_frames(excinfo.traceback)
     return super().repr_failure(excinfo, style)
 
   def reportinfo(self):
@@ -191,6 +200,38 @@ class EtpCheckItem(pytest.Item):
   def label(self) -> str:
     """``etp::<primitive>::<check>``, as reports name the item."""
     return f'etp::{self.primitive.name}::{self.check}'
+
+
+def error_message(error: BaseException) -> str:
+  """``Type: message`` and the notes on ``error`` (hypothesis's "while
+  generating ..." says that a strategy raised), but not hypothesis's advice
+  to decorate a test function with ``@reproduce_failure``, which a battery
+  item does not have."""
+  notes = [n for n in getattr(error, '__notes__', ()) or ()
+           if n.strip() and '@reproduce_failure' not in n]
+  return '\n'.join([f'{type(error).__name__}: {error}', *notes])
+
+
+def _package_dir(module) -> str:
+  return os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+
+
+def user_frames(traceback):
+  """The frames of ``traceback`` in the user's code (a strategy, a rule):
+  without pytest's, pluggy's and hypothesis's, and without the harness's
+  where any others remain; the whole traceback where none do.  An error
+  in a user's strategy otherwise shows a thousand lines of their machinery
+  (``--fulltrace`` shows them)."""
+  import hypothesis
+  import pluggy
+  import etp_testing
+  machinery = tuple(_package_dir(m) for m in (pytest, _pytest, pluggy,
+                                               hypothesis))
+  harness = _package_dir(etp_testing)
+  outside = traceback.filter(
+      lambda entry: not str(entry.path).startswith(machinery))
+  users = outside.filter(lambda entry: not str(entry.path).startswith(harness))
+  return users or outside or traceback
 
 
 def message_repr(message: str, where: str):
@@ -295,7 +336,7 @@ class EtpCheckPlugin:
           key == RESULT_KEY and report.when == 'setup'):
         record = json.loads(value)
         self.results[(record['primitive'], record['check'])] = record
-        if record['status'] == 'failed':
+        if record['status'] in ('failed', 'error'):
           self.failures.append(record)
 
   def pytest_terminal_summary(self, terminalreporter):
@@ -318,7 +359,8 @@ class EtpCheckPlugin:
       if snippet and not in_full:
         message = head + '\n(the snippet that re-runs it: under FAILURES above)'
       tr.write_line('')
-      tr.write_line(f"FAILED etp::{record['primitive']}::{record['check']}")
+      word = 'FAILED' if record['status'] == 'failed' else 'ERROR'
+      tr.write_line(f"{word} etp::{record['primitive']}::{record['check']}")
       tr.write_line(message)
     path = self.config.getoption('etp_report')
     compiled, loaded = compile_totals(self.results.values())
@@ -334,21 +376,22 @@ class EtpCheckPlugin:
     if not path or hasattr(self.config, 'workerinput'):
       return
     import jax
-    import etp_testing
+    import etp
     from etp_testing._src import compilations
     checks = {}
     for (prim, check), record in sorted(self.results.items()):
       checks.setdefault(prim, {})[check] = {
           k: record.get(k) for k in ('status', 'max_abs_err', 'max_rel_err',
                                      'seed', 'examples', 'duration_s',
-                                     'skip_reasons', 'compiled', 'loaded')}
+                                     'skip_reasons', 'compiled', 'loaded',
+                                     'message')}
     statuses = [r['status'] for r in self.results.values()]
     data = {
         'etp_report_version': 1,
         'jax_version': jax.__version__,
         'python_version': platform.python_version(),
         'devices': [str(d) for d in jax.devices()],
-        'etp_testing_version': getattr(etp_testing, '__version__', None),
+        'etp_testing_version': etp.__version__,   # one distribution
         'seed': seed(self.config), 'examples': examples(self.config),
         'duration_s': time.perf_counter() - self.start,
         'compile_cache': self.compile_cache,
