@@ -58,6 +58,13 @@ def cases():
 etp_testing.register_strategy(prim, cases())
 '''
 
+# A user's strategy with a bug.
+RAISING_STRATEGY_CONFTEST = USER_CONFTEST.format(broken=False).replace(
+    '    n_in, n_out = draw(dims()), draw(dims())\n',
+    '    n_in, n_out = draw(dims()), draw(dims())\n'
+    '    raise KeyError("no such layer")\n')
+assert 'no such layer' in RAISING_STRATEGY_CONFTEST
+
 FAST = ['--etp-primitives', 'user_*', '--etp-checks',
         'xy_to_dw.vjp,yw_to_w.anchor,init.drtrl', '-p', 'no:cacheprovider']
 
@@ -167,10 +174,7 @@ def test_a_strategy_error_shows_the_user_s_frames_and_is_an_error_cell(
   """A strategy that raises: the traceback starts in the user's code (not a
   thousand lines of pytest, pluggy and hypothesis), the etp summary and the
   report name it an error, with hypothesis's note that a strategy raised."""
-  conftest = USER_CONFTEST.format(broken=False).replace(
-      '    n_in, n_out = draw(dims()), draw(dims())\n',
-      '    n_in, n_out = draw(dims()), draw(dims())\n'
-      '    raise KeyError("no such layer")\n')
+  conftest = RAISING_STRATEGY_CONFTEST
   report = tmp_path / 'report.json'
   proc = _run(tmp_path, '--etp-check', *FAST, '--etp-checks', 'init.drtrl',
               f'--etp-report={report}', conftest=conftest)
@@ -183,6 +187,7 @@ def test_a_strategy_error_shows_the_user_s_frames_and_is_an_error_cell(
   summary = proc.stdout.split('etp rule checks')[1]
   assert 'ERROR etp::user_scaled_mm::init.drtrl' in summary
   assert "while generating 'case'" in summary and 'ERR' in summary
+  assert 'raised at ' in summary and 'conftest.py:' in summary
   cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
   assert cell['init.drtrl']['status'] == 'error'
   assert 'no such layer' in cell['init.drtrl']['message']
@@ -366,6 +371,17 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   usage = subprocess.run(base + ['--checks', 'no_such_check'],
                          capture_output=True, text=True, env=_env())
   assert usage.returncode == 2 and 'no check matches' in usage.stderr
+  # A strategy that raises: an error cell, the others still run, status 1.
+  (tmp_path / 'conftest.py').write_text(RAISING_STRATEGY_CONFTEST)
+  raised = subprocess.run(base[:6] + ['user_*,etp_mv', *base[7:]],
+                          capture_output=True, text=True, env=_env())
+  assert raised.returncode == 1, raised.stdout + raised.stderr
+  assert 'Traceback' not in raised.stderr
+  row = [l for l in raised.stdout.splitlines() if l.startswith('xy_to_dw')]
+  assert row[0].split()[1:] == ['pass', '0', 'ERR'], raised.stdout
+  assert "user_scaled_mm: checking it raised KeyError: 'no such layer'" in (
+      raised.stdout)
+  assert 'conftest.py:' in raised.stdout
 
 
 def test_cli_compile_cache_is_written_and_reported(tmp_path):

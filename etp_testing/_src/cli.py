@@ -72,6 +72,7 @@ def main(argv=None) -> int:
   import etp
   import etp_testing
   from etp_testing._src import compilations, matrix, strategies
+  from etp_testing._src.errors import PREFIX, describe_exception
   from etp_testing._src.checks import registry as check_registry
   try:
     _load(args)
@@ -117,6 +118,13 @@ def main(argv=None) -> int:
           w = o.worst()
           results[(prim.name, o.name)] = (o.status,
                                           w.max_rel_err if w else None)
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        # A strategy's (or the harness's) own error: an error cell, and on.
+        failures.append(f'{PREFIX}{prim.name}: checking it raised '
+                        + describe_exception(e))
+        for name in checks:
+          results[(prim.name, name)] = ('error', None)
         continue
       summaries[prim.name] = summary.to_dict()
       for name, c in summary.checks.items():

@@ -45,3 +45,39 @@ class RuleFailure(Exception):
     self.rule = rule
     self.key = key
     self.message = message
+
+
+# The packages between a battery run and the user's code.
+MACHINERY = ('hypothesis', '_pytest', 'pytest', 'pluggy')
+
+
+def package_dirs(*names) -> tuple:
+  """The directories of the importable packages ``names`` (with a trailing
+  separator), for telling their frames apart."""
+  import importlib.util
+  import os
+  dirs = []
+  for name in names:
+    spec = importlib.util.find_spec(name)
+    if spec is not None and spec.origin:
+      dirs.append(os.path.dirname(os.path.abspath(spec.origin)) + os.sep)
+  return tuple(dirs)
+
+
+def describe_exception(error: BaseException) -> str:
+  """``Type: message``, the innermost frame of the user's code it passed
+  through (not the harness's, hypothesis's or pytest's), and its notes
+  (hypothesis's "while generating ..." says that a strategy raised), but
+  not hypothesis's advice to decorate a test with ``@reproduce_failure``,
+  which a battery run does not have."""
+  import traceback
+  lines = [f'{type(error).__name__}: {error}']
+  machinery = package_dirs('etp_testing', *MACHINERY)
+  frames = [f for f in traceback.extract_tb(error.__traceback__)
+            if not f.filename.startswith(machinery)]
+  if frames:
+    f = frames[-1]
+    lines.append(f'raised at {f.filename}:{f.lineno}, in {f.name}')
+  lines += [n for n in getattr(error, '__notes__', ()) or ()
+            if n.strip() and '@reproduce_failure' not in n]
+  return '\n'.join(lines)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 import platform
 import time
 
-import _pytest
 import pytest
 
-from etp_testing._src.errors import PREFIX
+from etp_testing._src.errors import (MACHINERY, PREFIX, describe_exception,
+                                     package_dirs)
 from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, NODE_ID, RESULT_KEY
 
 
@@ -172,7 +171,7 @@ class EtpCheckItem(pytest.Item):
       raise
     except Exception as e:   # a strategy's or the harness's own error
       record.update(status='error', duration_s=time.perf_counter() - start,
-                    message=error_message(e))
+                    message=describe_exception(e))
       self.user_properties.append((RESULT_KEY, json.dumps(record)))
       raise
     result = summary.checks[self.check]
@@ -202,32 +201,13 @@ class EtpCheckItem(pytest.Item):
     return f'etp::{self.primitive.name}::{self.check}'
 
 
-def error_message(error: BaseException) -> str:
-  """``Type: message`` and the notes on ``error`` (hypothesis's "while
-  generating ..." says that a strategy raised), but not hypothesis's advice
-  to decorate a test function with ``@reproduce_failure``, which a battery
-  item does not have."""
-  notes = [n for n in getattr(error, '__notes__', ()) or ()
-           if n.strip() and '@reproduce_failure' not in n]
-  return '\n'.join([f'{type(error).__name__}: {error}', *notes])
-
-
-def _package_dir(module) -> str:
-  return os.path.dirname(os.path.abspath(module.__file__)) + os.sep
-
-
 def user_frames(traceback):
   """The frames of ``traceback`` in the user's code (a strategy, a rule):
   without pytest's, pluggy's and hypothesis's, and without the harness's
   where any others remain; the whole traceback where none do.  An error
   in a user's strategy otherwise shows a thousand lines of their machinery
   (``--fulltrace`` shows them)."""
-  import hypothesis
-  import pluggy
-  import etp_testing
-  machinery = tuple(_package_dir(m) for m in (pytest, _pytest, pluggy,
-                                               hypothesis))
-  harness = _package_dir(etp_testing)
+  machinery, harness = package_dirs(*MACHINERY), package_dirs('etp_testing')
   outside = traceback.filter(
       lambda entry: not str(entry.path).startswith(machinery))
   users = outside.filter(lambda entry: not str(entry.path).startswith(harness))
