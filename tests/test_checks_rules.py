@@ -463,7 +463,7 @@ def test_init_drtrl_catches(broken, words):
 
 @pytest.mark.parametrize('broken,words', [
     (init_raises_for_two_states,
-     'init_drtrl raised ValueError: only one state (n_state=2)'),
+     'init_drtrl raised ValueError: only one state (n_state=2, at '),
     (init_names_not_arrays, 'init_drtrl returned no arrays'),
 ])
 def test_init_drtrl_names_a_rule_that_gives_no_zeros(broken, words):

@@ -14,6 +14,7 @@ error message must re-run the failing case.
 import importlib
 import itertools
 import json
+import os
 import sys
 
 import jax
@@ -79,6 +80,12 @@ def _raise(*args, **kwargs):
   raise ValueError('deliberately broken')
 
 
+# Where a message says _raise raised (a rule's own frame, not the harness's
+# or JAX's), as a path from the working directory.
+_RAISE_AT = (f'at {os.path.relpath(__file__)}:'
+             f'{_raise.__code__.co_firstlineno + 1} in _raise')
+
+
 # The rule variants run every check that calls a rule; the primitive.*
 # checks never do (they hold the JAX rules to impl), so they are left out.
 RULE_CHECKS = [n for n in etp_testing.check_names()
@@ -102,13 +109,15 @@ BROKEN = [
     ('inf', dict(xy_to_dw=_with_weight(lambda v: v.at[0, 0].set(jnp.inf))),
      'xy_to_dw.vjp', 'xy_to_dw', 'weight', ''),
     ('xy_to_dw_raises', dict(xy_to_dw=_raise), 'xy_to_dw.vjp', 'xy_to_dw',
-     None, 'xy_to_dw raised ValueError: deliberately broken'),
+     None, 'xy_to_dw raised ValueError: deliberately broken (called with '),
     ('yw_to_w_raises', dict(yw_to_w=_raise), 'yw_to_w.anchor', 'yw_to_w',
-     None, 'yw_to_w raised ValueError: deliberately broken'),
+     None, 'yw_to_w raised ValueError: deliberately broken (called with '),
     ('init_drtrl_raises', dict(init_drtrl=_raise), 'init.drtrl',
-     'init_drtrl', None, 'init_drtrl raised ValueError'),
+     'init_drtrl', None, 'init_drtrl raised ValueError: deliberately broken '
+     f'(n_state=1, {_RAISE_AT})'),
     ('init_pp_raises', dict(init_pp=_raise), 'init.pp', 'init_pp', None,
-     'init_pp raised ValueError'),
+     f'init_pp raised ValueError: deliberately broken (n_state=1, '
+     f'{_RAISE_AT})'),
 ]
 
 
@@ -139,11 +148,29 @@ def test_a_broken_rule_is_a_diagnosis(tag, build, check, rule, key, text):
     etp_testing.assert_rule_consistent(prim, *_operands(), checks=RULE_CHECKS,
                                        steps=2, n_state=1, has_bias=False)
   _assert_diagnosis(info.value, prim, check, rule, key, text)
+  if tag.endswith('_raises'):   # and where: the rule's line, not JAX's
+    assert _RAISE_AT + ')' in str(info.value)
   # Every failing check is diagnosed (a finding naming a rule), none only
   # crashed with an error from inside JAX.
   crashed = [(o.name, o.reason) for o in info.value.report.outcomes
              if o.status == 'error']
   assert not crashed, crashed
+
+
+def _xy_to_dw_with_a_shape_bug(x, g, weights, **params):
+  return {'weight': jnp.dot(x, jnp.ones((7, 7), x.dtype))}
+
+
+def test_a_rule_raising_inside_jax_is_located_in_the_rule():
+  """The innermost frame of the user's code, not of jax.numpy, where the
+  exception was raised."""
+  prim = _make('xy_to_dw_shape_bug', xy_to_dw=_xy_to_dw_with_a_shape_bug)
+  report = etp_testing.check_rules(prim, *_operands(), checks='xy_to_dw.vjp',
+                                   has_bias=False)
+  line = _xy_to_dw_with_a_shape_bug.__code__.co_firstlineno + 1
+  assert f'{os.path.relpath(__file__)}:{line} in _xy_to_dw_with_a_shape_bug' \
+      in report.failure_message()
+  assert 'jax/' not in report.failure_message()
 
 
 @pytest.mark.parametrize('where', ['impl', 'operands'])

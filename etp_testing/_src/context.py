@@ -22,7 +22,7 @@ import numpy as np
 import etp
 from etp._src.arrays import to_jax
 from etp_testing._src import compilations, executor, tolerances
-from etp_testing._src.errors import CheckSkipped, RuleFailure
+from etp_testing._src.errors import CheckSkipped, RuleFailure, raised
 from etp_testing._src.report import Finding
 
 # Above this many Jacobian entries (output size x weight size), fast mode is
@@ -511,8 +511,8 @@ class CheckContext:
       shapes = [tuple(np.shape(a)) if hasattr(a, 'shape') else
                 jax.tree.map(lambda v: tuple(np.shape(v)), a)
                 if isinstance(a, Mapping) else type(a).__name__ for a in args]
-      raise RuleFailure(rule_name, f'{rule_name} raised {type(e).__name__}: '
-                        f'{e} (called with argument shapes {shapes})') from e
+      raise RuleFailure(rule_name, raised(
+          rule_name, e, f'called with argument shapes {shapes}')) from e
 
   def check_keys(self, rule_name: str, tree, expected_keys) -> None:
     """Fails unless ``tree`` is a dict with exactly ``expected_keys``."""

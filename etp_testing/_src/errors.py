@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 PREFIX = '[etp_testing] '
 
 
@@ -64,20 +66,50 @@ def package_dirs(*names) -> tuple:
   return tuple(dirs)
 
 
-def describe_exception(error: BaseException) -> str:
-  """``Type: message``, the innermost frame of the user's code it passed
-  through (not the harness's, hypothesis's or pytest's), and its notes
-  (hypothesis's "while generating ..." says that a strategy raised), but
-  not hypothesis's advice to decorate a test with ``@reproduce_failure``,
-  which a battery run does not have."""
+# Libraries a user's rule or strategy calls into: a frame there is not where
+# their code went wrong.
+LIBRARIES = ('jax', 'jaxlib', 'numpy', 'saiunit', 'chex')
+
+
+def where_raised(error: BaseException) -> Optional[str]:
+  """``'<file>:<line> in <function>'``: the innermost frame ``error`` passed
+  through that is the user's code (a rule, an impl, a strategy; not the
+  harness, pytest, hypothesis, JAX or NumPy), or ``None``.  The file is
+  relative to the working directory where it lies below it."""
+  import os
   import traceback
-  lines = [f'{type(error).__name__}: {error}']
-  machinery = package_dirs('etp_testing', *MACHINERY)
+  skip = package_dirs('etp_testing', *MACHINERY, *LIBRARIES)
   frames = [f for f in traceback.extract_tb(error.__traceback__)
-            if not f.filename.startswith(machinery)]
-  if frames:
-    f = frames[-1]
-    lines.append(f'raised at {f.filename}:{f.lineno}, in {f.name}')
+            if not f.filename.startswith(skip) and not f.filename.startswith(
+                '<')]
+  if not frames:
+    return None
+  frame = frames[-1]
+  path = frame.filename
+  relative = os.path.relpath(path)
+  if not relative.startswith('..'):
+    path = relative
+  return f'{path}:{frame.lineno} in {frame.name}'
+
+
+def raised(what: str, error: BaseException, detail: str = '') -> str:
+  """``'<what> raised <Type>: <message> (<detail>, at <where>)'``, where as
+  :func:`where_raised` finds it (the parts in brackets where known)."""
+  where = where_raised(error)
+  notes = [n for n in (detail, where and f'at {where}') if n]
+  return (f'{what} raised {type(error).__name__}: {error}'
+          + (f' ({", ".join(notes)})' if notes else ''))
+
+
+def describe_exception(error: BaseException) -> str:
+  """``Type: message``, where it was raised (:func:`where_raised`), and its
+  notes (hypothesis's "while generating ..." says that a strategy raised),
+  but not hypothesis's advice to decorate a test with
+  ``@reproduce_failure``, which a battery run does not have."""
+  lines = [f'{type(error).__name__}: {error}']
+  where = where_raised(error)
+  if where:
+    lines.append(f'raised at {where}')
   lines += [n for n in getattr(error, '__notes__', ()) or ()
             if n.strip() and '@reproduce_failure' not in n]
   return '\n'.join(lines)

@@ -17,7 +17,8 @@ from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import CheckContext, x64_enabled, y_aval
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
                                      NothingCheckedError,
-                                     RuleConsistencyError, RuleFailure)
+                                     RuleConsistencyError, RuleFailure,
+                                     raised)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
                                      CheckOutcome, ConsistencyReport, Finding)
 
@@ -73,9 +74,9 @@ def _validate_case(primitive, operands, params) -> Optional[tuple]:
     y_aval(primitive, operands, params)
   except Exception as e:  # pylint: disable=broad-except
     shapes = [tuple(np.shape(o)) for o in operands]
-    return 'bind', (f'binding {primitive.name} on shapes {shapes} with '
-                    f'params {params} raised {type(e).__name__}: {e} (the '
-                    'operands do not fit the primitive, or its impl raises)')
+    return 'bind', (raised(
+        f'binding {primitive.name} on shapes {shapes} with params {params}',
+        e, 'the operands do not fit the primitive, or its impl raises'))
   # A gradient w.r.t. an integer or boolean operand is not defined: every
   # rule check would fail, each in JAX's words, none saying why.
   for key, i in primitive.trainable_invars(params).items():

@@ -74,7 +74,7 @@ import etp
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
-from etp_testing._src.errors import RuleFailure
+from etp_testing._src.errors import RuleFailure, raised
 
 
 def _step(primitive, params, rule):
@@ -146,9 +146,8 @@ def _compute(ctx, operands, g, *, jit: bool, where: str) -> dict:
       raise RuleFailure(e.rule, f'{where}: {e.message}', key=e.key) from e
     except Exception as e:  # pylint: disable=broad-except
       shapes = [tuple(np.shape(a)) for a in operands]
-      raise RuleFailure(rule, f'{where}: {what} raised {type(e).__name__}: '
-                        f'{e} (operand shapes {shapes}, g '
-                        f'{tuple(np.shape(g))})') from e
+      raise RuleFailure(rule, f'{where}: ' + raised(
+          what, e, f'operand shapes {shapes}, g {tuple(np.shape(g))}')) from e
   return results
 
 

@@ -32,7 +32,7 @@ from etp_testing._src import executor, tolerances
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
-from etp_testing._src.errors import RuleFailure
+from etp_testing._src.errors import RuleFailure, raised
 
 PP_ALPHA = 0.7
 # The non-linear fn that drtrl.exact puts in front of gradient_enabled markers.
@@ -49,8 +49,8 @@ def _guarded(name, rule):
     except Exception as e:  # pylint: disable=broad-except
       shapes = [tuple(np.shape(a)) if hasattr(a, 'shape') else type(a).__name__
                 for a in args]
-      raise RuleFailure(name, f'{name} raised {type(e).__name__}: {e} '
-                        f'(argument shapes {shapes})') from e
+      raise RuleFailure(name, raised(
+          name, e, f'argument shapes {shapes}')) from e
   return call
 
 

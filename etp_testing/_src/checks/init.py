@@ -27,7 +27,7 @@ from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled, traced_shapes, x64_enabled
-from etp_testing._src.errors import RuleFailure
+from etp_testing._src.errors import RuleFailure, raised
 
 
 def _as_float32(operands):
@@ -53,8 +53,8 @@ def _rule_outputs(primitive, params, operands, name, rule, n_states):
       out.append(call_init_rule(rule, x_var, y_var, weight_vars, n_state,
                                 rule_params))
     except Exception as e:  # pylint: disable=broad-except
-      raise RuleFailure(name, f'{name} raised {type(e).__name__}: {e} '
-                        f'(n_state={n_state})') from e
+      raise RuleFailure(name, raised(name, e,
+                                        f'n_state={n_state}')) from e
   return out
 
 
@@ -158,7 +158,7 @@ def _increment_shapes(ctx, operands):
         ctx.primitive, ctx.rules, x, g, w, rule_params), x, g, weights)
   except Exception as e:  # pylint: disable=broad-except
     rule = 'instant_drtrl' if ctx.rules.instant_drtrl else 'xy_to_dw'
-    raise RuleFailure(rule, f'{rule} raised {type(e).__name__}: {e}') from e
+    raise RuleFailure(rule, raised(rule, e)) from e
   return {k: tuple(np.shape(v)) for k, v in inc.items()}
 
 

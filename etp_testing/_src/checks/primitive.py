@@ -44,7 +44,7 @@ from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (compiled, shape_of, to_float64,
                                       x64_enabled)
-from etp_testing._src.errors import RuleFailure
+from etp_testing._src.errors import RuleFailure, raised
 
 # At most this many in_axes combinations per case (x alone, the weights
 # alone and all mapped are always among them; the rest is sampled by seed).
@@ -67,8 +67,8 @@ def _guarded(rule: str, what: str, fn, *args):
   except RuleFailure:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise RuleFailure(rule, f'{what} raised {type(e).__name__}: {e} '
-                      f'(operands {_describe_operands(args)})') from e
+    raise RuleFailure(rule, raised(
+        what, e, f'operands {_describe_operands(args)}')) from e
 
 
 def _outputs(ctx, out) -> list:

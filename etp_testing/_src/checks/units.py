@@ -30,6 +30,7 @@ import saiunit as u
 from etp._src.arrays import to_jax
 from etp_testing._src import executor, tolerances, unit_cases
 from etp_testing._src.checks.registry import check
+from etp_testing._src.errors import raised
 
 _ETP_PREFIX = '[etp] '
 
@@ -73,7 +74,7 @@ def check_units(ctx):
       if _is_validation_error(e):
         rejected.append(f'{description}: {e}')
       else:
-        ctx.fail('units', f'{description} raised {type(e).__name__}: {e}')
+        ctx.fail('units', raised(description, e))
       continue
     _check_call(ctx, description, call, out, expected_unit, expected)
   if rejected and len(rejected) == len(cases):

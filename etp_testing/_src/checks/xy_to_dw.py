@@ -28,7 +28,7 @@ from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (compiled, to_float64, traced_shapes,
                                       x64_enabled, x64_scope)
-from etp_testing._src.errors import RuleFailure
+from etp_testing._src.errors import RuleFailure, raised
 
 # Largest Jacobian (output elements x weight elements) xy_to_dw.jacrev builds.
 JACREV_LIMIT = 2_000_000
@@ -142,9 +142,9 @@ def _rule_avals(ctx) -> dict:
     out = traced_shapes(_rule_shapes, ctx.primitive, ctx.given, ctx.params,
                         ctx.rules.xy_to_dw)
   except Exception as e:  # pylint: disable=broad-except
-    raise RuleFailure('xy_to_dw', f'xy_to_dw raised {type(e).__name__}: {e} '
-                      f'(traced on operand shapes '
-                      f'{[tuple(np.shape(o)) for o in ctx.given]})') from e
+    raise RuleFailure('xy_to_dw', raised(
+        'xy_to_dw', e, 'traced on operand shapes '
+        f'{[tuple(np.shape(o)) for o in ctx.given]}')) from e
   ctx.check_keys('xy_to_dw', out, ctx.weight_avals.keys())
   return out
 

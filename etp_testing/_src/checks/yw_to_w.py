@@ -30,7 +30,7 @@ from etp._src.arrays import to_jax
 from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
-from etp_testing._src.errors import RuleFailure
+from etp_testing._src.errors import RuleFailure, raised
 from etp_testing._src.report import Finding
 
 # Weight elements whose Jacobian columns yw_to_w.anchor measures at most.
@@ -48,8 +48,7 @@ def trace_shapes(ctx, operands=None) -> dict:
     traces = jax.eval_shape(lambda: call_init_rule(
         ctx.rules.init_drtrl, x_var, y_var, weight_vars, 1, ctx.rule_params))
   except Exception as e:  # pylint: disable=broad-except
-    raise RuleFailure('init_drtrl', f'init_drtrl raised {type(e).__name__}: '
-                      f'{e}') from e
+    raise RuleFailure('init_drtrl', raised('init_drtrl', e)) from e
   ctx.check_keys('init_drtrl', traces, ctx.weights.keys())
   return {k: tuple(np.shape(v))[:-1] for k, v in traces.items()}
 
