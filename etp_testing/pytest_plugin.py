@@ -12,6 +12,8 @@ import re
 
 import pytest
 
+from etp_testing._src.cli import positive_int
+
 DEFAULT_EXAMPLES = 3
 RESULT_KEY = 'etp_check_result'
 # A battery node id as pytest prints it: ``::etp::<primitive>::<check>`` (the
@@ -38,7 +40,8 @@ def pytest_addoption(parser):
                   help='comma list of primitive names or glob patterns')
   group.addoption('--etp-checks', default=None, metavar='NAMES',
                   help='comma list of check names, groups (xy_to_dw) or globs')
-  group.addoption('--etp-examples', type=int, default=None, metavar='N',
+  group.addoption('--etp-examples', type=positive_int, default=None,
+                  metavar='N',
                   help='hypothesis examples per item (default: the active '
                   f'--hypothesis-profile, else {DEFAULT_EXAMPLES})')
   group.addoption('--etp-devices', default='all',

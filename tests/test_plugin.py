@@ -197,6 +197,20 @@ def test_a_strategy_error_shows_the_user_s_frames_and_is_an_error_cell(
   assert '_pytest' in proc.stdout and 'hypothesis/core.py' in proc.stdout
 
 
+@pytest.mark.parametrize('option,words', [
+    ('--etp-examples=0', "argument --etp-examples: '0' is not a number >= 1"),
+    ('--etp-checks=nope', "--etp-checks: no check matches 'nope'"),
+    ('--etp-primitives=user_*,nope', "no primitive matches 'nope'"),
+])
+def test_a_bad_option_value_is_a_usage_error(tmp_path, option, words):
+  """Not an INTERNALERROR traceback, nor every item failing in
+  hypothesis's words, nor a run that checks nothing."""
+  proc = _run(tmp_path, '--etp-check', option, '-p', 'no:cacheprovider')
+  assert proc.returncode == 4, proc.stdout + proc.stderr
+  assert words in proc.stderr
+  assert 'INTERNALERROR' not in proc.stdout + proc.stderr
+
+
 def test_last_failed_reruns_only_the_failed_check(tmp_path):
   """Node ids are ``::etp::<primitive>::<check>`` with one name per ``::``
   segment, so pytest's cache finds a failed check again (``--lf``)."""
@@ -371,6 +385,9 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   usage = subprocess.run(base + ['--checks', 'no_such_check'],
                          capture_output=True, text=True, env=_env())
   assert usage.returncode == 2 and 'no check matches' in usage.stderr
+  usage = subprocess.run(base + ['--examples', '0'], capture_output=True,
+                         text=True, env=_env())
+  assert usage.returncode == 2 and 'is not a number >= 1' in usage.stderr
   # A strategy that raises: an error cell, the others still run, status 1.
   (tmp_path / 'conftest.py').write_text(RAISING_STRATEGY_CONFTEST)
   raised = subprocess.run(base[:6] + ['user_*,etp_mv', *base[7:]],

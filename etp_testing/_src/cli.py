@@ -20,6 +20,18 @@ import sys
 import time
 
 
+def positive_int(text: str) -> int:
+  """An argparse type: a whole number of at least 1 (hypothesis refuses
+  fewer examples, in every item)."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a number >= 1')
+  return value
+
+
 def _parser():
   p = argparse.ArgumentParser(
       prog='etp-check', description='Prove ETP primitives\' rules right on '
@@ -28,7 +40,7 @@ def _parser():
                  help='comma list of primitive names or glob patterns')
   p.add_argument('--checks', default=None, metavar='NAMES',
                  help='comma list of check names, groups or globs')
-  p.add_argument('--examples', type=int, default=3, metavar='N',
+  p.add_argument('--examples', type=positive_int, default=3, metavar='N',
                  help='hypothesis examples per primitive (default 3)')
   p.add_argument('--devices', default='all', choices=('cpu', 'gpu', 'all'))
   p.add_argument('--report', default=None, metavar='PATH',

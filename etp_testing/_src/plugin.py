@@ -88,7 +88,17 @@ def selected(config):
   from etp_testing._src.checks import registry as check_registry
   prim_patterns = _split(config.getoption('etp_primitives'))
   check_patterns = _split(config.getoption('etp_checks'))
-  checks = check_registry.select(check_patterns or 'all')
+  try:
+    checks = check_registry.select(check_patterns or 'all')
+  except ValueError as e:   # a usage error, not pytest's INTERNALERROR
+    raise pytest.UsageError(
+        f'{PREFIX}--etp-checks: ' + str(e).removeprefix(PREFIX)) from None
+  names = [p.name for p in etp.primitives()]
+  for pattern in prim_patterns:
+    if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+      raise pytest.UsageError(
+          f'{PREFIX}--etp-primitives: no primitive matches {pattern!r}; '
+          'known primitives: ' + ', '.join(names))
   ids = config.stash.get(NODE_IDS, [])
   pairs, unchecked = [], []
   for prim in etp.primitives():
