@@ -1,9 +1,11 @@
 """pytest plugin ``etp``: ``pytest --etp-check`` runs the ETP rule battery.
 
 Registered through the ``pytest11`` entry point; ``-p no:etp`` turns it off.
-This module imports neither JAX nor the harness: the work lives in
+This module imports neither JAX nor the harness (only two light modules of
+it, ``cli`` for an option type and ``errors``): the work lives in
 ``etp_testing._src.plugin`` and loads only with ``--etp-check`` or when the
-``etp_check`` fixture is used.
+``etp_check`` fixture is used.  A test checks that a run without
+``--etp-check`` leaves JAX unimported.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import pytest
 
 from etp_testing._src.cli import positive_int
+from etp_testing._src.errors import PREFIX
 
 DEFAULT_EXAMPLES = 3
 RESULT_KEY = 'etp_check_result'
@@ -78,7 +81,7 @@ def pytest_configure(config):
   for arg in config.getoption('file_or_dir', None) or []:
     if NODE_ID.fullmatch(arg):   # pytest would say "file not found"
       raise pytest.UsageError(
-          f'[etp_testing] {arg} is a check of the ETP battery, collected '
+          f'{PREFIX}{arg} is a check of the ETP battery, collected '
           'with --etp-check: pytest --etp-check ' + arg)
 
 
