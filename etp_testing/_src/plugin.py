@@ -232,20 +232,20 @@ def message_repr(message: str, where: str):
   The short test summary prints a report's crash line; for a plain string
   report that is the whole string whenever ``CI`` is set or under ``-vv``,
   which repeated every snippet.  Built from pytest's own exception repr
-  classes (what pytest-xdist sends between processes); a pytest without
-  them gets the string.
+  classes (what pytest-xdist sends between processes); a pytest whose
+  classes moved or changed gets the string.
   """
   try:
     from _pytest._code.code import (ExceptionChainRepr, ReprEntryNative,
                                     ReprFileLocation, ReprTraceback)
-  except ImportError:   # pragma: no cover - a pytest that moved them
-    return message
-  lines = [line + '\n' for line in message.splitlines()]
-  traceback = ReprTraceback(reprentries=[ReprEntryNative(lines)],
-                            extraline=None, style='native')
-  crash = ReprFileLocation(path=where, lineno=0,
-                           message=message.split('\n', 1)[0])
-  return ExceptionChainRepr([(traceback, crash, None)])
+    lines = [line + '\n' for line in message.splitlines()]
+    traceback = ReprTraceback(reprentries=[ReprEntryNative(lines)],
+                              extraline=None, style='native')
+    crash = ReprFileLocation(path=where, lineno=0,
+                             message=message.split('\n', 1)[0])
+    return ExceptionChainRepr([(traceback, crash, None)])
+  except (ImportError, TypeError):   # pragma: no cover - a pytest that
+    return message                   # moved or changed them
 
 
 class EtpPrimitiveCollector(pytest.Collector):
