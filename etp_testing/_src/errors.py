@@ -86,7 +86,10 @@ def where_raised(error: BaseException) -> Optional[str]:
     return None
   frame = frames[-1]
   path = frame.filename
-  relative = os.path.relpath(path)
+  try:
+    relative = os.path.relpath(path)
+  except ValueError:   # another drive (Windows)
+    relative = path
   if not relative.startswith('..'):
     path = relative
   return f'{path}:{frame.lineno} in {frame.name}'
