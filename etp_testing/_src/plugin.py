@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from etp_testing._src.errors import (MACHINERY, PREFIX, describe_exception,
-                                     package_dirs)
+from etp_testing._src.errors import (MACHINERY, PREFIX, RuleConsistencyError,
+                                     describe_exception, package_dirs)
 from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, NODE_ID, RESULT_KEY
 
 
@@ -93,7 +93,8 @@ def selected(config):
   except ValueError as e:   # a usage error, not pytest's INTERNALERROR
     raise pytest.UsageError(
         f'{PREFIX}--etp-checks: ' + str(e).removeprefix(PREFIX)) from None
-  names = [p.name for p in etp.primitives()]
+  prims = etp.primitives()
+  names = [p.name for p in prims]
   for pattern in prim_patterns:
     if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
       raise pytest.UsageError(
@@ -101,7 +102,7 @@ def selected(config):
           'known primitives: ' + ', '.join(names))
   ids = config.stash.get(NODE_IDS, [])
   pairs, unchecked = [], []
-  for prim in etp.primitives():
+  for prim in prims:
     if not _matches(prim.name, prim_patterns) or not _named(prim.name, None,
                                                             ids):
       continue
@@ -155,7 +156,6 @@ class EtpCheckItem(pytest.Item):
   def runtest(self):
     from etp_testing._src import compilations
     from etp_testing._src.hypothesis_runner import check_with_hypothesis
-    from etp_testing._src.errors import RuleConsistencyError
     config = self.config
     start = time.perf_counter()
     record = {'primitive': self.primitive.name, 'check': self.check,
@@ -170,18 +170,9 @@ class EtpCheckItem(pytest.Item):
               fast=True if config.getoption('etp_fast') else None)
         finally:
           record.update(compiled=programs.count, loaded=programs.loaded)
-    except RuleConsistencyError as e:
-      worst = e.report.outcome(self.check)
-      worst = worst.worst() if worst else None
-      record.update(status='failed', duration_s=time.perf_counter() - start,
-                    max_abs_err=worst.max_abs_err if worst else None,
-                    max_rel_err=worst.max_rel_err if worst else None,
-                    message=str(e))
-      self.user_properties.append((RESULT_KEY, json.dumps(record)))
-      raise
-    except Exception as e:   # a strategy's or the harness's own error
-      record.update(status='error', duration_s=time.perf_counter() - start,
-                    message=describe_exception(e))
+    except Exception as e:
+      record.update(_failure_fields(self.check, e),
+                    duration_s=time.perf_counter() - start)
       self.user_properties.append((RESULT_KEY, json.dumps(record)))
       raise
     result = summary.checks[self.check]
@@ -195,7 +186,6 @@ class EtpCheckItem(pytest.Item):
       pytest.skip('; '.join(result.skip_reasons) or 'skipped')
 
   def repr_failure(self, excinfo, style=None):
-    from etp_testing._src.errors import RuleConsistencyError
     if isinstance(excinfo.value, RuleConsistencyError):
       return message_repr(str(excinfo.value), self.label)
     if not self.config.getoption('fulltrace', False):
@@ -209,6 +199,19 @@ class EtpCheckItem(pytest.Item):
   def label(self) -> str:
     """``etp::<primitive>::<check>``, as reports name the item."""
     return f'etp::{self.primitive.name}::{self.check}'
+
+
+def _failure_fields(check: str, error: Exception) -> dict:
+  """The record fields of a check that raised ``error``: ``failed`` with
+  its worst errors for a rule failure, ``error`` for anything else (a
+  strategy's or the harness's own exception)."""
+  if not isinstance(error, RuleConsistencyError):
+    return {'status': 'error', 'message': describe_exception(error)}
+  outcome = error.report.outcome(check)
+  worst = outcome.worst() if outcome else None
+  return {'status': 'failed', 'message': str(error),
+          'max_abs_err': worst.max_abs_err if worst else None,
+          'max_rel_err': worst.max_rel_err if worst else None}
 
 
 def user_frames(traceback):
