@@ -534,6 +534,61 @@ def test_drtrl_instant_catches_inconsistent_pair():
                 'solve_drtrl', 'lora_b')
 
 
+# ------------------------------------------- fast mode's trace budget
+LORA_OPS = (X, W[:, :2], W[:2])   # batch 3: a batch of one is a third
+
+
+def _lora_trace_bytes(*operands):
+  from etp_testing._src.context import CheckContext
+  return CheckContext(etp.etp_lora_mm_p, operands,
+                      {'alpha': 0.5, 'has_bias': False}).trace_bytes()
+
+
+def _fast_run(prim, check, fast=True):
+  return etp_testing.check_rules(prim, *LORA_OPS, checks=[check], fast=fast,
+                                 alpha=0.5, has_bias=False).outcome(check)
+
+
+def test_fast_mode_runs_drtrl_exact_on_what_fits_the_budget(monkeypatch):
+  # drtrl.exact holds about 3 traces per state: only a batch of one with a
+  # single state fits, where the broken solve is caught and the correct
+  # one passes; the report says what was checked.
+  from etp_testing._src import context
+  one = _lora_trace_bytes(X[:1], *LORA_OPS[1:])
+  assert _lora_trace_bytes(*LORA_OPS) == 3 * one
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 3 * one)
+
+  def solve(c, trace, **params):
+    out = lora._solve_drtrl(c, trace, **params)
+    return {**out, 'lora_b': 3.0 * out['lora_b']}
+  broken = _fast_run(lora_variant(solve_drtrl=solve), 'drtrl.exact')
+  assert_caught(broken, 'drtrl', 'lora_b')
+  correct = _fast_run(lora_variant(), 'drtrl.exact')
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+  notes = [f.message for f in correct.findings if f.rule == 'trace']
+  assert notes and 'checked with a batch of one and n_state=1' in notes[0], notes
+  # With room for two states, the larger one is kept.
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 6 * one)
+  notes = [f.message for f in _fast_run(lora_variant(), 'drtrl.exact').findings
+           if f.rule == 'trace']
+  assert 'checked with a batch of one and n_state=2' in notes[0], notes
+
+
+def test_fast_mode_skips_a_trace_check_that_fits_nowhere(monkeypatch):
+  from etp_testing._src import context
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 1)
+  for check in ('drtrl.exact', 'drtrl.instant', 'init.drtrl',
+                'yw_to_w.linear', 'yw_to_w.vmap'):
+    outcome = _fast_run(lora_variant(), check)
+    assert outcome.status == 'skipped', (check, outcome.status)
+    assert 'FAST_TRACE_BYTES' in outcome.reason, outcome.reason
+    assert 'fast=False' in outcome.reason, outcome.reason
+  # Outside fast mode the budget does not apply: the whole case is checked.
+  outcome = _fast_run(lora_variant(), 'drtrl.exact', fast=False)
+  assert outcome.status == 'passed'
+  assert not [f for f in outcome.findings if f.rule == 'trace']
+
+
 # The soak's one false alarm (etp_lora_mm float32, hypothesis seed 5): x's two
 # examples nearly cancel, so both sides' rounding (2e-7) was 6e-5 of the
 # result.  Judged against the size of the summed terms it passes; a small
@@ -616,7 +671,7 @@ def test_drtrl_term_scales_bound_the_gradient():
   ctx = context.CheckContext(etp.etp_mm_p, CANCELLING[:2] + (B[:1],),
                              {'has_bias': True}, seed=5, steps=3,
                              n_states=(1, 2))
-  ctx = ctx.for_traces()
+  ctx = ctx.for_traces(copies=3, per_state=True)
   rules = drtrl.guarded_rules(ctx.rules)
   runs = [('as given', n, False,
            (list(ctx.operands),) + drtrl._recurrence(ctx, ctx.operands, n,

@@ -28,12 +28,14 @@ from etp_testing._src.report import Finding
 # Above this many Jacobian entries (output size x weight size), fast mode is
 # chosen automatically: random projections instead of full Jacobians.
 FAST_MODE_THRESHOLD = 1_000_000
-# In fast mode, the checks that build whole traces (yw_to_w.linear and .vmap,
-# init.drtrl, drtrl.exact and .instant) run on a batch of one when a trace
-# has more entries than this (per state), and are skipped, saying so, when
-# even that is larger: what they check does not depend on the size, and the
-# generated small cases check it.
-FAST_TRACE_LIMIT = 64_000_000
+# In fast mode, a check that builds whole traces (yw_to_w.linear and .vmap,
+# init.drtrl, drtrl.exact and .instant) runs on the case as given only if the
+# traces it holds at once fit in this many bytes; otherwise on a batch of one,
+# then with a single n_state, and it is skipped, saying so, when even that
+# does not fit: what these checks verify does not depend on the size, and the
+# generated small cases check it.  3.25 GiB keeps a large layer's check under
+# issue 6's 4 GiB peak (see CheckContext.for_traces).
+FAST_TRACE_BYTES = int(3.25 * 2**30)
 # Above this many elements, compare judges from max_errors alone.
 LARGE_COMPARE = 1_000_000
 
@@ -236,6 +238,10 @@ def max_errors(actual, expected):
                                  np.unravel_index(flat, diff.shape))
 
 
+def _gib(n_bytes: float) -> str:
+  return f'{n_bytes / 2**30:.3g} GiB'
+
+
 @functools.lru_cache(maxsize=4096)
 def _seed32(seed: int, tag: str) -> np.uint32:
   # Cached: seeding a NumPy generator costs 25 us, a fair share of a
@@ -379,9 +385,9 @@ class CheckContext:
         ops[i] = weights[k]
     return ops
 
-  def trace_entries(self) -> int:
-    """Entries of the largest trace ``init_drtrl`` gives for one state
-    (shapes only, nothing allocated); 0 when it cannot say."""
+  def trace_bytes(self) -> int:
+    """Bytes of the traces ``init_drtrl`` gives for one state, all keys
+    together (shapes only, nothing allocated); 0 when it cannot say."""
     from etp._src.registry import call_init_rule
     try:
       x_var, y_var, weight_vars = executor.jaxpr_vars(
@@ -389,39 +395,61 @@ class CheckContext:
       traces = jax.eval_shape(lambda: call_init_rule(
           self.rules.init_drtrl, x_var, y_var, weight_vars, 1,
           self.rule_params))
-      return max((int(np.prod(v.shape)) for v in jax.tree.leaves(traces)),
-                 default=0)
+      return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                 for v in jax.tree.leaves(traces))
     except Exception:  # pylint: disable=broad-except
       return 0   # the checks themselves report a broken init_drtrl
 
-  def for_traces(self) -> 'CheckContext':
-    """The context the trace-building checks run on: this one, or in fast
-    mode above ``FAST_TRACE_LIMIT`` trace entries a batch of one of it
-    (findings go to this context); skips when that is still too large."""
+  def for_traces(self, copies: int,
+                 per_state: bool = False) -> 'CheckContext':
+    """The context a trace-building check runs on (findings go to this one).
+
+    Outside fast mode, this one.  In fast mode, the first of: this one; a
+    batch of one of it (batched primitives); each of those with a single
+    ``n_state``, largest first (``per_state`` checks only) -- whose
+    traces fit ``FAST_TRACE_BYTES``; the check is skipped when none does.
+    A check holds about ``copies`` traces at once (its own, its rule's
+    results and temporaries; measured on LoRA's 1 GiB trace), for every
+    ``n_state`` of the run where ``per_state``:
+    ``copies * trace_bytes * (sum(n_states) if per_state else 1)``.
+    """
     if not self.fast:
       return self
-    entries = self.trace_entries()
-    if entries <= FAST_TRACE_LIMIT:
-      return self
+    per_state_bytes = self.trace_bytes()
+    tried = [(self, per_state_bytes, '')]
     if self.batched and self.x is not None and np.shape(self.x)[0] > 1:
       one = self._on(self.with_operands(x=self.x[:1]))
-      one_entries = one.trace_entries()
-      if one_entries <= FAST_TRACE_LIMIT:
-        one.findings = self.findings
-        self.record_pass('trace', message=(
-            f'fast mode: a trace has {entries} entries; checked on a batch '
-            f'of one ({one_entries} entries)'))
-        return one
-      entries = one_entries
-    self.skip(f'fast mode: a trace has {entries} entries per state, above '
-              f'FAST_TRACE_LIMIT={FAST_TRACE_LIMIT}; the generated small '
-              'cases check this (or run with fast=False)')
+      tried.append((one, one.trace_bytes(), 'a batch of one'))
+    if per_state and len(self.n_states) > 1:
+      tried += [(c._on(c.operands, n_states=(n,)), b,
+                 ' and '.join(filter(None, (how, f'n_state={n}'))))
+                for c, b, how in list(tried)
+                for n in sorted(set(self.n_states), reverse=True)]
+    held = lambda c, b: copies * b * (sum(c.n_states) if per_state else 1)
+    for ctx, trace_bytes, how in tried:
+      if held(ctx, trace_bytes) <= FAST_TRACE_BYTES:
+        if ctx is not self:
+          ctx.findings = self.findings
+          self.record_pass('trace', message=(
+              f'fast mode: about {_gib(held(self, per_state_bytes))} of '
+              f'traces; checked with {how} ({_gib(held(ctx, trace_bytes))})'))
+        return ctx
+    ctx, trace_bytes, how = tried[-1]
+    self.skip(f'fast mode: this check would hold about '
+              f'{_gib(held(ctx, trace_bytes))} of traces'
+              + (f' even with {how}' if how else '') +
+              f' ({copies} x {_gib(trace_bytes)} per state), above '
+              f'FAST_TRACE_BYTES={_gib(FAST_TRACE_BYTES)}; the generated '
+              'small cases check this (or run with fast=False)')
 
-  def _on(self, operands) -> 'CheckContext':
-    """A context on other ``operands`` with this one's settings."""
+  def _on(self, operands, n_states=None) -> 'CheckContext':
+    """A context on other ``operands`` (and ``n_states``) with this one's
+    other settings."""
     return CheckContext(
         self.primitive, operands, self.params, seed=self.seed,
-        steps=self.steps, n_states=self.n_states, rtol=self.rtol_override,
+        steps=self.steps,
+        n_states=self.n_states if n_states is None else n_states,
+        rtol=self.rtol_override,
         atol=self.atol_override, devices=self.devices, fast=self.fast)
 
   def in_float32_for_recurrences(self, rule: str) -> 'CheckContext':

@@ -155,7 +155,10 @@ def check_drtrl_exact(ctx):
   unrolled recurrence, per weight, for every ``n_state``."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  ctx = ctx.for_traces().in_float32_for_recurrences('drtrl')
+  # Float32 first: half-precision operands' traces are built in float32.
+  # Every run holds about 3 traces per state at once (measured).
+  ctx = ctx.in_float32_for_recurrences('drtrl').for_traces(
+      copies=3, per_state=True)
   rules = guarded_rules(ctx.rules)
   runs = []
   for label, operands, transforms in _variants(ctx):
@@ -195,7 +198,7 @@ def check_drtrl_instant(ctx):
   if ctx.rules.instant_drtrl is None:
     ctx.skip('no instant_drtrl/solve_drtrl: the defaults (xy_to_dw, yw_to_w) '
              'are used, and drtrl.exact covers them')
-  ctx = ctx.for_traces()
+  ctx = ctx.for_traces(copies=2)   # the increment and its solve (measured)
   y = ctx.y_aval()
   g = ctx.normal('drtrl.instant.g', y.shape, y.dtype)
   c = ctx.normal('drtrl.instant.c', y.shape, y.dtype)

@@ -168,7 +168,8 @@ def check_init_drtrl(ctx):
   ``n_state``, and the operands' result dtype (with x64 on and off)."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  ctx = ctx.for_traces()
+  # Zeros per state, with x64 on and off: 2 traces per state (measured).
+  ctx = ctx.for_traces(copies=2, per_state=True)
   for label, operands, x64 in _variants(ctx):
     with x64_enabled(x64):
       operands = tuple(to_jax(o) for o in operands)

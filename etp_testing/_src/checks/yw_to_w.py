@@ -187,7 +187,8 @@ def check_linear(ctx):
   """``yw_to_w`` is linear in ``g`` and element-wise in the trace."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  ctx = ctx.for_traces()
+  # T1, T2, their sum, the mask and seven results of the rule (measured 14).
+  ctx = ctx.for_traces(copies=16)
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = ctx.weight_dtype()
@@ -229,7 +230,9 @@ def check_vmap(ctx):
   and with two extra leading axes."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  ctx = ctx.for_traces()
+  # Four traces with the extra axes, the rule's results on them, direct and
+  # mapped, and one entry at a time (measured 19).
+  ctx = ctx.for_traces(copies=20)
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = ctx.weight_dtype()
