@@ -1,11 +1,11 @@
 """Large-layer checks: time and peak memory of the battery on layers people train.
 
 Each case runs in a fresh subprocess (so its peak resident memory is its own)
-and prints, per case: the battery's wall time (fast mode, chosen automatically
-at these sizes), the bare cost of one jitted forward plus one VJP of the same
-primitive measured in the same process, their ratio, and the peak resident
-memory, then each check's time and ratio (with its status, and why where it
-was skipped), and the warm cost of the fast-mode gradient check (random
+and prints, per case: the battery's wall time (``check_rules`` with its
+defaults; fast mode, chosen automatically at these sizes), the bare cost of
+one jitted forward plus one VJP of the same primitive measured in the same
+process, their ratio, and the peak resident memory, then each check's time
+and ratio (with its status, and why where it was skipped), and the warm cost of the fast-mode gradient check (random
 projections; compiled, run again) as a ratio to one forward plus VJP timed
 in the same interleaved rounds: of the whole ``check_rules`` call with the
 operands already on the device (as JAX arrays, like the bare run's
@@ -121,8 +121,9 @@ def run_case(name: str, checks: str) -> dict:
   bare = _best_interleaved({'bare': _bare_forward_vjp(prim, operands,
                                                       params)})['bare']
   t = time.perf_counter()
+  # As a user runs it: check_rules' defaults (steps=3, n_state=(1, 2)).
   report = etp_testing.check_rules(prim, *operands, checks=checks, seed=0,
-                                   steps=2, n_state=(1,), **params)
+                                   **params)
   wall = time.perf_counter() - t
   peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   # Warm: everything compiled by the run above (or by a first call here).
