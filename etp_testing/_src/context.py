@@ -238,8 +238,12 @@ def max_errors(actual, expected):
                                  np.unravel_index(flat, diff.shape))
 
 
-def _gib(n_bytes: float) -> str:
-  return f'{n_bytes / 2**30:.3g} GiB'
+def _size(n_bytes: float) -> str:
+  """``n_bytes`` in the largest binary unit it reaches, e.g. ``'1.5 GiB'``."""
+  for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
+    if n_bytes >= scale:
+      return f'{n_bytes / scale:.3g} {unit}'
+  return f'{n_bytes:.0f} B'
 
 
 @functools.lru_cache(maxsize=4096)
@@ -415,31 +419,38 @@ class CheckContext:
     """
     if not self.fast:
       return self
-    per_state_bytes = self.trace_bytes()
-    tried = [(self, per_state_bytes, '')]
-    if self.batched and self.x is not None and np.shape(self.x)[0] > 1:
-      one = self._on(self.with_operands(x=self.x[:1]))
-      tried.append((one, one.trace_bytes(), 'a batch of one'))
-    if per_state and len(self.n_states) > 1:
-      tried += [(c._on(c.operands, n_states=(n,)), b,
-                 ' and '.join(filter(None, (how, f'n_state={n}'))))
-                for c, b, how in list(tried)
-                for n in sorted(set(self.n_states), reverse=True)]
     held = lambda c, b: copies * b * (sum(c.n_states) if per_state else 1)
-    for ctx, trace_bytes, how in tried:
+
+    def candidates():
+      """``(context, trace bytes per state, how it is reduced)``, in order of
+      preference, each made only when the one before does not fit."""
+      bases = [(self, self.trace_bytes(), '')]
+      yield bases[0]
+      if self.batched and self.x is not None and np.shape(self.x)[0] > 1:
+        one = self._on(self.with_operands(x=self.x[:1]))
+        bases.append((one, one.trace_bytes(), 'a batch of one'))
+        yield bases[-1]
+      if per_state and len(self.n_states) > 1:
+        for c, b, how in bases:
+          for n in sorted(set(self.n_states), reverse=True):
+            yield (c._on(c.operands, n_states=(n,)), b,
+                   ' and '.join(filter(None, (how, f'n_state={n}'))))
+
+    for ctx, trace_bytes, how in candidates():
+      if ctx is self:
+        whole = held(self, trace_bytes)
       if held(ctx, trace_bytes) <= FAST_TRACE_BYTES:
         if ctx is not self:
           ctx.findings = self.findings
           self.record_pass('trace', message=(
-              f'fast mode: about {_gib(held(self, per_state_bytes))} of '
-              f'traces; checked with {how} ({_gib(held(ctx, trace_bytes))})'))
+              f'fast mode: about {_size(whole)} of traces; checked with '
+              f'{how} ({_size(held(ctx, trace_bytes))})'))
         return ctx
-    ctx, trace_bytes, how = tried[-1]
     self.skip(f'fast mode: this check would hold about '
-              f'{_gib(held(ctx, trace_bytes))} of traces'
+              f'{_size(held(ctx, trace_bytes))} of traces'
               + (f' even with {how}' if how else '') +
-              f' ({copies} x {_gib(trace_bytes)} per state), above '
-              f'FAST_TRACE_BYTES={_gib(FAST_TRACE_BYTES)}; the generated '
+              f' ({copies} x {_size(trace_bytes)} per state), above '
+              f'FAST_TRACE_BYTES={_size(FAST_TRACE_BYTES)}; the generated '
               'small cases check this (or run with fast=False)')
 
   def _on(self, operands, n_states=None) -> 'CheckContext':
