@@ -420,11 +420,12 @@ class CheckContext:
     if not self.fast:
       return self
     held = lambda c, b: copies * b * (sum(c.n_states) if per_state else 1)
+    whole = self.trace_bytes()
 
     def candidates():
       """``(context, trace bytes per state, how it is reduced)``, in order of
       preference, each made only when the one before does not fit."""
-      bases = [(self, self.trace_bytes(), '')]
+      bases = [(self, whole, '')]
       yield bases[0]
       if self.batched and self.x is not None and np.shape(self.x)[0] > 1:
         one = self._on(self.with_operands(x=self.x[:1]))
@@ -437,14 +438,12 @@ class CheckContext:
                    ' and '.join(filter(None, (how, f'n_state={n}'))))
 
     for ctx, trace_bytes, how in candidates():
-      if ctx is self:
-        whole = held(self, trace_bytes)
       if held(ctx, trace_bytes) <= FAST_TRACE_BYTES:
         if ctx is not self:
           ctx.findings = self.findings
           self.record_pass('trace', message=(
-              f'fast mode: about {_size(whole)} of traces; checked with '
-              f'{how} ({_size(held(ctx, trace_bytes))})'))
+              f'fast mode: about {_size(held(self, whole))} of traces; '
+              f'checked with {how} ({_size(held(ctx, trace_bytes))})'))
         return ctx
     self.skip(f'fast mode: this check would hold about '
               f'{_size(held(ctx, trace_bytes))} of traces'
