@@ -7,8 +7,10 @@ Rules receive jaxpr variables in ``init_drtrl``/``init_pp``; anything with
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 
 
@@ -45,7 +47,33 @@ def pp_trace(x_var, y_var, weight_vars: Mapping, n_state: int):
   return jnp.zeros(tuple(y.shape) + (n_state,), y.dtype)
 
 
+# Leading entries up to which sum_leading adds slices (see there).
+SLICES_SUMMED = 64
+
+
 def sum_leading(value, ndim: int):
-  """Sums ``value`` over all but its last ``ndim`` axes."""
+  """Sums ``value`` over all but its last ``ndim`` axes.
+
+  By adding slices, not with a reduce: XLA:CPU fuses the product that made
+  ``value`` (a rule's ``c[..., None, :] * trace``) into a reduce over the
+  batch axis and runs it about 40x slower (a batch of 8 on 1024 x 1024:
+  1.2 s against 0.03 s).  Beyond ``SLICES_SUMMED`` entries, a loop over them
+  (the program's size stays fixed).  Half-precision values are added in
+  float32, as ``jnp.sum`` does.
+  """
   lead = value.ndim - ndim
-  return value.sum(axis=tuple(range(lead))) if lead > 0 else value
+  if lead <= 0:
+    return value
+  tail = value.shape[lead:]
+  value = value.reshape((-1,) + tail)
+  if value.shape[0] == 0:
+    return jnp.zeros(tail, value.dtype)
+  dtype = value.dtype
+  if dtype in (jnp.float16, jnp.bfloat16):
+    value = value.astype(jnp.float32)
+  if value.shape[0] <= SLICES_SUMMED:
+    total = functools.reduce(jnp.add, [value[i] for i in range(len(value))])
+  else:
+    total = jax.lax.fori_loop(1, value.shape[0],
+                              lambda i, acc: acc + value[i], value[0])
+  return total.astype(dtype)

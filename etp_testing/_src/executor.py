@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 import etp
-from etp._src import registry
+from etp._src import registry, rule_util
 from etp._src.registry import call_init_rule
 
 RULE_NAMES = registry.SEED_RULES + registry.OPTIONAL_RULES
@@ -183,7 +183,7 @@ def solve_term(rules, c, trace, weights, rule_params):
   if rules.solve_drtrl is not None:
     return rules.solve_drtrl(c, trace, **rule_params)
   linked = rules.yw_to_w(c, trace, **rule_params)
-  return {k: v.sum(axis=tuple(range(v.ndim - weights[k].ndim)))
+  return {k: rule_util.sum_leading(v, weights[k].ndim)
           for k, v in linked.items()}
 
 
