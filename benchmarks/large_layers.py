@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 
-CASES = ('dense', 'conv', 'lora', 'sparse')
+CASES = ('dense', 'dense_b8', 'conv', 'lora', 'sparse')
 
 
 def _build(name):
@@ -43,6 +43,9 @@ def _build(name):
   f32 = lambda *s: rng.standard_normal(s, dtype=np.float32)
   if name == 'dense':      # 4096 x 4096, one example
     return etp.etp_mv_p, (f32(4096), f32(4096, 4096) / 64, f32(4096)), \
+        {'has_bias': True}
+  if name == 'dense_b8':   # 2048 x 2048, batch 8 (per-example traces)
+    return etp.etp_mm_p, (f32(8, 2048), f32(2048, 2048) / 45, f32(2048)), \
         {'has_bias': True}
   if name == 'conv':       # 64 -> 64 channels, 32 x 32, 3 x 3 kernel, batch 8
     x = f32(8, 64, 32, 32)
