@@ -389,20 +389,27 @@ class CheckContext:
         ops[i] = weights[k]
     return ops
 
-  def trace_bytes(self) -> int:
-    """Bytes of the traces ``init_drtrl`` gives for one state, all keys
-    together (shapes only, nothing allocated); 0 when it cannot say."""
+  @functools.cached_property
+  def trace_avals(self):
+    """What ``init_drtrl`` gives for one state, as shapes and dtypes (traced
+    once per context; nothing allocated, so a large layer's trace is not);
+    raises what ``init_drtrl`` raises."""
     from etp._src.registry import call_init_rule
+    x_var, y_var, weight_vars = executor.jaxpr_vars(
+        self.primitive, self.operands, self.params)
+    return jax.eval_shape(lambda: call_init_rule(
+        self.rules.init_drtrl, x_var, y_var, weight_vars, 1,
+        self.rule_params))
+
+  def trace_bytes(self) -> int:
+    """Bytes of :attr:`trace_avals`, all keys together; 0 when it cannot
+    say."""
     try:
-      x_var, y_var, weight_vars = executor.jaxpr_vars(
-          self.primitive, self.operands, self.params)
-      traces = jax.eval_shape(lambda: call_init_rule(
-          self.rules.init_drtrl, x_var, y_var, weight_vars, 1,
-          self.rule_params))
-      return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
-                 for v in jax.tree.leaves(traces))
+      traces = self.trace_avals
     except Exception:  # pylint: disable=broad-except
       return 0   # the checks themselves report a broken init_drtrl
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+               for v in jax.tree.leaves(traces))
 
   def for_traces(self, copies: int,
                  per_state: bool = False) -> 'CheckContext':

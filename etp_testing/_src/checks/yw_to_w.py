@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp._src.registry import call_init_rule
 from etp._src.arrays import to_jax
 from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
@@ -38,15 +37,10 @@ ANCHOR_SAMPLES = 512
 FAST_ANCHOR_SAMPLES = 64
 
 
-def trace_shapes(ctx, operands=None) -> dict:
+def trace_shapes(ctx) -> dict:
   """Per-key trace shapes without the state axis, as ``init_drtrl`` says."""
-  operands = ctx.operands if operands is None else operands
-  x_var, y_var, weight_vars = executor.jaxpr_vars(ctx.primitive, operands,
-                                                  ctx.params)
   try:
-    # Shapes only: a large layer's trace is not allocated here.
-    traces = jax.eval_shape(lambda: call_init_rule(
-        ctx.rules.init_drtrl, x_var, y_var, weight_vars, 1, ctx.rule_params))
+    traces = ctx.trace_avals   # shapes only: a large layer's is not allocated
   except Exception as e:  # pylint: disable=broad-except
     raise RuleFailure('init_drtrl', raised('init_drtrl', e)) from e
   ctx.check_keys('init_drtrl', traces, ctx.weights.keys())
