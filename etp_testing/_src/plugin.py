@@ -197,8 +197,12 @@ class EtpCheckItem(pytest.Item):
 
   @property
   def label(self) -> str:
-    """``etp::<primitive>::<check>``, as reports name the item."""
-    return f'etp::{self.primitive.name}::{self.check}'
+    return item_label(self.primitive.name, self.check)
+
+
+def item_label(primitive_name: str, check: str) -> str:
+  """``etp::<primitive>::<check>``, as reports name a check's item."""
+  return f'etp::{primitive_name}::{check}'
 
 
 def _failure_fields(check: str, error: Exception) -> dict:
@@ -353,7 +357,8 @@ class EtpCheckPlugin:
         message = head + '\n(the snippet that re-runs it: under FAILURES above)'
       tr.write_line('')
       word = 'FAILED' if record['status'] == 'failed' else 'ERROR'
-      tr.write_line(f"{word} etp::{record['primitive']}::{record['check']}")
+      tr.write_line(f"{word} "
+                    f"{item_label(record['primitive'], record['check'])}")
       tr.write_line(message)
     path = self.config.getoption('etp_report')
     compiled, loaded = compile_totals(self.results.values())
