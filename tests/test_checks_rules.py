@@ -662,6 +662,29 @@ def test_pp_exact_skips_non_linear_primitives():
   assert outcome.status == 'skipped' and 'not affine' in outcome.reason
 
 
+# A false alarm of pp.exact on the correct dense rule (found by a seed
+# search; an H200 gave the same on a 64 -> 64 conv): the two examples' terms
+# nearly cancel (the result is about 1/3000 of its terms), so the two sums'
+# rounding was 6.1e-5 of the result.  Judged against the size of the summed
+# terms it passes; 10 % off is still caught on the same case.
+PP_CANCELLING = (np.array([[0.1257302165031433], [-0.13210485875606537]],
+                          np.float32),
+                 np.array([[0.6404226422309875]], np.float32))
+
+
+def test_pp_exact_judges_rounding_against_the_terms():
+  report = etp_testing.check_rules(etp.etp_mm_p, *PP_CANCELLING,
+                                   checks=['pp.exact'], seed=125,
+                                   has_bias=False)
+  outcome = report.outcome('pp.exact')
+  assert outcome.status == 'passed', report.failure_message()
+  assert max(f.max_rel_err for f in outcome.findings) > 2e-5  # it did cancel
+  outcome = etp_testing.check_rules(
+      dense_variant(xy_to_dw=xy_scaled_by(1.1)), *PP_CANCELLING,
+      checks=['pp.exact'], seed=125, has_bias=False).outcome('pp.exact')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+
+
 def test_drtrl_term_scales_bound_the_gradient():
   # jax.grad of the loop on absolute values is the sum of the absolute
   # products: by the triangle inequality never below |gradient|, and far

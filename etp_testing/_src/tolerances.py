@@ -19,9 +19,11 @@ A comparison whose sides went through different dtypes (mixed precision)
 is judged at the coarsest of them (:func:`coarsest`).
 
 Two differently ordered sums of the same products (``drtrl.instant``,
-``drtrl.exact``) can cancel: their rounding is relative to the terms, not to
-the result, so such a comparison passes ``term_scale`` (see
-``CheckContext.compare``) and the scale is the larger of the two.
+``drtrl.exact``, ``pp.exact``) can cancel, or be long enough that their
+rounding adds up (a GPU's convolution over 24,576 terms): their rounding is
+relative to the terms, not to the result, so such a comparison passes
+``term_scale`` (see ``CheckContext.compare``) and the scale is the larger of
+the two.
 
 The bounds assume float32 products at float32 precision: the runner pins
 ``jax.default_matmul_precision('highest')`` for every check, since GPUs
