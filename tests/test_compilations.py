@@ -223,6 +223,9 @@ def test_an_unknown_compiler_option_is_left_out(monkeypatch):
   monkeypatch.setattr(compilations, 'COMPILER_OPTIONS',
                       {'xla_no_such_option_for_etp': True,
                        'xla_backend_optimization_level': 0})
+  # The probe runs on the default backend: on a GPU machine the options
+  # would otherwise not apply at all (and this test asserted {} there).
+  monkeypatch.setattr(compilations, 'OPTIONS_BACKEND', jax.default_backend())
   compilations._supported_options.cache_clear()
   try:
     with compilations.counting() as probe:
