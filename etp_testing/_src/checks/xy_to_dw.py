@@ -96,8 +96,8 @@ def _fast_projections(primitive, params, rule, keys, n):
   (``directions``; each direction is as big as its weight) from ``seeds``,
   one uint32 array: ``g``'s first, then one per key.  ``rule`` (the
   primitive's ``xy_to_dw``) is traced into the program, as the ETP
-  compiler's ``jit`` traces it; ``J_k v`` comes from ``jax.jvp`` with the
-  other weights' tangents zero.  One dispatch per check, XLA shares the
+  compiler's ``jit`` traces it; ``J_k v`` comes from ``jax.jvp`` in ``w_k``
+  alone.  One dispatch per check, XLA shares the
   primal between the JVPs, and only the dot products leave the device, so
   a large layer's operands and gradients are never copied."""
   def program(operands, seeds):
@@ -116,9 +116,13 @@ def _fast_projections(primitive, params, rule, keys, n):
       for d in range(n):   # unrolled: XLA's CPU loops run bodies slower
         v = directions.uniform(seeds[1 + i], w.shape, w.dtype,
                                offset=d * w.size)
-        tangents = {j: (v if j == key else jnp.zeros_like(u))
-                    for j, u in weights.items()}
-        y_dot = jax.jvp(y_of, (weights,), (tangents,))[1]
+        # The other weights are closed over, not given zero tangents: JAX
+        # then skips their terms.  A zero tangent of a dense weight still
+        # cost a whole x @ 0 product per bias direction, and in a variant
+        # of this program (g passed in) XLA:CPU (jax 0.10.2) fused that
+        # product into a reduction that returned NaN.
+        y_dot = jax.jvp(lambda wk, key=key: y_of({**weights, key: wk}),
+                        (w,), (v,))[1]
         rule_dd.append(_dot64(grads[key], v))
         jvp_dd.append(_dot64(g, y_dot))
       out.append(rule_dd + jvp_dd)
