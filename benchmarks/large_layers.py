@@ -4,7 +4,10 @@ Each case runs in a fresh subprocess (so its peak resident memory is its own)
 and prints, per case: the battery's wall time (``check_rules`` with its
 defaults; fast mode, chosen automatically at these sizes), the bare cost of
 one jitted forward plus one VJP of the same primitive measured in the same
-process, their ratio, and the peak resident memory, then each check's time
+process, their ratio, the peak resident memory (``peak GiB``), what the
+process held before the checks (``at start``: the runtime, on a GPU machine
+CUDA's libraries, the operands and the bare run's copies) and, on a GPU, the
+device's peak memory (``device``), then each check's time
 and ratio (with its status, and why where it was skipped), and the warm cost of the fast-mode gradient check (random
 projections; compiled, run again) as a ratio to one forward plus VJP timed
 in the same interleaved rounds: of the whole ``check_rules`` call with the
@@ -123,12 +126,17 @@ def run_case(name: str, checks: str) -> dict:
   prim, operands, params = _build(name)
   bare = _best_interleaved({'bare': _bare_forward_vjp(prim, operands,
                                                       params)})['bare']
+  # What the process holds before the checks: the runtime (on a GPU
+  # machine, CUDA's libraries), the operands and the bare run's copies.
+  start_gib = _rss_gib()
   t = time.perf_counter()
   # As a user runs it: check_rules' defaults (steps=3, n_state=(1, 2)).
   report = etp_testing.check_rules(prim, *operands, checks=checks, seed=0,
                                    **params)
   wall = time.perf_counter() - t
   peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  stats = jax.devices()[0].memory_stats() or {}   # None on a CPU
+  device_peak = stats.get('peak_bytes_in_use')
   # Warm: everything compiled by the run above (or by a first call here).
   # The fast-mode figures and their own bare cost, interleaved (built after
   # the peak is read: the bare run holds a device copy of the weights, and
@@ -144,7 +152,10 @@ def run_case(name: str, checks: str) -> dict:
   return {
       'case': name, 'primitive': prim.name, 'battery_s': wall,
       'bare_fwd_vjp_s': bare, 'ratio': wall / bare if bare else None,
-      'peak_gib': peak_kib / 2**20, 'fast_warm_s': warm['fast'],
+      'peak_gib': peak_kib / 2**20, 'start_gib': start_gib,
+      'device_peak_gib': (None if device_peak is None
+                          else device_peak / 2**30),
+      'fast_warm_s': warm['fast'],
       'fast_host_s': warm['fast_host'],
       'fast_device_s': warm['work'], 'fast_bare_s': warm['bare'],
       'per_check': {o.name: [o.status, round(o.duration_s, 3),
@@ -169,6 +180,18 @@ def _fast_device_work(prim, operands, params):
   return lambda: jax.block_until_ready(program(*args))
 
 
+def _rss_gib() -> float:
+  """This process's resident memory now, in GiB (Linux; 0 elsewhere)."""
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          return int(line.split()[1]) / 2**20
+  except OSError:
+    pass
+  return 0.0
+
+
 def _timed(fn) -> float:
   t = time.perf_counter()
   fn()
@@ -185,7 +208,7 @@ def main(argv=None) -> int:
     print(json.dumps(run_case(args.child, args.checks)))
     return 0
   print(f'{"case":8} {"primitive":14} {"battery s":>10} {"fwd+vjp s":>10} '
-        f'{"ratio":>9} {"peak GiB":>9}  result')
+        f'{"ratio":>9} {"peak GiB":>9} {"at start":>9} {"device":>7}  result')
   failed = False
   for name in args.cases:
     proc = subprocess.run(
@@ -199,7 +222,10 @@ def main(argv=None) -> int:
     failed |= not r['passed']
     print(f'{r["case"]:8} {r["primitive"]:14} {r["battery_s"]:10.2f} '
           f'{r["bare_fwd_vjp_s"]:10.4f} {r["ratio"]:9.0f} '
-          f'{r["peak_gib"]:9.2f}  {"pass" if r["passed"] else "FAIL"}')
+          f'{r["peak_gib"]:9.2f} {r["start_gib"]:9.2f} '
+          + (f'{r["device_peak_gib"]:7.2f}' if r['device_peak_gib'] is not None
+             else f'{"-":>7}')
+          + f'  {"pass" if r["passed"] else "FAIL"}')
     bare = r['bare_fwd_vjp_s']
     for check, (status, secs, reason) in r['per_check'].items():
       print(f'         {check:24} {status:8} {secs:7.2f} s  '
