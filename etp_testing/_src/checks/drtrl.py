@@ -294,15 +294,18 @@ def check_pp_exact(ctx):
   # of those terms, the scale of their rounding where the sum cancels or is
   # long (seen on an H200: a 64 -> 64 conv's 24,576-term sums differed by
   # 2.1e-5 of the result, the correct rule failing at rtol 2e-5).
-  _, terms = pp(_absolute(list(ctx.operands)), np.abs(np.asarray(xs)),
-                np.abs(np.asarray(c)))
+  try:
+    _, terms = pp(_absolute(list(ctx.operands)), np.abs(np.asarray(xs)),
+                  np.abs(np.asarray(c)))
+  except Exception:  # pylint: disable=broad-except
+    terms = {}   # the scale of a bound, not a check: the result's alone
   for k in keys:
     # pp-prop carries the input trace in x's dtype, jax.grad the loop in
     # y's: judged at the coarser of x's and the weight's.
     ctx.compare(got[k], want[k], rule='xy_to_dw', key=k,
                 dtype=tolerances.coarsest(x.dtype, ctx.weights[k].dtype,
                                           np.asarray(want[k]).dtype),
-                term_scale=terms[k],
+                term_scale=terms.get(k),
                 what=f'pp-prop factorised gradient vs jax.grad (alpha='
                 f'{PP_ALPHA}, steps={ctx.steps})')
 

@@ -97,9 +97,9 @@ def _fast_projections(primitive, params, rule, keys, n):
   one uint32 array: ``g``'s first, then one per key.  ``rule`` (the
   primitive's ``xy_to_dw``) is traced into the program, as the ETP
   compiler's ``jit`` traces it; ``J_k v`` comes from ``jax.jvp`` in ``w_k``
-  alone.  One dispatch per check, XLA shares the
-  primal between the JVPs, and only the dot products leave the device, so
-  a large layer's operands and gradients are never copied."""
+  alone.  One dispatch per check, XLA shares the primal between the JVPs,
+  and only the dot products leave the device, so a large layer's operands
+  and gradients are never copied."""
   def program(operands, seeds):
     x, weights, rule_params = primitive.split_operands(operands, params)
     y_of = _y_of_weights(primitive, params, operands)
