@@ -323,6 +323,10 @@ def test_gpu_only_device_check_is_skipped_not_passed(tmp_path):
     pytest.skip('a GPU is present')
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert '1 skipped' in proc.stdout and 'no device' in proc.stdout
+  # The -rs line says which primitive's check was skipped.
+  assert any(line.startswith('SKIPPED') and
+             'etp::user_scaled_mm::device.consistency: ' in line
+             for line in proc.stdout.splitlines()), proc.stdout
 
 
 def test_disabled_with_no_etp(tmp_path):

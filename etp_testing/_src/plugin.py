@@ -183,7 +183,10 @@ class EtpCheckItem(pytest.Item):
                   skip_reasons=result.skip_reasons)
     self.user_properties.append((RESULT_KEY, json.dumps(record)))
     if result.status == 'skipped':
-      pytest.skip('; '.join(result.skip_reasons) or 'skipped')
+      # pytest's -rs line names where the skip was raised (this file), not
+      # the item: the reason names it.
+      pytest.skip(f"{self.label}: "
+                  f"{'; '.join(result.skip_reasons) or 'skipped'}")
 
   def repr_failure(self, excinfo, style=None):
     if isinstance(excinfo.value, RuleConsistencyError):
