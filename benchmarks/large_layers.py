@@ -7,10 +7,10 @@ one jitted forward plus one VJP of the same primitive measured in the same
 process, their ratio, the peak resident memory (``peak GiB``), what the
 process held before the checks (``at start``: the runtime, on a GPU machine
 CUDA's libraries, the operands and the bare run's copies) and, on a GPU, the
-device's peak memory (``device``), then each check's time
-and ratio (with its status, and why where it was skipped), and the warm cost of the fast-mode gradient check (random
-projections; compiled, run again) as a ratio to one forward plus VJP timed
-in the same interleaved rounds: of the whole ``check_rules`` call with the
+device's peak memory (``device``), then each check's time and ratio (with
+its status, and why where it was skipped), and the warm cost of the
+fast-mode gradient check (random projections; compiled, run again) as a
+ratio to one forward plus VJP timed in the same interleaved rounds: of the whole ``check_rules`` call with the
 operands already on the device (as JAX arrays, like the bare run's
 weights) and with NumPy operands (copied to the device by every call), and
 of its compiled work alone (its one program; for layers whose forward takes
