@@ -287,6 +287,7 @@ class CheckContext:
     # copy (see operands); the fast-mode projections run on it in place.
     self.given = tuple(operands)
     self._host_copies: dict = {}
+    self._y_avals: dict = {}
     self.params = dict(params)
     self.seed = int(seed)
     self.steps = int(steps)
@@ -368,9 +369,14 @@ class CheckContext:
   def y_aval(self, operands=None) -> jax.ShapeDtypeStruct:
     """Shape and dtype of ``y`` on ``operands`` (default: the case's); see
     :func:`y_aval`."""
-    return y_aval(self.primitive,
-                  self.given if operands is None else operands,
-                  self.params)
+    if operands is not None:
+      return y_aval(self.primitive, operands, self.params)
+    # The case's, kept per x64 setting: checks ask several times per call,
+    # and each lookup in traced_shapes' cache builds its key again.
+    x64 = bool(jax.config.jax_enable_x64)
+    if x64 not in self._y_avals:
+      self._y_avals[x64] = y_aval(self.primitive, self.given, self.params)
+    return self._y_avals[x64]
 
   def jacobian_size(self) -> int:
     """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
