@@ -10,13 +10,16 @@ CUDA's libraries, the operands and the bare run's copies) and, on a GPU, the
 device's peak memory (``device``), then each check's time and ratio (with
 its status, and why where it was skipped), and the warm cost of the
 fast-mode gradient check (random projections; compiled, run again) as a
-ratio to one forward plus VJP timed in the same interleaved rounds: of the whole ``check_rules`` call with the
-operands already on the device (as JAX arrays, like the bare run's
-weights) and with NumPy operands (copied to the device by every call), and
-of its compiled work alone (its one program; for layers whose forward takes
-well under a millisecond the harness's fixed Python cost weighs on the
-whole call).  The bare forward plus VJP runs with its weights already on
-the device: the least it can cost.
+ratio to one forward plus VJP timed in the same interleaved rounds: of the
+whole ``check_rules`` call with the operands already on the device (as JAX
+arrays, like the bare run's weights) and with NumPy operands (copied to the
+device by every call), and of its compiled work alone (its one program; for
+layers whose forward takes well under a millisecond the harness's fixed
+Python cost weighs on the whole call).  The bare forward plus VJP runs with
+its weights already on the device and at JAX's default precision, as a user
+trains (TF32 products on a GPU): the least it can cost.  The check's
+products run at full float32 precision (``runner.MATMUL_PRECISION``), so on
+a GPU part of its ratio is that precision's cost.
 
     python benchmarks/large_layers.py                # every case
     python benchmarks/large_layers.py dense conv     # some cases
@@ -169,15 +172,22 @@ def _fast_device_work(prim, operands, params):
   """A function running the compiled work of the fast-mode gradient check
   alone: its one program (cotangent and directions drawn, the xy_to_dw rule,
   the JVPs and the float64 dot products), without the harness's Python
-  around it (context, checking the rule's shapes, comparing)."""
+  around it (context, checking the rule's shapes, comparing).  Traced and
+  run at the harness's matrix-product precision, as the check runs it: on a
+  GPU the default (TF32) program is faster, and not what is checked."""
   import jax
   from etp_testing._src.checks import xy_to_dw
   from etp_testing._src.context import CheckContext
+  from etp_testing._src.runner import MATMUL_PRECISION
   ctx = CheckContext(prim, operands, params, seed=0, steps=2,
                      n_states=((1,),), rtol=None, atol=None,
                      devices=jax.devices()[:1], fast=True)
   program, args = xy_to_dw.projection_call(ctx, tuple(ctx.weight_avals))
-  return lambda: jax.block_until_ready(program(*args))
+
+  def work():
+    with jax.default_matmul_precision(MATMUL_PRECISION):
+      return jax.block_until_ready(program(*args))
+  return work
 
 
 def _rss_gib() -> float:
