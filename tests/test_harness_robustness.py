@@ -498,3 +498,26 @@ def test_compare_fails_any_non_finite_value(actual, expected, passed,
   finding = ctx.compare(np.array(actual), np.array(expected), rule='r',
                         dtype=np.float32, use_chex=use_chex)
   assert finding.passed is passed, finding.describe()
+
+
+@pytest.mark.parametrize('block', [1, 3, 1 << 20])
+def test_max_errors_block_by_block_is_the_whole_array_answer(monkeypatch,
+                                                             block):
+  # Blocks keep a large comparison's float64 temporaries small; the answer
+  # (largest error, the first place it occurs, the scale, the first
+  # non-finite value) must not depend on where the blocks fall.
+  from etp_testing._src import context
+  monkeypatch.setattr(context, 'ERROR_BLOCK', block)
+  expected = np.arange(12, dtype=np.float32).reshape(3, 4) - 8
+  actual = expected.copy()
+  actual[0, 3] += 0.5
+  actual[2, 1] += 0.5       # as large, later: not reported
+  actual[1, 2] -= 0.25
+  assert context.max_errors(actual, expected) == (0.5, 0.5 / 8, (0, 3))
+  assert context.abs_max(expected) == 8.0
+  actual[2, 2] = np.nan
+  actual[2, 3] = np.inf
+  assert context.max_errors(actual, expected)[2] == (2, 2)
+  assert context.max_errors(np.zeros((0, 2)), np.zeros((0, 2))) == (0., 0., ())
+  assert context.abs_max(np.zeros(0)) == 0.0
+  assert np.isnan(context.abs_max(np.array([1.0, np.nan, 5.0])))

@@ -38,6 +38,8 @@ FAST_MODE_THRESHOLD = 1_000_000
 FAST_TRACE_BYTES = int(3.25 * 2**30)
 # Above this many elements, compare judges from max_errors alone.
 LARGE_COMPARE = 1_000_000
+# Elements per block of max_errors' float64 differences (8 MiB each).
+ERROR_BLOCK = 1 << 20
 
 
 @contextlib.contextmanager
@@ -216,26 +218,48 @@ def to_float64(tree):
       tree)
 
 
+def _blocks(*arrays):
+  """``(start, [block, ...])``: flat views of ``arrays`` (all of one size),
+  ``ERROR_BLOCK`` elements at a time."""
+  flat = [np.ravel(a) for a in arrays]
+  for start in range(0, flat[0].size, ERROR_BLOCK):
+    yield start, [f[start:start + ERROR_BLOCK] for f in flat]
+
+
+def abs_max(x) -> float:
+  """``max |x|``, 0 for an empty array (block by block: no temporary as
+  large as ``x``)."""
+  maxima = [np.max(np.abs(b)) for _, (b,) in _blocks(np.asarray(x))]
+  return float(np.max(maxima)) if maxima else 0.0   # NaN if any is
+
+
 def max_errors(actual, expected):
-  """``(max_abs, max_rel, index)``; see ``tolerances`` for the definitions."""
-  a = np.asarray(actual)
-  e = np.asarray(expected)
-  with np.errstate(invalid='ignore', over='ignore'):
-    diff = np.abs(np.subtract(a, e, dtype=np.float64))
-  if diff.size == 0:
+  """``(max_abs, max_rel, index)``; see ``tolerances`` for the definitions.
+
+  The differences are taken in float64 ``ERROR_BLOCK`` elements at a time:
+  for a large layer's traces, a whole-array float64 difference was twice
+  the size of the float32 arrays compared, and set the check's peak."""
+  a, e = np.asarray(actual), np.asarray(expected)
+  if a.shape != e.shape:
+    a, e = np.broadcast_arrays(a, e)
+  if a.size == 0:
     return 0.0, 0.0, ()
-  bad = ~np.isfinite(diff)
-  if bad.any():
-    flat = int(np.flatnonzero(bad)[0])
-    return float('inf'), float('inf'), tuple(
-        int(i) for i in np.unravel_index(flat, diff.shape))
-  flat = int(np.argmax(diff))
-  max_abs = float(diff.reshape(-1)[flat])
-  scale = float(np.max(np.abs(e))) if e.size else 0.0
+  max_abs, at = -1.0, 0
+  for start, (a_block, e_block) in _blocks(a, e):
+    with np.errstate(invalid='ignore', over='ignore'):
+      diff = np.abs(np.subtract(a_block, e_block, dtype=np.float64))
+    bad = ~np.isfinite(diff)
+    if bad.any():
+      flat = start + int(np.flatnonzero(bad)[0])
+      return float('inf'), float('inf'), tuple(
+          int(i) for i in np.unravel_index(flat, a.shape))
+    i = int(np.argmax(diff))
+    if diff[i] > max_abs:   # the first largest, as np.argmax gives it
+      max_abs, at = float(diff[i]), start + i
+  scale = abs_max(e)
   max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else
                                                float('inf'))
-  return max_abs, max_rel, tuple(int(i) for i in
-                                 np.unravel_index(flat, diff.shape))
+  return max_abs, max_rel, tuple(int(i) for i in np.unravel_index(at, a.shape))
 
 
 def _size(n_bytes: float) -> str:
@@ -643,11 +667,9 @@ class CheckContext:
           f'{what or "result"}: dtype {actual.dtype} != expected '
           f'{expected.dtype}'), **base))
     max_abs, max_rel, index = max_errors(actual, expected)
-    scale = float(np.max(np.abs(expected), initial=0.0))
+    scale = abs_max(expected)
     if term_scale is not None:
-      scale = max(scale, float(np.max(np.abs(np.asarray(term_scale,
-                                                        np.float64)),
-                                      initial=0.0)))
+      scale = max(scale, abs_max(term_scale))
     if expected.size > LARGE_COMPARE or not use_chex:
       # The bound straight from max_errors' float64 pass (for large arrays
       # chex would make more float64 copies of them).
