@@ -727,3 +727,61 @@ def test_drtrl_term_scales_bound_the_gradient():
   ratio = max(float(np.max(terms[i]['weight']) /
                     np.max(np.abs(results[i][1]['weight']))) for i in (0, 1))
   assert ratio > 1.5
+
+
+def test_drtrl_term_scales_of_a_large_case_come_from_autodiff_alone(
+    monkeypatch):
+  # A large case compiles the autodiff half alone for its term scales (the
+  # rules' half, with its traces, is the cost there); it must give what the
+  # small case's second run of the whole program gives, through
+  # element_wise's fn too.
+  from etp_testing._src import compilations, context, executor
+  from etp_testing._src.checks import drtrl
+
+  def not_run(name, rule):
+    def fail(*args, **kwargs):
+      raise AssertionError(f'{name} ran')
+    return fail
+  for prim, operands, params in [
+      (etp.etp_mm_p, CANCELLING[:2] + (B[:1],), {'has_bias': True}),
+      (etp.etp_elemwise_p, (W,), {})]:
+    ctx = context.CheckContext(prim, operands, params, seed=5, steps=3,
+                               n_states=(1, 2))
+    rules = drtrl.guarded_rules(ctx.rules)
+    runs = [(label, n, transforms is not None,
+             (list(ops),) + drtrl._recurrence(ctx, ops, n, f't.{n}'))
+            for label, ops, transforms in drtrl._variants(ctx)
+            for n in (1, 2)]
+    assert ctx.small
+    small = drtrl._term_scales(ctx, rules, runs)
+    monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+    ctx.small = compilations.is_small(ctx.given)
+    assert not ctx.small
+    # Rules that raise: the autodiff half alone never calls them (the whole
+    # program would, and the term scales would be None).
+    large = drtrl._term_scales(ctx, executor.map_rules(rules, not_run), runs)
+    monkeypatch.undo()
+    assert small is not None and large is not None
+    for s, l in zip(small, large, strict=True):
+      assert s.keys() == l.keys()
+      for k in s:
+        np.testing.assert_allclose(np.asarray(l[k]), np.asarray(s[k]),
+                                   rtol=1e-6, err_msg=f'{prim.name} {k}')
+    # The marker's runs include one through element_wise's fn.
+    assert any(r[2] for r in runs) == (prim is etp.etp_elemwise_p)
+
+
+@pytest.mark.parametrize('broken', [None, 'drtrl'])
+def test_drtrl_exact_judges_a_large_case(monkeypatch, broken):
+  # Above SMALL_CASE_ELEMENTS the term scales come from their own program;
+  # the verdicts are the same.
+  from etp_testing._src import compilations
+  monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+  prim = (etp.etp_mm_p if broken is None
+          else dense_variant(yw_to_w=yw_square_axis))
+  outcome = run(prim, 'drtrl.exact')
+  if broken is None:
+    assert outcome.status == 'passed', [f.describe() for f in
+                                        outcome.findings]
+  else:
+    assert_caught(outcome, 'drtrl', 'weight')
