@@ -218,19 +218,15 @@ def to_float64(tree):
       tree)
 
 
-def _blocks(*arrays):
-  """``(start, [block, ...])``: flat views of ``arrays`` (all of one size),
-  ``ERROR_BLOCK`` elements at a time."""
-  flat = [np.ravel(a) for a in arrays]
-  for start in range(0, flat[0].size, ERROR_BLOCK):
-    yield start, [f[start:start + ERROR_BLOCK] for f in flat]
-
-
 def abs_max(x) -> float:
-  """``max |x|``, 0 for an empty array (block by block: no temporary as
-  large as ``x``)."""
-  maxima = [np.max(np.abs(b)) for _, (b,) in _blocks(np.asarray(x))]
-  return float(np.max(maxima)) if maxima else 0.0   # NaN if any is
+  """``max |x|``, 0 for an empty array (``ERROR_BLOCK`` elements at a time:
+  no temporary as large as ``x``); NaN if ``x`` holds one."""
+  x = np.asarray(x)
+  if x.size <= ERROR_BLOCK:
+    return float(np.max(np.abs(x), initial=0.0))
+  flat = x.reshape(-1)
+  return float(np.max([np.max(np.abs(flat[i:i + ERROR_BLOCK]))
+                       for i in range(0, flat.size, ERROR_BLOCK)]))
 
 
 def max_errors(actual, expected):
@@ -244,10 +240,13 @@ def max_errors(actual, expected):
     a, e = np.broadcast_arrays(a, e)
   if a.size == 0:
     return 0.0, 0.0, ()
+  a_flat, e_flat = a.reshape(-1), e.reshape(-1)
   max_abs, at = -1.0, 0
-  for start, (a_block, e_block) in _blocks(a, e):
+  for start in range(0, a.size, ERROR_BLOCK):
+    stop = start + ERROR_BLOCK
     with np.errstate(invalid='ignore', over='ignore'):
-      diff = np.abs(np.subtract(a_block, e_block, dtype=np.float64))
+      diff = np.abs(np.subtract(a_flat[start:stop], e_flat[start:stop],
+                                dtype=np.float64))
     bad = ~np.isfinite(diff)
     if bad.any():
       flat = start + int(np.flatnonzero(bad)[0])
