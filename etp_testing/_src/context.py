@@ -218,6 +218,11 @@ def to_float64(tree):
       tree)
 
 
+# ``str(dtype)``, cached: NumPy takes 3 us to name a dtype, and a fast-mode
+# call names five (operands, comparisons).
+dtype_str = functools.lru_cache(maxsize=256)(str)
+
+
 def abs_max(x) -> float:
   """``max |x|``, 0 for an empty array (``ERROR_BLOCK`` elements at a time:
   no temporary as large as ``x``); NaN if ``x`` holds one."""
@@ -655,7 +660,7 @@ class CheckContext:
     rtol, atol = self.tolerance(dtype, kind)
     base = dict(rule=rule, key=key, actual_shape=tuple(actual.shape),
                 expected_shape=tuple(expected.shape),
-                dtype=str(actual.dtype), rtol=rtol, atol=atol,
+                dtype=dtype_str(actual.dtype), rtol=rtol, atol=atol,
                 approximate=approximate)
     if actual.shape != expected.shape:
       return self.record(Finding(passed=False, message=(

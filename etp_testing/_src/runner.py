@@ -15,7 +15,8 @@ from etp_testing._src import checks as _checks  # registers the checks
 from etp_testing._src import compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
-from etp_testing._src.context import CheckContext, x64_enabled, y_aval
+from etp_testing._src.context import (CheckContext, dtype_str, x64_enabled,
+                                      y_aval)
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
                                      NothingCheckedError,
                                      RuleConsistencyError, RuleFailure,
@@ -61,7 +62,7 @@ def _all_devices() -> tuple:
 
 
 def _operand_info(operands) -> list:
-  return [{'shape': [int(s) for s in np.shape(o)], 'dtype': str(o.dtype)}
+  return [{'shape': [int(s) for s in np.shape(o)], 'dtype': dtype_str(o.dtype)}
           for o in operands]
 
 
