@@ -240,11 +240,18 @@ def max_errors(actual, expected):
   The differences are taken in float64 ``ERROR_BLOCK`` elements at a time:
   for a large layer's traces, a whole-array float64 difference was twice
   the size of the float32 arrays compared, and set the check's peak."""
+  return _errors(actual, expected)[:3]
+
+
+def _errors(actual, expected):
+  """:func:`max_errors` and the scale it is relative to, ``max |expected|``
+  (one pass for both: ``compare`` needs the scale too)."""
   a, e = np.asarray(actual), np.asarray(expected)
   if a.shape != e.shape:
     a, e = np.broadcast_arrays(a, e)
   if a.size == 0:
-    return 0.0, 0.0, ()
+    return 0.0, 0.0, (), 0.0
+  scale = abs_max(e)
   a_flat, e_flat = a.reshape(-1), e.reshape(-1)
   max_abs, at = -1.0, 0
   for start in range(0, a.size, ERROR_BLOCK):
@@ -256,14 +263,14 @@ def max_errors(actual, expected):
     if bad.any():
       flat = start + int(np.flatnonzero(bad)[0])
       return float('inf'), float('inf'), tuple(
-          int(i) for i in np.unravel_index(flat, a.shape))
+          int(i) for i in np.unravel_index(flat, a.shape)), scale
     i = int(np.argmax(diff))
     if diff[i] > max_abs:   # the first largest, as np.argmax gives it
       max_abs, at = float(diff[i]), start + i
-  scale = abs_max(e)
   max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else
                                                float('inf'))
-  return max_abs, max_rel, tuple(int(i) for i in np.unravel_index(at, a.shape))
+  return (max_abs, max_rel,
+          tuple(int(i) for i in np.unravel_index(at, a.shape)), scale)
 
 
 def _size(n_bytes: float) -> str:
@@ -670,8 +677,7 @@ class CheckContext:
       return self.record(Finding(passed=False, message=(
           f'{what or "result"}: dtype {actual.dtype} != expected '
           f'{expected.dtype}'), **base))
-    max_abs, max_rel, index = max_errors(actual, expected)
-    scale = abs_max(expected)
+    max_abs, max_rel, index, scale = _errors(actual, expected)
     if term_scale is not None:
       scale = max(scale, abs_max(term_scale))
     if expected.size > LARGE_COMPARE or not use_chex:
