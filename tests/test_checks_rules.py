@@ -464,9 +464,8 @@ def test_anchor_reach_is_the_same_dispatched_and_looped(monkeypatch, case):
   for small_limit in (compilations.SMALL_CASE_ELEMENTS, 0):
     monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', small_limit)
     ctx.small = compilations.is_small(ctx.given)
-    masks[ctx.small] = {
-        k: yw_to_w.reach(ctx, k, yw_to_w._sample(ctx, w.size, k))
-        for k, w in ctx.weights.items()}
+    masks[ctx.small] = yw_to_w.reach(ctx, {
+        k: yw_to_w._sample(ctx, w.size, k) for k, w in ctx.weights.items()})
   assert masks[True].keys() == masks[False].keys()
   for k in masks[True]:
     np.testing.assert_array_equal(masks[False][k], masks[True][k], err_msg=k)

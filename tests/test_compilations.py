@@ -83,6 +83,17 @@ def test_yw_to_w_vmap_compiles_one_program_per_form():
   assert counts == (3, 0), counts
 
 
+def test_anchor_measures_every_weight_in_one_program():
+  # The Jacobian columns of the weight and the bias under one program, and
+  # the yw_to_w rule's program: 2 for a new signature (3 with a program of
+  # columns per weight).
+  operands = _case(n_in=5, n_out=12)   # a shape no other test uses
+  run = lambda: etp_testing.check_rules(
+      etp.etp_mm_p, *operands, checks='yw_to_w.anchor', has_bias=True)
+  counts = _programs_new_then_repeated(run)
+  assert counts == (2, 0), counts
+
+
 @pytest.fixture
 def persistent_cache(tmp_path):
   """JAX's persistent compilation cache in ``tmp_path`` for one test, every

@@ -92,41 +92,50 @@ def _column_fn(primitive, params, key):
 
 
 @compiled
-def _columns(primitive, params, key):
-  """``(operands, elements) -> cols``: ``cols[i]`` is the column of element
-  ``elements[i]`` (:func:`_column_fn`), all under ``lax.map``."""
-  column = _column_fn(primitive, params, key)
-  return lambda operands, elements: jax.lax.map(
-      lambda e: column(operands, e), elements)
+def _columns(primitive, params, keys):
+  """``(operands, elements) -> cols``: ``cols[k][i]`` is the column of
+  element ``elements[k][i]`` of weight ``k`` (:func:`_column_fn`), for
+  every key in ``keys``, each under ``lax.map``; one program for them all
+  (a program per key compiled one more per signature and weight)."""
+  column = {k: _column_fn(primitive, params, k) for k in keys}
+  return lambda operands, elements: {
+      k: jax.lax.map(lambda e, k=k: column[k](operands, e), elements[k])
+      for k in keys}
 
 
 _column = compiled(_column_fn)
 
 
-def reach(ctx, key, elements):
-  """``mask[e, j]``: output ``j`` (flat, one example) depends on element ``e``.
+def reach(ctx, elements: dict) -> dict:
+  """``{key: mask}``, ``mask[i, j]``: output ``j`` (flat, one example)
+  depends on element ``elements[key][i]`` of weight ``key``.
 
-  A large case whose weight has at most ``DISPATCHED_COLUMNS_UP_TO``
-  elements takes its columns one dispatch each: XLA:CPU (jax 0.10.2) ran a
-  convolution inside ``lax.map``'s loop 30x slower than on its own (64 -> 64
-  conv: 4.1 s a point, 0.13 s dispatched).  Larger weights stay in the loop:
-  there a fresh one-hot tangent per dispatch costs more (dense 4096: 3.5 s
+  A large case takes the columns of a weight with at most
+  ``DISPATCHED_COLUMNS_UP_TO`` elements one dispatch each: XLA:CPU (jax
+  0.10.2) ran a convolution inside ``lax.map``'s loop 30x slower than on
+  its own (64 -> 64 conv: 4.1 s a point, 0.13 s dispatched).  Larger
+  weights, and every weight of a small case, stay in the loop: there a
+  fresh one-hot tangent per dispatch costs more (dense 4096: 3.5 s
   dispatched, 0.64 s looped)."""
-  w_size = int(np.prod(ctx.weight_avals[key].shape))
-  dispatched = not ctx.small and w_size <= DISPATCHED_COLUMNS_UP_TO
-  mask = None
-  for point in range(2):
+  dispatched = tuple(
+      k for k in elements if not ctx.small and
+      int(np.prod(ctx.weight_avals[k].shape)) <= DISPATCHED_COLUMNS_UP_TO)
+  looped = tuple(k for k in elements if k not in dispatched)
+  masks = {}
+  for point in range(2 if elements else 0):
     operands = jax.device_put(_example_operands(ctx, point))
-    if dispatched:
-      column = _column(ctx, key)
-      # All dispatched before the first is read: they queue, not wait.
-      pending = [column(operands, np.int32(e)) for e in elements]
-      cols = np.stack([np.asarray(c) for c in pending])
-    else:
-      cols = np.asarray(_columns(ctx, key)(operands, to_jax(elements)))
-    hit = np.abs(cols) > 0
-    mask = hit if mask is None else (mask | hit)
-  return mask
+    # All dispatched before the first is read: they queue, not wait.
+    pending = {k: [_column(ctx, k)(operands, np.int32(e)) for e in elements[k]]
+               for k in dispatched}
+    if looped:
+      pending.update(_columns(ctx, looped)(
+          operands, {k: to_jax(elements[k]) for k in looped}))
+    for k in elements:
+      cols = pending[k]
+      hit = np.abs(np.stack([np.asarray(c) for c in cols]) if k in dispatched
+                   else np.asarray(cols)) > 0
+      masks[k] = hit if point == 0 else (masks[k] | hit)
+  return masks
 
 
 @check('yw_to_w.anchor')
@@ -140,12 +149,14 @@ def check_anchor(ctx):
   y = ctx.y_aval()
   g = ctx.normal('yw_to_w.anchor.g', y.shape, y.dtype)
   traces = linked = None   # built when an anchored key needs them
+  sampled = {k: _sample(ctx, w.size, k) for k, w in ctx.weights.items()
+             if w.size}
+  masks = reach(ctx, sampled)
   for k, w in ctx.weights.items():
     if w.size == 0:
       ctx.record_pass('yw_to_w', key=k, message='empty weight: nothing to link')
       continue
-    elements = _sample(ctx, w.size, k)
-    mask = reach(ctx, k, elements)
+    elements, mask = sampled[k], masks[k]
     n_reach = mask.sum(axis=1)
     worst = int(n_reach.max(initial=0))
     if worst > 1:
