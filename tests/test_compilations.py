@@ -94,6 +94,19 @@ def test_anchor_measures_every_weight_in_one_program():
   assert counts == (2, 0), counts
 
 
+def test_pp_exact_binds_with_the_program_of_primitive_jit():
+  # pp.exact's affinity test binds the primitive under jax.jit with
+  # primitive.jit's program, so together they compile one program fewer
+  # than apart, each on a signature of its own.
+  run = lambda checks, n_out: (lambda: etp_testing.check_rules(
+      etp.etp_mm_p, *_case(n_in=5, n_out=n_out), checks=checks,
+      has_bias=True))
+  together = _programs_new_then_repeated(run('primitive.jit,pp.exact', 13))
+  bind = _programs_new_then_repeated(run('primitive.jit', 14))
+  pp = _programs_new_then_repeated(run('pp.exact', 15))
+  assert together == (bind[0] + pp[0] - 1, 0), (together, bind, pp)
+
+
 @pytest.fixture
 def persistent_cache(tmp_path):
   """JAX's persistent compilation cache in ``tmp_path`` for one test, every

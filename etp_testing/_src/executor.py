@@ -112,7 +112,11 @@ def param_items(eqn):
 
 def bind_y(primitive, operands, params):
   """The ``y`` output of one bind."""
-  out = primitive.bind(*operands, **params)
+  return y_of_outputs(primitive, primitive.bind(*operands, **params))
+
+
+def y_of_outputs(primitive, out):
+  """The ``y`` output among a bind's outputs ``out``."""
   return out[primitive.y_outvar_index] if primitive.multiple_results else out
 
 

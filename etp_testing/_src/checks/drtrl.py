@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp_testing._src import executor, tolerances
+from etp_testing._src.checks import primitive as primitive_checks
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import compiled
@@ -271,8 +272,10 @@ def check_pp_exact(ctx):
   # Host arrays: combining them compiles nothing.
   x1 = np.asarray(ctx.normal('pp.x1', x.shape, x.dtype))
   x2 = np.asarray(ctx.normal('pp.x2', x.shape, x.dtype))
-  bind = _bind_with_x(ctx)
-  p = lambda v: np.asarray(bind(list(ctx.operands), v), np.float64)
+  # primitive.jit's program: one compilation per signature for both.
+  bind = primitive_checks.jitted_bind(ctx)
+  p = lambda v: np.asarray(executor.y_of_outputs(ctx.primitive, bind(
+      executor.with_x(ctx.primitive, ctx.operands, v))), np.float64)
   # Affine in x: P(x1 + x2) - P(x1) == P(x2) - P(0), up to rounding of P.
   p1, p2 = p(x1), p(x2)
   scale = 4 * float(np.max(np.abs(p1))) + 4 * float(np.max(np.abs(p2)))
@@ -332,13 +335,6 @@ def check_pp_exact(ctx):
                 term_scale=terms.get(k),
                 what=f'pp-prop factorised gradient vs jax.grad (alpha='
                 f'{PP_ALPHA}, steps={ctx.steps})')
-
-
-@compiled
-def _bind_with_x(primitive, params):
-  """``(operands, x) -> y`` with ``x`` replaced."""
-  return lambda operands, x: executor.bind_y(
-      primitive, executor.with_x(primitive, operands, x), params)
 
 
 @compiled

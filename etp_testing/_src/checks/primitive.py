@@ -82,8 +82,10 @@ def _output_label(ctx, i: int) -> str:
 
 # -------------------------------------------------------------------- jit
 @compiled
-def _jitted_bind(primitive, params):
-  """``operands -> every output of the bind``."""
+def jitted_bind(primitive, params):
+  """``operands -> every output of the bind``.  Other checks that need the
+  bound primitive under ``jax.jit`` call this one, so that a signature
+  compiles it once for all of them."""
   return lambda operands: primitive.bind(*operands, **params)
 
 
@@ -92,7 +94,7 @@ def check_jit(ctx):
   """Eager ``bind`` equals ``jax.jit(bind)``, in value and dtype."""
   bind = lambda *ops: ctx.primitive.bind(*ops, **ctx.params)
   eager = _guarded('impl', 'eager bind', bind, *ctx.operands)
-  jitted = _guarded('impl', 'jax.jit(bind)', _jitted_bind(ctx),
+  jitted = _guarded('impl', 'jax.jit(bind)', jitted_bind(ctx),
                     list(ctx.operands))
   for i, (a, e) in enumerate(zip(_outputs(ctx, jitted), _outputs(ctx, eager))):
     ctx.compare(a, e, rule='impl', check_dtype=True,
