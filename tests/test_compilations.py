@@ -94,17 +94,19 @@ def test_anchor_measures_every_weight_in_one_program():
   assert counts == (2, 0), counts
 
 
-def test_pp_exact_binds_with_the_program_of_primitive_jit():
-  # pp.exact's affinity test binds the primitive under jax.jit with
-  # primitive.jit's program, so together they compile one program fewer
-  # than apart, each on a signature of its own.
+@pytest.mark.parametrize('check,n_out', [('pp.exact', 13),
+                                         ('primitive.vmap', 16)])
+def test_checks_bind_with_the_program_of_primitive_jit(check, n_out):
+  # pp.exact's affinity test and primitive.vmap's per-example binds run
+  # primitive.jit's jitted bind, so each compiles one program fewer beside
+  # primitive.jit than apart from it (each run on a signature of its own).
   run = lambda checks, n_out: (lambda: etp_testing.check_rules(
       etp.etp_mm_p, *_case(n_in=5, n_out=n_out), checks=checks,
       has_bias=True))
-  together = _programs_new_then_repeated(run('primitive.jit,pp.exact', 13))
-  bind = _programs_new_then_repeated(run('primitive.jit', 14))
-  pp = _programs_new_then_repeated(run('pp.exact', 15))
-  assert together == (bind[0] + pp[0] - 1, 0), (together, bind, pp)
+  together = _programs_new_then_repeated(run(f'primitive.jit,{check}', n_out))
+  bind = _programs_new_then_repeated(run('primitive.jit', n_out + 1))
+  alone = _programs_new_then_repeated(run(check, n_out + 2))
+  assert together == (bind[0] + alone[0] - 1, 0), (together, bind, alone)
 
 
 @pytest.fixture

@@ -342,11 +342,6 @@ def _stack(examples, axis):
   return np.moveaxis(np.stack(examples), 0, axis)
 
 
-@compiled
-def _bind(primitive, params):
-  return lambda operands: executor.bind_y(primitive, operands, params)
-
-
 def _nest_vmap(primitive, params, in_axes, depth):
   f = lambda *ops: executor.bind_y(primitive, ops, params)
   for _ in range(depth):
@@ -373,8 +368,10 @@ def _per_example(ctx, examples_of, axes, index):
   """The bind on example ``index`` of each mapped operand."""
   ops = [o if a is None else examples_of[i][index]
          for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-  return np.asarray(_guarded('impl', f'jax.jit(bind) of example {index}',
-                             _bind(ctx), ops))
+  # primitive.jit's program: the signature compiles it once for both.
+  out = _guarded('impl', f'jax.jit(bind) of example {index}',
+                 jitted_bind(ctx), ops)
+  return np.asarray(executor.y_of_outputs(ctx.primitive, out))
 
 
 def _vmap_cases(ctx) -> list:
