@@ -100,6 +100,15 @@ def compiled(builder):
   return get
 
 
+
+@compiled
+def jitted_bind(primitive, params):
+  """``operands -> every output of the bind``, under ``jax.jit``.  Every
+  check that binds the primitive as it is under ``jit`` uses this one
+  (``primitive.jit``, ``primitive.vmap``'s per-example binds, ``pp.exact``'s
+  affinity test), so a signature compiles it once for all of them."""
+  return lambda operands: primitive.bind(*operands, **params)
+
 def _split_static(kwargs: Mapping):
   """``(static, arrays)``: hashable non-array kwargs and array kwargs, or
   ``None`` when a non-array kwarg is unhashable."""

@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp_testing._src import executor, tolerances
-from etp_testing._src.checks import primitive as primitive_checks
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import compiled
+from etp_testing._src.context import compiled, jitted_bind
 from etp_testing._src.errors import RuleFailure, raised
 
 PP_ALPHA = 0.7
@@ -273,7 +272,7 @@ def check_pp_exact(ctx):
   x1 = np.asarray(ctx.normal('pp.x1', x.shape, x.dtype))
   x2 = np.asarray(ctx.normal('pp.x2', x.shape, x.dtype))
   # primitive.jit's program: one compilation per signature for both.
-  bind = primitive_checks.jitted_bind(ctx)
+  bind = jitted_bind(ctx)
   p = lambda v: np.asarray(executor.y_of_outputs(ctx.primitive, bind(
       executor.with_x(ctx.primitive, ctx.operands, v))), np.float64)
   # Affine in x: P(x1 + x2) - P(x1) == P(x2) - P(0), up to rounding of P.

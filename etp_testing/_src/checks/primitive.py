@@ -42,8 +42,8 @@ import numpy as np
 
 from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import (compiled, shape_of, to_float64,
-                                      x64_enabled)
+from etp_testing._src.context import (compiled, jitted_bind, shape_of,
+                                      to_float64, x64_enabled)
 from etp_testing._src.errors import RuleFailure, raised
 
 # At most this many in_axes combinations per case (x alone, the weights
@@ -81,14 +81,6 @@ def _output_label(ctx, i: int) -> str:
 
 
 # -------------------------------------------------------------------- jit
-@compiled
-def jitted_bind(primitive, params):
-  """``operands -> every output of the bind``.  Other checks that need the
-  bound primitive under ``jax.jit`` call this one, so that a signature
-  compiles it once for all of them."""
-  return lambda operands: primitive.bind(*operands, **params)
-
-
 @check('primitive.jit')
 def check_jit(ctx):
   """Eager ``bind`` equals ``jax.jit(bind)``, in value and dtype."""
