@@ -19,7 +19,11 @@ Python cost weighs on the whole call).  The bare forward plus VJP runs with
 its weights already on the device and at JAX's default precision, as a user
 trains (TF32 products on a GPU): the least it can cost.  The check's
 products run at full float32 precision (``runner.MATMUL_PRECISION``), so on
-a GPU part of its ratio is that precision's cost.
+a GPU part of its ratio is that precision's cost.  Last, that program's
+scratch memory (as XLA reports it) and the page faults per call of it and
+of the bare run: on a CPU, scratch above 32 MiB is mapped afresh, and the
+kernel zeroes every page of it, on every call (the batched dense layer's
+fast-mode ratio on the 2-core machine is mostly that).
 
     python benchmarks/large_layers.py                # every case
     python benchmarks/large_layers.py dense conv     # some cases
@@ -147,11 +151,10 @@ def run_case(name: str, checks: str) -> dict:
   on_device = jax.device_put(operands)
   fast = lambda ops: (lambda: etp_testing.check_rules(
       prim, *ops, checks=FAST_CHECKS, seed=0, fast=True, **params))
-  warm = _best_interleaved({'bare': _bare_forward_vjp(prim, operands, params),
-                            'fast': fast(on_device),
-                            'fast_host': fast(operands),
-                            'work': _fast_device_work(prim, on_device,
-                                                      params)})
+  work, scratch = _fast_device_work(prim, on_device, params)
+  bare_fn = _bare_forward_vjp(prim, operands, params)
+  warm = _best_interleaved({'bare': bare_fn, 'fast': fast(on_device),
+                            'fast_host': fast(operands), 'work': work})
   return {
       'case': name, 'primitive': prim.name, 'battery_s': wall,
       'bare_fwd_vjp_s': bare, 'ratio': wall / bare if bare else None,
@@ -161,6 +164,9 @@ def run_case(name: str, checks: str) -> dict:
       'fast_warm_s': warm['fast'],
       'fast_host_s': warm['fast_host'],
       'fast_device_s': warm['work'], 'fast_bare_s': warm['bare'],
+      'fast_scratch_mib': None if scratch is None else scratch / 2**20,
+      'page_faults': {'work': _page_faults_per_call(work),
+                      'bare': _page_faults_per_call(bare_fn)},
       'per_check': {o.name: [o.status, round(o.duration_s, 3),
                              o.reason if o.status != 'passed' else '']
                     for o in report.outcomes},
@@ -174,7 +180,13 @@ def _fast_device_work(prim, operands, params):
   the JVPs and the float64 dot products), without the harness's Python
   around it (context, checking the rule's shapes, comparing).  Traced and
   run at the harness's matrix-product precision, as the check runs it: on a
-  GPU the default (TF32) program is faster, and not what is checked."""
+  GPU the default (TF32) program is faster, and not what is checked.
+
+  Returns ``(work, scratch)``: the function, and the bytes of scratch
+  (temporary) memory XLA gives the program (``None`` where the backend does
+  not say).  XLA:CPU allocates that scratch afresh on every call; above
+  glibc's largest mmap threshold (32 MiB) it is mapped and zeroed by the
+  kernel each time, which shows as page faults per call."""
   import jax
   from etp_testing._src.checks import xy_to_dw
   from etp_testing._src.context import CheckContext
@@ -187,7 +199,21 @@ def _fast_device_work(prim, operands, params):
   def work():
     with jax.default_matmul_precision(MATMUL_PRECISION):
       return jax.block_until_ready(program(*args))
-  return work
+  with jax.default_matmul_precision(MATMUL_PRECISION):
+    memory = program.lower(*args).compile().memory_analysis()
+  return work, getattr(memory, 'temp_size_in_bytes', None)
+
+
+def _page_faults_per_call(fn, calls=5) -> "float | None":
+  """Minor page faults per warm call of ``fn`` (``None`` where the OS does
+  not count them): fresh pages the process touched."""
+  import resource
+  fn()
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    fn()
+  after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  return (after - before) / calls if before or after else None
 
 
 def _rss_gib() -> float:
@@ -248,6 +274,14 @@ def main(argv=None) -> int:
           f'{r["fast_host_s"] / fb:.1f}x (NumPy operands); compiled work '
           f'{r["fast_device_s"] * 1e3:.2f} ms = '
           f'{r["fast_device_s"] / fb:.1f}x')
+    faults = r['page_faults']
+    if r['fast_scratch_mib'] is not None or faults['work'] is not None:
+      print('         its program: '
+            + (f'{r["fast_scratch_mib"]:.0f} MiB of XLA scratch; '
+               if r['fast_scratch_mib'] is not None else '')
+            + (f'{faults["work"]:.0f} page faults per call (forward + VJP: '
+               f'{faults["bare"]:.0f})' if faults['work'] is not None
+               else ''))
   return 1 if failed else 0
 
 
