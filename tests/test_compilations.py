@@ -71,27 +71,22 @@ def test_init_checks_compile_one_program_per_variant(checks, programs):
   assert counts == (programs, 0), counts
 
 
-def test_yw_to_w_vmap_compiles_one_program_per_form():
-  # The batch kept (shared with yw_to_w.linear), the batch stripped under
-  # vmap, and extra leading axes directly and under vmap (one program for
-  # both): 3 programs for a new signature of a batched primitive (4 with a
-  # program per call).
-  operands = _case(n_in=5, n_out=11)   # a shape no other test uses
+@pytest.mark.parametrize('checks,n_out,programs', [
+    # The batch kept (shared with yw_to_w.linear), the batch stripped under
+    # vmap, and extra leading axes directly and under vmap (one program for
+    # both): 3 (4 with a program per call).
+    ('yw_to_w.vmap', 11, 3),
+    # The Jacobian columns of the weight and the bias under one program, and
+    # the yw_to_w rule's program: 2 (3 with a program of columns per weight).
+    ('yw_to_w.anchor', 12, 2),
+])
+def test_a_check_compiles_its_programs_once_per_signature(checks, n_out,
+                                                          programs):
+  operands = _case(n_in=5, n_out=n_out)   # a shape no other test uses
   run = lambda: etp_testing.check_rules(
-      etp.etp_mm_p, *operands, checks='yw_to_w.vmap', has_bias=True)
+      etp.etp_mm_p, *operands, checks=checks, has_bias=True)
   counts = _programs_new_then_repeated(run)
-  assert counts == (3, 0), counts
-
-
-def test_anchor_measures_every_weight_in_one_program():
-  # The Jacobian columns of the weight and the bias under one program, and
-  # the yw_to_w rule's program: 2 for a new signature (3 with a program of
-  # columns per weight).
-  operands = _case(n_in=5, n_out=12)   # a shape no other test uses
-  run = lambda: etp_testing.check_rules(
-      etp.etp_mm_p, *operands, checks='yw_to_w.anchor', has_bias=True)
-  counts = _programs_new_then_repeated(run)
-  assert counts == (2, 0), counts
+  assert counts == (programs, 0), counts
 
 
 @pytest.mark.parametrize('check,n_out', [('pp.exact', 13),
