@@ -100,7 +100,6 @@ def compiled(builder):
   return get
 
 
-
 @compiled
 def jitted_bind(primitive, params):
   """``operands -> every output of the bind``, under ``jax.jit``.  Every
@@ -108,6 +107,7 @@ def jitted_bind(primitive, params):
   (``primitive.jit``, ``primitive.vmap``'s per-example binds, ``pp.exact``'s
   affinity test), so a signature compiles it once for all of them."""
   return lambda operands: primitive.bind(*operands, **params)
+
 
 def _split_static(kwargs: Mapping):
   """``(static, arrays)``: hashable non-array kwargs and array kwargs, or

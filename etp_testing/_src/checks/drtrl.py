@@ -271,7 +271,7 @@ def check_pp_exact(ctx):
   # Host arrays: combining them compiles nothing.
   x1 = np.asarray(ctx.normal('pp.x1', x.shape, x.dtype))
   x2 = np.asarray(ctx.normal('pp.x2', x.shape, x.dtype))
-  # primitive.jit's program: one compilation per signature for both.
+  # primitive.jit's program (context.jitted_bind): compiled once a signature.
   bind = jitted_bind(ctx)
   p = lambda v: np.asarray(executor.y_of_outputs(ctx.primitive, bind(
       executor.with_x(ctx.primitive, ctx.operands, v))), np.float64)

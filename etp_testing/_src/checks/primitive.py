@@ -360,7 +360,7 @@ def _per_example(ctx, examples_of, axes, index):
   """The bind on example ``index`` of each mapped operand."""
   ops = [o if a is None else examples_of[i][index]
          for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-  # primitive.jit's program: the signature compiles it once for both.
+  # primitive.jit's program (context.jitted_bind): compiled once a signature.
   out = _guarded('impl', f'jax.jit(bind) of example {index}',
                  jitted_bind(ctx), ops)
   return np.asarray(executor.y_of_outputs(ctx.primitive, out))

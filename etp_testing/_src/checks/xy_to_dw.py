@@ -159,8 +159,8 @@ def _rule_avals(ctx) -> dict:
 def impl_y(primitive, params):
   """``operands -> y`` through ``impl`` alone (no JAX rule of the primitive)."""
   def y(operands):
-    out = primitive.impl_fn(*operands, **params)
-    return out[primitive.y_outvar_index] if primitive.multiple_results else out
+    return executor.y_of_outputs(primitive,
+                                 primitive.impl_fn(*operands, **params))
   return y
 
 

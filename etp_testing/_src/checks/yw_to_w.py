@@ -131,9 +131,9 @@ def reach(ctx, elements: dict) -> dict:
       pending.update(_columns(ctx, looped)(
           operands, {k: to_jax(elements[k]) for k in looped}))
     for k in elements:
-      cols = pending[k]
-      hit = np.abs(np.stack([np.asarray(c) for c in cols]) if k in dispatched
-                   else np.asarray(cols)) > 0
+      cols = (np.stack([np.asarray(c) for c in pending[k]]) if k in dispatched
+              else np.asarray(pending[k]))
+      hit = np.abs(cols) > 0
       masks[k] = hit if point == 0 else (masks[k] | hit)
   return masks
 
