@@ -254,7 +254,9 @@ def max_errors(actual, expected):
 
 def _errors(actual, expected):
   """:func:`max_errors` and the scale it is relative to, ``max |expected|``
-  (one pass for both: ``compare`` needs the scale too)."""
+  (computed once, here, for both: ``compare`` needs the scale too).  The
+  scale is the whole array's even where a non-finite difference ends the
+  blocks early."""
   a, e = np.asarray(actual), np.asarray(expected)
   if a.shape != e.shape:
     a, e = np.broadcast_arrays(a, e)
