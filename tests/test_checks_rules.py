@@ -288,7 +288,20 @@ def test_xy_to_dw_checks_catch(check, broken):
                 'weight')
 
 
-def test_jacrev_fast_mode_catches():
+@pytest.fixture(params=['side_by_side', 'one_at_a_time'])
+def fast_directions(request, monkeypatch):
+  """Fast mode's directions as a small weight draws them, and as a large
+  one does (one after another): the threshold lowered to every weight."""
+  from etp_testing._src.checks import xy_to_dw
+  if request.param == 'one_at_a_time':
+    monkeypatch.setattr(xy_to_dw, 'SEQUENTIAL_DIRECTIONS', 1)
+  xy_to_dw._fast_projections.cache_clear()   # traced with the other value
+  yield request.param
+  xy_to_dw._fast_projections.cache_clear()
+
+
+def test_jacrev_fast_mode_catches(fast_directions):
+  del fast_directions
   prim = dense_variant(xy_to_dw=xy_scaled)
   report = etp_testing.check_rules(prim, X, W, B, checks=['xy_to_dw.jacrev'],
                                    fast=True, has_bias=True)
@@ -298,8 +311,8 @@ def test_jacrev_fast_mode_catches():
 
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
-def test_jacrev_fast_mode_passes_correct_rules(x64, dtype):
-  del x64
+def test_jacrev_fast_mode_passes_correct_rules(x64, fast_directions, dtype):
+  del x64, fast_directions
   ops = [a.astype(dtype) for a in (X, W, B)]
   outcome = etp_testing.check_rules(etp.etp_mm_p, *ops,
                                     checks=['xy_to_dw.jacrev'], fast=True,
@@ -393,6 +406,68 @@ def test_jacrev_fast_mode_repeated_copies_nothing_to_the_device(broken):
         f.describe() for f in outcome.findings])
   else:
     assert_caught(outcome, 'xy_to_dw', 'weight')
+
+
+def _fast_program_scratch(n_in, n_out):
+  """Bytes of scratch XLA gives fast mode's program for a batched dense
+  layer ``n_in x n_out`` with a bias."""
+  from etp_testing._src.checks import xy_to_dw
+  from etp_testing._src.context import CheckContext
+  rng = np.random.default_rng(0)
+  operands = jax.device_put(
+      (rng.standard_normal((8, n_in), dtype=np.float32),
+       rng.standard_normal((n_in, n_out), dtype=np.float32),
+       np.zeros(n_out, np.float32)))
+  ctx = CheckContext(etp.etp_mm_p, operands, {'has_bias': True}, seed=0,
+                     steps=2, n_states=((1,),), rtol=None, atol=None,
+                     devices=jax.devices()[:1], fast=True)
+  program, args = xy_to_dw.projection_call(ctx, tuple(ctx.weight_avals))
+  return program.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize('one_at_a_time', [True, False])
+def test_jacrev_fast_mode_holds_one_large_direction_at_a_time(monkeypatch,
+                                                              one_at_a_time):
+  # A weight of SEQUENTIAL_DIRECTIONS elements: its program's scratch holds
+  # one direction (4 MiB), not three, nor a float64 copy of the gradient,
+  # nor the gradient (an output).  Drawn side by side (the threshold raised
+  # above the weight), the directions take more than twice that.
+  from etp_testing._src.checks import xy_to_dw
+  if not one_at_a_time:
+    monkeypatch.setattr(xy_to_dw, 'SEQUENTIAL_DIRECTIONS', 2**40)
+  xy_to_dw._fast_projections.cache_clear()
+  try:
+    scratch = _fast_program_scratch(1024, 1024)
+  finally:
+    xy_to_dw._fast_projections.cache_clear()
+  direction = 1024 * 1024 * 4
+  if one_at_a_time:
+    assert xy_to_dw.SEQUENTIAL_DIRECTIONS <= 1024 * 1024   # at the threshold
+    assert scratch < 2 * direction, scratch / 2**20
+  else:
+    assert scratch >= 2 * direction, scratch / 2**20
+
+
+@pytest.mark.parametrize('dtype, product_dtype', [
+    (np.float64, np.float64), (np.float32, np.float32),
+    (jnp.bfloat16, np.float32)])
+def test_fast_mode_dot_products_round_each_product_once(x64, dtype,
+                                                        product_dtype):
+  # _dot64's bound: each product rounded once in (at least) float32, the
+  # sum in float64, so the error is within half an ulp of each product.
+  del x64
+  from etp_testing._src.checks.xy_to_dw import _dot64
+  rng = np.random.default_rng(1)
+  a, b = (rng.standard_normal(100_000).astype(dtype) for _ in range(2))
+  exact = np.sum(a.astype(np.float64) * b.astype(np.float64))
+  terms = np.sum(np.abs(a.astype(np.float64) * b.astype(np.float64)))
+  unit = np.finfo(product_dtype).eps / 2
+  error = abs(float(_dot64(jnp.asarray(a), jnp.asarray(b))) - exact)
+  assert error <= unit * terms + 1e-12 * terms, (error, unit * terms)
+  # The bound is tight enough to see a product rounded in a's dtype.
+  if dtype == jnp.bfloat16:
+    rounded = np.sum((a * b).astype(np.float64))
+    assert abs(rounded - exact) > unit * terms
 
 
 def test_dropped_and_extra_keys_are_named():
