@@ -376,6 +376,28 @@ def test_the_snippet_reruns_the_failing_case(broken_module, size, dtype):
                              first.failures[0].findings[0].max_abs_err)
 
 
+@pytest.mark.parametrize('options', [{}, {'fast': True, 'rtol': 1e-4}])
+def test_the_snippet_reruns_with_the_options_the_case_failed_with(
+    broken_module, options):
+  # A case that failed in fast mode (or at a given tolerance) re-runs the
+  # same way: on a small case, the default would run the full Jacobian.
+  ops = _operands(batch=4, n_in=3, dtype=np.float32)
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(broken_module.broken_sign_mm_p, *ops,
+                                       checks=['xy_to_dw.jacrev'], seed=3,
+                                       has_bias=False, **options)
+  snippet = info.value.report.snippet
+  for name in ('fast', 'rtol', 'atol', 'devices'):
+    assert (f'{name}=' in snippet) == (name in options), snippet
+  with pytest.raises(etp_testing.RuleConsistencyError) as again:
+    exec(compile(snippet, '<snippet>', 'exec'), {'__name__': '__snippet__'})
+  first, second = (e.value.report.failures[0].findings[0]
+                   for e in (info, again))
+  assert ('fast mode' in second.message) == bool(options.get('fast'))
+  assert second.message == first.message
+  assert second.rtol == first.rtol
+
+
 def test_the_report_names_float64_operands():
   jax.config.update('jax_enable_x64', False)
   report = etp_testing.check_rules(

@@ -192,7 +192,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
       # out costs more than some checks).
       report.snippet = _snippet.reproduction(
           primitive, operands, params, seed=seed, checks=names, steps=steps,
-          n_state=n_states, devices=devices)
+          n_state=n_states, devices=devices, fast=fast, rtol=rtol, atol=atol)
   return report
 
 

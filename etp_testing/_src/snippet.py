@@ -39,8 +39,9 @@ def _operand_source(operands):
 
 
 def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
-                 devices='all') -> str:
-  """Source that re-runs ``assert_rule_consistent`` on this case."""
+                 devices='all', fast=None, rtol=None, atol=None) -> str:
+  """Source that re-runs ``assert_rule_consistent`` on this case, with the
+  options it ran with (a case failed in fast mode re-runs in fast mode)."""
   name = getattr(primitive, 'name', str(primitive))
   lines = ['import jax', 'import numpy as np', 'import etp', 'import etp_testing']
   module = _module_import(primitive)
@@ -53,9 +54,13 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   lines.append(f'prim = next(p for p in etp.primitives() if p.name == {name!r})')
   lines.append('operands = [' + ', '.join(ops) + ']')
   kwargs = ''.join(f', {k}={v!r}' for k, v in params.items())
-  devices_arg = '' if devices == 'all' else f', devices={devices!r}'
+  # (value, default): only what differs from the default is written.
+  options = {'devices': (devices, 'all'), 'fast': (fast, None),
+             'rtol': (rtol, None), 'atol': (atol, None)}
+  options_arg = ''.join(f', {k}={v!r}' for k, (v, default) in options.items()
+                        if v != default)
   lines.append(
       f'etp_testing.assert_rule_consistent(prim, *operands, '
       f'checks={list(checks)!r}, seed={seed}, steps={steps}, '
-      f'n_state={tuple(n_state)!r}{devices_arg}{kwargs})')
+      f'n_state={tuple(n_state)!r}{options_arg}{kwargs})')
   return '\n'.join(lines)
