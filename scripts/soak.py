@@ -50,6 +50,9 @@ def _parse_args(argv):
   parser.add_argument('--checks', default='all',
                       help="checks to run (names, groups or globs; 'all')")
   parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--fast', action='store_true',
+                      help='run every check in fast mode (random '
+                      'projections, a sampled anchor): its false alarms')
   parser.add_argument('--host-devices', type=int, default=0, metavar='N',
                       help='force N XLA host (CPU) devices, so that '
                       'device.consistency has something to compare; must be '
@@ -154,8 +157,10 @@ class _Worst:
 
 def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
          dtypes=('float32', 'float64'), checks='all', steps: int = 3,
-         log=print) -> dict:
-  """Runs the soak and returns its summary (``failures`` lists false alarms)."""
+         fast: bool = False, log=print) -> dict:
+  """Runs the soak and returns its summary (``failures`` lists false alarms).
+  ``fast=True`` runs every example in fast mode; otherwise each chooses by
+  its size, as the battery does (the generated cases are small: full mode)."""
   from hypothesis import settings
   from etp_testing import check_names
 
@@ -169,19 +174,19 @@ def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
   total, start = 0, time.perf_counter()
   interrupted = False
   try:
-    total = _run_all(runs, plan, checks, steps, base_settings, worst,
-                     failures, per_run, log)
+    total = _run_all(runs, plan, checks, steps, fast or None, base_settings,
+                     worst, failures, per_run, log)
   except KeyboardInterrupt:
     # Ctrl-C or SIGTERM: what finished is kept and reported, marked as such.
     interrupted = True
     total = sum(r['examples'] for r in per_run)
-  return {'examples': total, 'requested': examples,
+  return {'examples': total, 'requested': examples, 'fast': fast,
           'failures': failures, 'runs': per_run, 'interrupted': interrupted,
           'duration_s': round(time.perf_counter() - start, 3),
           'worst': worst, 'check_order': list(check_names())}
 
 
-def _run_all(runs, plan, checks, steps, base_settings, worst, failures,
+def _run_all(runs, plan, checks, steps, fast, base_settings, worst, failures,
              per_run, log) -> int:
   """Runs every (target, dtype, seed) run; returns the examples run."""
   from etp_testing import RuleConsistencyError
@@ -195,7 +200,8 @@ def _run_all(runs, plan, checks, steps, base_settings, worst, failures,
     try:
       summary = check_with_hypothesis(prim, max_examples=n, checks=checks,
                                       strategy=strat, seed=seed,
-                                      settings=base_settings, steps=steps)
+                                      settings=base_settings, steps=steps,
+                                      fast=fast)
     except RuleConsistencyError as e:
       # The examples that passed before the failing one still count.
       passed = getattr(getattr(e, 'summary', None), 'examples', 0) or 0
@@ -231,7 +237,8 @@ def main(argv=None) -> int:
   log = None if args.quiet else (lambda s: print(s, flush=True))
   signal.signal(signal.SIGTERM, _interrupt)
   result = soak(examples=args.examples, seeds=seeds, primitives=names,
-                dtypes=dtypes, checks=args.checks, steps=args.steps, log=log)
+                dtypes=dtypes, checks=args.checks, steps=args.steps,
+                fast=args.fast, log=log)
   worst = result.pop('worst')
   order = result.pop('check_order')
   print('Worst error per check (over every passing example):')
@@ -239,7 +246,8 @@ def main(argv=None) -> int:
   for f in result['failures']:
     print(f'\nFAILURE {f["primitive"]} {f["dtype"]} seed {f["seed"]}:')
     print('\n'.join('  ' + l for l in f['message'].splitlines()[:30]))
-  print(f'\nexamples: {result["examples"]} (requested {result["requested"]}), '
+  print(f'\nexamples: {result["examples"]} (requested {result["requested"]})'
+        + (', fast mode' if result['fast'] else '') + ', '
         f'failures: {len(result["failures"])}, '
         f'time: {result["duration_s"]:.1f}s'
         + (' - INTERRUPTED: the completed runs above only'

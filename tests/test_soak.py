@@ -56,15 +56,29 @@ def test_smoke(tmp_path, capsys):
   assert data['worst']['xy_to_dw.vjp']['examples'] == 4
 
 
+def test_fast_smoke(capsys):
+  # --fast: the random projections on generated shapes, not the Jacobian.
+  code = soak.main(['--examples', '4', '--primitives', 'etp_mm', '--seeds',
+                    '0', '--checks', 'xy_to_dw.jacrev', '--fast', '--quiet'])
+  out = capsys.readouterr().out
+  assert code == 0, out
+  assert 'examples: 4 (requested 4), fast mode, failures: 0' in out
+
+
 @pytest.mark.usefixtures('_forget_mutants')
-def test_soak_reports_a_failure(capsys):
+@pytest.mark.parametrize('check, fast', [('xy_to_dw.vjp', []),
+                                         ('xy_to_dw.jacrev', ['--fast'])])
+def test_soak_reports_a_failure(capsys, check, fast):
   code = soak.main(['--examples', '2', '--primitives',
                     'mutant_elemwise_xy_sign', '--dtypes', 'float64',
-                    '--seeds', '0', '--checks', 'xy_to_dw.vjp', '--quiet'])
+                    '--seeds', '0', '--checks', check, '--quiet', *fast])
   out = capsys.readouterr().out
   assert code == 1
   assert 'FAILURE mutant_elemwise_xy_sign float64 seed 0' in out
   assert 'failures: 1' in out
+  # A fast-mode failure says so, and its snippet re-runs it in fast mode.
+  assert ('fast mode' in out) == bool(fast)
+  assert ('fast=True' in out) == bool(fast)
 
 
 def test_an_interrupted_soak_keeps_what_finished(tmp_path, capsys,
