@@ -409,20 +409,24 @@ def test_jacrev_fast_mode_repeated_copies_nothing_to_the_device(broken):
 
 
 def _fast_program_scratch(n_in, n_out):
-  """Bytes of scratch XLA gives fast mode's program for a batched dense
-  layer ``n_in x n_out`` with a bias."""
+  """Bytes of scratch XLA:CPU gives fast mode's program for a batched dense
+  layer ``n_in x n_out`` with a bias (on the CPU whatever the machine: the
+  scratch it explains is XLA:CPU's)."""
   from etp_testing._src.checks import xy_to_dw
   from etp_testing._src.context import CheckContext
   rng = np.random.default_rng(0)
+  cpu = jax.devices('cpu')[0]
   operands = jax.device_put(
       (rng.standard_normal((8, n_in), dtype=np.float32),
        rng.standard_normal((n_in, n_out), dtype=np.float32),
-       np.zeros(n_out, np.float32)))
-  ctx = CheckContext(etp.etp_mm_p, operands, {'has_bias': True}, seed=0,
-                     steps=2, n_states=((1,),), rtol=None, atol=None,
-                     devices=jax.devices()[:1], fast=True)
-  program, args = xy_to_dw.projection_call(ctx, tuple(ctx.weight_avals))
-  return program.lower(*args).compile().memory_analysis().temp_size_in_bytes
+       np.zeros(n_out, np.float32)), cpu)
+  with jax.default_device(cpu):
+    ctx = CheckContext(etp.etp_mm_p, operands, {'has_bias': True}, seed=0,
+                       steps=2, n_states=((1,),), rtol=None, atol=None,
+                       devices=[cpu], fast=True)
+    program, args = xy_to_dw.projection_call(ctx, tuple(ctx.weight_avals))
+    compiled = program.lower(*args).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize('one_at_a_time', [True, False])
