@@ -209,7 +209,7 @@ def long_run(prims, examples: int, block: int = 100) -> None:
   in each block of ``block`` examples of one ``examples``-long run."""
   from etp_testing._src import compilations as comp
   from etp_testing._src import strategies
-  from etp_testing._src.hypothesis_runner import _signature, \
+  from etp_testing._src.hypothesis_runner import signature, \
       check_with_hypothesis
   blocks = -(-examples // block)
   print(f'\nOne run of {examples} examples per primitive: XLA compilations '
@@ -224,7 +224,7 @@ def long_run(prims, examples: int, block: int = 100) -> None:
     marks, seen = [], set()
 
     def mark(case, count):
-      sig = _signature(*case)
+      sig = signature(*case)
       marks.append((count.count, sig not in seen))
       seen.add(sig)
       return case

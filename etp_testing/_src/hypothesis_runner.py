@@ -156,7 +156,11 @@ class _ExampleFailed(AssertionError):
     self.report = report
 
 
-def _signature(operands, params) -> tuple:
+def signature(operands, params) -> tuple:
+  """A case's shape signature: each operand's shape and dtype, and the
+  params.  Examples of one signature share every compiled program (the
+  runner counts them as ``distinct_shapes``; ``benchmarks/battery.py``
+  counts compilations per new one)."""
   ops = tuple((tuple(np.shape(o)), str(getattr(o, 'dtype', type(o).__name__)))
               for o in operands)
   return ops, tuple(sorted((k, repr(v)) for k, v in params.items()))
@@ -279,7 +283,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
       raise _ExampleFailed(report)
     example = summary.examples
     summary.examples += 1
-    signatures.add(_signature(operands, params))
+    signatures.add(signature(operands, params))
     for outcome in report.outcomes:
       summary.checks.setdefault(
           outcome.name, CheckSummary(outcome.name)).add(outcome, example)
