@@ -3,8 +3,11 @@ r"""Random directions drawn on the device, cheaply.
 The fast-mode projections need a few random directions as large as a weight
 (16M elements each for a 4096 x 4096 layer).  Drawing Gaussians on the host,
 or with JAX's threefry on a CPU, costs several times a forward plus VJP of the
-layer; this counter-based draw is a few integer operations per element and
-fuses into the program that consumes it.
+layer; this counter-based draw is a few integer operations per element, run
+inside the program that consumes it.  (XLA:CPU in jax 0.10.2 still writes
+each draw out as an array: its reduction fusions take float element-wise
+code, not the integer hash.  Hence ``xy_to_dw``'s fast mode draws a large
+weight's directions one at a time.)
 
 Element ``i`` of a draw with seed ``s`` is uniform on
 :math:`[-\sqrt3, \sqrt3]` (mean 0, variance 1):
