@@ -16,6 +16,7 @@ The device tests need several devices: the root ``conftest.py`` asks XLA for
 
 import functools
 import itertools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ from etp._src import dense
 from etp._src import lora
 from etp._src import registry
 from etp._src import units as etp_units
-from etp_testing._src import executor, unit_cases
+from etp_testing._src import compilations, executor, unit_cases
 
 from _cases import first_case
 
@@ -305,10 +306,20 @@ def _raising_batcher(prim):
   return batch
 
 
+@pytest.fixture(params=['small', 'large'])
+def vmap_case_size(request, monkeypatch):
+  """Runs ``primitive.vmap`` as for a small case (every vmap in one
+  program) and as for a large one (one vmap case at a time)."""
+  if request.param == 'large':
+    monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+  return request.param
+
+
 @pytest.mark.parametrize('make, batched', [
     (_flipping_batcher, False), (_axis_zero_batcher, True),
     (_raising_batcher, True)], ids=['flip', 'axis_zero', 'raises'])
-def test_vmap_catches_a_wrong_batching_rule(make, batched):
+def test_vmap_catches_a_wrong_batching_rule(make, batched, vmap_case_size):
+  del vmap_case_size
   prim = _dense_clone(f'batcher_{make.__name__}', batched=batched)
   batching.primitive_batchers[prim] = make(prim)
   case = _dense_case(batch=4 if batched else None)
@@ -324,6 +335,47 @@ def test_vmap_catches_a_wrong_batching_rule(make, batched):
   if make is _raising_batcher:
     assert 'NotImplementedError' in hits[0].message
     assert 'in_axes=' in hits[0].message
+
+
+def test_vmap_passes_a_correct_batching_rule(vmap_case_size):
+  del vmap_case_size
+  report = _run(etp.etp_mm_p, _dense_case(), ['primitive.vmap'])
+  _assert_passed(report, 'primitive.vmap')
+  messages = [f.message for f in report.outcome('primitive.vmap').findings]
+  assert len(messages) >= 4 and any('jax.vmap(jax.vmap(' in m
+                                    for m in messages)
+
+
+def test_vmap_holds_one_large_case_at_a_time(monkeypatch, vmap_case_size):
+  # A large case's stacked operands (3.3 GiB for dense 4096 x 4096, all
+  # cases at once) are dropped before the next case's examples are made.
+  # A small case makes every case first (one program for all of them).
+  from etp_testing._src.checks import primitive as primitive_check
+  stacks, alive_when_made, alive_when_checked = [], [], []
+  examples, check_case = (primitive_check._examples,
+                          primitive_check._check_vmap_case)
+  alive = lambda: sum(ref() is not None for ref in stacks)
+
+  def spy_examples(*args, **kwargs):
+    alive_when_made.append(alive())
+    return examples(*args, **kwargs)
+
+  def spy_check_case(ctx, case, got):
+    alive_when_checked.append(alive())
+    axes, batched = case[0], case[3]
+    stacks.extend(weakref.ref(b) for b, a in zip(batched, axes)
+                  if a is not None)
+    return check_case(ctx, case, got)
+  monkeypatch.setattr(primitive_check, '_examples', spy_examples)
+  monkeypatch.setattr(primitive_check, '_check_vmap_case', spy_check_case)
+  _assert_passed(_run(etp.etp_mm_p, _dense_case(), ['primitive.vmap']),
+                 'primitive.vmap')
+  assert len(alive_when_checked) >= 4
+  if vmap_case_size == 'large':
+    assert not any(alive_when_made), alive_when_made
+  else:   # the earlier cases' stacks are still held when a later is checked
+    assert alive_when_checked[-1] >= len(alive_when_checked) - 1
+  assert alive() == 0   # nothing is kept once the check is done
 
 
 def _batch_centred_impl(x, weight, *bias, has_bias):

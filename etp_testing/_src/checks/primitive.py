@@ -366,19 +366,19 @@ def _per_example(ctx, examples_of, axes, index):
   return np.asarray(executor.y_of_outputs(ctx.primitive, out))
 
 
-def _vmap_cases(ctx) -> list:
-  """``(in_axes, depth, examples_of, batched operands, label)``: the sampled
-  combinations (depth 1), then vmap of vmap (x alone when there is an x, else
-  everything; the chain ``mv -> mm -> fold into the batch``)."""
-  cases = []
+def _vmap_cases(ctx):
+  """Yields ``(in_axes, depth, examples_of, batched operands, label)``: the
+  sampled combinations (depth 1), then vmap of vmap (x alone when there is an
+  x, else everything; the chain ``mv -> mm -> fold into the batch``).  Each
+  is made when asked for, so a large case holds one at a time."""
   for axes in _combinations(ctx):
     examples_of = {i: _examples(ctx, i, o, VMAP_SIZE)
                    for i, (o, a) in enumerate(zip(ctx.operands, axes))
                    if a is not None}
     batched = [o if a is None else _stack(examples_of[i], a)
                for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-    cases.append((axes, 1, examples_of, batched,
-                  f'jax.vmap(bind, in_axes={axes})'))
+    yield (axes, 1, examples_of, batched, f'jax.vmap(bind, in_axes={axes})')
+    del examples_of, batched   # before the next case's are made
   n = len(ctx.operands)
   xi = ctx.primitive.x_invar_index
   mapped = [xi] if xi is not None else list(range(n))
@@ -389,38 +389,51 @@ def _vmap_cases(ctx) -> list:
              np.stack(examples_of[i]).reshape(
                  (VMAP_SIZE, VMAP_SIZE) + tuple(np.shape(o)))
              for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-  cases.append((axes, 2, examples_of, batched,
-                f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})'))
-  return cases
+  yield (axes, 2, examples_of, batched,
+         f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})')
 
 
 @check('primitive.vmap')
 def check_vmap(ctx):
   """``jax.vmap`` of the bind over mapped operands and axes equals the
   stacked per-example binds (all under ``jax.jit``: the batching rule runs
-  while tracing; every vmap in one compilation per case shape, reused by
-  later examples)."""
-  cases = _vmap_cases(ctx)
+  while tracing).  A small case runs every vmap in one compilation per case
+  shape, reused by later examples; a large one runs them one at a time, so
+  that it holds one case's stacked operands (for dense 4096 x 4096, all of
+  them at once took 3.3 GiB)."""
+  if not ctx.small:
+    for case in _vmap_cases(ctx):
+      _check_vmap_case(ctx, case, None)
+      # Dropped before the next case is made (a plain loop: enumerate and
+      # zip keep their last item until they make the next).
+      del case
+    return
+  cases = list(_vmap_cases(ctx))
   try:
     results = _all_vmapped_binds(ctx, tuple((c[0], c[1]) for c in cases))(
         [c[3] for c in cases])
   except Exception:  # pylint: disable=broad-except
-    results = None   # one of them raises: run them one by one to say which
-  for i, (axes, depth, examples_of, batched, what) in enumerate(cases):
-    if results is not None:
-      got = results[i]
-    else:
-      try:
-        got = _guarded('batching', what,
-                       lambda *ops: _vmapped_bind(ctx, axes, depth)(list(ops)),
-                       *batched)
-      except RuleFailure as e:
-        ctx.fail(e.rule, e.message)
-        continue
-    count = VMAP_SIZE ** depth
-    want = np.stack([_per_example(ctx, examples_of, axes, k)
-                     for k in range(count)])
-    want = want.reshape((VMAP_SIZE,) * depth + want.shape[1:])
-    ctx.compare(got, want, rule='batching', check_dtype=True,
-                what=f'{what} vs {count} stacked per-example binds '
-                f'(batched operands {shape_of(batched)})')
+    results = [None] * len(cases)   # one raises: run them one by one to say which
+  for case, got in zip(cases, results):
+    _check_vmap_case(ctx, case, got)
+
+
+def _check_vmap_case(ctx, case, got):
+  """Compares one vmap case's result (``got``; run here when ``None``) with
+  its stacked per-example binds."""
+  axes, depth, examples_of, batched, what = case
+  if got is None:
+    try:
+      got = _guarded('batching', what,
+                     lambda *ops: _vmapped_bind(ctx, axes, depth)(list(ops)),
+                     *batched)
+    except RuleFailure as e:
+      ctx.fail(e.rule, e.message)
+      return
+  count = VMAP_SIZE ** depth
+  want = np.stack([_per_example(ctx, examples_of, axes, k)
+                   for k in range(count)])
+  want = want.reshape((VMAP_SIZE,) * depth + want.shape[1:])
+  ctx.compare(got, want, rule='batching', check_dtype=True,
+              what=f'{what} vs {count} stacked per-example binds '
+              f'(batched operands {shape_of(batched)})')
