@@ -413,7 +413,8 @@ def check_vmap(ctx):
     results = _all_vmapped_binds(ctx, tuple((c[0], c[1]) for c in cases))(
         [c[3] for c in cases])
   except Exception:  # pylint: disable=broad-except
-    results = [None] * len(cases)   # one raises: run them one by one to say which
+    # One of them raises: run them one by one to say which.
+    results = [None] * len(cases)
   for case, got in zip(cases, results):
     _check_vmap_case(ctx, case, got)
 
