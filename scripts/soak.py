@@ -124,8 +124,8 @@ class _Worst:
     for name, c in summary.checks.items():
       w = self.by_check.setdefault(name, {
           'examples': 0, 'skipped': 0, 'max_rel_err': None,
-          'max_abs_err': None, 'where': None, 'statuses': set(),
-          'duration_s': 0.0})
+          'max_abs_err': None, 'where': None, 'tolerance_used': None,
+          'tolerance_where': None, 'statuses': set(), 'duration_s': 0.0})
       w['examples'] += c.examples
       w['duration_s'] += c.duration_s
       w['skipped'] += c.skipped
@@ -135,19 +135,35 @@ class _Worst:
         w['max_rel_err'] = c.max_rel_err
         w['max_abs_err'] = c.max_abs_err
         w['where'] = f'{label} {dtype}'
+      used = getattr(c, 'tolerance_used', None)
+      if used is not None and (w['tolerance_used'] is None or
+                               used > w['tolerance_used']):
+        w['tolerance_used'] = used
+        w['tolerance_where'] = f'{label} {dtype}'
 
   def lines(self, check_order) -> list:
+    """The table: per check, the worst errors (and where), the largest
+    share of its tolerance a comparison took ('of tol': the margin to a
+    false alarm, 1 being the bound), then the closest call overall."""
     out = [f'{"check":<24} {"examples":>8} {"skipped":>8} '
-           f'{"worst rel err":>13} {"worst abs err":>13} {"time":>8}  where']
+           f'{"worst rel err":>13} {"worst abs err":>13} {"of tol":>8} '
+           f'{"time":>8}  where (worst rel err)']
+    fmt = lambda v: '-' if v is None else f'{v:.3g}'
     for name in check_order:
       w = self.by_check.get(name)
       if w is None:
         continue
-      rel = '-' if w['max_rel_err'] is None else f'{w["max_rel_err"]:.3g}'
-      ab = '-' if w['max_abs_err'] is None else f'{w["max_abs_err"]:.3g}'
       out.append(f'{name:<24} {w["examples"]:>8} {w["skipped"]:>8} '
-                 f'{rel:>13} {ab:>13} {w["duration_s"]:>7.1f}s  '
+                 f'{fmt(w["max_rel_err"]):>13} {fmt(w["max_abs_err"]):>13} '
+                 f'{fmt(w["tolerance_used"]):>8} {w["duration_s"]:>7.1f}s  '
                  f'{w["where"] or ""}')
+    judged = [(w['tolerance_used'], name, w['tolerance_where'])
+              for name, w in self.by_check.items()
+              if w['tolerance_used'] is not None]
+    if judged:
+      used, name, where = max(judged)
+      out.append(f'closest to its tolerance: {name}, {used:.3g} of it '
+                 f'({where})')
     return out
 
   def to_dict(self) -> dict:

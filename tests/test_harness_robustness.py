@@ -522,6 +522,36 @@ def test_compare_fails_any_non_finite_value(actual, expected, passed,
   assert finding.passed is passed, finding.describe()
 
 
+@pytest.mark.parametrize('use_chex', [True, False])
+def test_compare_reports_the_share_of_the_bound_the_error_took(use_chex):
+  # tolerance_used = max|a - e| / (atol + rtol * scale): at most 1 passes,
+  # above 1 fails, on either side of the bound.
+  from etp_testing._src.context import CheckContext
+  ctx = CheckContext(etp.etp_mv_p, (np.ones(2, np.float32),
+                                    np.ones((2, 2), np.float32)),
+                     {'has_bias': False}, rtol=1e-3, atol=1e-4)
+  expected = np.array([0.5, -2.0])
+  bound = 1e-4 + 1e-3 * 2.0
+  for share in (0.25, 0.99, 1.01, 4.0):
+    finding = ctx.compare(expected + [0.0, share * bound], expected,
+                          rule='r', use_chex=use_chex)
+    assert finding.passed is (share <= 1), finding.describe()
+    assert finding.tolerance_used == pytest.approx(share, rel=1e-9)
+    assert finding.scale == 2.0
+    assert f'{share:.3g} of the tolerance' in finding.describe()
+    assert 'summed terms' not in finding.describe()
+  # Two sums of the same terms that cancel: judged against the terms'
+  # magnitude (100), which the description names beside the result's (2).
+  finding = ctx.compare(expected + [0.0, 0.05], expected, rule='r',
+                        term_scale=np.array([100.0]), use_chex=use_chex)
+  assert finding.passed and finding.max_rel_err == pytest.approx(0.025)
+  assert finding.tolerance_used == pytest.approx(0.05 / (1e-4 + 0.1))
+  assert finding.scale == 100.0
+  assert "the summed terms' 100, not the result's 2" in finding.describe()
+  as_json = json.loads(json.dumps(finding.to_dict()))
+  assert as_json['tolerance_used'] == pytest.approx(finding.tolerance_used)
+
+
 @pytest.mark.parametrize('block', [1, 3, 1 << 20])
 def test_max_errors_block_by_block_is_the_whole_array_answer(monkeypatch,
                                                              block):

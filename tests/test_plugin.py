@@ -124,6 +124,9 @@ def test_user_primitive_passes_in_an_empty_directory(tmp_path):
   assert set(cells) == {'xy_to_dw.vjp', 'yw_to_w.anchor', 'init.drtrl'}
   assert all(c['status'] == 'passed' for c in cells.values())
   assert all(c['message'] is None for c in cells.values())
+  # How close each check came to its bound (init.drtrl compares nothing).
+  assert 0 <= cells['xy_to_dw.vjp']['tolerance_used'] < 1
+  assert cells['init.drtrl']['tolerance_used'] is None
   assert data['jax_version'] and data['devices'] and 'seed' in data
   assert data['etp_testing_version'] == etp.__version__
 
@@ -165,6 +168,7 @@ def test_a_failed_check_s_message_is_in_the_report(tmp_path):
   assert proc.returncode == 1
   cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
   assert cell['xy_to_dw.vjp']['status'] == 'failed'
+  assert cell['xy_to_dw.vjp']['tolerance_used'] > 1
   assert cell['xy_to_dw.vjp']['message'].startswith(HEADLINE)
   assert 'Reproduce with:' in cell['xy_to_dw.vjp']['message']
 

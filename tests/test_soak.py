@@ -54,6 +54,10 @@ def test_smoke(tmp_path, capsys):
   assert data['examples'] == 4 and not data['failures']
   assert {r['dtype'] for r in data['runs']} == {'float32', 'float64'}
   assert data['worst']['xy_to_dw.vjp']['examples'] == 4
+  # The margin to a false alarm: a share of the bound, well under 1 here.
+  used = data['worst']['xy_to_dw.vjp']['tolerance_used']
+  assert used is not None and 0 <= used < 1
+  assert 'of tol' in out and 'closest to its tolerance: ' in out
 
 
 def test_fast_smoke(capsys):

@@ -236,9 +236,10 @@ def test_no_strategy_is_a_clear_error():
 
 
 # ------------------------------------------------------ summary records
-def _outcome(status, rel=None, reason=''):
-  findings = [] if rel is None else [Finding(rule='r', max_abs_err=rel,
-                                             max_rel_err=rel)]
+def _outcome(status, rel=None, reason='', used=None, approximate=False):
+  findings = [] if rel is None else [Finding(
+      rule='r', max_abs_err=rel, max_rel_err=rel, tolerance_used=used,
+      approximate=approximate)]
   return CheckOutcome(name='c', status=status, findings=findings,
                       reason=reason, duration_s=0.5)
 
@@ -257,6 +258,19 @@ def test_check_summary_aggregates_statuses():
   assert s.status == 'measured' and s.worst_example == 4
   assert s.statuses == {'skipped': 2, 'passed': 3, 'measured': 1}
   assert json.loads(json.dumps(s.to_dict()))['duration_s'] == 3.0
+
+
+def test_check_summary_keeps_the_comparison_closest_to_its_bound():
+  # Not the largest relative error: a cancelling sum's can be large and
+  # far inside its bound.  Measured (approximate) keys are not judged.
+  s = hypothesis_runner.CheckSummary('c')
+  s.add(_outcome('passed', rel=3e-5, used=0.01), 0)
+  s.add(_outcome('passed', rel=1e-6, used=0.4), 1)
+  s.add(_outcome('measured', rel=1e-2, used=50.0, approximate=True), 2)
+  s.add(_outcome('passed', rel=1e-7, used=0.1), 3)
+  assert (s.tolerance_used, s.tightest_example) == (0.4, 1)
+  assert (s.max_rel_err, s.worst_example) == (1e-2, 2)
+  assert json.loads(json.dumps(s.to_dict()))['tolerance_used'] == 0.4
 
 
 # ------------------------------------------------- check_with_hypothesis

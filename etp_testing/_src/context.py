@@ -708,9 +708,13 @@ class CheckContext:
         passed = False
     if approximate:
       passed = True
+    bound = atol + rtol * scale
+    used = (max_abs / bound if bound > 0 else
+            (0.0 if max_abs == 0 else float('inf')))
     return self.record(Finding(
         passed=passed, message=what or 'compared', max_abs_err=max_abs,
-        max_rel_err=max_rel, index=index, **base))
+        max_rel_err=max_rel, index=index, scale=scale, tolerance_used=used,
+        **base))
 
   def compare_trees(self, actual: Mapping, expected: Mapping, *, rule: str,
                     what: str = '', kind: str = 'exact', dtype=None,

@@ -62,6 +62,10 @@ class CheckSummary:
     max_abs_err, max_rel_err: the worst errors over the examples (of the
       finding with the largest relative error), ``None`` when nothing was
       compared numerically; ``worst_example`` is that example's index.
+    tolerance_used: the largest share of its bound a judged comparison took
+      over the examples (see ``Finding.tolerance_used``: how close the
+      check came to a false alarm); ``tightest_example`` is that example's
+      index.
     duration_s: total time in this check.
   """
   name: str
@@ -73,6 +77,8 @@ class CheckSummary:
   max_abs_err: Optional[float] = None
   max_rel_err: Optional[float] = None
   worst_example: Optional[int] = None
+  tolerance_used: Optional[float] = None
+  tightest_example: Optional[int] = None
   duration_s: float = 0.0
 
   def add(self, outcome, example: int) -> None:
@@ -91,6 +97,10 @@ class CheckSummary:
       self.max_rel_err = worst.max_rel_err
       self.max_abs_err = worst.max_abs_err
       self.worst_example = example
+    used = outcome.tolerance_used()
+    if used is not None and (self.tolerance_used is None or
+                             used > self.tolerance_used):
+      self.tolerance_used, self.tightest_example = used, example
 
   def _aggregate(self) -> str:
     for status in (report_mod.ERROR, report_mod.FAILED, report_mod.MEASURED,
@@ -101,7 +111,7 @@ class CheckSummary:
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    for k in ('max_abs_err', 'max_rel_err'):
+    for k in ('max_abs_err', 'max_rel_err', 'tolerance_used'):
       d[k] = report_mod._json_float(d[k])  # pylint: disable=protected-access
     d['duration_s'] = round(d['duration_s'], 6)
     return d

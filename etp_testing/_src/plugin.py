@@ -179,6 +179,7 @@ class EtpCheckItem(pytest.Item):
     record.update(status=result.status, duration_s=summary.duration_s,
                   max_abs_err=result.max_abs_err,
                   max_rel_err=result.max_rel_err,
+                  tolerance_used=result.tolerance_used,
                   examples=summary.examples, skipped=result.skipped,
                   skip_reasons=result.skip_reasons)
     self.user_properties.append((RESULT_KEY, json.dumps(record)))
@@ -218,7 +219,8 @@ def _failure_fields(check: str, error: Exception) -> dict:
   worst = outcome.worst() if outcome else None
   return {'status': 'failed', 'message': str(error),
           'max_abs_err': worst.max_abs_err if worst else None,
-          'max_rel_err': worst.max_rel_err if worst else None}
+          'max_rel_err': worst.max_rel_err if worst else None,
+          'tolerance_used': outcome.tolerance_used() if outcome else None}
 
 
 def user_frames(traceback):
@@ -383,9 +385,9 @@ class EtpCheckPlugin:
     for (prim, check), record in sorted(self.results.items()):
       checks.setdefault(prim, {})[check] = {
           k: record.get(k) for k in ('status', 'max_abs_err', 'max_rel_err',
-                                     'seed', 'examples', 'duration_s',
-                                     'skip_reasons', 'compiled', 'loaded',
-                                     'message')}
+                                     'tolerance_used', 'seed', 'examples',
+                                     'duration_s', 'skip_reasons',
+                                     'compiled', 'loaded', 'message')}
     statuses = [r['status'] for r in self.results.values()]
     data = {
         'etp_report_version': 1,

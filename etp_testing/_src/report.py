@@ -56,6 +56,13 @@ class Finding:
     index: where ``max_abs_err`` occurs (in ``actual``'s shape).
     actual_shape, expected_shape, dtype: of the compared arrays.
     rtol, atol: the bound applied (see ``etp_testing._src.tolerances``).
+    scale: the bound's scale: ``max |expected|``, or, for two sums of the
+      same products added in different orders, the magnitude of the terms
+      where that is larger (the bound is ``atol + rtol * scale``).
+    tolerance_used: ``max_abs_err / (atol + rtol * scale)``, the share of
+      the bound the error takes: above 1 fails.  How close a passing
+      comparison came to a false alarm, whatever its scale (a cancelling
+      sum's ``max_rel_err`` can exceed ``rtol`` and still pass).
     approximate: the weight is declared approximate: measured, not judged.
   """
 
@@ -72,10 +79,13 @@ class Finding:
   rtol: Optional[float] = None
   atol: Optional[float] = None
   approximate: bool = False
+  scale: Optional[float] = None
+  tolerance_used: Optional[float] = None
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    for k in ('max_abs_err', 'max_rel_err', 'rtol', 'atol'):
+    for k in ('max_abs_err', 'max_rel_err', 'rtol', 'atol', 'scale',
+              'tolerance_used'):
       d[k] = _json_float(d[k])
     for k in ('index', 'actual_shape', 'expected_shape'):
       d[k] = None if d[k] is None else [int(i) for i in d[k]]
@@ -88,11 +98,26 @@ class Finding:
       parts.append(
           f'max abs err {self.max_abs_err:.3g}, max rel err '
           f'{self.max_rel_err:.3g} at index {self.index} '
-          f'(rtol {self.rtol:g}, atol {self.atol:g})')
+          f'(rtol {self.rtol:g}, atol {self.atol:g}'
+          + self._bound_note() + ')')
     if self.actual_shape is not None or self.expected_shape is not None:
       parts.append(f'shapes actual {self.actual_shape} expected '
                    f'{self.expected_shape}, dtype {self.dtype}')
     return '; '.join(parts)
+
+  def _bound_note(self) -> str:
+    """How much of the bound the error took, and its scale where that is
+    the summed terms' rather than the result's."""
+    if self.tolerance_used is None:
+      return ''
+    note = f'; {self.tolerance_used:.3g} of the tolerance'
+    if (self.scale is not None and self.max_rel_err and self.max_abs_err
+        and math.isfinite(self.max_rel_err)):
+      result_scale = self.max_abs_err / self.max_rel_err
+      if self.scale > result_scale * (1 + 1e-12):
+        note += (f', whose scale is the summed terms\' {self.scale:.3g}, '
+                 f'not the result\'s {result_scale:.3g}')
+    return note
 
 
 @dataclasses.dataclass
@@ -116,6 +141,13 @@ class CheckOutcome:
       return None
     return max(measured, key=lambda f: (not f.passed, f.max_rel_err))
 
+  def tolerance_used(self) -> Optional[float]:
+    """The largest share of its bound any judged comparison took (findings
+    of approximate keys are measured, not judged); ``None`` if none."""
+    used = [f.tolerance_used for f in self.findings
+            if f.tolerance_used is not None and not f.approximate]
+    return max(used) if used else None
+
   def to_dict(self) -> dict:
     worst = self.worst()
     return {
@@ -123,6 +155,7 @@ class CheckOutcome:
         'duration_s': round(self.duration_s, 6),
         'max_abs_err': _json_float(worst.max_abs_err) if worst else None,
         'max_rel_err': _json_float(worst.max_rel_err) if worst else None,
+        'tolerance_used': _json_float(self.tolerance_used()),
         'findings': [f.to_dict() for f in self.findings],
     }
 

@@ -23,7 +23,10 @@ Two differently ordered sums of the same products (``drtrl.instant``,
 rounding adds up (a GPU's convolution over 24,576 terms): their rounding is
 relative to the terms, not to the result, so such a comparison passes
 ``term_scale`` (see ``CheckContext.compare``) and the scale is the larger of
-the two.
+the two.  Every finding also reports ``tolerance_used``,
+``max|actual - expected| / (atol + rtol * scale)`` with the scale the bound
+used: how close it came to failing (the relative error, to the result
+alone, can exceed ``rtol`` inside such a bound).
 
 The bounds assume float32 products at float32 precision: the runner pins
 ``jax.default_matmul_precision('highest')`` for every check, since GPUs
