@@ -5,6 +5,7 @@ impl and exactly one rule wrong.
 """
 
 import itertools
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -593,6 +594,25 @@ def test_declared_approximate_is_measured_not_failed():
 def test_linear_catches_nonlinear_in_g():
   assert_caught(run(dense_variant(yw_to_w=yw_squared_g), 'yw_to_w.linear'),
                 'yw_to_w')
+
+
+def test_linear_drops_each_comparison_before_making_the_next(monkeypatch):
+  # Three comparisons, each of two trace-sized sides: when one is compared,
+  # the sides of those before it are gone (all held at once, they were
+  # twice the traces, and set a large layer's peak).
+  from etp_testing._src import context
+  sides, alive_when_compared = [], []
+  compare_trees = context.CheckContext.compare_trees
+
+  def spy(self, actual, expected, **kwargs):
+    alive_when_compared.append(sum(ref() is not None for ref in sides))
+    sides.extend(weakref.ref(v) for tree in (actual, expected)
+                 for v in tree.values())
+    return compare_trees(self, actual, expected, **kwargs)
+  monkeypatch.setattr(context.CheckContext, 'compare_trees', spy)
+  outcome = run(etp.etp_mm_p, 'yw_to_w.linear')
+  assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  assert alive_when_compared == [0, 0, 0]
 
 
 @pytest.fixture(params=['small', 'large'])
