@@ -135,10 +135,10 @@ class _Worst:
         w['max_rel_err'] = c.max_rel_err
         w['max_abs_err'] = c.max_abs_err
         w['where'] = f'{label} {dtype}'
-      used = getattr(c, 'tolerance_used', None)
-      if used is not None and (w['tolerance_used'] is None or
-                               used > w['tolerance_used']):
-        w['tolerance_used'] = used
+      if c.tolerance_used is not None and (
+          w['tolerance_used'] is None or
+          c.tolerance_used > w['tolerance_used']):
+        w['tolerance_used'] = c.tolerance_used
         w['tolerance_where'] = f'{label} {dtype}'
 
   def lines(self, check_order) -> list:

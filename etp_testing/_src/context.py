@@ -691,10 +691,11 @@ class CheckContext:
     max_abs, max_rel, index, scale = _errors(actual, expected)
     if term_scale is not None:
       scale = max(scale, abs_max(term_scale))
+    bound = atol + rtol * scale
     if expected.size > LARGE_COMPARE or not use_chex:
       # The bound straight from max_errors' float64 pass (for large arrays
       # chex would make more float64 copies of them).
-      passed = bool(np.isfinite(max_abs) and max_abs <= atol + rtol * scale)
+      passed = bool(np.isfinite(max_abs) and max_abs <= bound)
     else:
       # A non-finite value on either side made max_abs infinite; otherwise
       # the norm-wise bound, through chex: |a - e| <= atol + rtol * scale.
@@ -703,12 +704,11 @@ class CheckContext:
         if passed:
           chex.assert_trees_all_close(
               actual.astype(np.float64), expected.astype(np.float64),
-              rtol=0.0, atol=atol + rtol * scale)
+              rtol=0.0, atol=bound)
       except AssertionError:
         passed = False
     if approximate:
       passed = True
-    bound = atol + rtol * scale
     used = (max_abs / bound if bound > 0 else
             (0.0 if max_abs == 0 else float('inf')))
     return self.record(Finding(
