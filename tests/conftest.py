@@ -11,3 +11,15 @@ def x64():
   jax.config.update('jax_enable_x64', True)
   yield
   jax.config.update('jax_enable_x64', old)
+
+
+@pytest.fixture(params=['small', 'large'])
+def case_size(request, monkeypatch):
+  """Runs the test's checks as for a small case and, with
+  ``SMALL_CASE_ELEMENTS`` at 0, as for a large one: checks that make their
+  pieces in one program for a small case make them one at a time for a
+  large one (``primitive.vmap``, ``yw_to_w.vmap``)."""
+  from etp_testing._src import compilations
+  if request.param == 'large':
+    monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+  return request.param

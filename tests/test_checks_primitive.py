@@ -33,7 +33,7 @@ from etp._src import dense
 from etp._src import lora
 from etp._src import registry
 from etp._src import units as etp_units
-from etp_testing._src import compilations, executor, unit_cases
+from etp_testing._src import executor, unit_cases
 
 from _cases import first_case
 
@@ -306,20 +306,11 @@ def _raising_batcher(prim):
   return batch
 
 
-@pytest.fixture(params=['small', 'large'])
-def vmap_case_size(request, monkeypatch):
-  """Runs ``primitive.vmap`` as for a small case (every vmap in one
-  program) and as for a large one (one vmap case at a time)."""
-  if request.param == 'large':
-    monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
-  return request.param
-
-
 @pytest.mark.parametrize('make, batched', [
     (_flipping_batcher, False), (_axis_zero_batcher, True),
     (_raising_batcher, True)], ids=['flip', 'axis_zero', 'raises'])
-def test_vmap_catches_a_wrong_batching_rule(make, batched, vmap_case_size):
-  del vmap_case_size
+def test_vmap_catches_a_wrong_batching_rule(make, batched, case_size):
+  del case_size
   prim = _dense_clone(f'batcher_{make.__name__}', batched=batched)
   batching.primitive_batchers[prim] = make(prim)
   case = _dense_case(batch=4 if batched else None)
@@ -337,8 +328,8 @@ def test_vmap_catches_a_wrong_batching_rule(make, batched, vmap_case_size):
     assert 'in_axes=' in hits[0].message
 
 
-def test_vmap_passes_a_correct_batching_rule(vmap_case_size):
-  del vmap_case_size
+def test_vmap_passes_a_correct_batching_rule(case_size):
+  del case_size
   report = _run(etp.etp_mm_p, _dense_case(), ['primitive.vmap'])
   _assert_passed(report, 'primitive.vmap')
   messages = [f.message for f in report.outcome('primitive.vmap').findings]
@@ -346,7 +337,7 @@ def test_vmap_passes_a_correct_batching_rule(vmap_case_size):
                                     for m in messages)
 
 
-def test_vmap_holds_one_large_case_at_a_time(monkeypatch, vmap_case_size):
+def test_vmap_holds_one_large_case_at_a_time(monkeypatch, case_size):
   # A large case's stacked operands (3.3 GiB for dense 4096 x 4096, all
   # cases at once) are dropped before the next case's examples are made.
   # A small case makes every case first (one program for all of them).
@@ -371,7 +362,7 @@ def test_vmap_holds_one_large_case_at_a_time(monkeypatch, vmap_case_size):
   _assert_passed(_run(etp.etp_mm_p, _dense_case(), ['primitive.vmap']),
                  'primitive.vmap')
   assert len(alive_when_checked) >= 4
-  if vmap_case_size == 'large':
+  if case_size == 'large':
     assert not any(alive_when_made), alive_when_made
   else:   # the earlier cases' stacks are still held when a later is checked
     assert alive_when_checked[-1] >= len(alive_when_checked) - 1

@@ -615,16 +615,6 @@ def test_linear_drops_each_comparison_before_making_the_next(monkeypatch):
   assert alive_when_compared == [0, 0, 0]
 
 
-@pytest.fixture(params=['small', 'large'])
-def yw_vmap_case_size(request, monkeypatch):
-  """Runs ``yw_to_w.vmap`` as for a small case (direct and mapped results
-  from one program) and as for a large one (one result at a time)."""
-  from etp_testing._src import compilations
-  if request.param == 'large':
-    monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
-  return request.param
-
-
 def yw_first_leading_entry_scaled(g, trace, *, has_bias):
   # Scales entry 0 of the first axis: the batch for one call, but the first
   # extra axis when called directly with extra leading axes (not under vmap).
@@ -632,16 +622,16 @@ def yw_first_leading_entry_scaled(g, trace, *, has_bias):
   return {k: v.at[0].multiply(1.5) for k, v in out.items()}
 
 
-def test_vmap_catches_rank_dependent_rule(yw_vmap_case_size):
-  del yw_vmap_case_size
+def test_vmap_catches_rank_dependent_rule(case_size):
+  del case_size
   outcome = run(dense_variant(yw_to_w=yw_rank2_only), 'yw_to_w.vmap')
   assert_caught(outcome, 'yw_to_w')
   assert any('vmap' in f.message or 'leading' in f.message
              for f in outcome.findings if not f.passed)
 
 
-def test_vmap_catches_a_rule_that_mixes_up_leading_axes(yw_vmap_case_size):
-  del yw_vmap_case_size
+def test_vmap_catches_a_rule_that_mixes_up_leading_axes(case_size):
+  del case_size
   outcome = run(dense_variant(yw_to_w=yw_first_leading_entry_scaled),
                 'yw_to_w.vmap')
   assert_caught(outcome, 'yw_to_w', 'weight')
@@ -652,8 +642,8 @@ def test_vmap_catches_a_rule_that_mixes_up_leading_axes(yw_vmap_case_size):
   assert mapped and all(f.passed for f in mapped)
 
 
-def test_vmap_passes_a_correct_rule_one_result_at_a_time(monkeypatch,
-                                                         yw_vmap_case_size):
+def test_vmap_passes_a_correct_rule_one_result_at_a_time(
+    monkeypatch, case_size):
   from etp_testing._src.checks import yw_to_w
   ways, compare_entries = [], yw_to_w._compare_entries
 
@@ -666,7 +656,7 @@ def test_vmap_passes_a_correct_rule_one_result_at_a_time(monkeypatch,
   # Four entries, each compared directly and under vmap, for each key.
   assert len([f for f in outcome.findings if 'entry' in f.message]) == 16
   # A large case holds one result at a time (half the memory).
-  assert ways == ([[0], [2]] if yw_vmap_case_size == 'large' else [[0, 2]])
+  assert ways == ([[0], [2]] if case_size == 'large' else [[0, 2]])
 
 
 # --------------------------------------------------------------- init.*
