@@ -659,6 +659,57 @@ def test_vmap_passes_a_correct_rule_one_result_at_a_time(
   assert ways == ([[0], [2]] if case_size == 'large' else [[0, 2]])
 
 
+@pytest.mark.parametrize('yw,caught,entries', [
+    (None, False, 8), (yw_rank2_only, True, 0),   # raises with extra axes
+    (yw_first_leading_entry_scaled, True, 8)], ids=[
+        'correct', 'rank-dependent', 'mixes-up-leading-axes'])
+def test_vmap_on_an_accelerator_copies_one_entry_out_at_a_time(
+    monkeypatch, yw, caught, entries):
+  """A large case on a GPU keeps the rule's extra-axes results on the device
+  and copies out one entry at a time (a whole result's host copy set the
+  conv layer's host peak there); the verdicts are the host path's."""
+  from etp_testing._src import compilations, context
+  from etp_testing._src.checks import yw_to_w
+  monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+  monkeypatch.setattr(yw_to_w, '_on_cpu', lambda tree: False)
+  compared, compare_trees = [], context.CheckContext.compare_trees
+
+  def spy(self, actual, expected, **kwargs):
+    if 'entry' in kwargs.get('what', ''):
+      compared.append({type(v).__name__ for v in actual.values()})
+    return compare_trees(self, actual, expected, **kwargs)
+  monkeypatch.setattr(context.CheckContext, 'compare_trees', spy)
+  prim = dense_variant(yw_to_w=yw) if yw else etp.etp_mm_p
+  outcome = run(prim, 'yw_to_w.vmap')
+  if caught:
+    assert_caught(outcome, 'yw_to_w')
+  else:
+    assert outcome.status == 'passed', [f.describe()
+                                        for f in outcome.findings]
+  assert len(compared) == entries   # 4, directly and under vmap
+  assert all(kinds == {'ArrayImpl'} for kinds in compared), compared
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64, jnp.bfloat16])
+def test_extra_axes_draws_are_ctx_normal_aligned(dtype, x64):
+  """``yw_to_w.vmap``'s traces with extra axes: ``ctx.normal``'s numbers
+  and dtype, in a ``HOST_ALIGNMENT``-aligned host buffer (each entry of 16
+  float32 elements is aligned too: XLA:CPU takes it without a copy)."""
+  from etp_testing._src import context
+  from etp_testing._src.checks import yw_to_w
+  ctx = context.CheckContext(etp.etp_mm_p, (X, W, B), {'has_bias': True},
+                             seed=3)
+  drawn = yw_to_w._normal_with_extra_axes(ctx, 'tag', (2, 2), (4, 4), dtype)
+  expected = np.asarray(ctx.normal('tag', (2, 2, 4, 4), dtype))
+  assert isinstance(drawn, np.ndarray)
+  assert (drawn.dtype, drawn.shape) == (expected.dtype, expected.shape)
+  np.testing.assert_array_equal(drawn, expected)
+  entries = [drawn[i, j] for i in range(2) for j in range(2)]
+  if drawn.dtype == np.float32:
+    assert all(e.ctypes.data % context.HOST_ALIGNMENT == 0 for e in entries)
+  assert drawn.ctypes.data % context.HOST_ALIGNMENT == 0
+
+
 # --------------------------------------------------------------- init.*
 @pytest.mark.parametrize('broken,words', [
     (init_default_dtype, 'dtype float64 != expected float32'),

@@ -144,13 +144,19 @@ def host_copy(value) -> np.ndarray:
     value = np.asarray(value)
   if not isinstance(value, np.ndarray):
     return np.asarray(to_jax(value))
-  dtype = np.dtype(jax.dtypes.canonicalize_dtype(value.dtype))
-  nbytes = value.size * dtype.itemsize
-  buffer = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
-  start = -buffer.ctypes.data % HOST_ALIGNMENT
-  out = buffer[start:start + nbytes].view(dtype).reshape(value.shape)
+  out = aligned_empty(value.shape, jax.dtypes.canonicalize_dtype(value.dtype))
   np.copyto(out, value, casting='unsafe')
   return out
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+  """``np.empty(shape, dtype)`` starting on a ``HOST_ALIGNMENT`` boundary
+  (a buffer XLA:CPU can take without copying)."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape)) * dtype.itemsize
+  buffer = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+  start = -buffer.ctypes.data % HOST_ALIGNMENT
+  return buffer[start:start + nbytes].view(dtype).reshape(shape)
 
 
 def _rule_fn(rule, static: tuple, vmap_depth, small: bool = True):
