@@ -17,9 +17,12 @@ def x64():
 def case_size(request, monkeypatch):
   """Runs the test's checks as for a small case and, with
   ``SMALL_CASE_ELEMENTS`` at 0, as for a large one: checks that make their
-  pieces in one program for a small case make them one at a time for a
-  large one (``primitive.vmap``, ``yw_to_w.vmap``)."""
+  pieces in one program for a small case make them a few at a time for a
+  large one (``primitive.vmap``, here one case per program, and
+  ``yw_to_w.vmap``)."""
   from etp_testing._src import compilations
+  from etp_testing._src.checks import primitive
   if request.param == 'large':
     monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+    monkeypatch.setattr(primitive, 'VMAP_GROUP_BYTES', 0)
   return request.param

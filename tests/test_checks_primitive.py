@@ -337,36 +337,49 @@ def test_vmap_passes_a_correct_batching_rule(case_size):
                                     for m in messages)
 
 
-def test_vmap_holds_one_large_case_at_a_time(monkeypatch, case_size):
-  # A large case's stacked operands (3.3 GiB for dense 4096 x 4096, all
-  # cases at once) are dropped before the next case's examples are made.
-  # A small case makes every case first (one program for all of them).
+@pytest.mark.parametrize('group_bytes', [0, 200, None],
+                         ids=['one-case', 'a-few-cases', 'small-case'])
+def test_vmap_holds_one_group_of_stacks_at_a_time(monkeypatch, group_bytes):
+  # A large case's vmap cases run in groups of at most VMAP_GROUP_BYTES of
+  # stacked operands (3.3 GiB for dense 4096 x 4096, all at once), each made
+  # once the group before is dropped; a small case runs all in one program.
+  from etp_testing._src import compilations
   from etp_testing._src.checks import primitive as primitive_check
-  stacks, alive_when_made, alive_when_checked = [], [], []
-  examples, check_case = (primitive_check._examples,
-                          primitive_check._check_vmap_case)
-  alive = lambda: sum(ref() is not None for ref in stacks)
+  if group_bytes is not None:
+    monkeypatch.setattr(compilations, 'SMALL_CASE_ELEMENTS', 0)
+    monkeypatch.setattr(primitive_check, 'VMAP_GROUP_BYTES', group_bytes)
+  stacks, held_when_made, programs = [], [], []
+  make_case, all_binds = (primitive_check._vmap_case,
+                          primitive_check._all_vmapped_binds)
 
-  def spy_examples(*args, **kwargs):
-    alive_when_made.append(alive())
-    return examples(*args, **kwargs)
-
-  def spy_check_case(ctx, case, got):
-    alive_when_checked.append(alive())
-    axes, batched = case[0], case[3]
-    stacks.extend(weakref.ref(b) for b, a in zip(batched, axes)
+  def spy_case(ctx, plan):
+    size = primitive_check._stacked_bytes(ctx, plan)
+    held_when_made.append(
+        (sum(n for ref, n in stacks if ref() is not None), size))
+    case = make_case(ctx, plan)
+    stacks.extend((weakref.ref(b), b.nbytes) for b, a in zip(case[3], plan[0])
                   if a is not None)
-    return check_case(ctx, case, got)
-  monkeypatch.setattr(primitive_check, '_examples', spy_examples)
-  monkeypatch.setattr(primitive_check, '_check_vmap_case', spy_check_case)
+    return case
+
+  def spy_binds(ctx, plans):
+    programs.append(len(plans))
+    return all_binds(ctx, plans)
+  monkeypatch.setattr(primitive_check, '_vmap_case', spy_case)
+  monkeypatch.setattr(primitive_check, '_all_vmapped_binds', spy_binds)
   _assert_passed(_run(etp.etp_mm_p, _dense_case(), ['primitive.vmap']),
                  'primitive.vmap')
-  assert len(alive_when_checked) >= 4
-  if case_size == 'large':
-    assert not any(alive_when_made), alive_when_made
-  else:   # the earlier cases' stacks are still held when a later is checked
-    assert alive_when_checked[-1] >= len(alive_when_checked) - 1
-  assert alive() == 0   # nothing is kept once the check is done
+  cases = len(held_when_made)
+  assert cases >= 4 and sum(programs) == cases
+  if group_bytes is None:
+    assert programs == [cases]
+  else:
+    assert all(held + size <= group_bytes or held == 0
+               for held, size in held_when_made), held_when_made
+    if group_bytes == 0:
+      assert programs == [1] * cases
+    else:   # the stacks here are 36-288 bytes a case
+      assert 1 < len(programs) < cases and max(programs) > 1, programs
+  assert all(ref() is None for ref, _ in stacks)   # nothing kept after
 
 
 def _batch_centred_impl(x, weight, *bias, has_bias):

@@ -51,6 +51,9 @@ from etp_testing._src.errors import RuleFailure, raised
 VMAP_COMBINATIONS = 12
 # Examples per mapped axis.
 VMAP_SIZE = 2
+# A large case's vmap cases run in programs holding at most this many bytes
+# of stacked operands (over it, a case runs alone).
+VMAP_GROUP_BYTES = 256 << 20
 # Random cotangents of the dot-product tests.
 DOT_PRODUCT_DIRECTIONS = 3
 
@@ -330,8 +333,13 @@ def _examples(ctx, i, operand, size) -> list:
   return out
 
 
-def _stack(examples, axis):
-  return np.moveaxis(np.stack(examples), 0, axis)
+def _stack(examples, axis, depth=1):
+  """``examples`` stacked on ``depth`` leading axes (example ``k`` at ``k``'s
+  row-major index), for one vmap at ``axis`` or nested ones at axis 0."""
+  assert depth == 1 or axis == 0, (depth, axis)
+  stacked = np.stack(examples)
+  stacked = stacked.reshape((VMAP_SIZE,) * depth + stacked.shape[1:])
+  return np.moveaxis(stacked, 0, axis)
 
 
 def _nest_vmap(primitive, params, in_axes, depth):
@@ -366,31 +374,51 @@ def _per_example(ctx, examples_of, axes, index):
   return np.asarray(executor.y_of_outputs(ctx.primitive, out))
 
 
-def _vmap_cases(ctx):
-  """Yields ``(in_axes, depth, examples_of, batched operands, label)``: the
-  sampled combinations (depth 1), then vmap of vmap (x alone when there is an
-  x, else everything; the chain ``mv -> mm -> fold into the batch``).  Each
-  is made when asked for, so a large case holds one at a time."""
-  for axes in _combinations(ctx):
-    examples_of = {i: _examples(ctx, i, o, VMAP_SIZE)
-                   for i, (o, a) in enumerate(zip(ctx.operands, axes))
-                   if a is not None}
-    batched = [o if a is None else _stack(examples_of[i], a)
-               for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-    yield (axes, 1, examples_of, batched, f'jax.vmap(bind, in_axes={axes})')
-    del examples_of, batched   # before the next case's are made
+def _vmap_plans(ctx) -> list:
+  """``(in_axes, depth)`` of every vmap case: the sampled combinations
+  (depth 1), then vmap of vmap (x alone when there is an x, else everything;
+  the chain ``mv -> mm -> fold into the batch``)."""
   n = len(ctx.operands)
   xi = ctx.primitive.x_invar_index
   mapped = [xi] if xi is not None else list(range(n))
-  axes = tuple(0 if i in mapped else None for i in range(n))
-  examples_of = {i: _examples(ctx, i, ctx.operands[i], VMAP_SIZE ** 2)
-                 for i in mapped}
-  batched = [o if a is None else
-             np.stack(examples_of[i]).reshape(
-                 (VMAP_SIZE, VMAP_SIZE) + tuple(np.shape(o)))
+  return ([(axes, 1) for axes in _combinations(ctx)] +
+          [(tuple(0 if i in mapped else None for i in range(n)), 2)])
+
+
+def _stacked_bytes(ctx, plan) -> int:
+  """Bytes of a case's stacked operands, before they are made."""
+  axes, depth = plan
+  return VMAP_SIZE ** depth * sum(
+      int(np.size(o)) * np.dtype(np.result_type(o)).itemsize
+      for o, a in zip(ctx.operands, axes) if a is not None)
+
+
+def _vmap_groups(ctx) -> list:
+  """The plans in runs of at most ``VMAP_GROUP_BYTES`` of stacked operands
+  (one run for a small case; a case over the limit runs alone)."""
+  groups, held = [[]], 0
+  for plan in _vmap_plans(ctx):
+    size = _stacked_bytes(ctx, plan)
+    if not ctx.small and groups[-1] and held + size > VMAP_GROUP_BYTES:
+      groups.append([])
+      held = 0
+    groups[-1].append(plan)
+    held += size
+  return groups
+
+
+def _vmap_case(ctx, plan):
+  """``(in_axes, depth, examples_of, batched operands, label)`` for a plan."""
+  axes, depth = plan
+  examples_of = {i: _examples(ctx, i, o, VMAP_SIZE ** depth)
+                 for i, (o, a) in enumerate(zip(ctx.operands, axes))
+                 if a is not None}
+  batched = [o if a is None else _stack(examples_of[i], a, depth)
              for i, (o, a) in enumerate(zip(ctx.operands, axes))]
-  yield (axes, 2, examples_of, batched,
-         f'jax.vmap(jax.vmap(bind, in_axes={axes}), in_axes={axes})')
+  label = 'bind'
+  for _ in range(depth):
+    label = f'jax.vmap({label}, in_axes={axes})'
+  return axes, depth, examples_of, batched, label
 
 
 @check('primitive.vmap')
@@ -398,25 +426,22 @@ def check_vmap(ctx):
   """``jax.vmap`` of the bind over mapped operands and axes equals the
   stacked per-example binds (all under ``jax.jit``: the batching rule runs
   while tracing).  A small case runs every vmap in one compilation per case
-  shape, reused by later examples; a large one runs them one at a time, so
-  that it holds one case's stacked operands (for dense 4096 x 4096, all of
-  them at once took 3.3 GiB)."""
-  if not ctx.small:
-    for case in _vmap_cases(ctx):
-      _check_vmap_case(ctx, case, None)
-      # Dropped before the next case is made (a plain loop: enumerate and
-      # zip keep their last item until they make the next).
-      del case
-    return
-  cases = list(_vmap_cases(ctx))
-  try:
-    results = _all_vmapped_binds(ctx, tuple((c[0], c[1]) for c in cases))(
-        [c[3] for c in cases])
-  except Exception:  # pylint: disable=broad-except
-    # One of them raises: run them one by one to say which.
-    results = [None] * len(cases)
-  for case, got in zip(cases, results):
-    _check_vmap_case(ctx, case, got)
+  shape, reused by later examples.  A large one runs them in groups of at
+  most ``VMAP_GROUP_BYTES`` of stacked operands, each group's made after
+  the one before is dropped (for dense 4096 x 4096, all at once held
+  3.3 GiB; one program per case doubled the check's time on a GPU)."""
+  for group in _vmap_groups(ctx):
+    cases = [_vmap_case(ctx, plan) for plan in group]
+    try:
+      results = _all_vmapped_binds(ctx, tuple(group))([c[3] for c in cases])
+    except Exception:  # pylint: disable=broad-except
+      # One of them raises: run them one by one to say which.
+      results = [None] * len(cases)
+    for case, got in zip(cases, results):
+      _check_vmap_case(ctx, case, got)
+    # Dropped before the next group is made (the loop variables of zip
+    # keep the last case alive too).
+    del cases, results, case, got
 
 
 def _check_vmap_case(ctx, case, got):
