@@ -28,7 +28,7 @@ import numpy as np
 from etp._src.arrays import to_jax
 from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import aligned_empty, compiled
+from etp_testing._src.context import aligned_empty, compiled, host_copy
 from etp_testing._src.errors import RuleFailure, raised
 from etp_testing._src.report import Finding
 
@@ -310,12 +310,9 @@ def _normal_with_extra_axes(ctx, tag, extra, shape, dtype):
   shape = tuple(extra) + tuple(shape)
   draw = aligned_empty(shape, np.float32)
   ctx.rng(tag).standard_normal(dtype=np.float32, out=draw)
-  dtype = jax.dtypes.canonicalize_dtype(dtype)
-  if draw.dtype == dtype:
+  if draw.dtype == jax.dtypes.canonicalize_dtype(dtype):
     return draw
-  out = aligned_empty(shape, dtype)
-  np.copyto(out, draw, casting='unsafe')
-  return out
+  return host_copy(draw, dtype)
 
 
 def _on_cpu(tree) -> bool:
