@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from etp_testing._src import directions
+from etp_testing._src.context import x64_enabled
 
 
 def test_a_stacked_draw_equals_draws_at_offsets_bit_for_bit():
@@ -36,7 +37,7 @@ def test_entries_are_unit_variance_uniform():
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.float64, jnp.bfloat16])
 def test_dtype_is_the_requested_one(dtype):
-  with jax.enable_x64(dtype == jnp.float64):
+  with x64_enabled(dtype == jnp.float64):
     assert directions.uniform(np.uint32(0), (4, 3), dtype).dtype == dtype
 
 
