@@ -1,9 +1,12 @@
-"""Every GitHub workflow lints clean with actionlint."""
+"""Every GitHub workflow lints clean with actionlint; the nightly
+minimum-versions job pins pyproject's floors."""
 
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / '.github' / 'workflows').glob('*.y*ml'))
@@ -43,3 +46,37 @@ def test_nightly_calls_the_script_anyone_can_run():
   script = (ROOT / 'scripts' / 'gpu-nightly.sh').read_text()
   assert '--etp-check' in script and '--hypothesis-profile=nightly' in script
   assert '--etp-report' in script and '--etp-devices=all' in script
+
+
+def _floors(requirements) -> dict:
+  """``{name: version}`` of ``name>=version`` / ``name==version`` lines
+  (comments and blank lines skipped)."""
+  found = {}
+  for line in requirements:
+    line = line.split('#')[0].strip()
+    if line:
+      name, version = re.split(r'>=|==', line)
+      found[name.strip().lower()] = version.strip()
+  return found
+
+
+def _floor_mismatches(dependencies, pins) -> list:
+  floors, pinned = _floors(dependencies), _floors(pins)
+  return sorted(f'{n}: pyproject >={floors.get(n)}, pinned {pinned.get(n)}'
+                for n in floors.keys() | pinned.keys()
+                if floors.get(n) != pinned.get(n))
+
+
+MINIMUM = ROOT / '.ci' / 'minimum-versions.txt'
+
+
+def test_the_minimum_versions_job_pins_pyprojects_floors():
+  dependencies = tomllib.loads((ROOT / 'pyproject.toml').read_text())[
+      'project']['dependencies']
+  pins = MINIMUM.read_text().splitlines()
+  assert _floor_mismatches(dependencies, pins) == []
+  nightly = (ROOT / '.github' / 'workflows' / 'nightly.yml').read_text()
+  assert '-c .ci/minimum-versions.txt' in nightly
+  # A floor raised without the pin (or the reverse) is caught.
+  assert _floor_mismatches(['jax>=9.9'] + dependencies[1:], pins) == [
+      f'jax: pyproject >=9.9, pinned {_floors(pins)["jax"]}']
