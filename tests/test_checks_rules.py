@@ -700,14 +700,14 @@ def test_vmap_on_an_accelerator_copies_one_entry_out_at_a_time(
 
 @pytest.mark.parametrize('dtype', [np.float32, np.float64, jnp.bfloat16])
 def test_extra_axes_draws_are_ctx_normal_aligned(dtype, x64):
-  """``yw_to_w.vmap``'s traces with extra axes: ``ctx.normal``'s numbers
-  and dtype, in a ``HOST_ALIGNMENT``-aligned host buffer (each entry of 16
-  float32 elements is aligned too: XLA:CPU takes it without a copy)."""
+  """``ctx.normal_on_host`` (``yw_to_w.vmap``'s traces with extra axes):
+  ``ctx.normal``'s numbers and dtype, in a ``HOST_ALIGNMENT``-aligned host
+  buffer (each entry of 16 float32 elements is aligned too: XLA:CPU takes
+  it without a copy)."""
   from etp_testing._src import context
-  from etp_testing._src.checks import yw_to_w
   ctx = context.CheckContext(etp.etp_mm_p, (X, W, B), {'has_bias': True},
                              seed=3)
-  drawn = yw_to_w._normal_with_extra_axes(ctx, 'tag', (2, 2), (4, 4), dtype)
+  drawn = ctx.normal_on_host('tag', (2, 2, 4, 4), dtype)
   expected = np.asarray(ctx.normal('tag', (2, 2, 4, 4), dtype))
   assert isinstance(drawn, np.ndarray)
   assert (drawn.dtype, drawn.shape) == (expected.dtype, expected.shape)

