@@ -295,10 +295,16 @@ def _errors(actual, expected):
     i = int(np.argmax(diff))
     if diff[i] > max_abs:   # the first largest, as np.argmax gives it
       max_abs, at = float(diff[i]), start + i
-  max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else
-                                               float('inf'))
-  return (max_abs, max_rel,
+  return (max_abs, _ratio(max_abs, scale),
           tuple(int(i) for i in np.unravel_index(at, a.shape)), scale)
+
+
+def _ratio(error: float, scale: float) -> float:
+  """``error / scale``; at a scale of 0, 0 for no error and infinite for
+  any (a relative error, or the share of a tolerance an error takes)."""
+  if scale > 0:
+    return error / scale
+  return 0.0 if error == 0 else float('inf')
 
 
 # NumPy's real number kinds (float, signed, unsigned): ``tolist`` gives
@@ -329,9 +335,7 @@ def _small_errors(a: np.ndarray, e: np.ndarray):
       return float('inf'), float('inf'), _unravel(i, a.shape), scale
     if diff > max_abs:  # the first largest, as np.argmax gives it
       max_abs, at = diff, i
-  max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else
-                                               float('inf'))
-  return max_abs, max_rel, _unravel(at, a.shape), scale
+  return max_abs, _ratio(max_abs, scale), _unravel(at, a.shape), scale
 
 
 def _unravel(flat: int, shape: tuple) -> tuple:
@@ -782,8 +786,7 @@ class CheckContext:
         passed = False
     if approximate:
       passed = True
-    used = (max_abs / bound if bound > 0 else
-            (0.0 if max_abs == 0 else float('inf')))
+    used = _ratio(max_abs, bound)
     return self.record(Finding(
         passed=passed, message=what or 'compared', max_abs_err=max_abs,
         max_rel_err=max_rel, index=index, scale=scale, tolerance_used=used,
