@@ -17,9 +17,6 @@ import json
 import os
 import sys
 
-import hypothesis
-import hypothesis.extra.numpy as hnp
-import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -553,76 +550,3 @@ def test_compare_reports_the_share_of_the_bound_the_error_took(use_chex):
   assert "the summed terms' 100, not the result's 2" in finding.describe()
   as_json = json.loads(json.dumps(finding.to_dict()))
   assert as_json['tolerance_used'] == pytest.approx(finding.tolerance_used)
-
-
-@pytest.mark.parametrize('block', [1, 3, 1 << 20])
-def test_max_errors_block_by_block_is_the_whole_array_answer(monkeypatch,
-                                                             block):
-  # Blocks keep a large comparison's float64 temporaries small; the answer
-  # (largest error, the first place it occurs, the scale, the first
-  # non-finite value) must not depend on where the blocks fall.
-  from etp_testing._src import context
-  monkeypatch.setattr(context, 'ERROR_BLOCK', block)
-  monkeypatch.setattr(context, 'SMALL_ERRORS', 0)   # NumPy's blocks
-  expected = np.arange(12, dtype=np.float32).reshape(3, 4) - 8
-  actual = expected.copy()
-  actual[0, 3] += 0.5
-  actual[2, 1] += 0.5       # as large, later: not reported
-  actual[1, 2] -= 0.25
-  assert context.max_errors(actual, expected) == (0.5, 0.5 / 8, (0, 3))
-  assert context.abs_max(expected) == 8.0
-  actual[2, 2] = np.nan
-  actual[2, 3] = np.inf
-  assert context.max_errors(actual, expected)[2] == (2, 2)
-  assert context.max_errors(np.zeros((0, 2)), np.zeros((0, 2))) == (0., 0., ())
-  assert context.abs_max(np.zeros(0)) == 0.0
-  assert np.isnan(context.abs_max(np.array([1.0, np.nan, 5.0])))
-  # NumPy's abs wraps at a signed integer's minimum; the scale must not.
-  assert context.abs_max(np.array([3, -2**31], np.int32)) == 2.0**31
-
-
-_REAL_DTYPES = ('float16', 'float32', 'float64', 'int32', 'uint8')
-
-
-@hypothesis.settings(max_examples=300, deadline=None, derandomize=True)
-@hypothesis.given(data=st.data())
-def test_small_errors_are_numpys(data):
-  # Small comparisons (fast mode's dot products) take a Python-float path
-  # for speed; it must give NumPy's float64 answer exactly: the largest
-  # error, the first place it occurs (ties), the scale, and the first
-  # non-finite difference (NaN, infinity, inf - inf).
-  from etp_testing._src import context
-  shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1,
-                                     max_side=4))
-  actual, expected = (
-      data.draw(hnp.arrays(st.sampled_from(_REAL_DTYPES), shape))
-      for _ in range(2))
-  assert actual.size <= context.SMALL_ERRORS
-  small = context._small_errors(actual, expected)
-  numpy_path = context.SMALL_ERRORS
-  try:
-    context.SMALL_ERRORS = 0
-    reference = context._errors(actual, expected)
-  finally:
-    context.SMALL_ERRORS = numpy_path
-  assert len(small) == len(reference) == 4
-  np.testing.assert_equal(small, reference)
-  assert all(type(v) is float for v in (small[0], small[1], small[3]))
-  assert all(type(i) is int for i in small[2])
-
-
-def test_small_errors_cover_fast_modes_comparisons():
-  # The path is taken where it pays: a few dot products per weight, any
-  # real dtype; bfloat16 (kind 'V') and larger arrays stay on NumPy's.
-  from etp_testing._src import context
-  calls = []
-  real = context._small_errors
-  try:
-    context._small_errors = lambda a, e: calls.append(a.size) or real(a, e)
-    context._errors(np.ones(3), np.zeros(3))
-    context._errors(np.ones(64, np.float32), np.zeros(64, np.float32))
-    context._errors(np.ones(65), np.zeros(65))
-    context._errors(np.ones(3, jnp.bfloat16), np.zeros(3))
-  finally:
-    context._small_errors = real
-  assert calls == [3, 64]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import zlib
 from typing import Any, Mapping, Optional
 
@@ -23,6 +22,7 @@ import numpy as np
 import etp
 from etp._src.arrays import to_jax
 from etp_testing._src import compilations, executor, tolerances
+from etp_testing._src.differences import abs_max, max_errors_and_scale, ratio
 from etp_testing._src.errors import CheckSkipped, RuleFailure, raised
 from etp_testing._src.report import Finding
 
@@ -37,13 +37,8 @@ FAST_MODE_THRESHOLD = 1_000_000
 # generated small cases check it.  3.25 GiB keeps a large layer's check under
 # issue 6's 4 GiB peak (see CheckContext.for_traces).
 FAST_TRACE_BYTES = int(3.25 * 2**30)
-# Above this many elements, compare judges from max_errors alone.
+# Above this many elements, compare judges from differences.max_errors alone.
 LARGE_COMPARE = 1_000_000
-# Elements per block of max_errors' float64 differences (8 MiB each).
-ERROR_BLOCK = 1 << 20
-# Up to this many elements, max_errors works on Python floats (see
-# _small_errors): fast mode compares a few dot products per weight.
-SMALL_ERRORS = 64
 
 
 @contextlib.contextmanager
@@ -241,110 +236,6 @@ def to_float64(tree):
 # ``str(dtype)``, cached: NumPy takes 3 us to name a dtype, and a fast-mode
 # call names five (operands, comparisons).
 dtype_str = functools.lru_cache(maxsize=256)(str)
-
-
-def abs_max(x) -> float:
-  """``max |x|``, 0 for an empty array (``ERROR_BLOCK`` elements at a time:
-  no temporary as large as ``x``); NaN if ``x`` holds one."""
-  x = np.asarray(x)
-  # A signed integer's abs in its own dtype wraps at its minimum
-  # (|-2**31| is -2**31 in int32): take it in float64.
-  cast = {'dtype': np.float64} if x.dtype.kind == 'i' else {}
-  if x.size <= ERROR_BLOCK:
-    return float(np.max(np.abs(x, **cast), initial=0.0))
-  flat = x.reshape(-1)
-  return float(np.max([np.max(np.abs(flat[i:i + ERROR_BLOCK], **cast))
-                       for i in range(0, flat.size, ERROR_BLOCK)]))
-
-
-def max_errors(actual, expected):
-  """``(max_abs, max_rel, index)``; see ``tolerances`` for the definitions.
-
-  The differences are taken in float64 ``ERROR_BLOCK`` elements at a time:
-  for a large layer's traces, a whole-array float64 difference was twice
-  the size of the float32 arrays compared, and set the check's peak."""
-  return _errors(actual, expected)[:3]
-
-
-def _errors(actual, expected):
-  """:func:`max_errors` and the scale it is relative to, ``max |expected|``
-  (computed once, here, for both: ``compare`` needs the scale too).  The
-  scale is the whole array's even where a non-finite difference ends the
-  blocks early."""
-  a, e = np.asarray(actual), np.asarray(expected)
-  if a.shape != e.shape:
-    a, e = np.broadcast_arrays(a, e)
-  if a.size == 0:
-    return 0.0, 0.0, (), 0.0
-  if (a.size <= SMALL_ERRORS and a.dtype.kind in _REAL_KINDS
-      and e.dtype.kind in _REAL_KINDS):
-    return _small_errors(a, e)
-  scale = abs_max(e)
-  a_flat, e_flat = a.reshape(-1), e.reshape(-1)
-  max_abs, at = -1.0, 0
-  for start in range(0, a.size, ERROR_BLOCK):
-    stop = start + ERROR_BLOCK
-    with np.errstate(invalid='ignore', over='ignore'):
-      diff = np.abs(np.subtract(a_flat[start:stop], e_flat[start:stop],
-                                dtype=np.float64))
-    bad = ~np.isfinite(diff)
-    if bad.any():
-      flat = start + int(np.flatnonzero(bad)[0])
-      return float('inf'), float('inf'), tuple(
-          int(i) for i in np.unravel_index(flat, a.shape)), scale
-    i = int(np.argmax(diff))
-    if diff[i] > max_abs:   # the first largest, as np.argmax gives it
-      max_abs, at = float(diff[i]), start + i
-  return (max_abs, _ratio(max_abs, scale),
-          tuple(int(i) for i in np.unravel_index(at, a.shape)), scale)
-
-
-def _ratio(error: float, scale: float) -> float:
-  """``error / scale``; at a scale of 0, 0 for no error and infinite for
-  any (a relative error, or the share of a tolerance an error takes)."""
-  if scale > 0:
-    return error / scale
-  return 0.0 if error == 0 else float('inf')
-
-
-# NumPy's real number kinds (float, signed, unsigned): ``tolist`` gives
-# Python floats and ints, which float() turns into float64 exactly as NumPy
-# casts them.  (bfloat16 is kind 'V' and takes the NumPy path.)
-_REAL_KINDS = 'fiu'
-
-
-def _small_errors(a: np.ndarray, e: np.ndarray):
-  """:func:`_errors` of two small real arrays of one shape, the same answer
-  on Python floats (IEEE float64, as NumPy's float64 pass): each NumPy call
-  costs a microsecond or more, and a fast-mode check's two comparisons of a
-  few dot products spent 70 us in that pass, a tenth of the whole check on
-  LoRA's layer on a GPU.  ``test_small_errors_are_numpys`` holds the two
-  paths to one answer, NaN, infinity and ties included."""
-  a_flat = [float(v) for v in a.reshape(-1).tolist()]
-  e_flat = [float(v) for v in e.reshape(-1).tolist()]
-  scale = 0.0
-  for v in e_flat:
-    if v != v:          # NaN: np.max propagates it
-      scale = v
-      break
-    scale = max(scale, abs(v))
-  max_abs, at = -1.0, 0
-  for i, (x, y) in enumerate(zip(a_flat, e_flat)):
-    diff = abs(x - y)   # inf - inf is NaN, as in NumPy
-    if not math.isfinite(diff):
-      return float('inf'), float('inf'), _unravel(i, a.shape), scale
-    if diff > max_abs:  # the first largest, as np.argmax gives it
-      max_abs, at = diff, i
-  return max_abs, _ratio(max_abs, scale), _unravel(at, a.shape), scale
-
-
-def _unravel(flat: int, shape: tuple) -> tuple:
-  """``np.unravel_index(flat, shape)`` as a tuple of ints."""
-  index = []
-  for n in reversed(shape):
-    flat, i = divmod(flat, n)
-    index.append(i)
-  return tuple(reversed(index))
 
 
 def _size(n_bytes: float) -> str:
@@ -736,7 +627,8 @@ class CheckContext:
     values fail.  ``check_dtype`` also asks for equal dtypes.
     ``approximate`` records the error without failing.
 
-    ``use_chex=False`` judges the same bound from :func:`max_errors` alone,
+    ``use_chex=False`` judges the same bound from ``differences.max_errors``
+    alone,
     as arrays above ``LARGE_COMPARE`` elements always are: for fast mode's
     few dot products, where chex's 0.05-0.15 ms per call is a fifth of the
     whole check on a layer whose forward plus VJP takes 0.25 ms.
@@ -765,7 +657,7 @@ class CheckContext:
       return self.record(Finding(passed=False, message=(
           f'{what or "result"}: dtype {actual.dtype} != expected '
           f'{expected.dtype}'), **base))
-    max_abs, max_rel, index, scale = _errors(actual, expected)
+    max_abs, max_rel, index, scale = max_errors_and_scale(actual, expected)
     if term_scale is not None:
       scale = max(scale, abs_max(term_scale))
     bound = atol + rtol * scale
@@ -786,7 +678,7 @@ class CheckContext:
         passed = False
     if approximate:
       passed = True
-    used = _ratio(max_abs, bound)
+    used = ratio(max_abs, bound)
     return self.record(Finding(
         passed=passed, message=what or 'compared', max_abs_err=max_abs,
         max_rel_err=max_rel, index=index, scale=scale, tolerance_used=used,
