@@ -45,6 +45,8 @@ import sys
 import tempfile
 import time
 
+import bare   # benchmarks/bare.py: the bare cost and how it is timed
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -72,34 +74,7 @@ def first_case(prim, strategy=None):
   return found[0]
 
 
-def bare_fwd_vjp_seconds(prim, operands, params, repeat=20) -> float:
-  """Best-of-``repeat`` time of one compiled jitted forward plus one VJP
-  w.r.t. the trainable operands (the forward alone without any)."""
-  import jax
-  import numpy as np
-  from etp_testing._src import executor
-  index = prim.trainable_invars(params)
-
-  def fwd_vjp(ops, g):
-    weights = {k: ops[i] for k, i in index.items()}
-    y, vjp = jax.vjp(lambda w: executor.bind_y(
-        prim, executor.with_weights(prim, ops, params, w), params), weights)
-    return y, vjp(g)
-
-  y = jax.eval_shape(lambda: executor.bind_y(prim, operands, params))
-  g = np.ones(y.shape, y.dtype)
-  run = jax.jit(fwd_vjp)
-  ops = list(operands)
-  jax.block_until_ready(run(ops, g))
-  best = float('inf')
-  for _ in range(repeat):
-    t = time.perf_counter()
-    jax.block_until_ready(run(ops, g))
-    best = min(best, time.perf_counter() - t)
-  return best
-
-
-def battery(prims, bare) -> bool:
+def battery(prims, bare_s) -> bool:
   """Runs ``pytest --etp-check`` and prints its figures; True if it passed."""
   reports = {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -137,9 +112,9 @@ def battery(prims, bare) -> bool:
         row.append(f'{"-":>16}')
         continue
       s = r['duration_s']
-      row.append(f'{s:7.2f}s {s / bare[n]:7.0e}'.rjust(16))
+      row.append(f'{s:7.2f}s {s / bare_s[n]:7.0e}'.rjust(16))
     print(f'{c:24}' + ''.join(row))
-  print(f'{"bare fwd+VJP":24}' + ''.join(f'{bare[n] * 1e6:13.0f} us'
+  print(f'{"bare fwd+VJP":24}' + ''.join(f'{bare_s[n] * 1e6:13.0f} us'
                                          for n in names))
   print('\nXLA programs per 100 examples of the battery: compiled (loaded '
         'from the persistent cache)')
@@ -269,8 +244,9 @@ def main(argv=None) -> int:
         f'compiles with {options_in_effect() or "XLA defaults"}')
   ok = True
   if not args.no_battery:
-    bare = {p.name: bare_fwd_vjp_seconds(p, *first_case(p)) for p in prims}
-    ok = battery(prims, bare)
+    bare_s = {p.name: bare.best_interleaved(
+        {'bare': bare.forward_vjp(p, *first_case(p))})['bare'] for p in prims}
+    ok = battery(prims, bare_s)
   if not args.no_compilations:
     compilations(prims, args.examples)
   if args.long:

@@ -12,18 +12,19 @@ its status, and why where it was skipped), and the warm cost of the
 fast-mode gradient check (random projections; compiled, run again) as a
 ratio to one forward plus VJP timed in the same interleaved rounds: of the
 whole ``check_rules`` call with the operands already on the device (as JAX
-arrays, like the bare run's weights) and with NumPy operands (copied to the
+arrays, like the bare run's) and with NumPy operands (copied to the
 device by every call), and of its compiled work alone (its one program; for
 layers whose forward takes well under a millisecond the harness's fixed
-Python cost weighs on the whole call).  The bare forward plus VJP runs with
-its weights already on the device and at JAX's default precision, as a user
-trains (TF32 products on a GPU): the least it can cost.  The check's
-products run at full float32 precision (``runner.MATMUL_PRECISION``), so on
-a GPU part of its ratio is that precision's cost.  Last, that program's
-scratch memory (as XLA reports it) and the page faults per call of it and
-of the bare run: on a CPU, scratch above 32 MiB is mapped afresh, and the
-kernel zeroes every page of it, on every call (the batched dense layer's
-fast-mode ratio on the 2-core machine is mostly that).
+Python cost weighs on the whole call).  The bare forward plus VJP
+(``bare.py``) runs with its operands already on the device and at JAX's
+default precision, as a user trains (TF32 products on a GPU): the least it
+can cost.  The check's products run at full float32 precision
+(``runner.MATMUL_PRECISION``), so on a GPU part of its ratio is that
+precision's cost.  Last, that program's scratch memory (as XLA reports
+it) and the page faults per call of it and of the bare run: on a CPU,
+scratch above 32 MiB is mapped afresh, and the kernel zeroes every page of
+it, on every call (the batched dense layer's fast-mode ratio on the 2-core
+machine is mostly that).
 
     python benchmarks/large_layers.py                # every case
     python benchmarks/large_layers.py dense conv     # some cases
@@ -41,6 +42,8 @@ import os
 import subprocess
 import sys
 import time
+
+import bare   # benchmarks/bare.py: the bare cost and how it is timed
 
 CASES = ('dense', 'dense_b8', 'conv', 'lora', 'sparse')
 
@@ -77,59 +80,6 @@ def _build(name):
   raise ValueError(name)
 
 
-# Every timing that goes into a ratio is the best of at least this many
-# runs, the same on both sides (a shared machine's speed drifts from run to
-# run) ...
-REPEAT = 20
-# ... and of more, while the rounds have taken under this many seconds, up
-# to MAX_ROUNDS: a call of a millisecond or less on a GPU machine needs
-# hundreds to reach its floor (the H200's LoRA fast-mode call: 0.80 ms as
-# the best of 20, 0.62 ms as the best of 300 in another process).  On the
-# 2-core CPU a large layer's round takes 0.1 s or more: 20 rounds, as before.
-ROUNDS_BUDGET_S = 3.0
-MAX_ROUNDS = 500
-
-
-def _bare_forward_vjp(prim, operands, params):
-  """A function running one jitted forward plus one VJP w.r.t. the
-  trainable operands (compiled by the first call), the weights already on
-  the device: the least it can cost."""
-  import jax
-  import numpy as np
-  _, weights, _ = prim.split_operands(operands, params)
-  weights = jax.device_put(weights)
-  index = prim.trainable_invars(params)
-
-  def fwd_vjp(weights, g):
-    def f(w):
-      ops = list(operands)
-      for k, i in index.items():
-        ops[i] = w[k]
-      return prim.bind(*ops, **params)
-    y, vjp = jax.vjp(f, weights)
-    return y, vjp(g)
-
-  y = jax.eval_shape(lambda: prim.bind(*operands, **params))
-  g = jax.device_put(np.ones(y.shape, y.dtype))
-  run = jax.jit(fwd_vjp)
-  return lambda: jax.block_until_ready(run(weights, g))
-
-
-def _best_interleaved(fns: dict) -> dict:
-  """Best seconds of each function over interleaved rounds (one call of
-  each per round; ``REPEAT`` rounds, then more within ``ROUNDS_BUDGET_S``,
-  at most ``MAX_ROUNDS``), after one warm-up call each: every figure sees
-  the same spells of a drifting machine."""
-  for fn in fns.values():
-    fn()
-  best = {k: float('inf') for k in fns}
-  start, rounds = time.perf_counter(), 0
-  while rounds < REPEAT or (rounds < MAX_ROUNDS and
-                            time.perf_counter() - start < ROUNDS_BUDGET_S):
-    for k, fn in fns.items():
-      best[k] = min(best[k], _timed(fn))
-    rounds += 1
-  return best
 
 
 # The fast-mode gradient checks whose warm cost (compiled, second run) is
@@ -143,8 +93,8 @@ def run_case(name: str, checks: str) -> dict:
   import jax
   import etp_testing
   prim, operands, params = _build(name)
-  bare = _best_interleaved({'bare': _bare_forward_vjp(prim, operands,
-                                                      params)})['bare']
+  bare_s = bare.best_interleaved({'bare': bare.forward_vjp(prim, operands,
+                                                          params)})['bare']
   # What the process holds before the checks: the runtime (on a GPU
   # machine, CUDA's libraries), the operands and the bare run's copies.
   start_gib = _rss_gib()
@@ -158,18 +108,18 @@ def run_case(name: str, checks: str) -> dict:
   device_peak = stats.get('peak_bytes_in_use')
   # Warm: everything compiled by the run above (or by a first call here).
   # The fast-mode figures and their own bare cost, interleaved (built after
-  # the peak is read: the bare run holds a device copy of the weights, and
+  # the peak is read: the bare run holds a device copy of the operands, and
   # the device-resident call one of every operand).
   on_device = jax.device_put(operands)
   fast = lambda ops: (lambda: etp_testing.check_rules(
       prim, *ops, checks=FAST_CHECKS, seed=0, fast=True, **params))
   work, scratch = _fast_device_work(prim, on_device, params)
-  bare_fn = _bare_forward_vjp(prim, operands, params)
-  warm = _best_interleaved({'bare': bare_fn, 'fast': fast(on_device),
-                            'fast_host': fast(operands), 'work': work})
+  bare_fn = bare.forward_vjp(prim, operands, params)
+  warm = bare.best_interleaved({'bare': bare_fn, 'fast': fast(on_device),
+                                'fast_host': fast(operands), 'work': work})
   return {
       'case': name, 'primitive': prim.name, 'battery_s': wall,
-      'bare_fwd_vjp_s': bare, 'ratio': wall / bare if bare else None,
+      'bare_fwd_vjp_s': bare_s, 'ratio': wall / bare_s if bare_s else None,
       'peak_gib': peak_kib / 2**20, 'start_gib': start_gib,
       'device_peak_gib': (None if device_peak is None
                           else device_peak / 2**30),
@@ -240,12 +190,6 @@ def _rss_gib() -> float:
   return 0.0
 
 
-def _timed(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('cases', nargs='*', default=list(CASES))
@@ -274,10 +218,10 @@ def main(argv=None) -> int:
           + (f'{r["device_peak_gib"]:7.2f}' if r['device_peak_gib'] is not None
              else f'{"-":>7}')
           + f'  {"pass" if r["passed"] else "FAIL"}')
-    bare = r['bare_fwd_vjp_s']
+    bare_s = r['bare_fwd_vjp_s']
     for check, (status, secs, reason) in r['per_check'].items():
       print(f'         {check:24} {status:8} {secs:7.2f} s  '
-            f'{secs / bare:8.0f}x' + (f'  {reason[:90]}' if reason else ''))
+            f'{secs / bare_s:8.0f}x' + (f'  {reason[:90]}' if reason else ''))
     fb = r['fast_bare_s']
     print(f'         fast-mode {FAST_CHECKS}, warm, as a ratio to one '
           f'forward + VJP ({fb * 1e3:.3f} ms, timed interleaved): whole call '
