@@ -46,6 +46,12 @@ def forward_vjp(prim, operands, params):
   return lambda: jax.block_until_ready(run(ops, g))
 
 
+def seconds(prim, operands, params) -> float:
+  """The bare cost on its own: the best time of :func:`forward_vjp`."""
+  return best_interleaved({'bare': forward_vjp(prim, operands, params)})[
+      'bare']
+
+
 def best_interleaved(fns: dict) -> dict:
   """Best seconds of each function over interleaved rounds (one call of
   each per round; ``REPEAT`` rounds, then more within ``ROUNDS_BUDGET_S``,

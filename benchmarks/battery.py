@@ -244,8 +244,7 @@ def main(argv=None) -> int:
         f'compiles with {options_in_effect() or "XLA defaults"}')
   ok = True
   if not args.no_battery:
-    bare_s = {p.name: bare.best_interleaved(
-        {'bare': bare.forward_vjp(p, *first_case(p))})['bare'] for p in prims}
+    bare_s = {p.name: bare.seconds(p, *first_case(p)) for p in prims}
     ok = battery(prims, bare_s)
   if not args.no_compilations:
     compilations(prims, args.examples)

@@ -93,8 +93,7 @@ def run_case(name: str, checks: str) -> dict:
   import jax
   import etp_testing
   prim, operands, params = _build(name)
-  bare_s = bare.best_interleaved({'bare': bare.forward_vjp(prim, operands,
-                                                          params)})['bare']
+  bare_s = bare.seconds(prim, operands, params)
   # What the process holds before the checks: the runtime (on a GPU
   # machine, CUDA's libraries), the operands and the bare run's copies.
   start_gib = _rss_gib()

@@ -627,11 +627,11 @@ class CheckContext:
     values fail.  ``check_dtype`` also asks for equal dtypes.
     ``approximate`` records the error without failing.
 
-    ``use_chex=False`` judges the same bound from ``differences.max_errors``
-    alone,
-    as arrays above ``LARGE_COMPARE`` elements always are: for fast mode's
-    few dot products, where chex's 0.05-0.15 ms per call is a fifth of the
-    whole check on a layer whose forward plus VJP takes 0.25 ms.
+    ``use_chex=False`` judges the same bound from
+    ``differences.max_errors`` alone, as arrays above ``LARGE_COMPARE``
+    elements always are: for fast mode's few dot products, where chex's
+    0.05-0.15 ms per call is a fifth of the whole check on a layer whose
+    forward plus VJP takes 0.25 ms.
 
     ``term_scale``: for two sums of products added up in different orders,
     the magnitude of the terms (``max |sum_i |a_i b_i||``, from a trusted
