@@ -858,6 +858,77 @@ def test_fast_mode_skips_a_trace_check_that_fits_nowhere(monkeypatch):
   assert not [f for f in outcome.findings if f.rule == 'trace']
 
 
+def _lora_yw(transform_b):
+  """LoRA's yw_to_w with ``lora_b``'s entry replaced by
+  ``transform_b(g, trace_b)``."""
+  def yw_to_w(g, t, *, alpha, has_bias):
+    return {**lora._yw_to_w(g, t, alpha=alpha, has_bias=has_bias),
+            'lora_b': transform_b(g, t['lora_b'])}
+  return yw_to_w
+
+
+# Each breaks one property of yw_to_w.linear (LINEAR_PROPERTIES) alone.
+_NOT_LINEAR = {
+    'g': lambda g, t: (g * g)[..., :, None, None] * t,
+    'add': lambda g, t: g[..., :, None, None] * t * t,
+    'mask': lambda g, t: g[..., :, None, None] * jnp.roll(t, 1, axis=-2),
+}
+
+
+@pytest.mark.parametrize('broken', sorted(_NOT_LINEAR))
+def test_fast_mode_checks_linear_on_the_device_where_the_host_has_no_room(
+    monkeypatch, broken):
+  # Room for the device path's traces, not for the host comparison's
+  # (16 copies, even of a batch of one): the traces are drawn and compared
+  # on the device.  The correct rule passes every property; a rule that
+  # breaks one is caught by that one, with where it occurred.
+  from etp_testing._src import context
+  from etp_testing._src.checks import yw_to_w
+  whole = _lora_trace_bytes(*LORA_OPS)
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
+                      yw_to_w.LINEAR_DEVICE_COPIES * whole)
+  correct = _fast_run(lora_variant(), 'yw_to_w.linear')
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+  notes = [f.message for f in correct.findings if f.rule == 'trace']
+  assert notes and 'compared on the device' in notes[0], notes
+  judged = [f for f in correct.findings if f.rule == 'yw_to_w']
+  assert len(judged) == 3 * 2, [f.describe() for f in judged]   # 2 keys
+  assert all(f.max_abs_err is not None and f.tolerance_used < 1
+             for f in judged)
+  outcome = _fast_run(lora_variant(yw_to_w=_lora_yw(_NOT_LINEAR[broken])),
+                      'yw_to_w.linear')
+  assert_caught(outcome, 'yw_to_w', 'lora_b')
+  failed = [f for f in outcome.findings if not f.passed]
+  assert {f.message for f in failed} == {
+      f'fast mode, on the device: {yw_to_w.LINEAR_PROPERTIES[broken]}'}, \
+      [f.describe() for f in failed]
+  assert all(f.index is not None and len(f.index) == 4 and
+             f.tolerance_used > 1 for f in failed)
+
+
+def test_fast_mode_linear_on_the_device_reports_a_rule_that_raises(
+    monkeypatch):
+  # A rule that raises, or returns the wrong shape, inside the device
+  # program is a finding naming yw_to_w, not an error of the harness.
+  from etp_testing._src import context
+  from etp_testing._src.checks import yw_to_w
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
+                      yw_to_w.LINEAR_DEVICE_COPIES *
+                      _lora_trace_bytes(*LORA_OPS))
+
+  def raising(g, t):
+    raise ValueError('no')
+  outcome = _fast_run(lora_variant(yw_to_w=_lora_yw(raising)),
+                      'yw_to_w.linear')
+  assert_caught(outcome, 'yw_to_w')
+  assert 'ValueError: no' in outcome.findings[-1].message
+  outcome = _fast_run(lora_variant(yw_to_w=_lora_yw(lambda g, t: t[0])),
+                      'yw_to_w.linear')
+  assert_caught(outcome, 'yw_to_w', 'lora_b')
+  assert 'returned shape' in [f.message for f in outcome.findings
+                              if not f.passed][0]
+
+
 # The soak's one false alarm (etp_lora_mm float32, hypothesis seed 5): x's two
 # examples nearly cancel, so both sides' rounding (2e-7) was 6e-5 of the
 # result.  Judged against the size of the summed terms it passes; a small
@@ -1036,3 +1107,37 @@ def test_drtrl_exact_judges_a_large_case(monkeypatch, broken):
                                         outcome.findings]
   else:
     assert_caught(outcome, 'drtrl', 'weight')
+
+
+def test_linear_on_the_device_catches_what_the_host_catches(monkeypatch):
+  # Over the whole mutant catalog: yw_to_w.linear made on the device (the
+  # host comparison given no room) fails every mutant the host comparison
+  # fails, and passes every correct built-in the host passes.
+  from etp_testing import mutants
+  from etp_testing._src import context
+
+  def outcomes(device: bool) -> dict:
+    found = {}
+    with monkeypatch.context() as m:
+      if device:
+        m.setattr(context.CheckContext, 'for_traces',
+                  lambda self, copies, per_state=False, skip=True: None)
+      for mutant in mutants.catalog():
+        operands, params = mutant.case()
+        for prim in (mutant.primitive(), mutant.base_primitive()):
+          if prim.name not in found:
+            found[prim.name] = etp_testing.check_rules(
+                prim, *operands, checks='yw_to_w.linear', fast=True,
+                **params).outcome('yw_to_w.linear')
+    return found
+  host, device = outcomes(False), outcomes(True)
+  killed = {n for n, o in host.items() if o.status == 'failed'}
+  assert killed, 'no mutant fails yw_to_w.linear: nothing compared'
+  assert {n for n, o in device.items() if o.status == 'failed'} == killed
+  for name, outcome in device.items():
+    if name not in killed:
+      assert outcome.status in ('passed', 'skipped'), (name, outcome.reason)
+      assert outcome.status == host[name].status, name
+      if outcome.status == 'passed' and any(f.rule == 'yw_to_w'
+                                            for f in outcome.findings):
+        assert any('on the device' in f.message for f in outcome.findings)

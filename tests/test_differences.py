@@ -4,6 +4,7 @@ comparison reports and judges (largest error, where, relative to what)."""
 import hypothesis
 import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -80,3 +81,49 @@ def test_small_errors_cover_fast_modes_comparisons():
   finally:
     differences._small_errors = real
   assert calls == [3, 64]
+
+
+# Values whose differences float32 holds exactly: the device's float32
+# pass and the host's float64 one must then agree to the bit, ties and
+# non-finite values included.
+_EXACT_VALUES = st.sampled_from([0.0, 1.0, -1.0, 0.5, 2.0, -3.0, 8.0,
+                                 np.nan, np.inf, -np.inf])
+_traced_errors = jax.jit(differences.traced_errors)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True)
+@hypothesis.given(data=st.data())
+def test_device_errors_are_the_hosts(data):
+  # Comparisons made on the device (yw_to_w.linear of a large layer in
+  # fast mode) report what max_errors_and_scale reports on the host: the
+  # largest error, its first place (of the first NaN where there is one),
+  # the scale.
+  dtype = data.draw(st.sampled_from(['float16', 'float32']))
+  shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0,
+                                     max_side=4))
+  actual, expected = (data.draw(hnp.arrays(dtype, shape,
+                                           elements=_EXACT_VALUES))
+                      for _ in range(2))
+  stats, index = jax.device_get(_traced_errors(jnp.asarray(actual),
+                                               jnp.asarray(expected)))
+  device = differences.errors_from_device(stats, index, shape)
+  host = differences.max_errors_and_scale(actual, expected)
+  if np.isinf(host[0]):
+    # Both report a non-finite difference: the host at the first one, the
+    # device at the first NaN or, with none, the first infinity.
+    assert np.isinf(device[0]) and np.isinf(device[1])
+    with np.errstate(invalid='ignore'):
+      diff = np.abs(actual.astype(np.float64) - expected)
+    first = (np.flatnonzero(np.isnan(diff)) if np.isnan(diff).any()
+             else np.flatnonzero(np.isinf(diff)))[0]
+    assert device[2] == np.unravel_index(first, shape)
+    np.testing.assert_equal(device[3], host[3])
+  else:
+    np.testing.assert_equal(device, host)
+
+
+def test_device_errors_of_an_empty_array():
+  stats, index = differences.traced_errors(jnp.zeros((0, 2)),
+                                           jnp.zeros((0, 2)))
+  assert differences.errors_from_device(stats, index, (0, 2)) == \
+      differences.max_errors_and_scale(np.zeros((0, 2)), np.zeros((0, 2)))

@@ -238,7 +238,7 @@ def to_float64(tree):
 dtype_str = functools.lru_cache(maxsize=256)(str)
 
 
-def _size(n_bytes: float) -> str:
+def size_text(n_bytes: float) -> str:
   """``n_bytes`` in the largest binary unit it reaches, e.g. ``'1.5 GiB'``."""
   for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):
     if n_bytes >= scale:
@@ -297,7 +297,7 @@ class CheckContext:
     self.devices = list(devices) if devices is not None else jax.devices()
     self.findings: list = []
     self.params_key = hashable_params(self.params)
-    self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
+    self.fast = self.jacobiansize_text() > FAST_MODE_THRESHOLD if fast is None \
         else bool(fast)
     # Small cases compile for compile time, large ones for run time.
     self.small = compilations.is_small(self.given)
@@ -378,7 +378,7 @@ class CheckContext:
       self._y_avals[x64] = y_aval(self.primitive, self.given, self.params)
     return self._y_avals[x64]
 
-  def jacobian_size(self) -> int:
+  def jacobiansize_text(self) -> int:
     """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
     y = self.y_aval()
     sizes = [int(np.prod(y.shape)) * int(np.prod(w.shape))
@@ -417,14 +417,15 @@ class CheckContext:
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
                for v in jax.tree.leaves(traces))
 
-  def for_traces(self, copies: int,
-                 per_state: bool = False) -> 'CheckContext':
+  def for_traces(self, copies: int, per_state: bool = False,
+                 skip: bool = True) -> Optional['CheckContext']:
     """The context a trace-building check runs on (findings go to this one).
 
     Outside fast mode, this one.  In fast mode, the first of: this one; a
     batch of one of it (batched primitives); each of those with a single
     ``n_state``, largest first (``per_state`` checks only) -- whose
-    traces fit ``FAST_TRACE_BYTES``; the check is skipped when none does.
+    traces fit ``FAST_TRACE_BYTES``; when none does, the check is skipped
+    (``skip=False``: ``None`` is returned, for a check with a leaner way).
     A check holds about ``copies`` traces at once (its own, its rule's
     results and temporaries; measured on LoRA's 1 GiB trace), for every
     ``n_state`` of the run where ``per_state``:
@@ -455,14 +456,16 @@ class CheckContext:
         if ctx is not self:
           ctx.findings = self.findings
           self.record_pass('trace', message=(
-              f'fast mode: about {_size(held(self, whole))} of traces; '
-              f'checked with {how} ({_size(held(ctx, trace_bytes))})'))
+              f'fast mode: about {size_text(held(self, whole))} of traces; '
+              f'checked with {how} ({size_text(held(ctx, trace_bytes))})'))
         return ctx
+    if not skip:
+      return None
     self.skip(f'fast mode: this check would hold about '
-              f'{_size(held(ctx, trace_bytes))} of traces'
+              f'{size_text(held(ctx, trace_bytes))} of traces'
               + (f' even with {how}' if how else '') +
-              f' ({copies} x {_size(trace_bytes)} per state), above '
-              f'FAST_TRACE_BYTES={_size(FAST_TRACE_BYTES)}; the generated '
+              f' ({copies} x {size_text(trace_bytes)} per state), above '
+              f'FAST_TRACE_BYTES={size_text(FAST_TRACE_BYTES)}; the generated '
               'small cases check this (or run with fast=False)')
 
   def _on(self, operands, n_states=None) -> 'CheckContext':
@@ -676,13 +679,35 @@ class CheckContext:
               rtol=0.0, atol=bound)
       except AssertionError:
         passed = False
-    if approximate:
+    return self._judged(base, passed, what, max_abs, max_rel, index, scale,
+                        bound)
+
+  def judge_errors(self, errors, *, rule: str, key=None, what: str,
+                   shape, dtype) -> Finding:
+    """Records a :class:`Finding` for two arrays of ``shape`` compared where
+    they are (``errors``: ``differences.errors_from_device`` of a program's
+    ``differences.traced_errors``), judged as :meth:`compare` judges a large
+    array: ``max_abs <= atol + rtol * scale``, finite, with ``dtype``'s
+    ``exact`` tolerance."""
+    max_abs, max_rel, index, scale = errors
+    rtol, atol = self.tolerance(dtype)
+    shape = tuple(shape)
+    base = dict(rule=rule, key=key, actual_shape=shape, expected_shape=shape,
+                dtype=dtype_str(np.dtype(dtype)), rtol=rtol, atol=atol,
+                approximate=False)
+    bound = atol + rtol * scale
+    passed = bool(np.isfinite(max_abs) and max_abs <= bound)
+    return self._judged(base, passed, what, max_abs, max_rel, index, scale,
+                        bound)
+
+  def _judged(self, base, passed, what, max_abs, max_rel, index, scale,
+              bound) -> Finding:
+    if base['approximate']:
       passed = True
-    used = ratio(max_abs, bound)
     return self.record(Finding(
         passed=passed, message=what or 'compared', max_abs_err=max_abs,
-        max_rel_err=max_rel, index=index, scale=scale, tolerance_used=used,
-        **base))
+        max_rel_err=max_rel, index=index, scale=scale,
+        tolerance_used=ratio(max_abs, bound), **base))
 
   def compare_trees(self, actual: Mapping, expected: Mapping, *, rule: str,
                     what: str = '', kind: str = 'exact', dtype=None,

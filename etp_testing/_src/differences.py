@@ -126,3 +126,39 @@ def _unravel(flat: int, shape: tuple) -> tuple:
     flat, i = divmod(flat, n)
     index.append(i)
   return tuple(reversed(index))
+
+
+def traced_errors(actual, expected):
+  """Inside a traced program: the numbers of :func:`max_errors_and_scale`
+  for two arrays of one shape, neither of which leaves the device.
+
+  Returns ``(stats, index)``: ``stats = [max_abs, scale]`` and the flat
+  index of the first largest difference (of the first NaN where there is
+  one, else of the first infinity: a non-finite difference makes
+  ``max_abs`` non-finite).  The differences are taken inside the
+  reductions (no copy of either array) in the wider of the arrays' dtype
+  and float32: exact for half precision; for float32 rounded once, a
+  relative ``2**-24`` of the difference, where the host takes it exactly
+  in float64 (a float64 pass inside an x64-off program does not lower).
+  Turn them into the host's four numbers with :func:`errors_from_device`."""
+  import jax.numpy as jnp   # the host-side functions need NumPy only
+  dtype = jnp.promote_types(jnp.result_type(actual, expected), jnp.float32)
+  if actual.size == 0:
+    return jnp.zeros(2, dtype), jnp.int32(0)
+  a = actual.reshape(-1).astype(dtype)
+  e = expected.reshape(-1).astype(dtype)
+  diff = jnp.abs(a - e)
+  stats = jnp.stack([jnp.max(diff), jnp.max(jnp.abs(e))])
+  return stats, jnp.argmax(diff).astype(jnp.int32)
+
+
+def errors_from_device(stats, index, shape) -> tuple:
+  """``(max_abs, max_rel, index, scale)`` as :func:`max_errors_and_scale`
+  gives them, from :func:`traced_errors`' ``stats`` and ``index`` (host
+  values) for arrays of ``shape``."""
+  max_abs, scale = float(stats[0]), float(stats[1])
+  shape = tuple(shape)
+  where = () if 0 in shape else _unravel(int(index), shape)
+  if not math.isfinite(max_abs):
+    return float('inf'), float('inf'), where, scale
+  return max_abs, ratio(max_abs, scale), where, scale

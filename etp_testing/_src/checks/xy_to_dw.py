@@ -263,7 +263,7 @@ def projection_call(ctx, keys):
   """``(program, args)``: the fast-mode program for the weights ``keys``
   (see :func:`_fast_projections`) and its arguments, the operands as
   ``ctx.device_operands`` and the seeds; ``program(*args)`` gives the dots."""
-  seeds = _device_seeds(
+  seeds = device_seeds(
       (int(ctx.seed32('xy_to_dw.jacrev.g')),) +
       tuple(int(ctx.seed32(f'xy_to_dw.jacrev.v.{k}')) for k in keys),
       jax.config.jax_default_device)
@@ -273,7 +273,7 @@ def projection_call(ctx, keys):
 
 
 @functools.lru_cache(maxsize=1024)
-def _device_seeds(seeds: tuple, default_device) -> jax.Array:
+def device_seeds(seeds: tuple, default_device) -> jax.Array:
   """``seeds`` as a uint32 array already on the default device (which is
   part of the key).  Kept: a NumPy argument is copied to the device by every
   call, which on an H200 cost 60-100 us of a 0.7-0.9 ms fast-mode check."""

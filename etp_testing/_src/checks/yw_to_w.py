@@ -26,9 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp._src.arrays import to_jax
-from etp_testing._src import executor, tolerances
+from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import compiled
+from etp_testing._src.checks.xy_to_dw import device_seeds
+from etp_testing._src import context
+from etp_testing._src.context import compiled, size_text
+from etp_testing._src.differences import errors_from_device, traced_errors
 from etp_testing._src.errors import RuleFailure, raised
 from etp_testing._src.report import Finding
 
@@ -212,15 +215,34 @@ def check_anchor(ctx):
                     f'{int(reached.sum())} measured elements'))
 
 
+# The three properties yw_to_w.linear checks, and its coefficients a, b.
+LINEAR_PROPERTIES = {
+    'g': 'linear in g: yw(a g1 + b g2, T) vs a yw(g1, T) + b yw(g2, T)',
+    'add': 'additive in the trace: yw(g, T1 + T2) vs yw(g, T1) + yw(g, T2)',
+    'mask': 'element-wise in the trace: yw(g, T * m) vs yw(g, T) * m',
+}
+LINEAR_A, LINEAR_B = 1.5, -0.75
+# Traces yw_to_w.linear holds at once on the device (see _check_linear_on_device).
+LINEAR_DEVICE_COPIES = 3
+
+
 @check('yw_to_w.linear')
 def check_linear(ctx):
-  """``yw_to_w`` is linear in ``g`` and element-wise in the trace."""
+  """``yw_to_w`` is linear in ``g`` and element-wise in the trace.
+
+  In fast mode, a case whose traces do not fit the host comparison (LoRA's
+  4096 x 4096 layer: 16 GiB) is checked on the device instead (see
+  :func:`_check_linear_on_device`)."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   # T1, T2, their sum, the mask and seven results of the rule (measured 14
   # with the three comparisons' sides all held; made one comparison at a
   # time, about 9 on the conv and batched dense layers).
-  ctx = ctx.for_traces(copies=16)
+  fitted = ctx.for_traces(copies=16, skip=False)
+  if fitted is None:
+    _check_linear_on_device(ctx)
+    return
+  ctx = fitted
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = ctx.weight_dtype()
@@ -230,7 +252,7 @@ def check_linear(ctx):
   masks = {k: (np.asarray(ctx.uniform(f'yw_to_w.linear.m.{k}', s, dt, 0., 1.))
                > 0.5).astype(dt) for k, s in shapes.items()}
   yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
-  a, b = 1.5, -0.75
+  a, b = LINEAR_A, LINEAR_B
   # Combinations on the host, in the operands' dtype (nothing to compile).
   add = lambda p, q, s=1.0, r=1.0: {
       k: (s * np.asarray(p[k]) + r * np.asarray(q[k])).astype(p[k].dtype)
@@ -242,12 +264,12 @@ def check_linear(ctx):
   def cases():
     """``(what, actual, expected)``, each made once the one before has been
     compared and dropped (all three at once held twice the traces)."""
-    yield ('linear in g: yw(a g1 + b g2, T) vs a yw(g1, T) + b yw(g2, T)',
+    yield (LINEAR_PROPERTIES['g'],
            yw((a * g1 + b * g2).astype(g1.dtype), t1),
            add(yw(g1, t1), yw(g2, t1), a, b))
-    yield ('additive in the trace: yw(g, T1 + T2) vs yw(g, T1) + yw(g, T2)',
+    yield (LINEAR_PROPERTIES['add'],
            yw(g1, add(t1, t2)), add(yw(g1, t1), yw(g1, t2)))
-    yield ('element-wise in the trace: yw(g, T * m) vs yw(g, T) * m',
+    yield (LINEAR_PROPERTIES['mask'],
            yw(g1, {k: t1[k] * masks[k] for k in t1}),
            {k: np.asarray(v) * masks[k] for k, v in yw(g1, t1).items()})
   # T1 + T2 is rounded to the trace's dtype, a g combination to y's.
@@ -256,6 +278,111 @@ def check_linear(ctx):
     ctx.compare_trees(actual, expected, rule='yw_to_w', what=what,
                       dtype=dtype)
     del actual, expected
+
+
+def _linear_sides(which, yw, g1, g2, t1, t2, masks):
+  """``(actual, expected)`` of property ``which`` (``LINEAR_PROPERTIES``)
+  for ``yw(g, t)``, traced: the rule's results on the device."""
+  a, b = LINEAR_A, LINEAR_B
+  if which == 'g':
+    r1, r2 = yw(g1, t1), yw(g2, t1)
+    return (yw((a * g1 + b * g2).astype(g1.dtype), t1),
+            {k: (a * r1[k] + b * r2[k]).astype(r1[k].dtype) for k in r1})
+  if which == 'add':
+    r1, r2 = yw(g1, t1), yw(g1, t2)
+    return (yw(g1, {k: t1[k] + t2[k] for k in t1}),
+            {k: r1[k] + r2[k] for k in r1})
+  r = yw(g1, t1)
+  return (yw(g1, {k: t1[k] * masks[k] for k in t1}),
+          {k: r[k] * masks[k] for k in r})
+
+
+@compiled
+def _linear_program(primitive, params, rule, shapes, keys, dtype, y_shape,
+                    y_dtype, which):
+  """``(operands, seeds) -> {key: differences.traced_errors}``: property
+  ``which`` of ``yw_to_w.linear`` for the trace keys and shapes ``shapes``
+  (a tuple of pairs), its cotangents, traces and mask drawn on the device
+  from ``seeds`` (``directions.uniform``: ``g1``, ``g2``, then per key
+  ``T1``, ``T2`` and the mask's), and both sides compared there for the
+  keys ``keys``."""
+
+  def program(operands, seeds):
+    _, _, rule_params = primitive.split_operands(operands, params)
+    yw = lambda g, t: rule(g, t, **rule_params)
+    draw = lambda i, shape, dt: directions.uniform(seeds[i], shape, dt)
+    g1, g2 = (draw(i, y_shape, y_dtype) for i in (0, 1))
+    t1, t2, masks = ({k: draw(2 + 3 * i + j, s, dtype)
+                      for i, (k, s) in enumerate(shapes)} for j in range(3))
+    # Half the mask's elements zero, half one.
+    masks = {k: (m > 0).astype(dtype) for k, m in masks.items()}
+    actual, expected = _linear_sides(which, yw, g1, g2, t1, t2, masks)
+    return {k: traced_errors(actual[k], expected[k]) for k in keys}
+  return program
+
+
+def _check_linear_on_device(ctx):
+  """``yw_to_w.linear`` where its traces do not fit on the host: one program
+  per property draws the traces on the device (``directions.uniform``, as
+  fast mode's directions), calls the rule there and reduces each key's two
+  sides to the numbers a comparison reports (``differences.traced_errors``:
+  the largest difference, where, and the scale), judged on the host as
+  :meth:`CheckContext.compare` judges a large array.  Nothing trace-sized
+  is copied; the program holds about ``LINEAR_DEVICE_COPIES`` traces at
+  once (XLA fuses what an element-wise rule lets it).  The same three
+  properties as the host comparison, each element compared."""
+  held = LINEAR_DEVICE_COPIES * ctx.trace_bytes()
+  if held > context.FAST_TRACE_BYTES:
+    ctx.skip(f'fast mode: this check would hold about {size_text(held)} of '
+             f'traces even on the device ({LINEAR_DEVICE_COPIES} x '
+             f'{size_text(ctx.trace_bytes())}), above FAST_TRACE_BYTES='
+             f'{size_text(context.FAST_TRACE_BYTES)}; the generated small cases check '
+             'this (or run with fast=False)')
+  shapes = trace_shapes(ctx)
+  y = ctx.y_aval()
+  dt = np.dtype(ctx.weight_dtype())
+  rule = ctx.rules.yw_to_w
+  avals = {k: jax.ShapeDtypeStruct(s, dt) for k, s in shapes.items()}
+  try:
+    returned = jax.eval_shape(lambda g, t: rule(g, t, **ctx.rule_params),
+                              jax.ShapeDtypeStruct(y.shape, y.dtype), avals)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure('yw_to_w', raised(
+        'yw_to_w', e, f'traced on a cotangent of shape {tuple(y.shape)} and '
+        f'traces of shapes {shapes}')) from e
+  ctx.check_keys('yw_to_w', returned, shapes.keys())
+  keys = []
+  for k, s in shapes.items():
+    if tuple(returned[k].shape) != s:
+      ctx.fail('yw_to_w', key=k, message=(
+          f'returned shape {tuple(returned[k].shape)} for a trace of shape '
+          f'{s}'))
+    else:
+      keys.append(k)
+  if not keys:
+    return
+  ctx.record_pass('trace', message=(
+      f'fast mode: about {size_text(16 * ctx.trace_bytes())} of traces on the '
+      'host; drawn and compared on the device instead (about '
+      f'{size_text(held)})'))
+  seeds = device_seeds(
+      tuple(int(ctx.seed32(f'yw_to_w.linear.device.{i}'))
+            for i in range(2 + 3 * len(shapes))),
+      jax.config.jax_default_device)
+  dtype = tolerances.coarsest(dt, y.dtype)
+  for which, what in LINEAR_PROPERTIES.items():
+    program = _linear_program(ctx, rule, tuple(shapes.items()), tuple(keys),
+                              dt.name, tuple(y.shape), np.dtype(y.dtype).name,
+                              which)
+    try:
+      errors = jax.device_get(program(list(ctx.device_operands), seeds))
+    except Exception as e:  # pylint: disable=broad-except
+      raise RuleFailure('yw_to_w', raised(
+          'yw_to_w', e, f'on the device, {what}')) from e
+    for k in keys:
+      ctx.judge_errors(errors_from_device(*errors[k], shapes[k]), rule='yw_to_w',
+                       key=k, shape=shapes[k], dtype=dtype,
+                       what=f'fast mode, on the device: {what}')
 
 
 @check('yw_to_w.vmap')
