@@ -461,12 +461,17 @@ class CheckContext:
         return ctx
     if not skip:
       return None
-    self.skip(f'fast mode: this check would hold about '
-              f'{size_text(held(ctx, trace_bytes))} of traces'
-              + (f' even with {how}' if how else '') +
-              f' ({copies} x {size_text(trace_bytes)} per state), above '
-              f'FAST_TRACE_BYTES={size_text(FAST_TRACE_BYTES)}; the generated '
-              'small cases check this (or run with fast=False)')
+    self.skip_over_trace_budget(
+        held(ctx, trace_bytes), (f'even with {how} ' if how else '') +
+        f'({copies} x {size_text(trace_bytes)} per state)')
+
+  def skip_over_trace_budget(self, held: int, detail: str):
+    """Skips a fast-mode check that would hold ``held`` bytes of traces,
+    above ``FAST_TRACE_BYTES`` (``detail``: how that was reckoned)."""
+    self.skip(f'fast mode: this check would hold about {size_text(held)} of '
+              f'traces {detail}, above FAST_TRACE_BYTES='
+              f'{size_text(FAST_TRACE_BYTES)}; the generated small cases '
+              'check this (or run with fast=False)')
 
   def _on(self, operands, n_states=None) -> 'CheckContext':
     """A context on other ``operands`` (and ``n_states``) with this one's

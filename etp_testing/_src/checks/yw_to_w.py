@@ -26,11 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp._src.arrays import to_jax
-from etp_testing._src import directions, executor, tolerances
+from etp_testing._src import context, directions, executor, tolerances
 from etp_testing._src.checks.registry import check
 from etp_testing._src.checks.xy_to_dw import device_seeds
-from etp_testing._src import context
-from etp_testing._src.context import compiled, size_text
+from etp_testing._src.context import compiled
 from etp_testing._src.differences import errors_from_device, traced_errors
 from etp_testing._src.errors import RuleFailure, raised
 from etp_testing._src.report import Finding
@@ -222,7 +221,11 @@ LINEAR_PROPERTIES = {
     'mask': 'element-wise in the trace: yw(g, T * m) vs yw(g, T) * m',
 }
 LINEAR_A, LINEAR_B = 1.5, -0.75
-# Traces yw_to_w.linear holds at once on the device (see _check_linear_on_device).
+# Traces yw_to_w.linear holds at once: T1, T2, their sum, the mask and seven
+# results of the rule (measured 14 with the three comparisons' sides all
+# held; made one comparison at a time, about 9 on the conv and batched dense
+# layers); on the device (_check_linear_on_device) about 3 by its estimate.
+LINEAR_HOST_COPIES = 16
 LINEAR_DEVICE_COPIES = 3
 
 
@@ -235,10 +238,7 @@ def check_linear(ctx):
   :func:`_check_linear_on_device`)."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  # T1, T2, their sum, the mask and seven results of the rule (measured 14
-  # with the three comparisons' sides all held; made one comparison at a
-  # time, about 9 on the conv and batched dense layers).
-  fitted = ctx.for_traces(copies=16, skip=False)
+  fitted = ctx.for_traces(copies=LINEAR_HOST_COPIES, skip=False)
   if fitted is None:
     _check_linear_on_device(ctx)
     return
@@ -331,20 +331,22 @@ def _check_linear_on_device(ctx):
   is copied; the program holds about ``LINEAR_DEVICE_COPIES`` traces at
   once (XLA fuses what an element-wise rule lets it).  The same three
   properties as the host comparison, each element compared."""
-  held = LINEAR_DEVICE_COPIES * ctx.trace_bytes()
+  one = ctx.trace_bytes()
+  held = LINEAR_DEVICE_COPIES * one
   if held > context.FAST_TRACE_BYTES:
-    ctx.skip(f'fast mode: this check would hold about {size_text(held)} of '
-             f'traces even on the device ({LINEAR_DEVICE_COPIES} x '
-             f'{size_text(ctx.trace_bytes())}), above FAST_TRACE_BYTES='
-             f'{size_text(context.FAST_TRACE_BYTES)}; the generated small cases check '
-             'this (or run with fast=False)')
+    ctx.skip_over_trace_budget(
+        held, f'even on the device ({LINEAR_DEVICE_COPIES} x '
+        f'{context.size_text(one)})')
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = np.dtype(ctx.weight_dtype())
   rule = ctx.rules.yw_to_w
   avals = {k: jax.ShapeDtypeStruct(s, dt) for k, s in shapes.items()}
+  # The aux operands as given (ctx.rule_params would copy every operand).
+  _, _, rule_params = ctx.primitive.split_operands(ctx.device_operands,
+                                                   ctx.params)
   try:
-    returned = jax.eval_shape(lambda g, t: rule(g, t, **ctx.rule_params),
+    returned = jax.eval_shape(lambda g, t: rule(g, t, **rule_params),
                               jax.ShapeDtypeStruct(y.shape, y.dtype), avals)
   except Exception as e:  # pylint: disable=broad-except
     raise RuleFailure('yw_to_w', raised(
@@ -362,9 +364,9 @@ def _check_linear_on_device(ctx):
   if not keys:
     return
   ctx.record_pass('trace', message=(
-      f'fast mode: about {size_text(16 * ctx.trace_bytes())} of traces on the '
-      'host; drawn and compared on the device instead (about '
-      f'{size_text(held)})'))
+      f'fast mode: about {context.size_text(LINEAR_HOST_COPIES * one)} of '
+      'traces on the host; drawn and compared on the device instead (about '
+      f'{context.size_text(held)})'))
   seeds = device_seeds(
       tuple(int(ctx.seed32(f'yw_to_w.linear.device.{i}'))
             for i in range(2 + 3 * len(shapes))),
@@ -380,8 +382,8 @@ def _check_linear_on_device(ctx):
       raise RuleFailure('yw_to_w', raised(
           'yw_to_w', e, f'on the device, {what}')) from e
     for k in keys:
-      ctx.judge_errors(errors_from_device(*errors[k], shapes[k]), rule='yw_to_w',
-                       key=k, shape=shapes[k], dtype=dtype,
+      ctx.judge_errors(errors_from_device(*errors[k], shapes[k]),
+                       rule='yw_to_w', key=k, shape=shapes[k], dtype=dtype,
                        what=f'fast mode, on the device: {what}')
 
 
