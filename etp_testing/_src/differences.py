@@ -8,6 +8,11 @@ errors infinite and is reported where it first occurs.  Large arrays are
 taken ``ERROR_BLOCK`` elements at a time; small real ones
 (``SMALL_ERRORS``) on Python floats, for the same answer at a fraction of
 NumPy's per-call cost.  ``CheckContext.compare`` judges these numbers.
+
+Arrays too large to copy to the host are compared where they are:
+:func:`traced_errors`, inside a program, reduces them to the same numbers
+(:func:`errors_from_device` reads them back), and
+``CheckContext.judge_errors`` judges them.
 """
 
 from __future__ import annotations
