@@ -867,6 +867,42 @@ def _lora_yw(transform_b):
   return yw_to_w
 
 
+def _no_room_on_the_host(monkeypatch):
+  """Makes every trace check find no room on the host (for_traces gives
+  None where a check asks for it: yw_to_w.linear then goes to the device)."""
+  from etp_testing._src import context
+  monkeypatch.setattr(context.CheckContext, 'for_traces',
+                      lambda self, copies, per_state=False, skip=True: None)
+
+
+def test_linear_on_the_device_runs_only_where_xlas_plan_fits(monkeypatch):
+  # The device path compiles its programs first and runs them only if the
+  # memory XLA plans for them fits FAST_TRACE_BYTES; where the backend
+  # gives no plan, an estimate of LINEAR_DEVICE_COPIES traces decides.
+  from etp_testing._src import compilations, context
+  from etp_testing._src.checks import yw_to_w
+  _no_room_on_the_host(monkeypatch)
+  ran = _fast_run(lora_variant(), 'yw_to_w.linear')
+  assert ran.status == 'passed', [f.describe() for f in ran.findings]
+  assert 'as XLA plans its largest program' in ran.findings[0].message
+  real = compilations.planned_bytes
+  plans = []
+  monkeypatch.setattr(compilations, 'planned_bytes',
+                      lambda c: plans.append(real(c)) or 2**40)
+  over = _fast_run(lora_variant(), 'yw_to_w.linear')
+  assert over.status == 'skipped', over.status
+  assert 'XLA plans' in over.reason and 'FAST_TRACE_BYTES' in over.reason
+  assert len(plans) == 3 and all(0 < p < 2**20 for p in plans), plans
+  monkeypatch.setattr(compilations, 'planned_bytes', lambda c: None)
+  estimated = _fast_run(lora_variant(), 'yw_to_w.linear')
+  assert estimated.status == 'passed'
+  assert 'estimated' in estimated.findings[0].message
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
+                      yw_to_w.LINEAR_DEVICE_COPIES *
+                      _lora_trace_bytes(*LORA_OPS) - 1)
+  assert _fast_run(lora_variant(), 'yw_to_w.linear').status == 'skipped'
+
+
 # Each breaks one property of yw_to_w.linear (LINEAR_PROPERTIES) alone.
 _NOT_LINEAR = {
     'g': lambda g, t: (g * g)[..., :, None, None] * t,
@@ -878,15 +914,11 @@ _NOT_LINEAR = {
 @pytest.mark.parametrize('broken', sorted(_NOT_LINEAR))
 def test_fast_mode_checks_linear_on_the_device_where_the_host_has_no_room(
     monkeypatch, broken):
-  # Room for the device path's traces, not for the host comparison's
-  # (16 copies, even of a batch of one): the traces are drawn and compared
-  # on the device.  The correct rule passes every property; a rule that
+  # No room for the host comparison: the traces are drawn and compared on
+  # the device.  The correct rule passes every property; a rule that
   # breaks one is caught by that one, with where it occurred.
-  from etp_testing._src import context
   from etp_testing._src.checks import yw_to_w
-  whole = _lora_trace_bytes(*LORA_OPS)
-  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
-                      yw_to_w.LINEAR_DEVICE_COPIES * whole)
+  _no_room_on_the_host(monkeypatch)
   correct = _fast_run(lora_variant(), 'yw_to_w.linear')
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
   notes = [f.message for f in correct.findings if f.rule == 'trace']
@@ -910,11 +942,7 @@ def test_fast_mode_linear_on_the_device_reports_a_rule_that_raises(
     monkeypatch):
   # A rule that raises, or returns the wrong shape, inside the device
   # program is a finding naming yw_to_w, not an error of the harness.
-  from etp_testing._src import context
-  from etp_testing._src.checks import yw_to_w
-  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
-                      yw_to_w.LINEAR_DEVICE_COPIES *
-                      _lora_trace_bytes(*LORA_OPS))
+  _no_room_on_the_host(monkeypatch)
 
   def raising(g, t):
     raise ValueError('no')
@@ -1114,14 +1142,12 @@ def test_linear_on_the_device_catches_what_the_host_catches(monkeypatch):
   # host comparison given no room) fails every mutant the host comparison
   # fails, and passes every correct built-in the host passes.
   from etp_testing import mutants
-  from etp_testing._src import context
 
   def outcomes(device: bool) -> dict:
     found = {}
     with monkeypatch.context() as m:
       if device:
-        m.setattr(context.CheckContext, 'for_traces',
-                  lambda self, copies, per_state=False, skip=True: None)
+        _no_room_on_the_host(m)
       for mutant in mutants.catalog():
         operands, params = mutant.case()
         for prim in (mutant.primitive(), mutant.base_primitive()):

@@ -197,6 +197,18 @@ def jit(fn, small: bool = True, **kwargs):
   return jax.jit(fn, compiler_options=options, **kwargs)
 
 
+def planned_bytes(compiled) -> "int | None":
+  """What XLA plans to hold for one call of ``compiled`` (a
+  ``jax.stages.Compiled``) beyond its arguments: its scratch plus its
+  outputs, from the program's memory analysis; ``None`` where this backend
+  does not say."""
+  try:
+    memory = compiled.memory_analysis()
+    return int(memory.temp_size_in_bytes) + int(memory.output_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None   # no analysis (None, or a backend that raises for it)
+
+
 def register_cache(cache_clear):
   """Registers the ``cache_clear`` of a cache that holds jitted functions,
   so that :func:`release` empties it."""
