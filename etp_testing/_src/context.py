@@ -297,7 +297,7 @@ class CheckContext:
     self.devices = list(devices) if devices is not None else jax.devices()
     self.findings: list = []
     self.params_key = hashable_params(self.params)
-    self.fast = self.jacobiansize_text() > FAST_MODE_THRESHOLD if fast is None \
+    self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
         else bool(fast)
     # Small cases compile for compile time, large ones for run time.
     self.small = compilations.is_small(self.given)
@@ -378,7 +378,7 @@ class CheckContext:
       self._y_avals[x64] = y_aval(self.primitive, self.given, self.params)
     return self._y_avals[x64]
 
-  def jacobiansize_text(self) -> int:
+  def jacobian_size(self) -> int:
     """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
     y = self.y_aval()
     sizes = [int(np.prod(y.shape)) * int(np.prod(w.shape))
