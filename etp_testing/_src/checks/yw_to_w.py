@@ -253,30 +253,22 @@ def check_linear(ctx):
   t2 = random_traces(ctx, 'yw_to_w.linear.T2', shapes, dt)
   masks = {k: (np.asarray(ctx.uniform(f'yw_to_w.linear.m.{k}', s, dt, 0., 1.))
                > 0.5).astype(dt) for k, s in shapes.items()}
-  yw = lambda g, t: ctx.call_rule('yw_to_w', g, t)
-  a, b = LINEAR_A, LINEAR_B
-  # Combinations on the host, in the operands' dtype (nothing to compile).
-  add = lambda p, q, s=1.0, r=1.0: {
-      k: (s * np.asarray(p[k]) + r * np.asarray(q[k])).astype(p[k].dtype)
-      for k in p}
+  def yw(g, t):
+    """The rule's results as host arrays: the sides' combinations are then
+    made on the host, in the operands' dtype (nothing to compile)."""
+    out = ctx.call_rule('yw_to_w', g, t)
+    ctx.check_keys('yw_to_w', out, shapes.keys())
+    return {k: np.asarray(v) for k, v in out.items()}
   g1, g2 = np.asarray(g1), np.asarray(g2)
   t1 = {k: np.asarray(v) for k, v in t1.items()}
   t2 = {k: np.asarray(v) for k, v in t2.items()}
   masks = {k: np.asarray(v) for k, v in masks.items()}
-  def cases():
-    """``(what, actual, expected)``, each made once the one before has been
-    compared and dropped (all three at once held twice the traces)."""
-    yield (LINEAR_PROPERTIES['g'],
-           yw((a * g1 + b * g2).astype(g1.dtype), t1),
-           add(yw(g1, t1), yw(g2, t1), a, b))
-    yield (LINEAR_PROPERTIES['add'],
-           yw(g1, add(t1, t2)), add(yw(g1, t1), yw(g1, t2)))
-    yield (LINEAR_PROPERTIES['mask'],
-           yw(g1, {k: t1[k] * masks[k] for k in t1}),
-           {k: np.asarray(v) * masks[k] for k, v in yw(g1, t1).items()})
   # T1 + T2 is rounded to the trace's dtype, a g combination to y's.
   dtype = tolerances.coarsest(dt, y.dtype)
-  for what, actual, expected in cases():
+  for which, what in LINEAR_PROPERTIES.items():
+    # Each property's sides made once the one before has been compared and
+    # dropped (all three at once held twice the traces).
+    actual, expected = _linear_sides(which, yw, g1, g2, t1, t2, masks)
     ctx.compare_trees(actual, expected, rule='yw_to_w', what=what,
                       dtype=dtype)
     del actual, expected
@@ -284,7 +276,8 @@ def check_linear(ctx):
 
 def _linear_sides(which, yw, g1, g2, t1, t2, masks):
   """``(actual, expected)`` of property ``which`` (``LINEAR_PROPERTIES``)
-  for ``yw(g, t)``, traced: the rule's results on the device."""
+  for the rule ``yw(g, t)``: on host arrays (the host comparison), or
+  traced (the device's); each combination in its operands' dtype."""
   a, b = LINEAR_A, LINEAR_B
   if which == 'g':
     r1, r2 = yw(g1, t1), yw(g2, t1)
