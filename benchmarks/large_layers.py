@@ -80,8 +80,6 @@ def _build(name):
   raise ValueError(name)
 
 
-
-
 # The fast-mode gradient checks whose warm cost (compiled, second run) is
 # compared with one forward plus VJP: the projections of xy_to_dw.jacrev.
 FAST_CHECKS = 'xy_to_dw.jacrev'

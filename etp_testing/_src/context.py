@@ -669,11 +669,11 @@ class CheckContext:
     if term_scale is not None:
       scale = max(scale, abs_max(term_scale))
     bound = atol + rtol * scale
-    if expected.size > LARGE_COMPARE or not use_chex:
-      # The bound straight from max_errors' float64 pass (for large arrays
-      # chex would make more float64 copies of them).
-      passed = bool(np.isfinite(max_abs) and max_abs <= bound)
-    else:
+    # Above LARGE_COMPARE, or without chex: the bound straight from
+    # max_errors' float64 pass (_judged; for large arrays chex would make
+    # more float64 copies of them).
+    passed = None
+    if expected.size <= LARGE_COMPARE and use_chex:
       # A non-finite value on either side made max_abs infinite; otherwise
       # the norm-wise bound, through chex: |a - e| <= atol + rtol * scale.
       passed = bool(np.isfinite(max_abs))
@@ -684,8 +684,8 @@ class CheckContext:
               rtol=0.0, atol=bound)
       except AssertionError:
         passed = False
-    return self._judged(base, passed, what, max_abs, max_rel, index, scale,
-                        bound)
+    return self._judged(base, what, (max_abs, max_rel, index, scale), bound,
+                        passed)
 
   def judge_errors(self, errors, *, rule: str, key=None, what: str,
                    shape, dtype) -> Finding:
@@ -694,19 +694,21 @@ class CheckContext:
     ``differences.traced_errors``), judged as :meth:`compare` judges a large
     array: ``max_abs <= atol + rtol * scale``, finite, with ``dtype``'s
     ``exact`` tolerance."""
-    max_abs, max_rel, index, scale = errors
     rtol, atol = self.tolerance(dtype)
     shape = tuple(shape)
     base = dict(rule=rule, key=key, actual_shape=shape, expected_shape=shape,
                 dtype=dtype_str(np.dtype(dtype)), rtol=rtol, atol=atol,
                 approximate=False)
-    bound = atol + rtol * scale
-    passed = bool(np.isfinite(max_abs) and max_abs <= bound)
-    return self._judged(base, passed, what, max_abs, max_rel, index, scale,
-                        bound)
+    return self._judged(base, what, errors, atol + rtol * errors[3])
 
-  def _judged(self, base, passed, what, max_abs, max_rel, index, scale,
-              bound) -> Finding:
+  def _judged(self, base, what, errors, bound, passed=None) -> Finding:
+    """Records the finding of ``errors`` (``max_abs, max_rel, index,
+    scale``) against ``bound``: ``passed`` as given, or where ``None``,
+    ``max_abs`` finite and within ``bound``; always passed when
+    ``base['approximate']``."""
+    max_abs, max_rel, index, scale = errors
+    if passed is None:
+      passed = bool(np.isfinite(max_abs) and max_abs <= bound)
     if base['approximate']:
       passed = True
     return self.record(Finding(
