@@ -122,6 +122,60 @@ def test_device_errors_are_the_hosts(data):
     np.testing.assert_equal(device, host)
 
 
+def _reduce_in_drawn_order(data, pairs, combine):
+  # Any order a parallel reduction may take: the pairs shuffled, then
+  # neighbours combined one drawn pair at a time, either way round.
+  pending = data.draw(st.permutations(pairs))
+  while len(pending) > 1:
+    i = data.draw(st.integers(0, len(pending) - 2))
+    a, b = pending[i], pending[i + 1]
+    if data.draw(st.booleans()):
+      a, b = b, a
+    pending[i:i + 2] = [tuple(np.asarray(v) for v in combine(a, b))]
+  return int(pending[0][1])
+
+
+def _argmax_pair(a, b):
+  # jnp.argmax's own choice (jax.lax's argmax reducer): a NaN wins, but
+  # ties are broken by index only between equal numbers.
+  (a_value, a_index), (b_value, b_index) = a, b
+  a_wins = (a_value > b_value) | (a_value != a_value)
+  a_wins |= (a_value == b_value) & (a_index < b_index)
+  return np.where(a_wins, a_value, b_value), np.where(a_wins, a_index, b_index)
+
+
+_DIFFERENCES = st.sampled_from([0.0, 1.0, 2.0, np.nan, np.inf])
+
+
+@hypothesis.settings(max_examples=100, deadline=None, derandomize=True)
+@hypothesis.given(data=st.data())
+def test_largest_first_does_not_depend_on_the_reductions_order(data):
+  # A GPU reduces in an order of its own; the device's index must still be
+  # the host's: the first NaN, else the first maximum.
+  values = data.draw(hnp.arrays(np.float32, st.integers(1, 8),
+                                elements=_DIFFERENCES))
+  pairs = [(np.float32(v), np.int32(i)) for i, v in enumerate(values)]
+  first = int(np.argmax(values))   # NumPy: the first NaN, else first max
+  assert _reduce_in_drawn_order(data, pairs, differences.first_of) == first
+  value, index = jax.jit(differences._largest_first)(values)
+  assert int(index) == first
+  np.testing.assert_equal(np.asarray(value), values[first])
+
+
+def test_argmaxs_own_reducer_loses_the_first_nan_out_of_order():
+  # The order-dependence first_of exists to remove, and that the test above
+  # would catch: jnp.argmax's reducer, met with its NaNs out of order.
+  @hypothesis.settings(max_examples=100, derandomize=True, database=None)
+  @hypothesis.given(data=st.data())
+  def with_argmaxs_reducer(data):
+    values = np.array([0.0, np.nan, np.nan], np.float32)
+    pairs = [(v, np.int32(i)) for i, v in enumerate(values)]
+    assert _reduce_in_drawn_order(data, pairs, _argmax_pair) == 1
+
+  with pytest.raises(AssertionError):
+    with_argmaxs_reducer()
+
+
 def test_device_errors_of_an_empty_array():
   stats, index = differences.traced_errors(jnp.zeros((0, 2)),
                                            jnp.zeros((0, 2)))

@@ -152,9 +152,44 @@ def traced_errors(actual, expected):
     return jnp.zeros(2, dtype), jnp.int32(0)
   a = actual.reshape(-1).astype(dtype)
   e = expected.reshape(-1).astype(dtype)
-  diff = jnp.abs(a - e)
-  stats = jnp.stack([jnp.max(diff), jnp.max(jnp.abs(e))])
-  return stats, jnp.argmax(diff).astype(jnp.int32)
+  # One reduction gives both the largest difference and its place: a second
+  # reading of the differences made XLA:CPU hold them all (256 MiB of
+  # scratch for a 64M-element trace where the one reduction needs none).
+  max_abs, index = _largest_first(jnp.abs(a - e))
+  return jnp.stack([max_abs, jnp.max(jnp.abs(e))]), index
+
+
+def _largest_first(values):
+  """``(value, index)`` of the 1-d ``values``' first NaN, or with none of
+  their first maximum: one reduction of ``(value, index)`` pairs by
+  :func:`first_of`.
+
+  Not ``jnp.max`` and ``jnp.argmax``: argmax prefers a NaN but breaks ties
+  by index only between equal numbers, so between two NaNs it keeps
+  whichever the reduction met first, and on a GPU that order is not the
+  array's.  A ``lax.cond`` choosing a NaN search instead would materialise
+  its trace-sized operand."""
+  import jax
+  import jax.numpy as jnp
+  indices = jax.lax.iota(jnp.int32, values.size)
+  lowest = jnp.array(-jnp.inf, values.dtype)
+  return jax.lax.reduce((values, indices), (lowest, jnp.int32(0)),
+                        first_of, (0,))
+
+
+def first_of(a, b):
+  """Of two ``(value, index)`` pairs, the one :func:`_largest_first` keeps:
+  the larger value, a NaN over a number, and between ties (equal, or both
+  NaN) the smaller index.  Commutative and associative, so any order of
+  reduction gives the same pair."""
+  import jax.numpy as jnp
+  (a_value, a_index), (b_value, b_index) = a, b
+  a_nan, b_nan = jnp.isnan(a_value), jnp.isnan(b_value)
+  tied = (a_value == b_value) | (a_nan & b_nan)
+  a_wins = ((a_value > b_value) | (a_nan & ~b_nan)
+            | (tied & (a_index < b_index)))
+  return (jnp.where(a_wins, a_value, b_value),
+          jnp.where(a_wins, a_index, b_index))
 
 
 def errors_from_device(stats, index, shape) -> tuple:
