@@ -80,9 +80,16 @@ def _raise(*args, **kwargs):
   raise ValueError('deliberately broken')
 
 
+def _this_file_as_reported():
+  # As messages name a file: from the working directory where it lies
+  # below it, else absolute (pytest may run from anywhere).
+  path = os.path.relpath(__file__)
+  return __file__ if path.startswith('..') else path
+
+
 # Where a message says _raise raised (a rule's own frame, not the harness's
-# or JAX's), as a path from the working directory.
-_RAISE_AT = (f'at {os.path.relpath(__file__)}:'
+# or JAX's).
+_RAISE_AT = (f'at {_this_file_as_reported()}:'
              f'{_raise.__code__.co_firstlineno + 1} in _raise')
 
 
@@ -168,8 +175,8 @@ def test_a_rule_raising_inside_jax_is_located_in_the_rule():
   report = etp_testing.check_rules(prim, *_operands(), checks='xy_to_dw.vjp',
                                    has_bias=False)
   line = _xy_to_dw_with_a_shape_bug.__code__.co_firstlineno + 1
-  assert f'{os.path.relpath(__file__)}:{line} in _xy_to_dw_with_a_shape_bug' \
-      in report.failure_message()
+  assert (f'{_this_file_as_reported()}:{line} in _xy_to_dw_with_a_shape_bug'
+          in report.failure_message())
   assert 'jax/' not in report.failure_message()
 
 
