@@ -75,13 +75,11 @@ def max_errors_and_scale(actual, expected):
     bad = ~np.isfinite(diff)
     if bad.any():
       flat = start + int(np.flatnonzero(bad)[0])
-      return float('inf'), float('inf'), tuple(
-          int(i) for i in np.unravel_index(flat, a.shape)), scale
+      return float('inf'), float('inf'), _unravel(flat, a.shape), scale
     i = int(np.argmax(diff))
     if diff[i] > max_abs:   # the first largest, as np.argmax gives it
       max_abs, at = float(diff[i]), start + i
-  return (max_abs, ratio(max_abs, scale),
-          tuple(int(i) for i in np.unravel_index(at, a.shape)), scale)
+  return max_abs, ratio(max_abs, scale), _unravel(at, a.shape), scale
 
 
 def ratio(error: float, scale: float) -> float:
