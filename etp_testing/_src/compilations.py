@@ -186,8 +186,9 @@ def options_in_effect() -> dict:
 
 
 def is_small(operands) -> bool:
-  """Whether a case with ``operands`` is small (see ``SMALL_CASE_ELEMENTS``)."""
-  return sum(int(np.size(o)) for o in operands) <= SMALL_CASE_ELEMENTS
+  """Whether a case with ``operands`` (arrays or avals) is small (see
+  ``SMALL_CASE_ELEMENTS``)."""
+  return sum(o.size for o in operands) <= SMALL_CASE_ELEMENTS
 
 
 def jit(fn, small: bool = True, **kwargs):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import zlib
 from typing import Any, Mapping, Optional
 
@@ -190,7 +191,13 @@ def _cached_shapes(fn, primitive, params_key, avals, x64, static):
         for a in avals))
 
 
-def traced_shapes(fn, primitive, operands, params, *static):
+def operand_avals(operands) -> tuple:
+  """``jax.typeof`` of each operand (under the current x64 setting, which
+  decides a NumPy float64 array's)."""
+  return tuple(jax.typeof(o) for o in operands)
+
+
+def traced_shapes(fn, primitive, operands, params, *static, avals=None):
   """Shapes and dtypes of ``fn(primitive, params, operands, *static)``
   (traced, nothing compiled or run).
 
@@ -198,13 +205,15 @@ def traced_shapes(fn, primitive, operands, params, *static):
   ``static`` (hashable), where the params are hashable: the checks ask many
   times per case, and each trace of the LoRA 4096 layer's bind cost
   0.2-0.35 ms, about half the fast-mode check's compiled work there.
-  Raises what ``fn`` raises (and caches nothing then)."""
+  ``avals``: the operands' :func:`operand_avals`, where the caller has them
+  (a device array's costs 3-4 us to ask for, and a fast-mode call asked
+  eleven times).  Raises what ``fn`` raises (and caches nothing then)."""
   key = hashable_params(params)
   if key is None:
     return jax.eval_shape(lambda *ops: fn(primitive, params, ops, *static),
                           *operands)
   return _cached_shapes(fn, primitive, key,
-                        tuple(jax.typeof(o) for o in operands),
+                        operand_avals(operands) if avals is None else avals,
                         bool(jax.config.jax_enable_x64), static)
 
 
@@ -212,10 +221,10 @@ def _bound_y(primitive, params, operands):
   return executor.bind_y(primitive, operands, params)
 
 
-def y_aval(primitive, operands, params) -> jax.ShapeDtypeStruct:
+def y_aval(primitive, operands, params, avals=None) -> jax.ShapeDtypeStruct:
   """Shape and dtype of the bind's ``y`` on ``operands`` (nothing compiled;
   see :func:`traced_shapes`).  Raises what the bind raises."""
-  return traced_shapes(_bound_y, primitive, operands, params)
+  return traced_shapes(_bound_y, primitive, operands, params, avals=avals)
 
 
 def shape_of(tree) -> Any:
@@ -276,11 +285,14 @@ class CheckContext:
     small: whether the harness compiles this case's programs with
       ``compilations.COMPILER_OPTIONS`` (see ``compilations.is_small``).
     findings: what the current check recorded (reset per check).
+
+  ``avals``, where the caller has them: the operands' :func:`operand_avals`
+  under the current x64 setting (see :meth:`avals`).
   """
 
   def __init__(self, primitive, operands, params, *, seed: int = 0,
                steps: int = 3, n_states=(1, 2), rtol=None, atol=None,
-               devices=None, fast=None):
+               devices=None, fast=None, avals=None):
     self.primitive = primitive
     self.rules = etp.rules_of(primitive)
     # As given: a JAX array stays where it is until a check needs its host
@@ -288,6 +300,9 @@ class CheckContext:
     self.given = tuple(operands)
     self._host_copies: dict = {}
     self._y_avals: dict = {}
+    self._avals: dict = {}
+    if avals is not None:
+      self._avals[bool(jax.config.jax_enable_x64)] = tuple(avals)
     self.params = dict(params)
     self.seed = int(seed)
     self.steps = int(steps)
@@ -300,7 +315,7 @@ class CheckContext:
     self.fast = self.jacobian_size() > FAST_MODE_THRESHOLD if fast is None \
         else bool(fast)
     # Small cases compile for compile time, large ones for run time.
-    self.small = compilations.is_small(self.given)
+    self.small = compilations.is_small(self.avals())
 
   @functools.cached_property
   def operands(self) -> tuple:
@@ -344,11 +359,19 @@ class CheckContext:
 
   @functools.cached_property
   def weight_avals(self) -> dict:
-    """``{key: ShapeDtypeStruct}`` of the trainable operands, from the
-    operands as given (no copy)."""
-    return {k: jax.ShapeDtypeStruct(np.shape(self.given[i]),
-                                    jax.typeof(self.given[i]).dtype)
+    """``{key: aval}`` of the trainable operands (their :meth:`avals`:
+    ``shape``, ``dtype``, ``size``), from the operands as given (no copy)."""
+    avals = self.avals()
+    return {k: avals[i]
             for k, i in self.primitive.trainable_invars(self.params).items()}
+
+  def avals(self) -> tuple:
+    """:func:`operand_avals` of the operands as given, kept per x64
+    setting (which decides a NumPy float64 operand's)."""
+    x64 = bool(jax.config.jax_enable_x64)
+    if x64 not in self._avals:
+      self._avals[x64] = operand_avals(self.given)
+    return self._avals[x64]
 
   # ------------------------------------------------------------- the case
   @property
@@ -375,14 +398,14 @@ class CheckContext:
     # and each lookup in traced_shapes' cache builds its key again.
     x64 = bool(jax.config.jax_enable_x64)
     if x64 not in self._y_avals:
-      self._y_avals[x64] = y_aval(self.primitive, self.given, self.params)
+      self._y_avals[x64] = y_aval(self.primitive, self.given, self.params,
+                                  self.avals())
     return self._y_avals[x64]
 
   def jacobian_size(self) -> int:
     """Entries of the largest ``dy/dw_k`` Jacobian of this case."""
     y = self.y_aval()
-    sizes = [int(np.prod(y.shape)) * int(np.prod(w.shape))
-             for w in self.weight_avals.values()]
+    sizes = [math.prod(y.shape) * w.size for w in self.weight_avals.values()]
     return max(sizes, default=0)
 
   def with_operands(self, x=None, weights: Optional[Mapping] = None) -> list:

@@ -15,8 +15,8 @@ from etp_testing._src import checks as _checks  # registers the checks
 from etp_testing._src import compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
-from etp_testing._src.context import (CheckContext, dtype_str, x64_enabled,
-                                      y_aval)
+from etp_testing._src.context import (CheckContext, dtype_str,
+                                      operand_avals, x64_enabled, y_aval)
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
                                      NothingCheckedError,
                                      RuleConsistencyError, RuleFailure,
@@ -70,15 +70,16 @@ def _wants_x64(operands) -> bool:
   return any(o.dtype == np.float64 for o in operands)
 
 
-def _validate_case(primitive, operands, params) -> Optional[tuple]:
+def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
   """``(what, why)``: why the case cannot be checked (``what`` is
   ``'bind'`` where binding fails, ``'operands'`` where the operands cannot
-  be trained), or ``None``."""
+  be trained), or ``None``.  ``avals``: the operands' ``operand_avals``
+  (``None``: ask for them here)."""
   if not etp.is_etp_primitive(primitive):
     return 'bind', (f'{primitive!r} is not an ETP primitive (create it with '
                     'etp.register_primitive)')
   try:
-    y_aval(primitive, operands, params)
+    y_aval(primitive, operands, params, avals)
   except Exception as e:  # pylint: disable=broad-except
     shapes = [tuple(np.shape(o)) for o in operands]
     return 'bind', (raised(
@@ -171,7 +172,12 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
         jax.default_matmul_precision(MATMUL_PRECISION):
       device_list = resolve_devices(devices)
       report.devices = [str(d) for d in device_list]
-      invalid = _validate_case(primitive, operands, params)
+      # Asked once (each costs microseconds) and shared with the context.
+      try:
+        avals = operand_avals(operands)
+      except Exception:  # pylint: disable=broad-except
+        avals = None     # not JAX types: _validate_case says so
+      invalid = _validate_case(primitive, operands, params, avals)
       if invalid is not None:
         what, problem = invalid
         report.outcomes.append(CheckOutcome(
@@ -180,7 +186,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
         return report
       ctx = CheckContext(primitive, operands, params, seed=seed, steps=steps,
                          n_states=n_states, rtol=rtol, atol=atol,
-                         devices=device_list, fast=fast)
+                         devices=device_list, fast=fast, avals=avals)
       for check_name in names:
         report.outcomes.append(run_check(check_name, ctx))
   finally:
