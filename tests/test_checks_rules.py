@@ -461,28 +461,55 @@ def test_jacrev_fast_mode_holds_one_large_direction_at_a_time(monkeypatch):
     assert scratch['one at a time'] < 2 * direction, mib
 
 
-def test_fast_mode_dot_products_leave_in_host_memory():
+@pytest.mark.parametrize('has_host_memory', [True, False])
+@pytest.mark.parametrize('broken', [None, xy_scaled])
+def test_fast_mode_dot_products_leave_in_host_memory(monkeypatch,
+                                                     has_host_memory, broken):
   """The fast-mode program writes its dots to host memory itself, so that
   no device-to-host copy follows it (on an H200 that copy cost 110-170 us
-  of a 0.48 ms check)."""
-  if _jax_version() < (0, 8, 0):
-    pytest.skip('jax before 0.8 keeps a CPU program\'s host-memory output '
-                'in device memory')
+  of a 0.48 ms check); on a device without a ``pinned_host`` memory (where
+  that program may not compile) they stay on the device.  Either way the
+  check passes the correct rule and catches a broken one."""
   from etp_testing._src.checks import xy_to_dw
   from etp_testing._src.context import CheckContext
-  rng = np.random.default_rng(0)
-  operands = (rng.standard_normal((2, 3), dtype=np.float32),
-              rng.standard_normal((3, 4), dtype=np.float32),
-              rng.standard_normal(4, dtype=np.float32))
-  ctx = CheckContext(etp.etp_mm_p, operands, {'has_bias': True}, fast=True)
-  keys = tuple(ctx.weight_avals)
-  program, args = xy_to_dw.projection_call(ctx, keys)
+  if has_host_memory and _jax_version() < (0, 8, 0):
+    pytest.skip('jax before 0.8 keeps a CPU program\'s host-memory output '
+                'in device memory')
+  monkeypatch.setattr(xy_to_dw, '_has_pinned_host',
+                      lambda device: has_host_memory)
+  prim = etp.etp_mm_p if broken is None else dense_variant(xy_to_dw=broken)
+  operands = jax.device_put((X, W, B))
+  ctx = CheckContext(prim, operands, {'has_bias': True}, fast=True)
+  program, args = xy_to_dw.projection_call(ctx, tuple(ctx.weight_avals))
   with jax.default_matmul_precision('highest'):
     dots = program(*args)[0]
-  assert dots.sharding.memory_kind == 'pinned_host', dots.sharding
-  rule_dd, jvp_dd = np.moveaxis(np.asarray(dots), 1, 0)
-  assert rule_dd.shape == (len(keys), xy_to_dw.JVP_PROJECTIONS)
-  np.testing.assert_allclose(rule_dd, jvp_dd, rtol=1e-5)
+  assert dots.sharding.memory_kind == (
+      'pinned_host' if has_host_memory else 'device'), dots.sharding
+  outcome = etp_testing.check_rules(
+      prim, *operands, checks=['xy_to_dw.jacrev'], fast=True,
+      has_bias=True).outcome('xy_to_dw.jacrev')
+  if broken is None:
+    assert outcome.status == 'passed', (outcome.reason, [
+        f.describe() for f in outcome.findings])
+  else:
+    assert_caught(outcome, 'xy_to_dw', 'weight')
+
+
+def test_fast_mode_asks_the_programs_device_for_host_memory():
+  """The device asked is the operands' (the program runs where they are),
+  else the default device, named or by platform."""
+  from etp_testing._src.checks import xy_to_dw
+  from etp_testing._src.context import CheckContext
+  cpu = jax.devices('cpu')[0]
+  has = xy_to_dw._has_pinned_host(cpu)
+  assert has == any(m.kind == 'pinned_host' for m in cpu.addressable_memories())
+  for operands, default in [(jax.device_put((X, W, B), cpu), None),
+                            ((X, W, B), None), ((X, W, B), cpu),
+                            ((X, W, B), 'cpu')]:
+    with jax.default_device(default):
+      ctx = CheckContext(etp.etp_mm_p, operands, {'has_bias': True},
+                         fast=True)
+      assert xy_to_dw.writes_to_host(ctx) == has
 
 
 @pytest.mark.parametrize('dtype, product_dtype', [

@@ -108,7 +108,7 @@ def _zero_after(values):
 
 
 @compiled
-def _fast_projections(primitive, params, rule, keys, n):
+def _fast_projections(primitive, params, rule, keys, n, to_host=True):
   """``(operands, seeds) -> (dots, grads)``: the whole fast-mode check as
   one program, for ``n`` random directions ``v`` of each weight in ``keys``;
   ``dots[i] = (<xy_to_dw_k, v>, <g, J_k v>)`` for ``k = keys[i]``, float64,
@@ -122,7 +122,9 @@ def _fast_projections(primitive, params, rule, keys, n):
   compiler's ``jit`` traces it; ``J_k v`` comes from ``jax.jvp`` in ``w_k``
   alone.  One dispatch per check, XLA shares the primal between the JVPs,
   and only the dot products leave the device, so a large layer's operands
-  and gradients are never copied to the host.
+  and gradients are never copied to the host.  With ``to_host`` the
+  program writes ``dots`` to host memory itself (where the device has it:
+  :func:`writes_to_host`).
 
   The directions of a weight of ``SEQUENTIAL_DIRECTIONS`` elements or more
   are drawn one after another, each once the previous one's dot products
@@ -166,11 +168,12 @@ def _fast_projections(primitive, params, rule, keys, n):
       out.append(rule_dd + jvp_dd)
     with x64_scope():
       dots = jnp.stack([jnp.stack(dd) for dd in out]).reshape(len(keys), 2, n)
-      # The dots go to host memory from inside the program: on an H200,
-      # reading a few bytes back from the device afterwards cost 110-170 us
-      # (a synchronous copy), a third of the whole check on LoRA's layer;
-      # written to (pinned) host memory, they are read at no cost.
-      dots = jax.device_put(dots, jax.memory.Space.Host)
+      if to_host:
+        # The dots go to host memory from inside the program: on an H200,
+        # reading a few bytes back from the device afterwards cost
+        # 110-170 us (a synchronous copy), a third of the whole check on
+        # LoRA's layer; written to pinned host memory, they cost nothing.
+        dots = jax.device_put(dots, jax.memory.Space.Host)
     # The gradients leave as an output (the caller drops them): XLA:CPU
     # then allocates them apart from the program's scratch.
     return dots, grads
@@ -274,8 +277,32 @@ def projection_call(ctx, keys):
       tuple(int(ctx.seed32(f'xy_to_dw.jacrev.v.{k}')) for k in keys),
       jax.config.jax_default_device)
   program = _fast_projections(ctx, ctx.rules.xy_to_dw, tuple(keys),
-                              JVP_PROJECTIONS)
+                              JVP_PROJECTIONS, writes_to_host(ctx))
   return program, (list(ctx.device_operands), seeds)
+
+
+def writes_to_host(ctx) -> bool:
+  """Whether the fast-mode program can write its dots to host memory: the
+  device it runs on (that of the first operand given as a JAX array, else
+  the default device) has a ``pinned_host`` memory.  Where it has none
+  (the CPU and CUDA backends have one; a plugin may not), a program naming
+  host memory may not compile, so there the dots stay on the device and
+  are copied back."""
+  for operand in ctx.device_operands:
+    if isinstance(operand, jax.Array):
+      return _has_pinned_host(next(iter(operand.devices())))
+  device = jax.config.jax_default_device or jax.devices()[0]
+  if isinstance(device, str):   # jax.default_device('cpu')
+    device = jax.devices(device)[0]
+  return _has_pinned_host(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _has_pinned_host(device) -> bool:
+  try:
+    return any(m.kind == 'pinned_host' for m in device.addressable_memories())
+  except Exception:  # pylint: disable=broad-except
+    return False   # a backend that cannot say
 
 
 @functools.lru_cache(maxsize=1024)
