@@ -323,6 +323,63 @@ def test_jacrev_fast_mode_passes_correct_rules(x64, fast_directions, dtype):
   assert all('fast mode' in f.message for f in outcome.findings)
 
 
+# A LoRA case (float32, alpha 2) on which each fast-mode dot product of
+# lora_b is about 0.0085 from terms of order one: a bound scaled by the dot
+# products alone failed the correct rule there (1.22 of it; found by
+# scripts/soak.py --fast, seed 52).
+CANCELLING_LORA = (
+    np.array([[-0.7899664640426636], [-0.6907364130020142]], np.float32),
+    np.array([[-1.0462020635604858, -0.5872333645820618]], np.float32),
+    np.array([[-1.0462020635604858], [-0.5872333645820618]], np.float32))
+
+
+def _lora_b_scaled_by(factor):
+  base = etp.rules_of(etp.etp_lora_mm_p).xy_to_dw
+
+  def xy_to_dw(x, g, weights, **params):
+    out = base(x, g, weights, **params)
+    return {**out, 'lora_b': factor * out['lora_b']}
+  return xy_to_dw
+
+
+def test_jacrev_fast_mode_bound_holds_where_the_dot_products_cancel():
+  outcome = etp_testing.check_rules(
+      etp.etp_lora_mm_p, *CANCELLING_LORA, checks=['xy_to_dw.jacrev'],
+      seed=52, fast=True, alpha=2.0,
+      has_bias=False).outcome('xy_to_dw.jacrev')
+  assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  for f in outcome.findings:
+    # The scale is the dot products' spread (the gradient's size), not the
+    # dot products themselves.
+    assert f.scale > 100 * f.max_abs_err / f.max_rel_err, f.describe()
+  # The gradient itself cancels there (about 0.004 from terms of order
+  # one), below what float32 resolves to 1 %; a rule off by a factor of 2 is
+  # caught on that case all the same.
+  outcome = etp_testing.check_rules(
+      lora_variant(xy_to_dw=_lora_b_scaled_by(2.0)), *CANCELLING_LORA,
+      checks=['xy_to_dw.jacrev'], seed=52, fast=True, alpha=2.0,
+      has_bias=False).outcome('xy_to_dw.jacrev')
+  assert_caught(outcome, 'xy_to_dw', 'lora_b')
+
+
+def test_jacrev_fast_mode_catches_a_gradient_off_by_a_thousandth():
+  # The detection guarantee: an error of 0.1 % of the gradient's norm
+  # passes 3 projections with probability below 5e-6 in float32.
+  rng = np.random.default_rng(3)
+  operands = [rng.standard_normal(s).astype(np.float32)
+              for s in ((8, 64), (64, 4), (4, 48))]
+  for factor, caught in ((1.0, False), (1.001, True), (0.999, True)):
+    outcome = etp_testing.check_rules(
+        lora_variant(xy_to_dw=_lora_b_scaled_by(factor)), *operands,
+        checks=['xy_to_dw.jacrev'], fast=True, alpha=2.0,
+        has_bias=False).outcome('xy_to_dw.jacrev')
+    if caught:
+      assert_caught(outcome, 'xy_to_dw', 'lora_b')
+    else:
+      assert outcome.status == 'passed', [f.describe()
+                                          for f in outcome.findings]
+
+
 @pytest.mark.parametrize('check', ['xy_to_dw.jacrev', 'xy_to_dw.fd'])
 def test_a_wrong_gradient_shape_is_named(check):
   # xy_to_dw.jacrev in fast mode: before its one program is built.
