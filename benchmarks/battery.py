@@ -13,8 +13,8 @@ Prints, for the built-in primitives:
    warm run (programs loaded from the persistent cache are counted apart:
    they are not compiled);
 3. XLA compilations per primitive over ``--examples`` hypothesis examples
-   of the full battery in one process (scaled to 100), with the number of
-   distinct shape signatures among them; the same examples drawn again in
+   of the full battery in one process (scaled to 100), the seconds XLA spent
+   compiling them, and the number of distinct shape signatures among them; the same examples drawn again in
    that process (every signature seen: compile reuse leaves nothing to
    compile); and the same number of examples that all share one shape
    (the first example compiles, the rest reuse);
@@ -145,13 +145,15 @@ def _fixed_shape_strategy(case):
 
 def compilations(prims, examples: int) -> None:
   """Prints compilations per primitive over ``examples`` generated
-  examples, and over as many examples of one shape."""
+  examples (with the seconds XLA spent in them: a program's compile time
+  grows with what it holds, so the count alone does not say what compiling
+  cost), and over as many examples of one shape."""
   from etp_testing._src.compilations import counting, release
   from etp_testing._src.hypothesis_runner import check_with_hypothesis
   print(f'\nXLA compilations of the full battery over {examples} hypothesis '
         'examples (per 100 in brackets)')
-  print(f'{"primitive":16}{"generated":>20}{"shapes":>8}{"s":>8}'
-        f'{"drawn again":>14}{"one shape":>20}{"s":>8}')
+  print(f'{"primitive":16}{"generated":>20}{"XLA s":>8}{"shapes":>8}'
+        f'{"s":>8}{"drawn again":>14}{"one shape":>20}{"s":>8}')
   for prim in prims:
     # Each primitive from an empty cache: its figures do not depend on the
     # others', and the harness's release of every program when the process
@@ -174,7 +176,7 @@ def compilations(prims, examples: int) -> None:
                             strategy=fixed)
       same_s = time.perf_counter() - t
     per100 = lambda n: f'{n} ({100 * n / examples:.0f})'
-    print(f'{prim.name:16}{per100(varied.count):>20}'
+    print(f'{prim.name:16}{per100(varied.count):>20}{varied.seconds:8.1f}'
           f'{summary.distinct_shapes:>8}{varied_s:8.1f}'
           f'{again.count:>14}{per100(same.count):>20}{same_s:8.1f}')
 
