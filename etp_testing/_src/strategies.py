@@ -81,8 +81,9 @@ def batch_sizes(max_batch: int = MAX_BATCH) -> st.SearchStrategy:
 def float_dtypes(allow_low_precision: bool = False) -> st.SearchStrategy:
   """A dtype name: ``'float32'`` or ``'float64'``; with
   ``allow_low_precision``, also ``'float16'`` and ``'bfloat16'`` (judged by
-  their own, looser tolerances; ``drtrl.exact`` and ``pp.exact`` run them on
-  float32 copies).  Shrinks towards ``'float32'``."""
+  their own, looser tolerances; ``drtrl.exact``, ``drtrl.instant`` and
+  ``pp.exact`` run them on float32 copies).  Shrinks towards
+  ``'float32'``."""
   names = ['float32', 'float64']
   if allow_low_precision:
     names += ['float16', 'bfloat16']
