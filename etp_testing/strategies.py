@@ -7,7 +7,8 @@ Pieces (each draws one thing): :func:`dims`, :func:`batch_sizes`,
 :func:`elemwise_cases`, :func:`dense_cases`, :func:`sparse_cases`,
 :func:`conv_cases`, :func:`lora_cases`.  Registry: :func:`register_strategy`,
 :func:`strategy_for`, :func:`registered_primitives` (every built-in primitive
-has its family's strategy).  See ``etp_testing._src.strategies`` for what each
+has its family's strategy; :func:`builtin_strategy` gives it for other
+dtypes).  See ``etp_testing._src.strategies`` for what each
 draws and which values it avoids.
 """
 
@@ -16,7 +17,8 @@ from etp_testing._src.strategies import (DIM_BUCKETS, MAX_BATCH,
                                          MAX_MAGNITUDE, MAX_RANK,
                                          MAX_SPATIAL, MAX_SPATIAL_3D,
                                          MIN_MAGNITUDE, SIZES, arrays_of,
-                                         batch_sizes, conv_cases,
+                                         batch_sizes, builtin_strategy,
+                                         conv_cases,
                                          conv_configs, conv_layouts,
                                          dense_cases, dims, elemwise_cases,
                                          float_dtypes, lora_cases,
@@ -35,4 +37,5 @@ __all__ = [
     'elemwise_cases', 'dense_cases', 'sparse_cases', 'conv_cases',
     'lora_cases',
     'register_strategy', 'strategy_for', 'registered_primitives',
+    'builtin_strategy',
 ]

@@ -86,26 +86,39 @@ def _case_dtype(case) -> str:
 
 
 def _targets(names):
-  """``[(label, primitive, strategy)]`` for the built-ins or named prims."""
+  """``[(label, primitive, draw)]`` for the built-ins or named prims;
+  ``draw(dtype)`` is the strategy of that dtype's cases."""
   import etp
   from etp_testing import mutants, strategies
   if not names:
     prims = [p for p in strategies.registered_primitives()
              if not p.name.startswith(mutants.NAME_PREFIX)]
-    return [(p.name, p, strategies.strategy_for(p)) for p in prims]
+    return [(p.name, p, _drawer(p)) for p in prims]
   out = []
   for name in names:
     if name.startswith(mutants.NAME_PREFIX):
       m = mutants.get(name)
-      out.append((name, m.primitive(),
-                  strategies.strategy_for(m.base_primitive())))
+      out.append((name, m.primitive(), _drawer(m.base_primitive())))
       continue
     prim = next((p for p in etp.primitives() if p.name == name), None)
     if prim is None or strategies.strategy_for(prim) is None:
       raise SystemExit(f'[etp_testing] soak: no primitive with a strategy '
                        f'named {name!r}')
-    out.append((name, prim, strategies.strategy_for(prim)))
+    out.append((name, prim, _drawer(prim)))
   return out
+
+
+def _drawer(prim):
+  """``dtype -> strategy`` for ``prim``'s cases: where its registered
+  strategy is its built-in default, that family drawing ``dtype`` (half
+  precision included, which the default does not draw); otherwise the
+  registered strategy's draws of ``dtype`` (a filter)."""
+  from etp_testing import strategies
+  registered = strategies.strategy_for(prim)
+  if registered is strategies.builtin_strategy(prim):
+    return lambda dtype: strategies.builtin_strategy(prim, dtypes=dtype)
+  return lambda dtype: registered.filter(
+      lambda case: _case_dtype(case) == dtype)
 
 
 def _plan(n_examples: int, n_runs: int) -> list:
@@ -208,10 +221,10 @@ def _run_all(runs, plan, checks, steps, fast, base_settings, worst, failures,
   from etp_testing import RuleConsistencyError
   from etp_testing._src.hypothesis_runner import check_with_hypothesis
   total = 0
-  for ((label, prim, strategy), dtype, seed), n in zip(runs, plan):
+  for ((label, prim, draw), dtype, seed), n in zip(runs, plan):
     if n == 0:
       continue
-    strat = strategy.filter(lambda case, d=dtype: _case_dtype(case) == d)
+    strat = draw(dtype)
     t0 = time.perf_counter()
     try:
       summary = check_with_hypothesis(prim, max_examples=n, checks=checks,

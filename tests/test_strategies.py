@@ -56,6 +56,25 @@ def test_every_builtin_has_its_family_strategy():
 
 
 @pytest.mark.parametrize('prim', BUILTINS, ids=lambda p: p.name)
+def test_builtin_strategy_draws_the_dtypes_asked_for(prim):
+  assert strategies.builtin_strategy(prim) is strategies.strategy_for(prim)
+  for dtype in ('bfloat16', 'float16'):
+    for operands, params in draws(strategies.builtin_strategy(prim, dtype),
+                                  n=3):
+      prim.bind(*operands, **params)
+      assert {o.dtype.name for o in operands
+              if np.issubdtype(o.dtype, np.floating) or
+              o.dtype.name == 'bfloat16'} == {dtype}
+
+
+def test_builtin_strategy_is_none_for_other_primitives():
+  user = etp.register_primitive('user_prim_for_builtin_strategy',
+                                lambda w: w, batched=False,
+                                trainable_invars_fn=lambda **_: {'w': 0})
+  assert strategies.builtin_strategy(user) is None
+
+
+@pytest.mark.parametrize('prim', BUILTINS, ids=lambda p: p.name)
 def test_draws_bind_with_documented_shapes_dtypes_and_values(prim, x64):
   cases = draws(strategies.strategy_for(prim))
   assert len(cases) >= 100

@@ -405,20 +405,41 @@ def registered_primitives() -> tuple:
   return tuple(p for p in etp.primitives() if p in _STRATEGIES)
 
 
+# Each built-in's family of cases, and the arguments that pick it.
+_BUILTIN_FAMILIES = {
+    'etp_elemwise_p': (elemwise_cases, {}),
+    'etp_mv_p': (dense_cases, {'batched': False}),
+    'etp_mm_p': (dense_cases, {'batched': True}),
+    'etp_sp_mv_p': (sparse_cases, {'batched': False}),
+    'etp_sp_mm_p': (sparse_cases, {'batched': True}),
+    'etp_conv_p': (conv_cases, {}),
+    'etp_lora_mv_p': (lora_cases, {'batched': False}),
+    'etp_lora_mm_p': (lora_cases, {'batched': True}),
+}
+
+
+def builtin_strategy(primitive, dtypes=None) -> Optional[st.SearchStrategy]:
+  """The default strategy of a built-in primitive, drawing ``dtypes`` (as
+  the families take them: ``None`` for float32 and float64, a name, names,
+  or a strategy; ``'float16'`` and ``'bfloat16'`` included); ``None`` for
+  any other primitive."""
+  if dtypes is None and primitive in _DEFAULTS:
+    return _DEFAULTS[primitive]   # the very one registered
+  for name, (family, kwargs) in _BUILTIN_FAMILIES.items():
+    if getattr(etp, name, None) is primitive:
+      return family(**kwargs, dtypes=dtypes)
+  return None
+
+
+_DEFAULTS: dict = {}
+
+
 def _register_builtins() -> None:
-  builtins = (
-      ('etp_elemwise_p', elemwise_cases()),
-      ('etp_mv_p', dense_cases(batched=False)),
-      ('etp_mm_p', dense_cases(batched=True)),
-      ('etp_sp_mv_p', sparse_cases(batched=False)),
-      ('etp_sp_mm_p', sparse_cases(batched=True)),
-      ('etp_conv_p', conv_cases()),
-      ('etp_lora_mv_p', lora_cases(batched=False)),
-      ('etp_lora_mm_p', lora_cases(batched=True)))
-  for name, strategy in builtins:
+  for name in _BUILTIN_FAMILIES:
     prim = getattr(etp, name, None)   # a family may not be written yet
     if prim is not None:
-      register_strategy(prim, strategy)
+      _DEFAULTS[prim] = builtin_strategy(prim)
+      register_strategy(prim, _DEFAULTS[prim])
 
 
 _register_builtins()
