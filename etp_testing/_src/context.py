@@ -242,6 +242,16 @@ def to_float64(tree):
       tree)
 
 
+def absolute(tree):
+  """Floating leaves (half precision included) replaced by their absolute
+  values, others (indices) kept: operands whose bind gives the size of the
+  terms a result sums, the ``term_scale`` of a comparison where they may
+  cancel."""
+  return jax.tree.map(
+      lambda v: np.abs(v) if jnp.issubdtype(jnp.result_type(v), jnp.floating)
+      else v, tree)
+
+
 # ``str(dtype)``, cached: NumPy takes 3 us to name a dtype, and a fast-mode
 # call names five (operands, comparisons).
 dtype_str = functools.lru_cache(maxsize=256)(str)

@@ -31,7 +31,7 @@ import numpy as np
 from etp_testing._src import executor, tolerances
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import compiled, jitted_bind
+from etp_testing._src.context import absolute, compiled, jitted_bind
 from etp_testing._src.errors import RuleFailure, raised
 
 PP_ALPHA = 0.7
@@ -144,13 +144,6 @@ def _gradients(ctx, rules, operands, xs, a, bf, c, with_fn):
                       f'rules: {type(e).__name__}: {e}') from e
 
 
-def _absolute(tree):
-  """Floating leaves replaced by their absolute values (indices kept)."""
-  return jax.tree.map(
-      lambda v: np.abs(v) if np.issubdtype(np.asarray(v).dtype, np.floating)
-      else v, tree)
-
-
 def _term_scales(ctx, rules, runs):
   """Per run, ``jax.grad`` of the loop on absolute values (operands, inputs
   and coefficients): the size of the products that both sides add up in
@@ -163,12 +156,12 @@ def _term_scales(ctx, rules, runs):
   (on conv 64->64, 6.6 s of the check's 13 s here).
   """
   with_fns = tuple(r[2] for r in runs)
-  absolute = [_absolute(r[3]) for r in runs]
+  magnitudes = [absolute(r[3]) for r in runs]
   try:
     if ctx.small:
       return [want for _, want in
-              _all_drtrl_gradients(ctx, rules, with_fns)(absolute)]
-    return _all_autodiff_gradients(ctx, with_fns)(absolute)
+              _all_drtrl_gradients(ctx, rules, with_fns)(magnitudes)]
+    return _all_autodiff_gradients(ctx, with_fns)(magnitudes)
   except Exception:  # pylint: disable=broad-except
     return None
 
@@ -240,7 +233,7 @@ def check_drtrl_instant(ctx):
   # The two sides sum the same products in different orders (per example,
   # then over the batch with c); where they cancel, rounding is relative to
   # the terms: jax.vjp of the bind on absolute values gives their size.
-  terms = xy_to_dw_checks.vjp_oracle(ctx)(_absolute(list(ctx.operands)),
+  terms = xy_to_dw_checks.vjp_oracle(ctx)(absolute(list(ctx.operands)),
                                           np.abs(cg))
   for k in ctx.weights:
     ctx.compare(solved[k], want[k], rule='solve_drtrl', key=k,
@@ -325,7 +318,7 @@ def check_pp_exact(ctx):
   # long (seen on an H200: a 64 -> 64 conv's 24,576-term sums differed by
   # 2.1e-5 of the result, the correct rule failing at rtol 2e-5).
   try:
-    _, terms = pp(_absolute(list(ctx.operands)), np.abs(np.asarray(xs)),
+    _, terms = pp(absolute(list(ctx.operands)), np.abs(np.asarray(xs)),
                   np.abs(np.asarray(c)))
   except Exception:  # pylint: disable=broad-except
     terms = {}   # the scale of a bound, not a check: the result's alone
