@@ -730,6 +730,35 @@ def test_units_catch_a_wrapper_that_does_not_convert_the_bias():
   assert hit.max_rel_err > 1
 
 
+# The half-precision soak's false alarms (etp_mm, seed 73): y = x . w + b
+# nearly cancels (0.065 from terms of about 1.1), and the bias, converted
+# from uA in half precision, carries rounding relative to itself: 2.6 and
+# 1.4 of a bound scaled by y alone.  Judged against the terms (the bind on
+# absolute values) they pass; a bias left unconverted is caught there.
+CANCELLING_HALF = [
+    ((np.array([[1.0458984375]], np.float16),
+      np.array([[-1.0654296875]], np.float16),
+      np.array([1.0458984375], np.float16)), {'has_bias': True}),
+    ((np.array([[-1.0625]], jnp.bfloat16),
+      np.array([[-1.046875, -0.5859375]], jnp.bfloat16),
+      np.array([-1.046875, -0.5859375], jnp.bfloat16)), {'has_bias': True})]
+
+
+@pytest.mark.parametrize('case', CANCELLING_HALF,
+                         ids=['float16', 'bfloat16'])
+def test_units_judge_a_cancelling_result_against_its_terms(case):
+  report = _run(etp.etp_mm_p, case, ['units'], seed=73)
+  _assert_passed(report, 'units')
+  prim = _dense_clone('units_bias_half')
+
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    ops = [etp_units.split(v)[0] for v in (x, w, b)]  # b stays in uA
+    return etp_units.combine(prim.bind(*ops, has_bias=True), y_u)
+  _register_wrapper(prim, wrapper)
+  _assert_failed(_run(prim, case, ['units'], seed=73), 'units', 'units')
+
+
 def test_units_catch_a_wrapper_that_does_not_bind_the_primitive():
   prim = _dense_clone('units_plain')
 
