@@ -362,6 +362,30 @@ def test_jacrev_fast_mode_bound_holds_where_the_dot_products_cancel():
   assert_caught(outcome, 'xy_to_dw', 'lora_b')
 
 
+# The half-precision soak's full-mode false alarm (etp_lora_mm float16, seed
+# 75): lora_b's gradient, 0.66, sums six products of about 1.3, rounded in
+# float16 in a different order by each side (1.95 of a bound scaled by the
+# gradient).  Judged against the terms (jax.vjp on absolute values) it
+# passes; a rule off by a factor of 2 is caught on the same case.
+CANCELLING_HALF_LORA = (
+    np.array([[-1.3203125], [-1.0400390625]], np.float16),
+    np.array([[1.0458984375]], np.float16),
+    np.array([[-1.01171875, -1.1845703125, -1.2255859375]], np.float16))
+
+
+@pytest.mark.parametrize('check', ['xy_to_dw.vjp', 'xy_to_dw.jacrev'])
+def test_xy_to_dw_judges_rounding_against_the_terms(check):
+  outcome = etp_testing.check_rules(
+      etp.etp_lora_mm_p, *CANCELLING_HALF_LORA, checks=[check], seed=75,
+      alpha=2.0, has_bias=False).outcome(check)
+  assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  outcome = etp_testing.check_rules(
+      lora_variant(xy_to_dw=_lora_b_scaled_by(2.0)), *CANCELLING_HALF_LORA,
+      checks=[check], seed=75, alpha=2.0,
+      has_bias=False).outcome(check)
+  assert_caught(outcome, 'xy_to_dw', 'lora_b')
+
+
 def test_jacrev_fast_mode_catches_a_gradient_off_by_a_thousandth():
   # The detection guarantee: an error of 0.1 % of the gradient's norm
   # passes 3 projections with probability below 5e-6 in float32.

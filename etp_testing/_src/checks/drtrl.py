@@ -233,8 +233,7 @@ def check_drtrl_instant(ctx):
   # The two sides sum the same products in different orders (per example,
   # then over the batch with c); where they cancel, rounding is relative to
   # the terms: jax.vjp of the bind on absolute values gives their size.
-  terms = xy_to_dw_checks.vjp_oracle(ctx)(absolute(list(ctx.operands)),
-                                          np.abs(cg))
+  terms = xy_to_dw_checks.term_sizes(ctx, cg)
   for k in ctx.weights:
     ctx.compare(solved[k], want[k], rule='solve_drtrl', key=k,
                 term_scale=terms[k],
