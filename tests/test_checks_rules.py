@@ -1148,6 +1148,33 @@ def test_drtrl_instant_runs_half_precision_on_float32_copies():
       has_bias=False).outcome('drtrl.instant'), 'solve_drtrl', 'lora_b')
 
 
+# The half-precision fast soak's false alarm (etp_sp_mv float16, seed 76):
+# yw_to_w.linear's a g1 + b g2 nearly cancelled, and each side rounded it
+# differently (3.14 of a bound scaled by the result).  Judged against the
+# terms it passes; a rule not linear in g is caught on the same case.
+HALF_SPARSE = (np.array([1.0458984375], np.float16),
+               np.array([1.0458984375], np.float16),
+               np.array([[0, 2]], np.int32))
+
+
+def test_yw_to_w_linear_judges_rounding_against_the_terms():
+  from etp._src import sparse
+  run_linear = lambda prim: etp_testing.check_rules(
+      prim, *HALF_SPARSE, checks=['yw_to_w.linear'], seed=76, fast=True,
+      shape=(1, 3), has_bias=False).outcome('yw_to_w.linear')
+  outcome = run_linear(etp.etp_sp_mv_p)
+  assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  base = etp.rules_of(etp.etp_sp_mv_p)
+  prim = etp.register_primitive(
+      f'broken_sparse_{next(_ids)}', sparse._impl, batched=False,
+      trainable_invars_fn=sparse._trainable, aux_invars_fn=sparse._aux)
+  prim.register_etp_rules(
+      xy_to_dw=base.xy_to_dw, init_drtrl=base.init_drtrl,
+      init_pp=base.init_pp,
+      yw_to_w=lambda g, trace, **p: base.yw_to_w(g * jnp.abs(g), trace, **p))
+  assert_caught(run_linear(prim), 'yw_to_w', 'weight')
+
+
 def test_drtrl_instant_skips_without_the_pair():
   outcome = run(etp.etp_mm_p, 'drtrl.instant')
   assert outcome.status == 'skipped' and 'instant_drtrl' in outcome.reason

@@ -753,12 +753,16 @@ class CheckContext:
 
   def compare_trees(self, actual: Mapping, expected: Mapping, *, rule: str,
                     what: str = '', kind: str = 'exact', dtype=None,
-                    check_dtype: bool = False, approximate_keys=()) -> list:
-    """:meth:`compare` per key of two dicts (after :meth:`check_keys`)."""
+                    check_dtype: bool = False, approximate_keys=(),
+                    term_scales: Optional[Mapping] = None) -> list:
+    """:meth:`compare` per key of two dicts (after :meth:`check_keys`);
+    ``term_scales``: each key's ``term_scale``."""
     self.check_keys(rule, actual, expected.keys())
     return [self.compare(actual[k], expected[k], rule=rule, key=k, what=what,
                          kind=kind, dtype=dtype, check_dtype=check_dtype,
-                         approximate=k in approximate_keys)
+                         approximate=k in approximate_keys,
+                         term_scale=None if term_scales is None
+                         else term_scales[k])
             for k in expected]
 
   def skip(self, reason: str):
