@@ -32,6 +32,7 @@ import etp_testing
 from etp._src import dense
 from etp._src import lora
 from etp._src import registry
+from etp._src import sparse
 from etp._src import units as etp_units
 from etp_testing._src import executor, unit_cases
 
@@ -176,6 +177,37 @@ def test_jit_catches_an_impl_that_changes_under_tracing():
                                       'primitive.abstract_eval'])
   _assert_failed(report, 'primitive.jit', 'impl')
   _assert_passed(report, 'primitive.abstract_eval')
+
+
+# The half-precision fast soak's false alarm (etp_sp_mv float16, seed 82):
+# y = 0.12 from terms of about 2, rounded by XLA's fused program in another
+# order than by the eager ops (1.71 of a bound scaled by y).  Judged against
+# the terms (4.04) it passes, under vmap too; an impl off under jit by 0.05
+# (40 % of y) is caught on the same case.
+HALF_SPARSE_CASE = (
+    (np.array([-0.7666015625, 1.470703125], np.float16),
+     np.array([-1.337890625, -1.328125], np.float16),
+     np.array([[0, 0], [1, 0]], np.int32),
+     np.array([1.0458984375], np.float16)),
+    {'shape': (2, 1), 'has_bias': True})
+
+
+def test_jit_and_vmap_judge_rounding_against_the_terms():
+  report = _run(etp.etp_sp_mv_p, HALF_SPARSE_CASE,
+                ['primitive.jit', 'primitive.vmap'], seed=82)
+  _assert_passed(report, 'primitive.jit', 'primitive.vmap')
+
+  def off_when_traced(x, data, indices, *bias, shape, has_bias):
+    y = sparse._impl(x, data, indices, *bias, shape=shape, has_bias=has_bias)
+    return y + 0.05 if isinstance(x, jax.core.Tracer) else y
+  base = etp.rules_of(etp.etp_sp_mv_p)
+  prim = etp.register_primitive(
+      _name('jit_off_sparse'), off_when_traced, batched=False,
+      trainable_invars_fn=sparse._trainable, aux_invars_fn=sparse._aux)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  _assert_failed(_run(prim, HALF_SPARSE_CASE, ['primitive.jit'], seed=82),
+                 'primitive.jit', 'impl')
 
 
 def test_jit_catches_a_lowering_that_raises():
