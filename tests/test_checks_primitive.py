@@ -791,6 +791,24 @@ def test_units_judge_a_cancelling_result_against_its_terms(case):
   _assert_failed(_run(prim, case, ['units'], seed=73), 'units', 'units')
 
 
+def test_units_keep_the_plain_scale_where_absolute_operands_are_rejected():
+  # The terms' size comes from a bind on absolute values; an impl may reject
+  # those (here eagerly, all non-negative): the comparison then keeps the
+  # result's scale, and the check still judges the wrapper.
+  def picky(x, weight, *bias, has_bias):
+    if not isinstance(x, jax.core.Tracer) and np.all(np.asarray(x) >= 0):
+      raise ValueError('picky: needs a negative input')
+    return dense._impl(x, weight, *bias, has_bias=has_bias)
+  prim = _dense_clone('units_picky', impl=picky)
+
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    return etp_units.combine(
+        prim.bind(*_split_operands(x, w, b, y_u), has_bias=True), y_u)
+  _register_wrapper(prim, wrapper)
+  _assert_passed(_run(prim, _dense_case(), ['units']), 'units')
+
+
 def test_units_catch_a_wrapper_that_does_not_bind_the_primitive():
   prim = _dense_clone('units_plain')
 

@@ -252,6 +252,17 @@ def absolute(tree):
       else v, tree)
 
 
+def terms_or_none(fn, *args):
+  """``fn(*args)`` (a program on :func:`absolute` operands: the size of the
+  terms), or ``None`` where it raises (a primitive may reject such
+  operands): a comparison then keeps its plain scale, and the check's own
+  calls report what is wrong."""
+  try:
+    return fn(*args)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 # ``str(dtype)``, cached: NumPy takes 3 us to name a dtype, and a fast-mode
 # call names five (operands, comparisons).
 dtype_str = functools.lru_cache(maxsize=256)(str)
