@@ -736,6 +736,22 @@ def _split_operands(x, w, b, y_unit):
   return x_m, w_m, etp_units.mantissa_in(b, y_unit, fn='wrapper', arg='bias')
 
 
+def _correct_wrapper(prim):
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    return etp_units.combine(
+        prim.bind(*_split_operands(x, w, b, y_u), has_bias=True), y_u)
+  return wrapper
+
+
+def _unconverted_bias_wrapper(prim):
+  def wrapper(x, w, b):
+    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
+    ops = [etp_units.split(v)[0] for v in (x, w, b)]  # b stays in uA
+    return etp_units.combine(prim.bind(*ops, has_bias=True), y_u)
+  return wrapper
+
+
 def test_units_catch_a_wrapper_that_drops_the_weight_unit():
   prim = _dense_clone('units_drop')
 
@@ -751,12 +767,7 @@ def test_units_catch_a_wrapper_that_drops_the_weight_unit():
 
 def test_units_catch_a_wrapper_that_does_not_convert_the_bias():
   prim = _dense_clone('units_bias')
-
-  def wrapper(x, w, b):
-    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
-    ops = [etp_units.split(v)[0] for v in (x, w, b)]  # b stays in uA
-    return etp_units.combine(prim.bind(*ops, has_bias=True), y_u)
-  _register_wrapper(prim, wrapper)
+  _register_wrapper(prim, _unconverted_bias_wrapper(prim))
   report = _run(prim, _dense_case(), ['units'])
   hit, = _assert_failed(report, 'units', 'units')
   assert hit.max_rel_err > 1
@@ -782,12 +793,7 @@ def test_units_judge_a_cancelling_result_against_its_terms(case):
   report = _run(etp.etp_mm_p, case, ['units'], seed=73)
   _assert_passed(report, 'units')
   prim = _dense_clone('units_bias_half')
-
-  def wrapper(x, w, b):
-    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
-    ops = [etp_units.split(v)[0] for v in (x, w, b)]  # b stays in uA
-    return etp_units.combine(prim.bind(*ops, has_bias=True), y_u)
-  _register_wrapper(prim, wrapper)
+  _register_wrapper(prim, _unconverted_bias_wrapper(prim))
   _assert_failed(_run(prim, case, ['units'], seed=73), 'units', 'units')
 
 
@@ -800,12 +806,7 @@ def test_units_keep_the_plain_scale_where_absolute_operands_are_rejected():
       raise ValueError('picky: needs a negative input')
     return dense._impl(x, weight, *bias, has_bias=has_bias)
   prim = _dense_clone('units_picky', impl=picky)
-
-  def wrapper(x, w, b):
-    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
-    return etp_units.combine(
-        prim.bind(*_split_operands(x, w, b, y_u), has_bias=True), y_u)
-  _register_wrapper(prim, wrapper)
+  _register_wrapper(prim, _correct_wrapper(prim))
   _assert_passed(_run(prim, _dense_case(), ['units']), 'units')
 
 
@@ -824,12 +825,7 @@ def test_units_catch_a_wrapper_that_does_not_bind_the_primitive():
 
 def test_units_pass_a_correct_wrapper_and_skip_without_one():
   prim = _dense_clone('units_right')
-
-  def wrapper(x, w, b):
-    y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
-    return etp_units.combine(
-        prim.bind(*_split_operands(x, w, b, y_u), has_bias=True), y_u)
-  _register_wrapper(prim, wrapper)
+  _register_wrapper(prim, _correct_wrapper(prim))
   _assert_passed(_run(prim, _dense_case(), ['units']), 'units')
   other = _dense_clone('units_none')
   outcome = _run(other, _dense_case(), ['units']).outcome('units')

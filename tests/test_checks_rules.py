@@ -38,10 +38,13 @@ def dense_variant(**overrides):
   return prim
 
 
-def lora_variant(**overrides):
+def lora_variant(of=etp.etp_lora_mm_p, **overrides):
+  """A LoRA primitive (batched like ``of``) with some of ``of``'s rules
+  replaced."""
   prim = etp.register_primitive(f'broken_lora_{next(_ids)}', lora._impl,
-                                batched=True, trainable_invars_fn=lora._trainable)
-  base = etp.rules_of(etp.etp_lora_mm_p)
+                                batched=of.batched,
+                                trainable_invars_fn=lora._trainable)
+  base = etp.rules_of(of)
   rules = dict(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
                init_drtrl=base.init_drtrl, init_pp=base.init_pp,
                instant_drtrl=base.instant_drtrl, solve_drtrl=base.solve_drtrl)
@@ -925,11 +928,15 @@ def test_drtrl_exact_batch_of_one_variant_catches_batch_only_rule():
              if not f.passed)
 
 
-def test_drtrl_instant_catches_inconsistent_pair():
+def _solve_lora_b_scaled_by(factor):
   def solve(c, trace, **params):
     out = lora._solve_drtrl(c, trace, **params)
-    return {**out, 'lora_b': 3.0 * out['lora_b']}
-  prim = lora_variant(solve_drtrl=solve)
+    return {**out, 'lora_b': factor * out['lora_b']}
+  return solve
+
+
+def test_drtrl_instant_catches_inconsistent_pair():
+  prim = lora_variant(solve_drtrl=_solve_lora_b_scaled_by(3.0))
   ops = (X, W[:, :2], W[:2])
   assert_caught(run(prim, 'drtrl.instant', *ops, alpha=0.5, has_bias=False),
                 'solve_drtrl', 'lora_b')
@@ -1106,12 +1113,8 @@ def test_drtrl_instant_judges_rounding_against_the_terms():
   outcome = report.outcome('drtrl.instant')
   assert outcome.status == 'passed', report.failure_message()
   assert max(f.max_rel_err for f in outcome.findings) > 2e-5  # it did cancel
-
-  def solve(c, trace, **params):
-    out = lora._solve_drtrl(c, trace, **params)
-    return {**out, 'lora_b': 1.01 * out['lora_b']}  # 1 % off
-  assert_caught(run(lora_variant(solve_drtrl=solve), 'drtrl.instant',
-                    *CANCELLING, alpha=2.0, has_bias=False),
+  assert_caught(run(lora_variant(solve_drtrl=_solve_lora_b_scaled_by(1.01)),
+                    'drtrl.instant', *CANCELLING, alpha=2.0, has_bias=False),
                 'solve_drtrl', 'lora_b')
 
 
@@ -1132,17 +1135,8 @@ def test_drtrl_instant_runs_half_precision_on_float32_copies():
   assert outcome.status == 'passed', report.failure_message()
   assert any('runs on float32 copies' in f.message for f in outcome.findings)
 
-  def solve(c, trace, **params):
-    out = lora._solve_drtrl(c, trace, **params)
-    return {**out, 'lora_b': 1.01 * out['lora_b']}  # 1 % off
-  prim = etp.register_primitive(f'broken_lora_mv_{next(_ids)}', lora._impl,
-                                batched=False,
-                                trainable_invars_fn=lora._trainable)
-  base = etp.rules_of(etp.etp_lora_mv_p)
-  prim.register_etp_rules(
-      yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
-      init_drtrl=base.init_drtrl, init_pp=base.init_pp,
-      instant_drtrl=base.instant_drtrl, solve_drtrl=solve)
+  prim = lora_variant(etp.etp_lora_mv_p,
+                      solve_drtrl=_solve_lora_b_scaled_by(1.01))  # 1 % off
   assert_caught(etp_testing.check_rules(
       prim, *HALF_LORA, checks=['drtrl.instant'], seed=70, alpha=2.0,
       has_bias=False).outcome('drtrl.instant'), 'solve_drtrl', 'lora_b')
