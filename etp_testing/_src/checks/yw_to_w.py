@@ -269,20 +269,20 @@ def check_linear(ctx):
     # Each property's sides made once the one before has been compared and
     # dropped (all three at once held twice the traces).
     actual, expected, terms = _linear_sides(which, yw, g1, g2, t1, t2,
-                                            masks, terms_with=np)
+                                            masks, with_terms=True)
     ctx.compare_trees(actual, expected, rule='yw_to_w', what=what,
                       dtype=dtype, term_scales=terms)
     del actual, expected, terms
 
 
-def _linear_sides(which, yw, g1, g2, t1, t2, masks, terms_with=None):
+def _linear_sides(which, yw, g1, g2, t1, t2, masks, with_terms=False):
   """``(actual, expected, terms)`` of property ``which``
   (``LINEAR_PROPERTIES``) for the rule ``yw(g, t)``: on host arrays (the
   host comparison), or traced (the device's); each combination in its
   operands' dtype.
 
-  ``terms``: with ``terms_with`` (NumPy), per key, the size of the terms a
-  side adds (``None`` where nothing is added, or without ``terms_with``):
+  ``terms``: with ``with_terms`` (host arrays only), per key, the size of
+  the terms a side adds (``None`` where nothing is added, or without it):
   each side rounds the sum differently (the other one the combination of
   ``g`` or of the traces), and where it cancels that rounding is relative
   to the terms (a float16 sparse layer's ``a g1 + b g2`` took 3.14 of a
@@ -292,19 +292,18 @@ def _linear_sides(which, yw, g1, g2, t1, t2, masks, terms_with=None):
   cancels, and reading the rule's results a second time made XLA:CPU hold
   two more traces of LoRA's 4096 layer (1.3 -> 3.3 GiB)."""
   a, b = LINEAR_A, LINEAR_B
-  xnp = terms_with
   if which == 'g':
     r1, r2 = yw(g1, t1), yw(g2, t1)
     return (yw((a * g1 + b * g2).astype(g1.dtype), t1),
             {k: (a * r1[k] + b * r2[k]).astype(r1[k].dtype) for k in r1},
-            None if xnp is None else
-            {k: xnp.abs(a * r1[k]) + xnp.abs(b * r2[k]) for k in r1})
+            {k: np.abs(a * r1[k]) + np.abs(b * r2[k]) for k in r1}
+            if with_terms else None)
   if which == 'add':
     r1, r2 = yw(g1, t1), yw(g1, t2)
     return (yw(g1, {k: t1[k] + t2[k] for k in t1}),
             {k: r1[k] + r2[k] for k in r1},
-            None if xnp is None else
-            {k: xnp.abs(r1[k]) + xnp.abs(r2[k]) for k in r1})
+            {k: np.abs(r1[k]) + np.abs(r2[k]) for k in r1}
+            if with_terms else None)
   r = yw(g1, t1)
   return (yw(g1, {k: t1[k] * masks[k] for k in t1}),
           {k: r[k] * masks[k] for k in r}, None)
