@@ -527,7 +527,7 @@ class CheckContext:
         rtol=self.rtol_override,
         atol=self.atol_override, devices=self.devices, fast=self.fast)
 
-  def in_float32_for_recurrences(self, rule: str) -> 'CheckContext':
+  def in_float32_for_composed_rules(self, rule: str) -> 'CheckContext':
     """The context the checks of composed rules (``drtrl.exact``,
     ``drtrl.instant``, ``pp.exact``) run on: this one, or where an operand
     is float16 or bfloat16 one on float32 copies of the operands (findings

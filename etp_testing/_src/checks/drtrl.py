@@ -175,7 +175,7 @@ def check_drtrl_exact(ctx):
     ctx.skip(f'{ctx.name} has no trainable operands')
   # Float32 first: half-precision operands' traces are built in float32.
   # Every run holds about 3 traces per state at once (measured).
-  ctx = ctx.in_float32_for_recurrences('drtrl').for_traces(
+  ctx = ctx.in_float32_for_composed_rules('drtrl').for_traces(
       copies=3, per_state=True)
   rules = guarded_rules(ctx.rules)
   runs = []
@@ -219,7 +219,7 @@ def check_drtrl_instant(ctx):
   # Float32 first, as for the recurrences: each side chains about four
   # roundings, and in bfloat16 the correct LoRA pair came to 1.02 of the
   # table's bound (soak seed 70, etp_lora_mv).
-  ctx = ctx.in_float32_for_recurrences('solve_drtrl').for_traces(
+  ctx = ctx.in_float32_for_composed_rules('solve_drtrl').for_traces(
       copies=2)   # the increment and its solve (measured)
   y = ctx.y_aval()
   g = ctx.normal('drtrl.instant.g', y.shape, y.dtype)
@@ -263,7 +263,7 @@ def check_pp_exact(ctx):
     ctx.skip(f'{ctx.name} has no input x (pp-prop factorises over x)')
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  ctx = ctx.in_float32_for_recurrences('xy_to_dw')
+  ctx = ctx.in_float32_for_composed_rules('xy_to_dw')
   x = ctx.x
   # Host arrays: combining them compiles nothing.
   x1 = np.asarray(ctx.normal('pp.x1', x.shape, x.dtype))
