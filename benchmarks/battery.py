@@ -14,10 +14,11 @@ Prints, for the built-in primitives:
    they are not compiled);
 3. XLA compilations per primitive over ``--examples`` hypothesis examples
    of the full battery in one process (scaled to 100), the seconds XLA spent
-   compiling them, and the number of distinct shape signatures among them; the same examples drawn again in
-   that process (every signature seen: compile reuse leaves nothing to
-   compile); and the same number of examples that all share one shape
-   (the first example compiles, the rest reuse);
+   compiling them, and the number of distinct shape signatures among them;
+   the same examples drawn again in that process (every signature seen:
+   compile reuse leaves nothing to compile); and the same number of
+   examples that all share one shape (the first example compiles, the rest
+   reuse);
 4. with ``--long N``: one hypothesis run of N examples per primitive, and
    the compilations and new shape signatures in each block of 100 of its
    examples: the strategies draw from finitely many signatures, so a long
