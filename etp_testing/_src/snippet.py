@@ -22,19 +22,34 @@ def _module_import(primitive):
   return module
 
 
+def _is_numpy_dtype(dtype) -> bool:
+  """Whether ``np.<name>`` spells ``dtype`` (bfloat16 and the other
+  ml_dtypes types are not NumPy's: the snippet names them ``jnp.<name>``)."""
+  return getattr(np, dtype.name, None) is dtype.type
+
+
+def _dtype_source(dtype) -> str:
+  return f'{"np" if _is_numpy_dtype(dtype) else "jnp"}.{dtype.name}'
+
+
 def _operand_source(operands):
   arrays = [np.asarray(o) for o in operands]
   if all(a.size <= INLINE_LIMIT for a in arrays):
-    return [f'np.array({a.tolist()!r}, dtype=np.{a.dtype.name})'
+    return [f'np.array({a.tolist()!r}, dtype={_dtype_source(a.dtype)})'
             for a in arrays], []
   digest = hashlib.sha1(b''.join(a.tobytes() for a in arrays)).hexdigest()[:12]
   path = os.path.join(tempfile.gettempdir(), f'etp_testing_case_{digest}.npz')
+  # np.savez writes an ml_dtypes array as raw void bytes, which JAX refuses:
+  # such an array is saved as unsigned integers of its width and viewed back.
+  saved = [a if _is_numpy_dtype(a.dtype) else a.view(f'u{a.dtype.itemsize}')
+           for a in arrays]
   try:
-    np.savez(path, *arrays)
-    return [f'case["arr_{i}"]' for i in range(len(arrays))], [
-        f'case = np.load({path!r})']
+    np.savez(path, *saved)
+    return [f'case["arr_{i}"]' + (
+        '' if _is_numpy_dtype(a.dtype) else f'.view({_dtype_source(a.dtype)})')
+            for i, a in enumerate(arrays)], [f'case = np.load({path!r})']
   except OSError:
-    return [f'np.zeros({a.shape!r}, np.{a.dtype.name})  # data not saved'
+    return [f'np.zeros({a.shape!r}, {_dtype_source(a.dtype)})  # data not saved'
             for a in arrays], []
 
 
@@ -44,6 +59,8 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   options it ran with (a case failed in fast mode re-runs in fast mode)."""
   name = getattr(primitive, 'name', str(primitive))
   lines = ['import jax', 'import numpy as np', 'import etp', 'import etp_testing']
+  if not all(_is_numpy_dtype(np.asarray(o).dtype) for o in operands):
+    lines.insert(1, 'import jax.numpy as jnp  # bfloat16')
   module = _module_import(primitive)
   if module:
     lines.append(f'import {module}  # registers {name}')
