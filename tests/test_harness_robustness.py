@@ -385,6 +385,17 @@ def test_the_snippet_reruns_the_failing_case(broken_module, size, dtype):
                              first.failures[0].findings[0].max_abs_err)
 
 
+def test_saved_cases_of_the_same_bytes_in_other_shapes_do_not_collide():
+  # The .npz file is named by a digest: of the data alone, a (12, 8) case
+  # and a (8, 12) case of the same bytes loaded each other's file.
+  from etp_testing._src import snippet
+  data = np.arange(96, dtype=np.float32)
+  paths = {snippet._operand_source([data.reshape(shape)])[1][0]
+           for shape in ((12, 8), (8, 12), (96,))}
+  paths.add(snippet._operand_source([data.view(np.int32)])[1][0])
+  assert len(paths) == 4, paths
+
+
 @pytest.mark.parametrize('options', [{}, {'fast': True, 'rtol': 1e-4}])
 def test_the_snippet_reruns_with_the_options_the_case_failed_with(
     broken_module, options):

@@ -37,7 +37,9 @@ def _operand_source(operands):
   if all(a.size <= INLINE_LIMIT for a in arrays):
     return [f'np.array({a.tolist()!r}, dtype={_dtype_source(a.dtype)})'
             for a in arrays], []
-  digest = hashlib.sha1(b''.join(a.tobytes() for a in arrays)).hexdigest()[:12]
+  signature = repr([(a.shape, a.dtype.name) for a in arrays]).encode()
+  digest = hashlib.sha1(b''.join([signature] + [a.tobytes() for a in arrays])
+                        ).hexdigest()[:12]
   path = os.path.join(tempfile.gettempdir(), f'etp_testing_case_{digest}.npz')
   # np.savez writes an ml_dtypes array as raw void bytes, which JAX refuses:
   # such an array is saved as unsigned integers of its width and viewed back.
