@@ -1,7 +1,7 @@
 """Hypothesis strategies for ETP primitives.
 
 Pieces (each draws one thing): :func:`dims`, :func:`batch_sizes`,
-:func:`float_dtypes`, :func:`arrays_of`, :func:`sparse_patterns`,
+:func:`float_dtypes`, :func:`operand_dtypes`, :func:`arrays_of`, :func:`sparse_patterns`,
 :func:`nnz_buckets`, :func:`conv_configs`, :func:`conv_layouts`,
 :func:`lora_ranks`.  Family strategies, each drawing ``(operands, params)``:
 :func:`elemwise_cases`, :func:`dense_cases`, :func:`sparse_cases`,
@@ -23,6 +23,7 @@ from etp_testing._src.strategies import (DIM_BUCKETS, MAX_BATCH,
                                          dense_cases, dims, elemwise_cases,
                                          float_dtypes, lora_cases,
                                          lora_ranks, nnz_buckets, np_dtype,
+                                         operand_dtypes,
                                          register_strategy,
                                          registered_primitives, sparse_cases,
                                          sparse_patterns, strategy_for)
@@ -31,7 +32,8 @@ __all__ = [
     'DIM_BUCKETS', 'SIZES', 'MAX_DIM', 'MAX_BATCH', 'MAX_SPATIAL',
     'MAX_SPATIAL_3D', 'MAX_CHANNELS', 'MAX_RANK', 'MIN_MAGNITUDE',
     'MAX_MAGNITUDE',
-    'dims', 'batch_sizes', 'float_dtypes', 'np_dtype', 'arrays_of',
+    'dims', 'batch_sizes', 'float_dtypes', 'operand_dtypes', 'np_dtype',
+    'arrays_of',
     'nnz_buckets', 'sparse_patterns', 'conv_layouts', 'conv_configs',
     'lora_ranks',
     'elemwise_cases', 'dense_cases', 'sparse_cases', 'conv_cases',

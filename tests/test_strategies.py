@@ -83,12 +83,14 @@ def test_draws_bind_with_documented_shapes_dtypes_and_values(prim, x64):
     assert all(isinstance(o, np.ndarray) for o in ops)
     floats = [o for o in ops if np.issubdtype(o.dtype, np.floating)]
     assert {o.dtype.name for o in floats} <= {'float32', 'float64'}
-    assert len({o.dtype for o in floats}) == 1
+    x = ops[prim.x_invar_index] if prim.x_invar_index is not None else None
+    assert len({o.dtype for o in floats if o is not x}) == 1   # x may differ
     for o in floats:   # bounded away from zero and from large values
       assert np.all(np.abs(o) >= 0.25 - 1e-6), prim.name
       assert np.all(np.abs(o) <= 1.5 + 1e-6), prim.name
     out = jax.eval_shape(lambda *o, p=params: prim.bind(*o, **p), *ops)
     _assert_documented_shapes(prim, ops, params, out.shape)
+    assert out.dtype == jnp.result_type(*floats)
     if i < 4:   # really bind a few (compiles the impl per shape)
       y = prim.bind(*(jnp.asarray(o) for o in ops), **params)
       assert np.all(np.isfinite(np.asarray(y)))
@@ -135,6 +137,35 @@ def test_low_precision_dtypes_only_when_asked():
                    100)) == {'float32', 'float64', 'float16', 'bfloat16'}
   ops, _ = draws(strategies.dense_cases(dtypes='bfloat16'), 1)[0]
   assert {o.dtype.name for o in ops} == {'bfloat16'}
+
+
+def test_operand_dtypes_mix_one_time_in_three_and_shrink_to_one_dtype():
+  pairs = draws(strategies.operand_dtypes(), 300)
+  mixed = [x != w for x, w in pairs]
+  assert set(pairs) == {(a, b) for a in ('float32', 'float64')
+                        for b in ('float32', 'float64')}
+  assert 0.1 < np.mean(mixed) < 0.3, np.mean(mixed)   # 1/3 of 1/2
+  assert not any(x != w for x, w in draws(
+      strategies.operand_dtypes(mixed=False), 100))
+  assert set(draws(strategies.operand_dtypes('bfloat16'), 20)) == {
+      ('bfloat16', 'bfloat16')}
+  from hypothesis import find
+  assert find(strategies.operand_dtypes(), lambda _: True) == (
+      'float32', 'float32')
+
+
+def _dtypes_in(ops) -> set:
+  return {o.dtype for o in ops if np.issubdtype(o.dtype, np.floating)}
+
+
+@pytest.mark.parametrize('family', ['dense', 'sparse', 'conv', 'lora'])
+def test_families_with_an_input_draw_mixed_precision(family):
+  # x in one dtype, the weights (and bias) in another; that every draw
+  # binds is test_draws_bind_with_documented_shapes_dtypes_and_values.
+  cases = getattr(strategies, f'{family}_cases')
+  assert any(len(_dtypes_in(ops)) > 1 for ops, _ in draws(cases(), 100))
+  assert all(len(_dtypes_in(ops)) == 1
+             for ops, _ in draws(cases(mixed=False), 40))
 
 
 def test_pieces_respect_their_knobs():
@@ -383,6 +414,26 @@ def test_broken_dense_is_caught_and_shrunk_to_a_minimal_case():
   assert 'seed=3' in message and '@reproduce_failure(' in message
   assert 'Reproduce with' in message
   assert err.summary.primitive == prim.name
+
+
+@pytest.mark.parametrize('mixed', [True, False])
+def test_mixed_precision_draws_catch_a_rule_that_keeps_x_dtype(mixed):
+  # The mutant returns its gradients in x's dtype: right while x and the
+  # weights share one, so only a mixed-precision draw can catch it, and the
+  # shrunk case is one (float32 x with float64 weights, or the reverse).
+  from etp_testing import mutants
+  prim = mutants.get('dense_xy_in_x_dtype').primitive()
+  run = lambda: etp_testing.check_with_hypothesis(
+      prim, max_examples=30, seed=0, checks=['xy_to_dw.vjp'],
+      strategy=strategies.dense_cases(batched=True, mixed=mixed))
+  if not mixed:
+    assert run().status == 'passed'
+    return
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    run()
+  dtypes = [o['dtype'] for o in info.value.report.operands]
+  assert dtypes[0] != dtypes[1], dtypes
+  assert info.value.report.outcome('xy_to_dw.vjp').status == 'failed'
 
 
 def test_a_failing_run_shrinks_without_hypothesis_explain_phase():

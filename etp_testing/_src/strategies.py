@@ -25,8 +25,9 @@ Two concerns shape the pieces:
   hypothesis shrinks the seed and the shapes, not each element.
 
 Shrinking goes towards the first choice of every piece: dimension 1, batch 1,
-float32, no bias, a single stored sparse value, a 1-D convolution with a
-window of 1, stride 1 and ``'VALID'`` padding.
+float32 (one dtype for ``x`` and the weights), no bias, a single stored sparse
+value, a 1-D convolution with a window of 1, stride 1 and ``'VALID'``
+padding.
 """
 
 from __future__ import annotations
@@ -100,6 +101,21 @@ def _dtype_strategy(dtypes) -> st.SearchStrategy:
   if isinstance(dtypes, str) or not isinstance(dtypes, (list, tuple)):
     return st.just(np_dtype(dtypes).name)
   return st.sampled_from([np_dtype(d).name for d in dtypes])
+
+
+@st.composite
+def operand_dtypes(draw, dtypes=None, *, mixed: bool = True):
+  """``(x_dtype, weight_dtype)``, two dtype names.  The weights' dtype is
+  drawn from ``dtypes`` (``None``: :func:`float_dtypes`; a name; names; or a
+  strategy); ``x``'s is the same, or with ``mixed`` one time in three drawn
+  from ``dtypes`` afresh (mixed precision, which a rule must handle as the
+  contract says: traces in ``result_type`` of the operands, gradients in
+  each weight's dtype).  Shrinks towards one dtype for both."""
+  names = _dtype_strategy(dtypes)
+  weight_dtype = draw(names)
+  if mixed and draw(st.sampled_from((False, False, True))):
+    return draw(names), weight_dtype
+  return weight_dtype, weight_dtype
 
 
 def np_dtype(dtype) -> np.dtype:
@@ -261,17 +277,19 @@ def elemwise_cases(draw, *, max_dim: int = MAX_DIM, max_ndim: int = 2,
 @st.composite
 def dense_cases(draw, batched: Optional[bool] = None, *,
                 max_dim: int = MAX_DIM, max_batch: int = MAX_BATCH,
-                dtypes=None, bias: Optional[bool] = None):
+                dtypes=None, bias: Optional[bool] = None,
+                mixed: bool = True):
   """``etp_mv_p`` (``batched=False``) / ``etp_mm_p`` (``True``; ``None``
   draws either): ``((x, weight[, bias]), {'has_bias': ...})`` with ``x`` of
   shape ``(in,)`` or ``(batch, in)``, ``weight (in, out)`` and ``bias
-  (out,)``; ``in`` and ``out`` independent (square or not, 1 included)."""
-  dtype = draw(_dtype_strategy(dtypes))
+  (out,)``; ``in`` and ``out`` independent (square or not, 1 included).
+  Dtypes from :func:`operand_dtypes` (``x``'s may differ from the weights')."""
+  x_dtype, dtype = draw(operand_dtypes(dtypes, mixed=mixed))
   is_batched = draw(_batched_choice(batched))
   n_in, n_out = draw(dims(1, max_dim)), draw(dims(1, max_dim))
   lead = (draw(batch_sizes(max_batch)),) if is_batched else ()
   has_bias = draw(_bias_choice(bias))
-  ops = [draw(arrays_of(lead + (n_in,), dtype)),
+  ops = [draw(arrays_of(lead + (n_in,), x_dtype)),
          draw(arrays_of((n_in, n_out), dtype))]
   if has_bias:
     ops.append(draw(arrays_of((n_out,), dtype)))
@@ -281,19 +299,20 @@ def dense_cases(draw, batched: Optional[bool] = None, *,
 @st.composite
 def sparse_cases(draw, batched: Optional[bool] = None, *,
                  max_dim: int = MAX_DIM, max_batch: int = MAX_BATCH,
-                 dtypes=None, bias: Optional[bool] = None):
+                 dtypes=None, bias: Optional[bool] = None,
+                 mixed: bool = True):
   """``etp_sp_mv_p`` / ``etp_sp_mm_p``: ``((x, data, indices[, bias]),
   {'shape': (in, out), 'has_bias': ...})`` with ``x`` ``(in,)`` or ``(batch,
   in)``, ``data (nnz,)``, ``indices`` an int32 ``(nnz, 2)`` pattern from
   :func:`sparse_patterns` (empty rows and columns included) and ``bias
-  (out,)``."""
-  dtype = draw(_dtype_strategy(dtypes))
+  (out,)``; dtypes from :func:`operand_dtypes`."""
+  x_dtype, dtype = draw(operand_dtypes(dtypes, mixed=mixed))
   is_batched = draw(_batched_choice(batched))
   n_in, n_out = draw(dims(1, max_dim)), draw(dims(1, max_dim))
   indices = draw(sparse_patterns(n_in, n_out))
   lead = (draw(batch_sizes(max_batch)),) if is_batched else ()
   has_bias = draw(_bias_choice(bias))
-  ops = [draw(arrays_of(lead + (n_in,), dtype)),
+  ops = [draw(arrays_of(lead + (n_in,), x_dtype)),
          draw(arrays_of((len(indices),), dtype)), indices]
   if has_bias:
     ops.append(draw(arrays_of((n_out,), dtype)))
@@ -305,15 +324,17 @@ def conv_cases(draw, *, n_spatial: Optional[int] = None,
                max_spatial: int = MAX_SPATIAL,
                max_spatial_3d: int = MAX_SPATIAL_3D,
                max_channels: int = MAX_CHANNELS, max_batch: int = MAX_BATCH,
-               dtypes=None, bias: Optional[bool] = None):
+               dtypes=None, bias: Optional[bool] = None,
+               mixed: bool = True):
   """``etp_conv_p``: ``((x, kernel[, bias]), params)`` for a batched 1-D/2-D/
   3-D convolution (geometry from :func:`conv_configs`), ``C_in`` and
   ``C_out`` independent in 1..``max_channels``, batch 1..``max_batch``.
   ``x`` is ``(batch, C_in, *spatial)`` and ``kernel`` ``(C_out, C_in,
   *window)`` in the default layout, or as ``dimension_numbers`` say; ``bias``
   is ``(C_out,)``.  Params: ``window_strides``, ``padding``,
-  ``rhs_dilation``, ``dimension_numbers``, ``has_bias`` (all hashable)."""
-  dtype = draw(_dtype_strategy(dtypes))
+  ``rhs_dilation``, ``dimension_numbers``, ``has_bias`` (all hashable).
+  Dtypes from :func:`operand_dtypes`."""
+  x_dtype, dtype = draw(operand_dtypes(dtypes, mixed=mixed))
   cfg = draw(conv_configs(n_spatial, max_spatial=max_spatial,
                           max_spatial_3d=max_spatial_3d))
   batch = draw(batch_sizes(max_batch))
@@ -324,7 +345,7 @@ def conv_cases(draw, *, n_spatial: Optional[int] = None,
   k_shape = _layout_shape(cfg['dimension_numbers'], 1, cfg['n'],
                           {'O': c_out, 'I': c_in}, cfg['window'])
   has_bias = draw(_bias_choice(bias))
-  ops = [draw(arrays_of(x_shape, dtype)), draw(arrays_of(k_shape, dtype))]
+  ops = [draw(arrays_of(x_shape, x_dtype)), draw(arrays_of(k_shape, dtype))]
   if has_bias:
     ops.append(draw(arrays_of((c_out,), dtype)))
   params = {k: cfg[k] for k in ('window_strides', 'padding', 'rhs_dilation',
@@ -347,7 +368,8 @@ def _layout_shape(dimension_numbers, which: int, n: int, named: dict,
 def lora_cases(draw, batched: Optional[bool] = None, *,
                max_dim: int = MAX_DIM, max_batch: int = MAX_BATCH,
                max_rank: int = MAX_RANK, dtypes=None,
-               bias: Optional[bool] = None, alphas=(2.0,)):
+               bias: Optional[bool] = None, alphas=(2.0,),
+               mixed: bool = True):
   """``etp_lora_mv_p`` / ``etp_lora_mm_p``: ``((x, lora_b, lora_a[, bias]),
   {'alpha': ..., 'has_bias': ...})`` with ``x`` ``(in,)`` or ``(batch, in)``,
   ``lora_b (in, rank)``, ``lora_a (rank, out)``, ``bias (out,)``.
@@ -355,14 +377,15 @@ def lora_cases(draw, batched: Optional[bool] = None, *,
   ``alpha`` is drawn from ``alphas``; the default, 2, is away from 1 (a rule
   that forgets ``alpha``, or applies it twice or inverted, shows) and from 0
   (every gradient would vanish).  One value by default, since ``alpha`` is a
-  static param and each value compiles anew."""
-  dtype = draw(_dtype_strategy(dtypes))
+  static param and each value compiles anew.  Dtypes from
+  :func:`operand_dtypes`."""
+  x_dtype, dtype = draw(operand_dtypes(dtypes, mixed=mixed))
   is_batched = draw(_batched_choice(batched))
   n_in, n_out = draw(dims(1, max_dim)), draw(dims(1, max_dim))
   rank = draw(lora_ranks(max_rank))
   lead = (draw(batch_sizes(max_batch)),) if is_batched else ()
   has_bias = draw(_bias_choice(bias))
-  ops = [draw(arrays_of(lead + (n_in,), dtype)),
+  ops = [draw(arrays_of(lead + (n_in,), x_dtype)),
          draw(arrays_of((n_in, rank), dtype)),
          draw(arrays_of((rank, n_out), dtype))]
   if has_bias:
