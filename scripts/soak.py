@@ -3,8 +3,9 @@
 
 Every built-in ETP primitive runs through ``check_with_hypothesis`` (all
 checks) on examples drawn by its registered strategy, once with float32 cases
-and once with float64 cases, for several seeds, until ``--examples`` examples
-have run in total (default 10,000).  A correct primitive must pass every
+and once with float64 cases (the weights' dtype; the built-ins' ``x`` is now
+and then in the other: mixed precision), for several seeds, until
+``--examples`` examples have run in total (default 10,000).  A correct primitive must pass every
 example: any failure is a false alarm of the harness (or a real bug in a
 built-in), and the script exits 1.  Interrupted (Ctrl-C, SIGTERM), it
 reports the runs that finished, marked INTERRUPTED, and exits 2.
@@ -75,50 +76,55 @@ def _force_host_devices(n: int) -> None:
                                f' {flag}={n}').strip()
 
 
-def _case_dtype(case) -> str:
+def _weight_dtype(prim, case) -> str:
+  """The dtype of a case's weights: its first floating operand other than
+  ``x`` (bfloat16 included, which NumPy does not count as floating)."""
+  import jax.numpy as jnp
   import numpy as np
   operands, _ = case
-  for o in operands:
+  for i, o in enumerate(operands):
     a = np.asarray(o)
-    if np.issubdtype(a.dtype, np.floating):
+    if i != prim.x_invar_index and jnp.issubdtype(a.dtype, jnp.floating):
       return a.dtype.name
   return 'none'
 
 
-def _targets(names):
+def _targets(names, dtypes):
   """``[(label, primitive, draw)]`` for the built-ins or named prims;
-  ``draw(dtype)`` is the strategy of that dtype's cases."""
+  ``draw(dtype)`` is the strategy of that dtype's cases (see
+  :func:`_drawer`)."""
   import etp
   from etp_testing import mutants, strategies
   if not names:
     prims = [p for p in strategies.registered_primitives()
              if not p.name.startswith(mutants.NAME_PREFIX)]
-    return [(p.name, p, _drawer(p)) for p in prims]
+    return [(p.name, p, _drawer(p, dtypes)) for p in prims]
   out = []
   for name in names:
     if name.startswith(mutants.NAME_PREFIX):
       m = mutants.get(name)
-      out.append((name, m.primitive(), _drawer(m.base_primitive())))
+      out.append((name, m.primitive(), _drawer(m.base_primitive(), dtypes)))
       continue
     prim = next((p for p in etp.primitives() if p.name == name), None)
     if prim is None or strategies.strategy_for(prim) is None:
       raise SystemExit(f'[etp_testing] soak: no primitive with a strategy '
                        f'named {name!r}')
-    out.append((name, prim, _drawer(prim)))
+    out.append((name, prim, _drawer(prim, dtypes)))
   return out
 
 
-def _drawer(prim):
-  """``dtype -> strategy`` for ``prim``'s cases: where its registered
-  strategy is its built-in default, that family drawing ``dtype`` (half
-  precision included, which the default does not draw); otherwise the
-  registered strategy's draws of ``dtype`` (a filter)."""
+def _drawer(prim, dtypes=('float32', 'float64')):
+  """``dtype -> strategy`` of ``prim``'s cases whose weights are in
+  ``dtype``.  Where its registered strategy is its built-in default, they
+  come from that family drawing ``dtypes`` (half precision included, which
+  the default does not draw; ``x`` now and then in another of ``dtypes``:
+  mixed precision); otherwise from the registered strategy's draws."""
   from etp_testing import strategies
-  registered = strategies.strategy_for(prim)
-  if registered is strategies.builtin_strategy(prim):
-    return lambda dtype: strategies.builtin_strategy(prim, dtypes=dtype)
-  return lambda dtype: registered.filter(
-      lambda case: _case_dtype(case) == dtype)
+  source = strategies.strategy_for(prim)
+  if source is strategies.builtin_strategy(prim):
+    source = strategies.builtin_strategy(prim, dtypes=tuple(dtypes))
+  return lambda dtype: source.filter(
+      lambda case: _weight_dtype(prim, case) == dtype)
 
 
 def _plan(n_examples: int, n_runs: int) -> list:
@@ -193,7 +199,7 @@ def soak(*, examples: int = 10_000, seeds=(0, 1, 2), primitives=(),
   from hypothesis import settings
   from etp_testing import check_names
 
-  targets = _targets(list(primitives))
+  targets = _targets(list(primitives), dtypes)
   runs = [(t, d, s) for s in seeds for t in targets for d in dtypes]
   plan = _plan(examples, len(runs))
   # No example database: a soak must not leave files behind or replay old

@@ -129,9 +129,26 @@ def test_half_precision_is_drawn_not_filtered(capsys):
   assert code == 1 and 'FAILURE mutant_elemwise_xy_sign bfloat16' in out
 
 
+@pytest.mark.usefixtures('_forget_mutants')
+@pytest.mark.parametrize('dtypes', ['float32,float64', 'float32'])
+def test_the_soak_draws_mixed_precision(capsys, dtypes):
+  # A run's dtype is its weights'; the built-ins' x is now and then in
+  # another of --dtypes.  A rule that returns gradients in x's dtype is right
+  # while the two agree: only mixed cases catch it.
+  code = soak.main(['--examples', '30', '--primitives',
+                    'mutant_dense_xy_in_x_dtype', '--dtypes', dtypes,
+                    '--seeds', '0', '--checks', 'xy_to_dw.vjp', '--quiet'])
+  out = capsys.readouterr().out
+  if dtypes == 'float32':
+    assert code == 0, out
+  else:
+    assert code == 1 and 'FAILURE mutant_dense_xy_in_x_dtype' in out, out
+
+
 def test_a_registered_strategy_is_filtered_by_dtype(monkeypatch):
   # A strategy the user registered for a built-in replaces its family: the
   # soak keeps to it, taking its draws of each dtype.
+  import jax.numpy as jnp
   import numpy as np
   from hypothesis import errors, find, strategies as st
   import etp
@@ -143,8 +160,13 @@ def test_a_registered_strategy_is_filtered_by_dtype(monkeypatch):
   assert find(draw('float64'), lambda case: True) is ones
   with pytest.raises((errors.Unsatisfiable, errors.NoSuchExample)):
     find(draw('float32'), lambda case: True)   # it draws no float32
-  monkeypatch.undo()
-  draw = soak._drawer(etp.etp_elemwise_p)
+  halves = ((np.ones(3, jnp.bfloat16),), {})   # no np.floating to NumPy
+  monkeypatch.setitem(strategies._STRATEGIES, etp.etp_elemwise_p,
+                      st.just(halves))
+  draw = soak._drawer(etp.etp_elemwise_p, ('bfloat16',))
+  assert find(draw('bfloat16'), lambda case: True) is halves
+  monkeypatch.undo()   # the family again, drawing the dtypes asked for
+  draw = soak._drawer(etp.etp_elemwise_p, ('float32', 'bfloat16'))
   (weight,), _ = find(draw('bfloat16'), lambda case: True)
   assert weight.dtype.name == 'bfloat16'
 
