@@ -444,8 +444,9 @@ _BUILTIN_FAMILIES = {
 def builtin_strategy(primitive, dtypes=None) -> Optional[st.SearchStrategy]:
   """The default strategy of a built-in primitive, drawing ``dtypes`` (as
   the families take them: ``None`` for float32 and float64, a name, names,
-  or a strategy; ``'float16'`` and ``'bfloat16'`` included); ``None`` for
-  any other primitive."""
+  or a strategy; ``'float16'`` and ``'bfloat16'`` included; with several,
+  ``x`` is now and then in another than the weights, see
+  :func:`operand_dtypes`); ``None`` for any other primitive."""
   if dtypes is None and primitive in _DEFAULTS:
     return _DEFAULTS[primitive]   # the very one registered
   for name, (family, kwargs) in _BUILTIN_FAMILIES.items():
