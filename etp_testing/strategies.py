@@ -1,9 +1,9 @@
 """Hypothesis strategies for ETP primitives.
 
 Pieces (each draws one thing): :func:`dims`, :func:`batch_sizes`,
-:func:`float_dtypes`, :func:`operand_dtypes`, :func:`arrays_of`, :func:`sparse_patterns`,
-:func:`nnz_buckets`, :func:`conv_configs`, :func:`conv_layouts`,
-:func:`lora_ranks`.  Family strategies, each drawing ``(operands, params)``:
+:func:`float_dtypes`, :func:`operand_dtypes`, :func:`arrays_of`,
+:func:`sparse_patterns`, :func:`nnz_buckets`, :func:`conv_configs`,
+:func:`conv_layouts`, :func:`lora_ranks`.  Family strategies, each drawing ``(operands, params)``:
 :func:`elemwise_cases`, :func:`dense_cases`, :func:`sparse_cases`,
 :func:`conv_cases`, :func:`lora_cases`.  Registry: :func:`register_strategy`,
 :func:`strategy_for`, :func:`registered_primitives` (every built-in primitive

@@ -7,8 +7,9 @@ and once with float64 cases (the weights' dtype; the built-ins' ``x`` is now
 and then in the other: mixed precision), for several seeds, until
 ``--examples`` examples have run in total (default 10,000).  A correct
 primitive must pass every example: any failure is a false alarm of the
-harness (or a real bug in a built-in), and the script exits 1.  Interrupted (Ctrl-C, SIGTERM), it
-reports the runs that finished, marked INTERRUPTED, and exits 2.
+harness (or a real bug in a built-in), and the script exits 1.  Interrupted
+(Ctrl-C, SIGTERM), it reports the runs that finished, marked INTERRUPTED,
+and exits 2.
 
 It prints the number of examples, failures and time, and, per check, the
 worst error seen (relative and absolute, and where), so one can see how far
