@@ -3,13 +3,14 @@
 Pieces (each draws one thing): :func:`dims`, :func:`batch_sizes`,
 :func:`float_dtypes`, :func:`operand_dtypes`, :func:`arrays_of`,
 :func:`sparse_patterns`, :func:`nnz_buckets`, :func:`conv_configs`,
-:func:`conv_layouts`, :func:`lora_ranks`.  Family strategies, each drawing ``(operands, params)``:
-:func:`elemwise_cases`, :func:`dense_cases`, :func:`sparse_cases`,
-:func:`conv_cases`, :func:`lora_cases`.  Registry: :func:`register_strategy`,
-:func:`strategy_for`, :func:`registered_primitives` (every built-in primitive
-has its family's strategy; :func:`builtin_strategy` gives it for other
-dtypes).  See ``etp_testing._src.strategies`` for what each
-draws and which values it avoids.
+:func:`conv_layouts`, :func:`lora_ranks`.  Family strategies, each drawing
+``(operands, params)``: :func:`elemwise_cases`, :func:`dense_cases`,
+:func:`sparse_cases`, :func:`conv_cases`, :func:`lora_cases`.  Registry:
+:func:`register_strategy`, :func:`strategy_for`,
+:func:`registered_primitives` (every built-in primitive has its family's
+strategy; :func:`builtin_strategy` gives it for other dtypes).  See
+``etp_testing._src.strategies`` for what each draws and which values it
+avoids.
 """
 
 from etp_testing._src.strategies import (DIM_BUCKETS, MAX_BATCH,
