@@ -894,6 +894,65 @@ def test_a_broken_init_rule_fails_its_own_check_only(broken_rule, broken):
   assert report.outcome(other).findings   # it checked something
 
 
+def init_in_weight_dtype(x, y, w, n):
+  lead = rule_util.batch_lead(y, True)
+  return {k: jnp.zeros(lead + v.aval.shape + (n,), v.aval.dtype)
+          for k, v in w.items()}
+
+
+def init_pp_in_x_dtype(x, y, w, n):
+  return jnp.zeros(y.aval.shape + (n,), x.aval.dtype)
+
+
+@pytest.mark.parametrize('rule,broken,label', [
+    ('init_drtrl', init_in_weight_dtype, 'x float64 with float32 weights'),
+    ('init_pp', init_pp_in_x_dtype, 'x bfloat16 with float32 weights')])
+def test_init_rules_are_traced_with_x_in_another_dtype(rule, broken, label):
+  # On a float32 case, zeros in the weights' (or x's) dtype are right: only
+  # x in another dtype than the weights shows the rule ignores result_type.
+  check = 'init.drtrl' if rule == 'init_drtrl' else 'init.pp'
+  correct = run(dense_variant(), check)
+  assert correct.status == 'passed'
+  assert any(label in f.message for f in correct.findings if f.passed)
+  outcome = run(dense_variant(**{rule: broken}), check)
+  assert_caught(outcome, rule)
+  failed = [f.message for f in outcome.findings if not f.passed]
+  assert failed and all(m.startswith(label) for m in failed), failed
+
+
+@pytest.mark.parametrize('prim', [p for p in etp.primitives()
+                                  if p.name.startswith('etp_') and
+                                  p.x_invar_index is not None],
+                         ids=lambda p: p.name)
+def test_every_builtin_with_an_input_is_checked_in_mixed_precision(prim):
+  ops, params = first_case(prim)
+  report = etp_testing.check_rules(prim, *ops, checks='init.*', **params)
+  for check in ('init.drtrl', 'init.pp'):
+    messages = [f.message for f in report.outcome(check).findings]
+    assert report.outcome(check).status == 'passed', messages
+    for x_dtype, w_dtype in (('float64', 'float32'), ('bfloat16', 'float32')):
+      assert any(m.startswith(f'x {x_dtype} with {w_dtype} weights, n_state')
+                 for m in messages), messages
+
+
+def test_a_primitive_that_takes_one_dtype_is_noted_not_failed():
+  # The mixed-precision dtypes are checked only where the bind takes them.
+  def same_dtype_impl(x, w, *bias, has_bias):
+    if x.dtype != w.dtype:
+      raise TypeError('x and the weight must share a dtype')
+    return dense._impl(x, w, *bias, has_bias=has_bias)
+  prim = etp.register_primitive(f'one_dtype_dense_{next(_ids)}',
+                                same_dtype_impl, batched=True,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  outcome = run(prim, 'init.drtrl')
+  assert outcome.status == 'passed'
+  notes = [f.message for f in outcome.findings if 'not checked' in f.message]
+  assert len(notes) == 2 and 'must share a dtype' in notes[0], notes
+
+
 def test_init_pp_catches_wrong_shape():
   assert_caught(run(dense_variant(init_pp=init_pp_state_first), 'init.pp'),
                 'init_pp')

@@ -7,7 +7,11 @@ other init check reuses), as the ETP compiler's ``jit`` traces them.  Each
 case runs twice: on the operands as given, and on float32 copies with
 ``jax_enable_x64`` on, so a rule that follows the global default dtype
 (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
-returns float64 there and is caught.
+returns float64 there and is caught.  Where ``x`` is floating, the rules
+are also traced (nothing compiled) with ``x`` in another dtype than the
+weights (:data:`MIXED_DTYPES`), whatever dtypes the case was drawn in: a
+rule that makes its zeros in the weights' or in ``x``'s dtype, instead of
+``result_type``, is right whenever the two agree.
 
 * ``init.drtrl``: per trainable key, zeros of shape
   ``(*lead, *weight_shape, n_state)`` (``lead = (B,)`` for batched
@@ -26,7 +30,8 @@ from etp._src.registry import call_init_rule
 from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import compiled, traced_shapes, x64_enabled
+from etp_testing._src.context import (compiled, traced_shapes, x64_enabled,
+                                       y_aval)
 from etp_testing._src.errors import RuleFailure, raised
 
 
@@ -39,6 +44,59 @@ def _variants(ctx):
   """``(label, operands, x64)``: as given, and float32 under x64."""
   yield 'operands as given', ctx.operands, bool(jax.config.jax_enable_x64)
   yield 'float32 operands with x64 on', _as_float32(ctx.operands), True
+
+
+# (x, weights) dtypes of the mixed-precision variants: result_type is the
+# x's in the first and the weights' in the second, so zeros in either
+# operand's own dtype show in one of them.
+MIXED_DTYPES = (('float64', 'float32'), ('bfloat16', 'float32'))
+
+
+def _mixed_variants(ctx):
+  """``(label, avals)``: the case's operand avals with ``x`` in one dtype
+  and the floating weights in another, per :data:`MIXED_DTYPES` (trace
+  them with x64 on); none where ``x`` is absent or not floating."""
+  index = ctx.primitive.x_invar_index
+  avals = ctx.avals()
+  if index is None or not jnp.issubdtype(avals[index].dtype, jnp.floating):
+    return
+  trained = set(ctx.primitive.trainable_invars(ctx.params).values())
+  for x_dtype, w_dtype in MIXED_DTYPES:
+    cast = tuple(jax.ShapeDtypeStruct(a.shape, x_dtype if i == index else
+                                      w_dtype if i in trained and
+                                      jnp.issubdtype(a.dtype, jnp.floating)
+                                      else a.dtype)
+                 for i, a in enumerate(avals))
+    yield f'x {x_dtype} with {w_dtype} weights', cast
+
+
+def _check_mixed_dtypes(ctx, rule_name, expected_dtype):
+  """Traces ``rule_name`` on each of :func:`_mixed_variants` and checks the
+  dtype of every leaf it returns against ``expected_dtype(avals, y)``.  A
+  bind that raises on mixed dtypes leaves a note, not a failure (the
+  primitive does not take them)."""
+  rule = getattr(ctx.rules, rule_name)
+  n_states = tuple(ctx.n_states)
+  for label, avals in _mixed_variants(ctx):
+    with x64_enabled(True):
+      try:
+        y = y_aval(ctx.primitive, avals, ctx.params, avals=avals)
+      except Exception as e:  # pylint: disable=broad-except
+        ctx.record_pass('operands', message=(
+            f'{label}: not checked, binding {ctx.name} raised '
+            f'{type(e).__name__}: {e}'))
+        continue
+      outputs = _output_shapes(ctx, rule_name, rule, avals, n_states)
+      dtype = expected_dtype(avals, y)
+    for n_state, out in zip(n_states, outputs):
+      leaves = out.items() if isinstance(out, dict) else [(None, out)]
+      for key, leaf in leaves:
+        where = f'{label}, n_state={n_state}'
+        if leaf.dtype != dtype:
+          ctx.fail(rule_name, f'{where}: dtype {leaf.dtype} != expected '
+                   f'{dtype}', key=key, dtype=str(leaf.dtype))
+        else:
+          ctx.record_pass(rule_name, key=key, message=f'{where}: {dtype}')
 
 
 def _rule_outputs(primitive, params, operands, name, rule, n_states):
@@ -186,6 +244,10 @@ def check_init_drtrl(ctx):
         for k, shape in trace_shapes.items():
           _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
                         dtype, f'{label}, n_state={n_state}')
+  x_index = ctx.primitive.x_invar_index
+  trained = ctx.primitive.trainable_invars(ctx.params).values()
+  _check_mixed_dtypes(ctx, 'init_drtrl', lambda avals, y: jnp.result_type(
+      avals[x_index].dtype, y.dtype, *(avals[i].dtype for i in trained)))
 
 
 @check('init.pp')
@@ -202,3 +264,4 @@ def check_init_pp(ctx):
         _expect_zeros(ctx, 'init_pp', None, trace,
                       tuple(y.shape) + (n_state,), y.dtype,
                       f'{label}, n_state={n_state}')
+  _check_mixed_dtypes(ctx, 'init_pp', lambda avals, y: y.dtype)
