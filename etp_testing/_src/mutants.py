@@ -449,6 +449,34 @@ def _(name):
   return _clone(name, 'etp_mm', init_drtrl=_init_with('etp_mm', _global_float))
 
 
+@_mutant('init_weight_dtype', 'dense', base='etp_mm', bug_class='init_dtype',
+         expected=('init.drtrl',),
+         case=DENSE_MM,
+         description="init_drtrl makes zeros in each weight's dtype, not the "
+         "result_type of x, y and the weights: right while they share one "
+         "(the check also traces it with x in another dtype)")
+def _(name):
+  def init_drtrl(x_var, y_var, weight_vars, n_state, **params):
+    zeros = call_init_rule(_rules('etp_mm').init_drtrl, x_var, y_var,
+                           weight_vars, n_state, params)
+    return {k: v.astype(weight_vars[k].aval.dtype) for k, v in zeros.items()}
+  return _clone(name, 'etp_mm', init_drtrl=init_drtrl)
+
+
+@_mutant('init_pp_x_dtype', 'dense', base='etp_mm', bug_class='init_dtype',
+         expected=('init.pp',),
+         case=DENSE_MM,
+         description="init_pp makes zeros in x's dtype, not y's: right while "
+         'x and the weights share one (the check also traces it with x in '
+         'another dtype)')
+def _(name):
+  def init_pp(x_var, y_var, weight_vars, n_state, **params):
+    zeros = call_init_rule(_rules('etp_mm').init_pp, x_var, y_var,
+                           weight_vars, n_state, params)
+    return zeros.astype(x_var.aval.dtype)
+  return _clone(name, 'etp_mm', init_pp=init_pp)
+
+
 @_mutant('init_state_axis_first', 'dense', base='etp_mv',
          bug_class='state_axis', expected=('init.drtrl',),
          case=DENSE_MV,
