@@ -42,6 +42,12 @@ FAST_TRACE_BYTES = int(3.25 * 2**30)
 LARGE_COMPARE = 1_000_000
 
 
+# (x, weights) dtypes of CheckContext.mixed_precision_avals: result_type is
+# x's in the first and the weights' in the second, so a result in either
+# operand's own dtype shows in one of them.
+MIXED_DTYPES = (('float64', 'float32'), ('bfloat16', 'float32'))
+
+
 @contextlib.contextmanager
 def x64_enabled(enabled: bool = True):
   """Sets ``jax_enable_x64`` for the block and restores the old value."""
@@ -555,6 +561,40 @@ class CheckContext:
         "half-precision bounds; the rules' own half-precision results are "
         'judged by xy_to_dw.*, yw_to_w.* and init.*)'))
     return wide
+
+  def mixed_precision_avals(self) -> list:
+    """``[(label, avals, y)]``: the case's operand avals with ``x`` in one
+    dtype and the floating weights in another, per :data:`MIXED_DTYPES`,
+    and ``y``'s aval on them; empty where ``x`` is absent or not floating.
+    Made, and to be traced, with x64 on.  Where the bind raises on one (a
+    primitive that takes one dtype), a note says so and it is left out.
+
+    A rule that makes its result in ``x``'s or in the weights' dtype
+    instead of the one the contract names is right whenever the two agree,
+    as on every case drawn in one dtype; traced on these (shapes only,
+    nothing compiled) it shows whatever dtypes the case has."""
+    index = self.primitive.x_invar_index
+    avals = self.avals()
+    if index is None or not jnp.issubdtype(avals[index].dtype, jnp.floating):
+      return []
+    trained = set(self.primitive.trainable_invars(self.params).values())
+    out = []
+    for x_dtype, w_dtype in MIXED_DTYPES:
+      cast = tuple(jax.ShapeDtypeStruct(
+          a.shape, x_dtype if i == index else w_dtype
+          if i in trained and jnp.issubdtype(a.dtype, jnp.floating)
+          else a.dtype) for i, a in enumerate(avals))
+      label = f'x {x_dtype} with {w_dtype} weights'
+      with x64_enabled(True):
+        try:
+          y = y_aval(self.primitive, cast, self.params, avals=cast)
+        except Exception as e:  # pylint: disable=broad-except
+          self.record_pass('operands', message=(
+              f'{label}: not checked, binding {self.name} raised '
+              f'{type(e).__name__}: {e}'))
+          continue
+      out.append((label, cast, y))
+    return out
 
   def weight_dtype(self):
     dts = [w.dtype for w in self.weights.values()]

@@ -9,9 +9,9 @@ case runs twice: on the operands as given, and on float32 copies with
 (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
 returns float64 there and is caught.  Where ``x`` is floating, the rules
 are also traced (nothing compiled) with ``x`` in another dtype than the
-weights (:data:`MIXED_DTYPES`), whatever dtypes the case was drawn in: a
-rule that makes its zeros in the weights' or in ``x``'s dtype, instead of
-``result_type``, is right whenever the two agree.
+weights (``CheckContext.mixed_precision_avals``), whatever dtypes the case
+was drawn in: a rule that makes its zeros in the weights' or in ``x``'s
+dtype, instead of ``result_type``, is right whenever the two agree.
 
 * ``init.drtrl``: per trainable key, zeros of shape
   ``(*lead, *weight_shape, n_state)`` (``lead = (B,)`` for batched
@@ -30,8 +30,7 @@ from etp._src.registry import call_init_rule
 from etp._src.arrays import to_jax
 from etp_testing._src import executor
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import (compiled, traced_shapes, x64_enabled,
-                                       y_aval)
+from etp_testing._src.context import compiled, traced_shapes, x64_enabled
 from etp_testing._src.errors import RuleFailure, raised
 
 
@@ -46,46 +45,14 @@ def _variants(ctx):
   yield 'float32 operands with x64 on', _as_float32(ctx.operands), True
 
 
-# (x, weights) dtypes of the mixed-precision variants: result_type is the
-# x's in the first and the weights' in the second, so zeros in either
-# operand's own dtype show in one of them.
-MIXED_DTYPES = (('float64', 'float32'), ('bfloat16', 'float32'))
-
-
-def _mixed_variants(ctx):
-  """``(label, avals)``: the case's operand avals with ``x`` in one dtype
-  and the floating weights in another, per :data:`MIXED_DTYPES` (trace
-  them with x64 on); none where ``x`` is absent or not floating."""
-  index = ctx.primitive.x_invar_index
-  avals = ctx.avals()
-  if index is None or not jnp.issubdtype(avals[index].dtype, jnp.floating):
-    return
-  trained = set(ctx.primitive.trainable_invars(ctx.params).values())
-  for x_dtype, w_dtype in MIXED_DTYPES:
-    cast = tuple(jax.ShapeDtypeStruct(a.shape, x_dtype if i == index else
-                                      w_dtype if i in trained and
-                                      jnp.issubdtype(a.dtype, jnp.floating)
-                                      else a.dtype)
-                 for i, a in enumerate(avals))
-    yield f'x {x_dtype} with {w_dtype} weights', cast
-
-
 def _check_mixed_dtypes(ctx, rule_name, expected_dtype):
-  """Traces ``rule_name`` on each of :func:`_mixed_variants` and checks the
-  dtype of every leaf it returns against ``expected_dtype(avals, y)``.  A
-  bind that raises on mixed dtypes leaves a note, not a failure (the
-  primitive does not take them)."""
+  """Traces ``rule_name`` on each of the context's
+  ``mixed_precision_avals`` and checks the dtype of every leaf it returns
+  against ``expected_dtype(avals, y)``."""
   rule = getattr(ctx.rules, rule_name)
   n_states = tuple(ctx.n_states)
-  for label, avals in _mixed_variants(ctx):
+  for label, avals, y in ctx.mixed_precision_avals():
     with x64_enabled(True):
-      try:
-        y = y_aval(ctx.primitive, avals, ctx.params, avals=avals)
-      except Exception as e:  # pylint: disable=broad-except
-        ctx.record_pass('operands', message=(
-            f'{label}: not checked, binding {ctx.name} raised '
-            f'{type(e).__name__}: {e}'))
-        continue
       outputs = _output_shapes(ctx, rule_name, rule, avals, n_states)
       dtype = expected_dtype(avals, y)
     for n_state, out in zip(n_states, outputs):
