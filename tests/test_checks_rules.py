@@ -920,18 +920,37 @@ def test_init_rules_are_traced_with_x_in_another_dtype(rule, broken, label):
   assert failed and all(m.startswith(label) for m in failed), failed
 
 
+def xy_to_dw_in_x_dtype(x, g, weights, **params):
+  grads = dense._xy_to_dw(x, g, weights, **params)
+  return {k: v.astype(x.dtype) for k, v in grads.items()}
+
+
+def test_xy_to_dw_is_traced_with_x_in_another_dtype():
+  # Gradients in x's dtype are right on a float32 case; traced with x in
+  # bfloat16 over float32 weights, they are not the weights'.
+  correct = run(dense_variant(), 'xy_to_dw.vjp')
+  assert correct.status == 'passed'
+  outcome = run(dense_variant(xy_to_dw=xy_to_dw_in_x_dtype), 'xy_to_dw.vjp')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+  failed = [f.message for f in outcome.findings if not f.passed]
+  assert failed == [
+      "x bfloat16 with float32 weights: dtype bfloat16 != its weight's "
+      'float32'] * 2, failed   # weight and bias
+
+
 @pytest.mark.parametrize('prim', [p for p in etp.primitives()
                                   if p.name.startswith('etp_') and
                                   p.x_invar_index is not None],
                          ids=lambda p: p.name)
 def test_every_builtin_with_an_input_is_checked_in_mixed_precision(prim):
   ops, params = first_case(prim)
-  report = etp_testing.check_rules(prim, *ops, checks='init.*', **params)
-  for check in ('init.drtrl', 'init.pp'):
+  report = etp_testing.check_rules(prim, *ops, checks='init.*,xy_to_dw.vjp',
+                                   **params)
+  for check in ('init.drtrl', 'init.pp', 'xy_to_dw.vjp'):
     messages = [f.message for f in report.outcome(check).findings]
     assert report.outcome(check).status == 'passed', messages
-    for x_dtype, w_dtype in (('float64', 'float32'), ('bfloat16', 'float32')):
-      assert any(m.startswith(f'x {x_dtype} with {w_dtype} weights, n_state')
+    for x_dtype in ('float64', 'bfloat16')[check == 'xy_to_dw.vjp':]:
+      assert any(m.startswith(f'x {x_dtype} with float32 weights')
                  for m in messages), messages
 
 

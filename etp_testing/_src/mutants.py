@@ -359,9 +359,12 @@ def _dense_case(*, batch=None, n_in=3, n_out=5, bias=False,
 DENSE_MM = _dense_case(batch=3, n_in=3, n_out=5, bias=True)
 DENSE_MV = _dense_case(n_in=4, n_out=3, bias=True, dtype=np.float64)
 DENSE_SQUARE = _dense_case(n_in=4, n_out=4, bias=True)
-# Mixed precision: bfloat16 activations, float32 weights.
+# Mixed precision: bfloat16 activations, float32 weights; and a float64
+# input over float32 weights.
 DENSE_MIXED = _dense_case(batch=3, n_in=3, n_out=5, bias=True,
                           x_dtype=jnp.bfloat16)
+DENSE_WIDE_X = _dense_case(batch=3, n_in=3, n_out=5, bias=True,
+                           x_dtype=np.float64)
 
 
 # --------------------------------------------------------------------- dense
@@ -612,6 +615,20 @@ def _(name):
   def xy_to_dw(x, g, weights, **params):
     out = _rules('etp_mm').xy_to_dw(x, g, weights, **params)
     return {k: v.astype(x.dtype) for k, v in out.items()}
+  return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
+
+
+@_mutant('xy_promoted_dtype', 'dense', base='etp_mm',
+         bug_class='mixed_precision', expected=('xy_to_dw.vjp',),
+         case=DENSE_WIDE_X,
+         description="xy_to_dw returns its gradients in the wider of x's and "
+         "the weights' dtypes (an einsum of x and g, uncast): float64 "
+         'gradients for float32 weights under a float64 input')
+def _(name):
+  def xy_to_dw(x, g, weights, **params):
+    out = _rules('etp_mm').xy_to_dw(x, g, weights, **params)
+    dtype = jnp.result_type(x, *weights.values())
+    return {k: v.astype(dtype) for k, v in out.items()}
   return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
 
 

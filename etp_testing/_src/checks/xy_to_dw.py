@@ -29,9 +29,9 @@ import numpy as np
 from etp._src.arrays import to_jax
 from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import (absolute, compiled, terms_or_none,
-                                      to_float64, traced_shapes, x64_enabled,
-                                      x64_scope)
+from etp_testing._src.context import (NARROW_X_DTYPES, absolute, compiled,
+                                      terms_or_none, to_float64,
+                                      traced_shapes, x64_enabled, x64_scope)
 from etp_testing._src.errors import RuleFailure, raised
 
 # Largest Jacobian (output elements x weight elements) xy_to_dw.jacrev builds.
@@ -237,10 +237,35 @@ def term_sizes(ctx, g) -> dict:
                        np.abs(np.asarray(g))) or {}
 
 
+def _check_mixed_dtypes(ctx):
+  """``xy_to_dw`` traced with ``x`` in bfloat16 over float32 weights
+  (shapes only; ``NARROW_X_DTYPES``): each leaf still in its weight's
+  dtype, not ``x``'s (a rule in ``x``'s dtype is right on every case drawn
+  in one dtype)."""
+  trained = ctx.primitive.trainable_invars(ctx.params)
+  for label, avals, _ in ctx.mixed_precision_avals(NARROW_X_DTYPES):
+    with x64_enabled(True):
+      try:
+        out = traced_shapes(_rule_shapes, ctx.primitive, avals, ctx.params,
+                            ctx.rules.xy_to_dw, avals=avals)
+      except Exception as e:  # pylint: disable=broad-except
+        raise RuleFailure('xy_to_dw', raised(
+            'xy_to_dw', e, f'traced with {label}')) from e
+    for k, i in trained.items():
+      leaf = out.get(k) if isinstance(out, dict) else None
+      dtype = getattr(leaf, 'dtype', None)
+      if dtype != avals[i].dtype:
+        ctx.fail('xy_to_dw', f'{label}: dtype {dtype} != its weight\'s '
+                 f'{avals[i].dtype}', key=k, dtype=str(dtype))
+      else:
+        ctx.record_pass('xy_to_dw', key=k, message=f'{label}: {dtype}')
+
+
 @check('xy_to_dw.vjp')
 def check_vjp(ctx):
   """``xy_to_dw`` equals ``jax.vjp`` of the primitive w.r.t. each weight, with
-  each leaf of its weight's shape and dtype."""
+  each leaf of its weight's shape and dtype (also traced with ``x`` in
+  another dtype than the weights)."""
   require_weights(ctx)
   g = _cotangent(ctx)
   expected = vjp_oracle(ctx)(list(ctx.operands), g)
@@ -250,6 +275,7 @@ def check_vjp(ctx):
     ctx.compare(actual[k], expected[k], rule='xy_to_dw', key=k,
                 what=f'xy_to_dw vs jax.vjp (weight {w.dtype}{list(w.shape)})',
                 check_dtype=True, term_scale=terms.get(k))
+  _check_mixed_dtypes(ctx)
 
 
 @check('xy_to_dw.jacrev')
