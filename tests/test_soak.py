@@ -135,7 +135,7 @@ def test_the_soak_draws_mixed_precision(capsys, dtypes):
   # A run's dtype is its weights'; the built-ins' x is now and then in
   # another of --dtypes.  A rule that returns gradients in the wider of the
   # two dtypes is right while they agree: only mixed cases catch it.
-  code = soak.main(['--examples', '30', '--primitives',
+  code = soak.main(['--examples', '80', '--primitives',
                     'mutant_dense_xy_promoted_dtype', '--dtypes', dtypes,
                     '--seeds', '0', '--checks', 'xy_to_dw.vjp', '--quiet'])
   out = capsys.readouterr().out

@@ -425,7 +425,7 @@ def test_mixed_precision_draws_catch_a_rule_that_promotes_its_dtype(mixed):
   from etp_testing import mutants
   prim = mutants.get('dense_xy_promoted_dtype').primitive()
   run = lambda: etp_testing.check_with_hypothesis(
-      prim, max_examples=30, seed=0, checks=['xy_to_dw.vjp'],
+      prim, max_examples=100, seed=0, checks=['xy_to_dw.vjp'],
       strategy=strategies.dense_cases(batched=True, mixed=mixed))
   try:
     if not mixed:
