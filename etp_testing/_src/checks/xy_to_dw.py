@@ -196,17 +196,20 @@ def _rule_shapes(primitive, params, operands, rule):
   return rule(x, jnp.zeros(y.shape, y.dtype), weights, **rule_params)
 
 
-def _rule_avals(ctx) -> dict:
-  """What ``xy_to_dw`` returns on this case, as shapes and dtypes (traced
-  once per signature; nothing runs, nothing is copied); raises
-  :class:`RuleFailure` for a rule that raises or returns no dict with the
-  weights' keys."""
+def _rule_avals(ctx, avals=None, label: str = '') -> dict:
+  """What ``xy_to_dw`` returns on this case (or on operand ``avals``, named
+  by ``label``), as shapes and dtypes (traced once per signature; nothing
+  runs, nothing is copied); raises :class:`RuleFailure` for a rule that
+  raises or returns no dict with the weights' keys."""
+  operands = ctx.given if avals is None else avals
   try:
-    out = traced_shapes(_rule_shapes, ctx.primitive, ctx.given, ctx.params,
-                        ctx.rules.xy_to_dw, avals=ctx.avals())
+    out = traced_shapes(_rule_shapes, ctx.primitive, operands, ctx.params,
+                        ctx.rules.xy_to_dw,
+                        avals=ctx.avals() if avals is None else avals)
   except Exception as e:  # pylint: disable=broad-except
     raise RuleFailure('xy_to_dw', raised(
-        'xy_to_dw', e, 'traced on operand shapes '
+        'xy_to_dw', e, f'traced with {label}' if label else
+        'traced on operand shapes '
         f'{[tuple(np.shape(o)) for o in ctx.given]}')) from e
   ctx.check_keys('xy_to_dw', out, ctx.weight_avals.keys())
   return out
@@ -245,15 +248,9 @@ def _check_mixed_dtypes(ctx):
   trained = ctx.primitive.trainable_invars(ctx.params)
   for label, avals, _ in ctx.mixed_precision_avals(NARROW_X_DTYPES):
     with x64_enabled(True):
-      try:
-        out = traced_shapes(_rule_shapes, ctx.primitive, avals, ctx.params,
-                            ctx.rules.xy_to_dw, avals=avals)
-      except Exception as e:  # pylint: disable=broad-except
-        raise RuleFailure('xy_to_dw', raised(
-            'xy_to_dw', e, f'traced with {label}')) from e
+      out = _rule_avals(ctx, avals, label)
     for k, i in trained.items():
-      leaf = out.get(k) if isinstance(out, dict) else None
-      dtype = getattr(leaf, 'dtype', None)
+      dtype = out[k].dtype
       if dtype != avals[i].dtype:
         ctx.fail('xy_to_dw', f'{label}: dtype {dtype} != its weight\'s '
                  f'{avals[i].dtype}', key=k, dtype=str(dtype))
