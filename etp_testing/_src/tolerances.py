@@ -21,11 +21,11 @@ is judged at the coarsest of them (:func:`coarsest`).
 Two differently ordered sums of the same products (``xy_to_dw.vjp``,
 ``xy_to_dw.jacrev``, ``yw_to_w.linear``, ``drtrl.instant``, ``drtrl.exact``,
 ``pp.exact``, ``units``, and ``primitive.jit``/``.vmap``, whose programs XLA
-fuses differently)
-can cancel, or be long enough that their rounding adds up (a GPU's
-convolution over 24,576 terms): their rounding is relative to the terms, not
-to the result, so such a comparison passes ``term_scale`` (see
-``CheckContext.compare``) and the scale is the larger of the two.  Every finding also reports ``tolerance_used``,
+fuses differently) can cancel, or be long enough that their rounding adds
+up (a GPU's convolution over 24,576 terms): their rounding is relative to
+the terms, not to the result, so such a comparison passes ``term_scale``
+(see ``CheckContext.compare``) and the scale is the larger of the two.
+Every finding also reports ``tolerance_used``,
 ``max|actual - expected| / (atol + rtol * scale)`` with the scale the bound
 used: how close it came to failing (the relative error, to the result
 alone, can exceed ``rtol`` inside such a bound).
