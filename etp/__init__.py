@@ -12,10 +12,11 @@ from etp._src.elemwise import etp_elemwise_p, element_wise
 from etp._src.sparse import etp_sp_mm_p, etp_sp_mv_p, sparse_matmul
 from etp._src.conv import etp_conv_p, conv
 from etp._src.lora import etp_lora_mm_p, etp_lora_mv_p, lora_matmul
+from etp import rule_util
 
 __all__ = [
     'ETPPrimitive', 'EtpRules', 'register_primitive', 'primitives', 'rules_of',
-    'is_etp_primitive',
+    'is_etp_primitive', 'rule_util',
     'etp_elemwise_p', 'element_wise',
     'etp_mv_p', 'etp_mm_p', 'matmul',
     'etp_sp_mv_p', 'etp_sp_mm_p', 'sparse_matmul',
