@@ -17,7 +17,7 @@ USER_CONFTEST = '''
 import jax.numpy as jnp
 import etp
 import etp_testing
-from etp._src import dense, rule_util
+from etp import rule_util
 
 BROKEN = {broken}
 
@@ -39,8 +39,8 @@ prim = etp.register_primitive('user_scaled_mm', impl, batched=True,
                               trainable_invars_fn=lambda p: {{'weight': 1}})
 prim.register_etp_rules(
     yw_to_w=yw_to_w, xy_to_dw=xy_to_dw,
-    init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
-                                                                 True),
+    init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(
+        x, y, w, n, batched=True),
     init_pp=rule_util.pp_trace)
 
 
@@ -160,6 +160,43 @@ def test_broken_user_rule_fails_with_the_rule_named(tmp_path, ci):
   assert proc.stdout.count('Reproduce with:') == 1
   assert 'Reproduce with:' in summary
 
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')
+
+
+def _readme_conftest() -> str:
+  """The README's "Five minutes" ``conftest.py``, exactly as printed."""
+  with open(README, encoding='utf-8') as f:
+    text = f.read()
+  found = re.search(r'```python\n(# conftest\.py .*?)```', text, re.S)
+  assert found, 'README: no python block starting "# conftest.py"'
+  return found.group(1)
+
+
+def test_the_readme_s_five_minute_primitive_runs_as_printed(tmp_path):
+  """A newcomer copies the README's conftest.py, runs the command it gives
+  (every check), then breaks the rule as it says (drops the ``2.0`` of
+  ``xy_to_dw``): the run fails that rule, with the item id the README says
+  re-runs just it."""
+  conftest = _readme_conftest()
+  args = ['--etp-check', '--etp-primitives', 'my_*', '-p', 'no:cacheprovider']
+  proc = _run(tmp_path, *args, conftest=conftest)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert re.search(r'\b\d+ passed', proc.stdout) and 'failed' not in (
+      proc.stdout.split('etp rule checks')[0]), proc.stdout
+  broken = conftest.replace("{'weight': 2.0 * jnp.einsum",
+                            "{'weight': jnp.einsum")
+  assert broken != conftest
+  proc = _run(tmp_path, *args, conftest=broken)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert ('[etp_testing] my_scaled_mm failed 1 check(s): xy_to_dw.vjp'
+          in proc.stdout)
+  assert 'FAILED etp::my_scaled_mm::xy_to_dw.vjp' in proc.stdout
+  assert 'Reproduce with:' in proc.stdout
+  proc = _run(tmp_path, '--etp-check', '::etp::my_scaled_mm::xy_to_dw.vjp',
+              '-p', 'no:cacheprovider', conftest=broken)
+  assert proc.returncode == 1 and '1 failed' in proc.stdout, proc.stdout
 
 def test_a_failed_check_s_message_is_in_the_report(tmp_path):
   report = tmp_path / 'report.json'
