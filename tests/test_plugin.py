@@ -99,6 +99,33 @@ def test_help_lists_the_option_group(tmp_path):
     assert option in out
 
 
+
+class _RecordingGroup:
+  """Stands in for pytest's option group: records each option's keywords."""
+
+  def __init__(self):
+    self.options = {}
+
+  def getgroup(self, *_):
+    return self
+
+  def addoption(self, name, **kwargs):
+    self.options[name] = kwargs
+
+
+def test_every_option_says_what_it_does():
+  """Each ``--etp-*`` option and each ``etp-check`` option has help text
+  (``--seed`` and ``--devices`` of the CLI once had none)."""
+  from etp_testing import pytest_plugin
+  from etp_testing._src import cli
+  group = _RecordingGroup()
+  pytest_plugin.pytest_addoption(group)
+  assert len(group.options) >= 8
+  plugin_bare = [n for n, kw in group.options.items() if not kw.get('help')]
+  cli_bare = [a.option_strings for a in cli._parser()._actions
+              if not a.help]
+  assert plugin_bare == [] and cli_bare == []
+
 @pytest.mark.parametrize('args,imports_jax', [
     ([], False), (['--etp-check', '--etp-primitives', 'etp_mv'], True)])
 def test_only_an_etp_check_run_imports_jax(tmp_path, args, imports_jax):

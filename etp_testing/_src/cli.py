@@ -42,12 +42,15 @@ def _parser():
                  help='comma list of check names, groups or globs')
   p.add_argument('--examples', type=positive_int, default=3, metavar='N',
                  help='hypothesis examples per primitive (default 3)')
-  p.add_argument('--devices', default='all', choices=('cpu', 'gpu', 'all'))
+  p.add_argument('--devices', default='all', choices=('cpu', 'gpu', 'all'),
+                 help='devices for device.consistency (default: all)')
   p.add_argument('--report', default=None, metavar='PATH',
                  help='write a JSON report')
   p.add_argument('--fast', action='store_true',
                  help='random-projection mode everywhere')
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seed', type=int, default=0,
+                 help="hypothesis's seed, so the draws are reproducible, and "
+                 "the harness's seed for every example (default 0)")
   p.add_argument('--compile-cache', default='auto', metavar='DIR',
                  help="persistent XLA compilation cache: a directory, 'auto' "
                  '(default: $XDG_CACHE_HOME/etp_testing/xla, or '
