@@ -349,6 +349,41 @@ def test_a_hypothesis_run_on_which_every_check_skips_is_not_a_pass():
   assert summary.to_dict()['status'] == 'skipped'
 
 
+
+_MV_OPERANDS = (np.ones(2, np.float32), np.ones((2, 3), np.float32))
+
+
+@pytest.mark.parametrize('drawn,described', [
+    (_MV_OPERANDS, 'tuple of 2 (float32[2], float32[2, 3])'),
+    ([_MV_OPERANDS, {}], 'list of 2 (tuple of 2'),
+    ((_MV_OPERANDS, None), 'tuple of 2 (tuple of 2'),
+    ({'x': _MV_OPERANDS[0]}, 'dict'),
+])
+def test_a_strategy_that_draws_no_operands_and_params_is_told_so(
+    drawn, described):
+  """A strategy's draw that is not ``(operands, params)`` ends in one
+  sentence saying what it drew and what a strategy draws, not in a
+  ``TypeError`` from unpacking it inside the checks."""
+  from hypothesis import strategies as st
+  from etp_testing._src.errors import StrategyError
+  with pytest.raises(StrategyError) as e:
+    etp_testing.check_with_hypothesis(
+        etp.etp_mv_p, max_examples=1, seed=0, checks=['xy_to_dw.vjp'],
+        strategy=st.just(drawn))
+  message = str(e.value)
+  assert message.startswith('[etp_testing] the strategy for etp_mv drew a '
+                            + described), message
+  assert 'a strategy draws (operands, params)' in message
+  assert isinstance(e.value, TypeError)
+
+
+def test_operands_drawn_as_a_list_are_accepted():
+  from hypothesis import strategies as st
+  summary = etp_testing.check_with_hypothesis(
+      etp.etp_mv_p, max_examples=1, seed=0, checks=['xy_to_dw.vjp'],
+      strategy=st.just((list(_MV_OPERANDS), {'has_bias': False})))
+  assert summary.passed and summary.examples == 1
+
 # ------------------------------------------------------------------- snippet
 @pytest.fixture(scope='module')
 def broken_module():

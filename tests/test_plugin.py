@@ -65,6 +65,12 @@ RAISING_STRATEGY_CONFTEST = USER_CONFTEST.format(broken=False).replace(
     '    raise KeyError("no such layer")\n')
 assert 'no such layer' in RAISING_STRATEGY_CONFTEST
 
+# A user's strategy that draws the operands alone, without the params.
+OPERANDS_ONLY_CONFTEST = USER_CONFTEST.format(broken=False).replace(
+    "    return ((draw(", "    return (draw(").replace(
+    "'float32'))), {})", "'float32')))")
+assert OPERANDS_ONLY_CONFTEST != USER_CONFTEST.format(broken=False)
+
 FAST = ['--etp-primitives', 'user_*', '--etp-checks',
         'xy_to_dw.vjp,yw_to_w.anchor,init.drtrl', '-p', 'no:cacheprovider']
 
@@ -264,6 +270,26 @@ def test_a_strategy_error_shows_the_user_s_frames_and_is_an_error_cell(
               '--fulltrace', conftest=conftest)
   assert '_pytest' in proc.stdout and 'hypothesis/core.py' in proc.stdout
 
+
+
+def test_a_strategy_that_draws_no_params_is_one_sentence(tmp_path):
+  """A strategy drawing the operands without ``params``: the item fails
+  with one sentence saying what a strategy draws, no traceback (it would be
+  the harness's alone), and the etp summary calls it an error."""
+  report = tmp_path / 'report.json'
+  proc = _run(tmp_path, '--etp-check', *FAST, '--etp-checks', 'xy_to_dw.vjp',
+              f'--etp-report={report}', conftest=OPERANDS_ONLY_CONFTEST)
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  failures = proc.stdout.split('= FAILURES =')[1].split('etp rule checks')[0]
+  expected = ('[etp_testing] the strategy for user_scaled_mm drew a tuple of '
+              '2 (float32[2, ')
+  assert expected in failures and 'Traceback' not in failures
+  assert 'def runtest' not in failures and len(failures.splitlines()) < 5
+  assert 'ERROR etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
+  cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
+  assert cell['xy_to_dw.vjp']['status'] == 'error'
+  assert 'a strategy draws (operands, params)' in cell['xy_to_dw.vjp'][
+      'message']
 
 @pytest.mark.parametrize('option,words', [
     ('--etp-examples=0', "argument --etp-examples: '0' is not a number >= 1"),

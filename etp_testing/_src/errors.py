@@ -32,6 +32,14 @@ class NothingCheckedError(RuleConsistencyError):
   """
 
 
+class StrategyError(TypeError):
+  """A strategy drew something other than ``(operands, params)``.
+
+  The message says what it drew and what a strategy draws; reports show it
+  without a traceback, which would be the harness's alone.
+  """
+
+
 class CheckSkipped(Exception):
   """Raised inside a check that cannot run here; the reason is reported."""
 

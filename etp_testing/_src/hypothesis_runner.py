@@ -22,7 +22,7 @@ import dataclasses
 import random
 import re
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given
@@ -32,7 +32,8 @@ from hypothesis import settings as hypothesis_settings
 from etp_testing._src import report as report_mod
 from etp_testing._src import strategies
 from etp_testing._src.checks import registry as check_registry
-from etp_testing._src.errors import PREFIX, RuleConsistencyError
+from etp_testing._src.errors import (PREFIX, RuleConsistencyError,
+                                     StrategyError)
 from etp_testing._src.runner import check_rules
 
 # Compiling for a new shape easily exceeds hypothesis's speed limits; these
@@ -176,6 +177,32 @@ def signature(operands, params) -> tuple:
   return ops, tuple(sorted((k, repr(v)) for k, v in params.items()))
 
 
+def _described(value) -> str:
+  """A drawn value, briefly: an array as ``float32[2, 1]``, anything else
+  by its type; a tuple or list by its first few entries."""
+  if isinstance(value, (tuple, list)):
+    shown = ', '.join(_described(v) for v in value[:4])
+    more = ', ...' if len(value) > 4 else ''
+    return f'{type(value).__name__} of {len(value)} ({shown}{more})'
+  if hasattr(value, 'shape') and hasattr(value, 'dtype'):
+    return f'{value.dtype}{list(np.shape(value))}'
+  return type(value).__name__
+
+
+def _case_parts(case, name: str) -> tuple:
+  """``(operands, params)`` of a case a strategy drew for primitive
+  ``name``; a :class:`StrategyError` (a ``TypeError``) saying what a
+  strategy draws where it drew anything else, instead of an error from deep
+  inside the checks."""
+  if (isinstance(case, tuple) and len(case) == 2
+      and isinstance(case[0], (tuple, list)) and isinstance(case[1], Mapping)):
+    return tuple(case[0]), dict(case[1])
+  raise StrategyError(
+      f'{PREFIX}the strategy for {name} drew a {_described(case)}; a '
+      'strategy draws (operands, params): a tuple of the operands and a '
+      'dict of the bind params ({} where there are none)')
+
+
 def _run_settings(settings, max_examples):
   """The settings of the run: the user's (or the active profile's), with
   ``deadline=None``, the speed health checks off and, without a user
@@ -283,7 +310,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
   start = time.perf_counter()
 
   def run(case):
-    operands, params = case
+    operands, params = _case_parts(case, name)
     calls[0] += 1
     report = check_rules(primitive, *operands, checks=checks,
                          seed=harness_seed, steps=steps, n_state=n_state,

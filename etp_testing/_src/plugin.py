@@ -27,7 +27,8 @@ import time
 import pytest
 
 from etp_testing._src.errors import (MACHINERY, PREFIX, RuleConsistencyError,
-                                     describe_exception, package_dirs)
+                                     StrategyError, describe_exception,
+                                     package_dirs)
 from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, NODE_ID, RESULT_KEY
 
 
@@ -190,7 +191,7 @@ class EtpCheckItem(pytest.Item):
                   f"{'; '.join(result.skip_reasons) or 'skipped'}")
 
   def repr_failure(self, excinfo, style=None):
-    if isinstance(excinfo.value, RuleConsistencyError):
+    if isinstance(excinfo.value, (RuleConsistencyError, StrategyError)):
       return message_repr(str(excinfo.value), self.label)
     if not self.config.getoption('fulltrace', False):
       excinfo.traceback = user_frames(excinfo.traceback)
