@@ -125,6 +125,14 @@ BROKEN = [
     ('init_pp_raises', dict(init_pp=_raise), 'init.pp', 'init_pp', None,
      f'init_pp raised ValueError: deliberately broken (n_state=1, '
      f'{_RAISE_AT})'),
+    # The array a dict should hold: every check that composes the rule (the
+    # reference executor's included) names it, not a pytree mismatch.
+    ('xy_to_dw_array', dict(xy_to_dw=lambda x, g, w, **p: dense._xy_to_dw(
+        x, g, w, **p)['weight']), 'drtrl.exact', 'xy_to_dw', None,
+     'xy_to_dw returned an array, expected a dict'),
+    ('yw_to_w_array', dict(yw_to_w=lambda g, t, **p: dense._yw_to_w(
+        g, t, **p)['weight']), 'drtrl.exact', 'yw_to_w', None,
+     'yw_to_w returned an array, expected a dict'),
 ]
 
 
@@ -162,6 +170,10 @@ def test_a_broken_rule_is_a_diagnosis(tag, build, check, rule, key, text):
   crashed = [(o.name, o.reason) for o in info.value.report.outcomes
              if o.status == 'error']
   assert not crashed, crashed
+  if tag.endswith('_array'):   # every check that failed blames the rule
+    blamed = {(o.name, f.rule) for o in info.value.report.outcomes
+              for f in o.findings if not f.passed}
+    assert blamed and {r for _, r in blamed} == {rule}, blamed
 
 
 def _xy_to_dw_with_a_shape_bug(x, g, weights, **params):

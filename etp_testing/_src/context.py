@@ -682,9 +682,9 @@ class CheckContext:
   def check_keys(self, rule_name: str, tree, expected_keys) -> None:
     """Fails unless ``tree`` is a dict with exactly ``expected_keys``."""
     if not isinstance(tree, Mapping):
-      raise RuleFailure(rule_name, f'{rule_name} returned '
-                        f'{type(tree).__name__}, expected a dict with keys '
-                        f'{sorted(expected_keys)}')
+      what = 'an array' if hasattr(tree, 'shape') else type(tree).__name__
+      raise RuleFailure(rule_name, f'{rule_name} returned {what}, expected a '
+                        f'dict with keys {sorted(expected_keys)}')
     got, want = set(tree), set(expected_keys)
     if got != want:
       raise RuleFailure(rule_name, f'{rule_name} returned keys {sorted(got)}, '

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +41,18 @@ PP_ALPHA = 0.7
 ELEMENT_WISE_FN = ('sin(w) + w**3 / 3', lambda w: jnp.sin(w) + w ** 3 / 3)
 
 
+# The rules that return a dict keyed by weight name (init_pp returns one
+# array): any other return would reach the executor's tree operations and
+# fail there, in words about pytrees.
+DICT_RULES = ('xy_to_dw', 'yw_to_w', 'init_drtrl', 'instant_drtrl',
+              'solve_drtrl')
+
+
 def _guarded(name, rule):
   @functools.wraps(rule)
   def call(*args, **kwargs):
     try:
-      return rule(*args, **kwargs)
+      out = rule(*args, **kwargs)
     except RuleFailure:
       raise
     except Exception as e:  # pylint: disable=broad-except
@@ -52,6 +60,11 @@ def _guarded(name, rule):
                 for a in args]
       raise RuleFailure(name, raised(
           name, e, f'argument shapes {shapes}')) from e
+    if name in DICT_RULES and not isinstance(out, Mapping):
+      what = 'an array' if hasattr(out, 'shape') else type(out).__name__
+      raise RuleFailure(name, f'{name} returned {what}, expected a dict '
+                        'keyed by weight name')
+    return out
   return call
 
 
