@@ -24,7 +24,8 @@ import etp
 from etp._src.arrays import to_jax
 from etp_testing._src import compilations, executor, tolerances
 from etp_testing._src.differences import abs_max, max_errors_and_scale, ratio
-from etp_testing._src.errors import CheckSkipped, RuleFailure, raised
+from etp_testing._src.errors import (CheckSkipped, RuleFailure, raised,
+                                     returned_kind)
 from etp_testing._src.report import Finding
 
 # Above this many Jacobian entries (output size x weight size), fast mode is
@@ -682,9 +683,9 @@ class CheckContext:
   def check_keys(self, rule_name: str, tree, expected_keys) -> None:
     """Fails unless ``tree`` is a dict with exactly ``expected_keys``."""
     if not isinstance(tree, Mapping):
-      what = 'an array' if hasattr(tree, 'shape') else type(tree).__name__
-      raise RuleFailure(rule_name, f'{rule_name} returned {what}, expected a '
-                        f'dict with keys {sorted(expected_keys)}')
+      raise RuleFailure(rule_name, f'{rule_name} returned '
+                        f'{returned_kind(tree)}, expected a dict with keys '
+                        f'{sorted(expected_keys)}')
     got, want = set(tree), set(expected_keys)
     if got != want:
       raise RuleFailure(rule_name, f'{rule_name} returned keys {sorted(got)}, '

@@ -103,6 +103,13 @@ def where_raised(error: BaseException) -> Optional[str]:
   return f'{path}:{frame.lineno} in {frame.name}'
 
 
+def returned_kind(value) -> str:
+  """What a rule returned, for a message: ``'an array'`` for anything with
+  a shape (a traced value's class name would mean nothing to its author),
+  else the type's name."""
+  return 'an array' if hasattr(value, 'shape') else type(value).__name__
+
+
 def raised(what: str, error: BaseException, detail: str = '') -> str:
   """``'<what> raised <Type>: <message> (<detail>, at <where>)'``, where as
   :func:`where_raised` finds it (the parts in brackets where known)."""

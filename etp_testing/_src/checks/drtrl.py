@@ -34,7 +34,7 @@ from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (absolute, compiled, jitted_bind,
                                       terms_or_none)
-from etp_testing._src.errors import RuleFailure, raised
+from etp_testing._src.errors import RuleFailure, raised, returned_kind
 
 PP_ALPHA = 0.7
 # The non-linear fn that drtrl.exact puts in front of gradient_enabled markers.
@@ -61,9 +61,8 @@ def _guarded(name, rule):
       raise RuleFailure(name, raised(
           name, e, f'argument shapes {shapes}')) from e
     if name in DICT_RULES and not isinstance(out, Mapping):
-      what = 'an array' if hasattr(out, 'shape') else type(out).__name__
-      raise RuleFailure(name, f'{name} returned {what}, expected a dict '
-                        'keyed by weight name')
+      raise RuleFailure(name, f'{name} returned {returned_kind(out)}, '
+                        'expected a dict keyed by weight name')
     return out
   return call
 
