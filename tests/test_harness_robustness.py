@@ -362,6 +362,27 @@ def test_a_hypothesis_run_on_which_every_check_skips_is_not_a_pass():
 
 
 
+
+@pytest.mark.parametrize('entry', ['assert_rule_consistent', 'check_rules',
+                                   'check_with_hypothesis'])
+def test_a_primitive_that_is_not_an_etp_one_is_a_usage_error(entry):
+  """Not a failed case with a snippet that re-runs it: there is nothing to
+  re-run.  An ETP primitive passes the same gate (every other test)."""
+  from hypothesis import strategies as st
+  x = np.ones(3, np.float32)
+  calls = {
+      'assert_rule_consistent': lambda: etp_testing.assert_rule_consistent(
+          jax.lax.add_p, x, x),
+      'check_rules': lambda: etp_testing.check_rules(jax.lax.add_p, x, x),
+      'check_with_hypothesis': lambda: etp_testing.check_with_hypothesis(
+          jax.lax.add_p, max_examples=1, strategy=st.just(((x, x), {}))),
+  }
+  with pytest.raises(TypeError) as e:
+    calls[entry]()
+  assert not isinstance(e.value, etp_testing.RuleConsistencyError)
+  assert str(e.value) == ('[etp_testing] add is not an ETP primitive (create '
+                          'it with etp.register_primitive)')
+
 _MV_OPERANDS = (np.ones(2, np.float32), np.ones((2, 3), np.float32))
 
 

@@ -34,7 +34,7 @@ from etp_testing._src import strategies
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.errors import (PREFIX, RuleConsistencyError,
                                      StrategyError)
-from etp_testing._src.runner import check_rules
+from etp_testing._src.runner import check_rules, require_etp_primitive
 
 # Compiling for a new shape easily exceeds hypothesis's speed limits; these
 # health checks would fail the run for that, not for a rule.
@@ -287,11 +287,13 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
 
   Raises:
     ValueError: no strategy for ``primitive``, or an unknown check name.
+    TypeError: ``primitive`` is not an ETP primitive.
     RuleConsistencyError: a check failed or errored on some example; the
       error is the minimal failing case hypothesis shrank to, with a line
       saying so, the number of examples run and how to replay.  Its
       ``.summary`` holds the examples seen before.
   """
+  require_etp_primitive(primitive)
   strategy = strategy if strategy is not None else (
       strategies.strategy_for(primitive))
   name = getattr(primitive, 'name', repr(primitive))

@@ -75,9 +75,6 @@ def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
   ``'bind'`` where binding fails, ``'operands'`` where the operands cannot
   be trained), or ``None``.  ``avals``: the operands' ``operand_avals``
   (``None``: ask for them here)."""
-  if not etp.is_etp_primitive(primitive):
-    return 'bind', (f'{primitive!r} is not an ETP primitive (create it with '
-                    'etp.register_primitive)')
   try:
     y_aval(primitive, operands, params, avals)
   except Exception as e:  # pylint: disable=broad-except
@@ -145,14 +142,24 @@ def _reject_quantities(name: str, operands) -> None:
           "'units' check covers the unit-aware functions.")
 
 
+def require_etp_primitive(primitive) -> None:
+  """Raises ``TypeError`` unless ``primitive`` is an ETP primitive: a
+  usage error, not a case whose checks fail."""
+  if not etp.is_etp_primitive(primitive):
+    raise TypeError(f'{PREFIX}{getattr(primitive, "name", primitive)!s} is '
+                    'not an ETP primitive (create it with '
+                    'etp.register_primitive)')
+
+
 def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                 seed: int = 0, steps: int = 3, n_state: Sequence[int] = (1, 2),
                 devices='all', fast=None,
                 **params) -> ConsistencyReport:
   """Like :func:`assert_rule_consistent`, but returns the report, never raises
-  for failed checks (only for unknown check names and ``saiunit``
-  quantities as operands)."""
+  for failed checks (only for unknown check names, a primitive that is not
+  an ETP one and ``saiunit`` quantities as operands)."""
   names = check_registry.select(checks)
+  require_etp_primitive(primitive)
   n_states = (n_state,) if isinstance(n_state, int) else tuple(n_state)
   name = getattr(primitive, 'name', repr(primitive))
   _reject_quantities(name, operands)
@@ -235,7 +242,8 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
       occur, and a snippet that reproduces the case; ``.report`` holds it all.
     NothingCheckedError: (a ``RuleConsistencyError``) every selected check
       was skipped, so nothing was proven; the message gives each reason.
-    TypeError: an operand is a ``saiunit`` quantity (pass its mantissa).
+    TypeError: ``primitive`` is not an ETP primitive, or an operand is a
+      ``saiunit`` quantity (pass its mantissa).
     ValueError: an unknown check name.
   """
   report = check_rules(primitive, *operands, checks=checks, rtol=rtol,
