@@ -383,6 +383,73 @@ def test_a_primitive_that_is_not_an_etp_one_is_a_usage_error(entry):
   assert str(e.value) == ('[etp_testing] add is not an ETP primitive (create '
                           'it with etp.register_primitive)')
 
+
+def _nan_at(a, index):
+  a = np.array(a)
+  a[index] = np.nan
+  return a
+
+
+@pytest.mark.parametrize('where', ['nan-x', 'inf-weight-on-device'])
+def test_non_finite_operands_are_the_case_s_fault_not_a_rule_s(where):
+  """Right rules on NaN or inf operands: one operands error naming the
+  operand, the count and where; no check runs to blame a rule."""
+  x, w = _operands()
+  if where == 'nan-x':
+    ops, i, text = [_nan_at(x, (1, 2)), w], 0, '1 NaN or inf value(s), the ' \
+        'first at index (1, 2)'
+  else:
+    ops, i, text = [x, jnp.full(w.shape, jnp.inf, w.dtype)], 1, \
+        f'{w.size} NaN or inf value(s), the first at index (0, 0)'
+  report = etp_testing.check_rules(etp.etp_mm_p, *ops, has_bias=False)
+  assert [(o.name, o.status) for o in report.outcomes] == [
+      ('operands', 'error')]
+  assert report.outcomes[0].reason.startswith(
+      f'operand {i} of etp_mm (float32{list(ops[i].shape)}) holds {text}')
+  assert 'allow_nan=False' in report.outcomes[0].reason
+  assert etp_testing.check_rules(etp.etp_mm_p, x, w, has_bias=False).passed
+
+
+def test_a_case_whose_y_overflows_says_so_before_the_failures():
+  """Finite operands whose product overflows float32: the checks fail (the
+  comparisons hold inf), and the report says first that y is not finite, so
+  the failures may say nothing about the rules."""
+  x = np.full((2, 3), 3e38, np.float32)
+  w = np.full((3, 4), 2.0, np.float32)
+  report = etp_testing.check_rules(etp.etp_mm_p, x, w, has_bias=False)
+  first = report.outcomes[0]
+  assert (first.name, first.status) == ('operands', 'error')
+  assert first.reason.startswith('y = etp_mm(operands) (float32[2, 4]) holds '
+                                 '8 NaN or inf value(s), the first at index '
+                                 '(0, 0): the case overflows its dtype')
+  assert len(report.failures) > 1
+  message = report.failure_message()
+  assert message.index('overflows its dtype') < message.index(
+      '- xy_to_dw.vjp (failed)')
+  # A failing case whose y is finite gets no such note.
+  prim = _make('sign_for_overflow', xy_to_dw=_with_weight(lambda v: -v))
+  report = etp_testing.check_rules(prim, *_operands(), has_bias=False)
+  assert report.failures and all(o.name != 'operands'
+                                 for o in report.outcomes)
+
+
+def test_hypothesis_s_default_float_arrays_end_in_the_operands_not_a_rule():
+  """A user's strategy from ``hypothesis.extra.numpy.arrays`` with its
+  default elements draws NaN, inf and huge values; with right rules, the
+  minimal failing case hypothesis reports blames the operands."""
+  from hypothesis import strategies as st
+  from hypothesis.extra import numpy as hnp
+  strategy = st.tuples(st.tuples(hnp.arrays(np.float32, (2, 3)),
+                                 hnp.arrays(np.float32, (3, 4))),
+                       st.just({'has_bias': False}))
+  with pytest.raises(etp_testing.RuleConsistencyError) as e:
+    etp_testing.check_with_hypothesis(
+        etp.etp_mm_p, max_examples=50, seed=0, strategy=strategy,
+        checks=['xy_to_dw.vjp', 'primitive.jit'])
+  message = str(e.value)
+  assert '- operands (error): ' in message and 'NaN or inf value(s)' in (
+      message), message
+
 _MV_OPERANDS = (np.ones(2, np.float32), np.ones((2, 3), np.float32))
 
 

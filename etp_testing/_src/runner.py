@@ -12,11 +12,12 @@ import numpy as np
 
 import etp
 from etp_testing._src import checks as _checks  # registers the checks
-from etp_testing._src import compilations
+from etp_testing._src import compilations, executor, strategies
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import (CheckContext, dtype_str,
-                                      operand_avals, x64_enabled, y_aval)
+                                      jitted_bind, operand_avals,
+                                      x64_enabled, y_aval)
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
                                      NothingCheckedError,
                                      RuleConsistencyError, RuleFailure,
@@ -70,10 +71,57 @@ def _wants_x64(operands) -> bool:
   return any(o.dtype == np.float64 for o in operands)
 
 
+@functools.lru_cache(maxsize=2)
+def _non_finite_counter(small: bool):
+  """A jitted ``a -> (non-finite count, flat index of the first)``, for
+  operands already on a device (not copied to the host for it)."""
+  def count(a):
+    finite = jnp.isfinite(a).ravel()
+    return jnp.sum(~finite), jnp.argmin(finite)
+  return compilations.jit(count, small=small)
+
+
+def _non_finite(operand, small: bool) -> Optional[tuple]:
+  """``(count, index)`` of an inexact operand's NaN and inf values (the
+  first one's index), or ``None`` where it has none."""
+  if not jnp.issubdtype(operand.dtype, jnp.inexact) or not np.size(operand):
+    return None
+  if isinstance(operand, np.ndarray):
+    finite = np.isfinite(operand).ravel()
+    count, first = int(finite.size - finite.sum()), int(np.argmin(finite))
+  else:
+    count, first = (int(v) for v in _non_finite_counter(small)(operand))
+  if not count:
+    return None
+  return count, tuple(int(i) for i in np.unravel_index(first,
+                                                        np.shape(operand)))
+
+
+def _overflow(ctx) -> Optional[str]:
+  """Why a failed case may say nothing about the rules: its ``y`` holds NaN
+  or inf (finite operands whose product overflows the dtype), or ``None``.
+  Asked only once a check has failed, through the jitted bind the checks
+  compile (``primitive.jit`` has, where it ran)."""
+  try:   # on the operands where they are: no host copy for this
+    y = executor.y_of_outputs(ctx.primitive,
+                              jitted_bind(ctx)(list(ctx.device_operands)))
+  except Exception:  # pylint: disable=broad-except
+    return None   # the checks have said what the bind raises
+  bad = _non_finite(y, ctx.small)
+  if bad is None:
+    return None
+  return (f'y = {ctx.name}(operands) ({dtype_str(y.dtype)}'
+          f'{list(np.shape(y))}) holds {bad[0]} NaN or inf value(s), the '
+          f'first at index {bad[1]}: the case overflows its dtype, so the '
+          'failures below may say nothing about the rules; draw operands of '
+          'moderate size (etp_testing.strategies.arrays_of draws magnitudes in '
+          f'[{strategies.MIN_MAGNITUDE}, {strategies.MAX_MAGNITUDE}])')
+
+
 def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
   """``(what, why)``: why the case cannot be checked (``what`` is
   ``'bind'`` where binding fails, ``'operands'`` where the operands cannot
-  be trained), or ``None``.  ``avals``: the operands' ``operand_avals``
+  be trained or hold NaN or inf), or ``None``.  ``avals``: the operands' ``operand_avals``
   (``None``: ask for them here)."""
   try:
     y_aval(primitive, operands, params, avals)
@@ -92,6 +140,21 @@ def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
           f'{dtype}: gradients, and so the rules, are defined for floating '
           'weights only; pass it as a float array (an operand that is not '
           'trained belongs in aux_invars_fn)')
+  # A NaN or inf operand (hypothesis.extra.numpy.arrays draws them unless
+  # told not to) makes the gradients non-finite: every check would blame a
+  # rule that is right.
+  small = compilations.is_small(operands)
+  for i, o in enumerate(operands):
+    bad = _non_finite(o, small)
+    if bad is not None:
+      return 'operands', (
+          f'operand {i} of {primitive.name} ({dtype_str(o.dtype)}'
+          f'{list(np.shape(o))}) holds {bad[0]} NaN or inf value(s), the '
+          f'first at index {bad[1]}: gradients there are not finite, so '
+          'the checks cannot judge the rules; draw finite operands '
+          '(etp_testing.strategies.arrays_of does; hypothesis.extra.numpy.'
+          'arrays needs elements=st.floats(..., allow_nan=False, '
+          'allow_infinity=False))')
   return None
 
 
@@ -196,6 +259,11 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                          devices=device_list, fast=fast, avals=avals)
       for check_name in names:
         report.outcomes.append(run_check(check_name, ctx))
+      overflow = _overflow(ctx) if report.failures else None
+      if overflow is not None:
+        report.outcomes.insert(0, CheckOutcome(
+            name='operands', status=ERROR, reason=overflow,
+            findings=[Finding(rule='y', passed=False, message=overflow)]))
   finally:
     # Leave global state as found, whatever a check or rule did to it.
     jax.config.update('jax_enable_x64', old_x64)
