@@ -279,6 +279,32 @@ def test_jvp_catches_a_jvp_rule_wrong_only_at_second_order():
   assert all('second order' in f.message for f in hits)
 
 
+
+# Operands whose y is large beside its derivative: central differences in
+# float64 then carry rounding of about u |y| / eps, above the 'fd' bound of
+# the derivative alone (hypothesis found it, drawing floats up to 1e6).
+_LARGE_Y_CASE = ([np.array([[0.0]], np.float32),
+                  np.array([[350028.0, 350028.0]], np.float32)],
+                 {'has_bias': False})
+
+
+@pytest.mark.parametrize('scale', [1.0, 1.001], ids=['right', 'off-by-0.1%'])
+def test_jvp_finite_differences_allow_for_their_own_rounding(scale):
+  """The right JVP rule passes where y is large beside J v (second order
+  came to 1.6 of the bound before); one off by 0.1 % is still caught."""
+  prim = _dense_clone(f'jvp_large_y_{scale}', batched=True)
+  ad.primitive_jvps[prim] = _jvp_with(
+      prim, lambda p, t, **kw: scale * _true_tangent(p, t, **kw))
+  report = _run(prim, _LARGE_Y_CASE, ['primitive.jvp'], seed=3)
+  if scale == 1.0:
+    _assert_passed(report, 'primitive.jvp')
+    second, = [f for f in report.outcome('primitive.jvp').findings
+               if f.message.startswith('second order: jax.jvp')]
+    assert 'summed terms' in second.describe()   # the rounding floor applied
+  else:
+    _assert_failed(report, 'primitive.jvp', 'jvp',
+                   contains='central differences')
+
 def test_jvp_reverse_mode_catches_a_wrong_transpose():
   # The JVP binds the primitive on the tangents (tx @ W + x @ tW), so
   # reverse mode transposes the primitive; a transpose that doubles its

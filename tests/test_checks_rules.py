@@ -451,6 +451,24 @@ def test_jacrev_fast_mode_sees_rules_registered_again():
   assert 'returned shape (4, 2)' in outcome.findings[0].message
 
 
+
+@pytest.mark.parametrize('factor', [1.0, 1.001], ids=['right', 'off-by-0.1%'])
+def test_fd_allows_for_the_differences_own_rounding(factor):
+  """A weight of 131073 beside an input of 1: the differences of impl carry
+  rounding of about u |y| / eps, which the right xy_to_dw missed the bound
+  by (1.11 of it; hypothesis found it drawing floats up to 1e6).  The bound
+  now covers it; a rule off by 0.1 % is still caught there."""
+  prim = dense_variant(xy_to_dw=xy_scaled_by(factor))
+  report = etp_testing.check_rules(
+      prim, np.array([[1.0]], np.float32), np.array([[131073.0]], np.float32),
+      checks=['xy_to_dw.fd'], seed=3, has_bias=False)
+  outcome = report.outcome('xy_to_dw.fd')
+  if factor == 1.0:
+    assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+    assert 'summed terms' in outcome.findings[0].describe()
+  else:
+    assert_caught(outcome, 'xy_to_dw', 'weight')
+
 @pytest.mark.parametrize('broken', [None, xy_scaled])
 def test_jacrev_fast_mode_leaves_device_operands_on_the_device(monkeypatch,
                                                                broken):

@@ -57,8 +57,30 @@ FD = {
 }
 # Step of the central differences, relative to the direction's unit norm.
 FD_EPS = 1e-5
+# Rounding units of y per evaluation that fd_rounding_scale allows (y sums
+# its terms: a few units of each, for the sums of the built-ins' sizes).
+FD_ROUNDING_UNITS = 8
 
 TABLES = {'exact': EXACT, 'fd': FD}
+
+
+def fd_rounding_scale(term_size) -> float:
+  """The scale at which the ``'fd'`` bound covers the rounding of the
+  differences themselves.
+
+  Each side of ``P(w + eps v) - P(w - eps v)`` rounds, in float64, to about
+  ``u`` times the size of the terms ``T`` that ``P`` sums (``u`` float64's
+  epsilon); divided by ``2 eps`` that is ``u T / eps``.  ``term_size`` is
+  ``T`` for the compared values: ``max T`` element-wise, ``<|g|, T>`` for
+  a dot with ``g``.  Negligible for moderate operands (``T ~ 1``:
+  ``1e-11``, against the bound's ``1e-6``), it is what a correct rule
+  missed the bound by where ``P`` is large beside its derivative (a
+  float32 weight of 131073 and an input of 1: ``1.1`` of the bound without
+  it).  As a ``term_scale``: ``FD_ROUNDING_UNITS u T / (eps rtol)``.
+  """
+  rtol = FD['float64'][0]
+  u = float(np.finfo(np.float64).eps)
+  return FD_ROUNDING_UNITS * u * float(term_size) / (FD_EPS * rtol)
 
 
 def dtype_name(dtype) -> str:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp_testing._src import executor, tolerances
+from etp_testing._src.differences import abs_max
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (absolute, compiled, jitted_bind,
                                       shape_of, terms_or_none, to_float64,
@@ -261,19 +262,31 @@ def check_jvp(ctx):
     except Exception:  # pylint: disable=broad-except
       r = _jvp_stepwise(ctx, diff, eps, *args)
     r = jax.tree.map(lambda v: np.asarray(v, np.float64), r)
+    # The differences' own rounding (tolerances.fd_rounding_scale) from the
+    # size of the terms each side sums: a small case's program again on
+    # absolute values (same shapes: nothing to compile), else the values.
+    sizes = (terms_or_none(_jvp_all(ctx, diff, eps), *absolute(args))
+             if ctx.small else None)
+    sizes = jax.tree.map(lambda v: np.abs(np.asarray(v, np.float64)),
+                         r if sizes is None else sizes)
+    first_rounding = tolerances.fd_rounding_scale(abs_max(sizes['y']))
+    second_rounding = tolerances.fd_rounding_scale(
+        max(abs_max(sizes['jvp_of+']), abs_max(sizes['jvp_of-'])))
     names = ', '.join(f'operand {i}' for i in diff)
     y_out, jv = r['jvp']
     # First order, forward: J v vs central differences of impl.
     ctx.compare(y_out, r['y'], rule='jvp', what='primal output of '
                 'jax.jvp(bind) vs impl')
     ctx.compare(jv, (r['impl+'] - r['impl-']) / (2 * eps), rule='jvp',
-                kind='fd', what=f'jax.jvp(bind) along random tangents of '
+                kind='fd', term_scale=first_rounding,
+                what=f'jax.jvp(bind) along random tangents of '
                 f'{names} vs central differences of impl')
     # First order, reverse: <u, J v> == <J^T u, v>.
     _dot_product_test(ctx, *_dots(r['vjp'], tangents, us, jv), 'first order')
     # Second order: the JVP function p -> J(p) v, differentiated once more.
     ctx.compare(r['jvp2'], (r['jvp_of+'] - r['jvp_of-']) / (2 * eps),
-                rule='jvp', kind='fd', what='second order: jax.jvp of the JVP '
+                rule='jvp', kind='fd', term_scale=second_rounding,
+                what='second order: jax.jvp of the JVP '
                 'function vs central differences of the JVP function')
     _dot_product_test(ctx, *_dots(r['vjp2'], w, ws, r['jvp2']),
                       'second order')

@@ -402,6 +402,11 @@ def check_fd(ctx):
     index_of = ctx.primitive.trainable_invars(ctx.params)
     impl = impl_y(ctx)
     eps = tolerances.FD_EPS
+    # The size of y's terms (impl on absolute values; same shapes, nothing
+    # new to compile): where y is large beside its derivative, the
+    # differences' own rounding sets the bound (tolerances.fd_rounding_scale).
+    rounding = tolerances.fd_rounding_scale(np.vdot(
+        np.abs(g), np.abs(np.asarray(impl(absolute(ops)), np.float64))))
     for k, w in weights.items():
       grad_k = np.asarray(grads[k], np.float64)
       if not _shaped_like(ctx, k, grad_k, w):
@@ -419,5 +424,6 @@ def check_fd(ctx):
         rule_dd.append(np.vdot(grad_k, v))
         fd_dd.append(np.vdot(g, y_dot))
       ctx.compare(np.array(rule_dd), np.array(fd_dd), rule='xy_to_dw', key=k,
-                  kind='fd', what=f'<xy_to_dw, v> vs finite differences of '
+                  kind='fd', term_scale=rounding,
+                  what=f'<xy_to_dw, v> vs finite differences of '
                   f'impl along {FD_DIRECTIONS} random directions (float64)')
