@@ -79,6 +79,12 @@ def test_init_checks_compile_one_program_per_variant(checks, programs):
     # The Jacobian columns of the weight and the bias under one program, and
     # the yw_to_w rule's program: 2 (3 with a program of columns per weight).
     ('yw_to_w.anchor', 12, 2),
+    # The rule and impl in float64; impl on absolute values too, for the
+    # differences' rounding, with the same program: 2 (3 when it passed
+    # its operands as a tuple, not the list the differences pass).
+    ('xy_to_dw.fd', 19, 2),
+    # Every quantity in one program, run again on absolute values: 1.
+    ('primitive.jvp', 20, 1),
 ])
 def test_a_check_compiles_its_programs_once_per_signature(checks, n_out,
                                                           programs):

@@ -402,11 +402,12 @@ def check_fd(ctx):
     index_of = ctx.primitive.trainable_invars(ctx.params)
     impl = impl_y(ctx)
     eps = tolerances.FD_EPS
-    # The size of y's terms (impl on absolute values; same shapes, nothing
-    # new to compile): where y is large beside its derivative, the
-    # differences' own rounding sets the bound (tolerances.fd_rounding_scale).
+    # The size of y's terms (impl on absolute values; the same shapes in
+    # the same list as below, so nothing new to compile): where y is large
+    # beside its derivative, the differences' own rounding sets the bound
+    # (tolerances.fd_rounding_scale).
     rounding = tolerances.fd_rounding_scale(np.vdot(
-        np.abs(g), np.abs(np.asarray(impl(absolute(ops)), np.float64))))
+        np.abs(g), np.abs(np.asarray(impl(absolute(list(ops))), np.float64))))
     for k, w in weights.items():
       grad_k = np.asarray(grads[k], np.float64)
       if not _shaped_like(ctx, k, grad_k, w):
