@@ -267,11 +267,11 @@ def check_jvp(ctx):
     # absolute values (same shapes: nothing to compile), else the values.
     sizes = (terms_or_none(_jvp_all(ctx, diff, eps), *absolute(args))
              if ctx.small else None)
-    sizes = jax.tree.map(lambda v: np.abs(np.asarray(v, np.float64)),
-                         r if sizes is None else sizes)
-    first_rounding = tolerances.fd_rounding_scale(abs_max(sizes['y']))
+    sizes = r if sizes is None else sizes
+    size = lambda name: abs_max(np.asarray(sizes[name], np.float64))
+    first_rounding = tolerances.fd_rounding_scale(size('y'))
     second_rounding = tolerances.fd_rounding_scale(
-        max(abs_max(sizes['jvp_of+']), abs_max(sizes['jvp_of-'])))
+        max(size('jvp_of+'), size('jvp_of-')))
     names = ', '.join(f'operand {i}' for i in diff)
     y_out, jv = r['jvp']
     # First order, forward: J v vs central differences of impl.
