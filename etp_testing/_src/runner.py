@@ -97,6 +97,13 @@ def _non_finite(operand, small: bool) -> Optional[tuple]:
                                                         np.shape(operand)))
 
 
+def _non_finite_text(label: str, value, bad: tuple) -> str:
+  """``'<label> (<dtype>[shape]) holds <n> NaN or inf value(s), the first
+  at index <i>'`` for ``bad``, what :func:`_non_finite` found in it."""
+  return (f'{label} ({dtype_str(value.dtype)}{list(np.shape(value))}) holds '
+          f'{bad[0]} NaN or inf value(s), the first at index {bad[1]}')
+
+
 def _overflow(ctx) -> Optional[str]:
   """Why a failed case may say nothing about the rules: its ``y`` holds NaN
   or inf (finite operands whose product overflows the dtype), or ``None``.
@@ -110,19 +117,18 @@ def _overflow(ctx) -> Optional[str]:
   bad = _non_finite(y, ctx.small)
   if bad is None:
     return None
-  return (f'y = {ctx.name}(operands) ({dtype_str(y.dtype)}'
-          f'{list(np.shape(y))}) holds {bad[0]} NaN or inf value(s), the '
-          f'first at index {bad[1]}: the case overflows its dtype, so the '
-          'failures below may say nothing about the rules; draw operands of '
-          'moderate size (etp_testing.strategies.arrays_of draws magnitudes in '
+  return (_non_finite_text(f'y = {ctx.name}(operands)', y, bad) + ': the '
+          'case overflows its dtype, so the failures below may say nothing '
+          'about the rules; draw operands of moderate size '
+          '(etp_testing.strategies.arrays_of draws magnitudes in '
           f'[{strategies.MIN_MAGNITUDE}, {strategies.MAX_MAGNITUDE}])')
 
 
 def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
   """``(what, why)``: why the case cannot be checked (``what`` is
   ``'bind'`` where binding fails, ``'operands'`` where the operands cannot
-  be trained or hold NaN or inf), or ``None``.  ``avals``: the operands' ``operand_avals``
-  (``None``: ask for them here)."""
+  be trained or hold NaN or inf), or ``None``.  ``avals``: the operands'
+  ``operand_avals`` (``None``: ask for them here)."""
   try:
     y_aval(primitive, operands, params, avals)
   except Exception as e:  # pylint: disable=broad-except
@@ -148,10 +154,9 @@ def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
     bad = _non_finite(o, small)
     if bad is not None:
       return 'operands', (
-          f'operand {i} of {primitive.name} ({dtype_str(o.dtype)}'
-          f'{list(np.shape(o))}) holds {bad[0]} NaN or inf value(s), the '
-          f'first at index {bad[1]}: gradients there are not finite, so '
-          'the checks cannot judge the rules; draw finite operands '
+          _non_finite_text(f'operand {i} of {primitive.name}', o, bad) +
+          ': gradients there are not finite, so the checks cannot judge '
+          'the rules; draw finite operands '
           '(etp_testing.strategies.arrays_of does; hypothesis.extra.numpy.'
           'arrays needs elements=st.floats(..., allow_nan=False, '
           'allow_infinity=False))')
