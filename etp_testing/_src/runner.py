@@ -104,6 +104,25 @@ def _non_finite_text(label: str, value, bad: tuple) -> str:
           f'{bad[0]} NaN or inf value(s), the first at index {bad[1]}')
 
 
+def _non_finite_operands(ctx) -> Optional[str]:
+  """Why a failed case says nothing about the rules: an operand holds NaN
+  or inf (``hypothesis.extra.numpy.arrays`` draws them unless told not to),
+  so the gradients are not finite and every check blames a right rule; or
+  ``None``.  Asked only once a check has failed (a comparison with a
+  non-finite value always fails), so a passing case, a large layer's
+  included, pays nothing for it."""
+  for i, o in enumerate(ctx.device_operands):
+    bad = _non_finite(o, ctx.small)
+    if bad is not None:
+      return (_non_finite_text(f'operand {i} of {ctx.name}', o, bad) +
+              ': gradients there are not finite, so the checks cannot judge '
+              'the rules; draw finite operands '
+              '(etp_testing.strategies.arrays_of does; hypothesis.extra.'
+              'numpy.arrays needs elements=st.floats(..., allow_nan=False, '
+              'allow_infinity=False))')
+  return None
+
+
 def _overflow(ctx) -> Optional[str]:
   """Why a failed case may say nothing about the rules: its ``y`` holds NaN
   or inf (finite operands whose product overflows the dtype), or ``None``.
@@ -124,11 +143,32 @@ def _overflow(ctx) -> Optional[str]:
           f'[{strategies.MIN_MAGNITUDE}, {strategies.MAX_MAGNITUDE}])')
 
 
+def _blame_the_case(ctx, report) -> None:
+  """Where a failed case's operands are not finite, its outcomes are only
+  that (none of the checks' failures says anything about the rules); where
+  its ``y`` overflows, that comes first, before the failures it may
+  explain."""
+  problem = _non_finite_operands(ctx)
+  if problem is not None:
+    report.outcomes[:] = [_case_error('operands', problem)]
+    return
+  overflow = _overflow(ctx)
+  if overflow is not None:
+    report.outcomes.insert(0, _case_error('y', overflow))
+
+
+def _case_error(rule: str, problem: str) -> CheckOutcome:
+  """The ``operands`` outcome of a case that cannot be judged."""
+  return CheckOutcome(name='operands', status=ERROR, reason=problem,
+                      findings=[Finding(rule=rule, passed=False,
+                                        message=problem)])
+
+
 def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
   """``(what, why)``: why the case cannot be checked (``what`` is
   ``'bind'`` where binding fails, ``'operands'`` where the operands cannot
-  be trained or hold NaN or inf), or ``None``.  ``avals``: the operands'
-  ``operand_avals`` (``None``: ask for them here)."""
+  be trained), or ``None``.  ``avals``: the operands' ``operand_avals``
+  (``None``: ask for them here)."""
   try:
     y_aval(primitive, operands, params, avals)
   except Exception as e:  # pylint: disable=broad-except
@@ -146,20 +186,6 @@ def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
           f'{dtype}: gradients, and so the rules, are defined for floating '
           'weights only; pass it as a float array (an operand that is not '
           'trained belongs in aux_invars_fn)')
-  # A NaN or inf operand (hypothesis.extra.numpy.arrays draws them unless
-  # told not to) makes the gradients non-finite: every check would blame a
-  # rule that is right.
-  small = compilations.is_small(operands)
-  for i, o in enumerate(operands):
-    bad = _non_finite(o, small)
-    if bad is not None:
-      return 'operands', (
-          _non_finite_text(f'operand {i} of {primitive.name}', o, bad) +
-          ': gradients there are not finite, so the checks cannot judge '
-          'the rules; draw finite operands '
-          '(etp_testing.strategies.arrays_of does; hypothesis.extra.numpy.'
-          'arrays needs elements=st.floats(..., allow_nan=False, '
-          'allow_infinity=False))')
   return None
 
 
@@ -254,21 +280,15 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
         avals = None     # not JAX types: _validate_case says so
       invalid = _validate_case(primitive, operands, params, avals)
       if invalid is not None:
-        what, problem = invalid
-        report.outcomes.append(CheckOutcome(
-            name='operands', status=ERROR, reason=problem,
-            findings=[Finding(rule=what, passed=False, message=problem)]))
+        report.outcomes.append(_case_error(*invalid))
         return report
       ctx = CheckContext(primitive, operands, params, seed=seed, steps=steps,
                          n_states=n_states, rtol=rtol, atol=atol,
                          devices=device_list, fast=fast, avals=avals)
       for check_name in names:
         report.outcomes.append(run_check(check_name, ctx))
-      overflow = _overflow(ctx) if report.failures else None
-      if overflow is not None:
-        report.outcomes.insert(0, CheckOutcome(
-            name='operands', status=ERROR, reason=overflow,
-            findings=[Finding(rule='y', passed=False, message=overflow)]))
+      if report.failures:
+        _blame_the_case(ctx, report)
   finally:
     # Leave global state as found, whatever a check or rule did to it.
     jax.config.update('jax_enable_x64', old_x64)
