@@ -408,14 +408,14 @@ def test_non_finite_operands_are_the_case_s_fault_not_a_rule_s(where):
   assert report.outcomes[0].reason.startswith(
       f'operand {i} of etp_mm (float32{list(ops[i].shape)}) holds {text}')
   assert 'allow_nan=False' in report.outcomes[0].reason
-  from etp_testing._src import runner
+  from etp_testing._src import case_faults
   scanned = []
-  real = runner._non_finite
-  runner._non_finite = lambda *a: scanned.append(1) or real(*a)
+  real = case_faults.non_finite
+  case_faults.non_finite = lambda *a: scanned.append(1) or real(*a)
   try:
     assert etp_testing.check_rules(etp.etp_mm_p, x, w, has_bias=False).passed
   finally:
-    runner._non_finite = real
+    case_faults.non_finite = real
   assert scanned == []
 
 

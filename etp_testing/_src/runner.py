@@ -12,18 +12,17 @@ import numpy as np
 
 import etp
 from etp_testing._src import checks as _checks  # registers the checks
-from etp_testing._src import compilations, executor, strategies
+from etp_testing._src import case_faults, compilations
 from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import (CheckContext, dtype_str,
-                                      jitted_bind, operand_avals,
-                                      x64_enabled, y_aval)
+                                      operand_avals, x64_enabled, y_aval)
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
                                      NothingCheckedError,
                                      RuleConsistencyError, RuleFailure,
                                      raised)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
-                                     CheckOutcome, ConsistencyReport, Finding)
+                                     CheckOutcome, ConsistencyReport)
 
 del _checks
 
@@ -69,99 +68,6 @@ def _operand_info(operands) -> list:
 
 def _wants_x64(operands) -> bool:
   return any(o.dtype == np.float64 for o in operands)
-
-
-@functools.lru_cache(maxsize=2)
-def _non_finite_counter(small: bool):
-  """A jitted ``a -> (non-finite count, flat index of the first)``, for
-  operands already on a device (not copied to the host for it)."""
-  def count(a):
-    finite = jnp.isfinite(a).ravel()
-    return jnp.sum(~finite), jnp.argmin(finite)
-  return compilations.jit(count, small=small)
-
-
-def _non_finite(operand, small: bool) -> Optional[tuple]:
-  """``(count, index)`` of an inexact operand's NaN and inf values (the
-  first one's index), or ``None`` where it has none."""
-  if not jnp.issubdtype(operand.dtype, jnp.inexact) or not np.size(operand):
-    return None
-  if isinstance(operand, np.ndarray):
-    finite = np.isfinite(operand).ravel()
-    count, first = int(finite.size - finite.sum()), int(np.argmin(finite))
-  else:
-    count, first = (int(v) for v in _non_finite_counter(small)(operand))
-  if not count:
-    return None
-  return count, tuple(int(i) for i in np.unravel_index(first,
-                                                        np.shape(operand)))
-
-
-def _non_finite_text(label: str, value, bad: tuple) -> str:
-  """``'<label> (<dtype>[shape]) holds <n> NaN or inf value(s), the first
-  at index <i>'`` for ``bad``, what :func:`_non_finite` found in it."""
-  return (f'{label} ({dtype_str(value.dtype)}{list(np.shape(value))}) holds '
-          f'{bad[0]} NaN or inf value(s), the first at index {bad[1]}')
-
-
-def _non_finite_operands(ctx) -> Optional[str]:
-  """Why a failed case says nothing about the rules: an operand holds NaN
-  or inf (``hypothesis.extra.numpy.arrays`` draws them unless told not to),
-  so the gradients are not finite and every check blames a right rule; or
-  ``None``.  Asked only once a check has failed (a comparison with a
-  non-finite value always fails), so a passing case, a large layer's
-  included, pays nothing for it."""
-  for i, o in enumerate(ctx.device_operands):
-    bad = _non_finite(o, ctx.small)
-    if bad is not None:
-      return (_non_finite_text(f'operand {i} of {ctx.name}', o, bad) +
-              ': gradients there are not finite, so the checks cannot judge '
-              'the rules; draw finite operands '
-              '(etp_testing.strategies.arrays_of does; hypothesis.extra.'
-              'numpy.arrays needs elements=st.floats(..., allow_nan=False, '
-              'allow_infinity=False))')
-  return None
-
-
-def _overflow(ctx) -> Optional[str]:
-  """Why a failed case may say nothing about the rules: its ``y`` holds NaN
-  or inf (finite operands whose product overflows the dtype), or ``None``.
-  Asked only once a check has failed, through the jitted bind the checks
-  compile (``primitive.jit`` has, where it ran)."""
-  try:   # on the operands where they are: no host copy for this
-    y = executor.y_of_outputs(ctx.primitive,
-                              jitted_bind(ctx)(list(ctx.device_operands)))
-  except Exception:  # pylint: disable=broad-except
-    return None   # the checks have said what the bind raises
-  bad = _non_finite(y, ctx.small)
-  if bad is None:
-    return None
-  return (_non_finite_text(f'y = {ctx.name}(operands)', y, bad) + ': the '
-          'case overflows its dtype, so the failures below may say nothing '
-          'about the rules; draw operands of moderate size '
-          '(etp_testing.strategies.arrays_of draws magnitudes in '
-          f'[{strategies.MIN_MAGNITUDE}, {strategies.MAX_MAGNITUDE}])')
-
-
-def _blame_the_case(ctx, report) -> None:
-  """Where a failed case's operands are not finite, its outcomes are only
-  that (none of the checks' failures says anything about the rules); where
-  its ``y`` overflows, that comes first, before the failures it may
-  explain."""
-  problem = _non_finite_operands(ctx)
-  if problem is not None:
-    report.outcomes[:] = [_case_error('operands', problem)]
-    return
-  overflow = _overflow(ctx)
-  if overflow is not None:
-    report.outcomes.insert(0, _case_error('y', overflow))
-
-
-def _case_error(rule: str, problem: str) -> CheckOutcome:
-  """The ``operands`` outcome of a case that cannot be judged."""
-  return CheckOutcome(name='operands', status=ERROR, reason=problem,
-                      findings=[Finding(rule=rule, passed=False,
-                                        message=problem)])
 
 
 def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
@@ -280,7 +186,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
         avals = None     # not JAX types: _validate_case says so
       invalid = _validate_case(primitive, operands, params, avals)
       if invalid is not None:
-        report.outcomes.append(_case_error(*invalid))
+        report.outcomes.append(case_faults.case_error(*invalid))
         return report
       ctx = CheckContext(primitive, operands, params, seed=seed, steps=steps,
                          n_states=n_states, rtol=rtol, atol=atol,
@@ -288,7 +194,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
       for check_name in names:
         report.outcomes.append(run_check(check_name, ctx))
       if report.failures:
-        _blame_the_case(ctx, report)
+        case_faults.blame_the_case(ctx, report)
   finally:
     # Leave global state as found, whatever a check or rule did to it.
     jax.config.update('jax_enable_x64', old_x64)
