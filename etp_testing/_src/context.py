@@ -573,8 +573,9 @@ class CheckContext:
     """``[(label, avals, y)]``: the case's operand avals with ``x`` in one
     dtype and the floating weights in another, per ``(x, weights)`` pair of
     ``dtypes``, and ``y``'s aval on them; empty where ``x`` is absent or
-    not floating.  Made, and to be traced, with x64 on.  Where the bind raises on one (a
-    primitive that takes one dtype), a note says so and it is left out.
+    not floating.  Made, and to be traced, with x64 on.  Where the bind
+    raises on one (a primitive that takes one dtype), a note says so and it
+    is left out.
 
     A rule that makes its result in ``x``'s or in the weights' dtype
     instead of the one the contract names is right whenever the two agree,
