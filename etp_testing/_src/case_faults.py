@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp_testing._src import compilations, executor, strategies
-from etp_testing._src.context import dtype_str, jitted_bind
+from etp_testing._src.context import array_text, jitted_bind
 from etp_testing._src.report import ERROR, CheckOutcome, Finding
 
 
@@ -49,8 +49,8 @@ def non_finite(operand, small: bool) -> Optional[tuple]:
 def _non_finite_text(label: str, value, bad: tuple) -> str:
   """``'<label> (<dtype>[shape]) holds <n> NaN or inf value(s), the first
   at index <i>'`` for ``bad``, what :func:`non_finite` found in it."""
-  return (f'{label} ({dtype_str(value.dtype)}{list(np.shape(value))}) holds '
-          f'{bad[0]} NaN or inf value(s), the first at index {bad[1]}')
+  return (f'{label} ({array_text(value)}) holds {bad[0]} NaN or inf '
+          f'value(s), the first at index {bad[1]}')
 
 
 def _non_finite_operands(ctx) -> Optional[str]:

@@ -281,6 +281,11 @@ def terms_or_none(fn, *args):
 dtype_str = functools.lru_cache(maxsize=256)(str)
 
 
+def array_text(value) -> str:
+  """An array (or aval) as messages name it: ``float32[2, 3]``."""
+  return f'{dtype_str(value.dtype)}{list(np.shape(value))}'
+
+
 def size_text(n_bytes: float) -> str:
   """``n_bytes`` in the largest binary unit it reaches, e.g. ``'1.5 GiB'``."""
   for unit, scale in (('GiB', 2**30), ('MiB', 2**20), ('KiB', 2**10)):

@@ -32,6 +32,7 @@ from hypothesis import settings as hypothesis_settings
 from etp_testing._src import report as report_mod
 from etp_testing._src import strategies
 from etp_testing._src.checks import registry as check_registry
+from etp_testing._src.context import array_text
 from etp_testing._src.errors import (PREFIX, RuleConsistencyError,
                                      StrategyError)
 from etp_testing._src.runner import check_rules, require_etp_primitive
@@ -185,7 +186,7 @@ def _described(value) -> str:
     more = ', ...' if len(value) > 4 else ''
     return f'{type(value).__name__} of {len(value)} ({shown}{more})'
   if hasattr(value, 'shape') and hasattr(value, 'dtype'):
-    return f'{value.dtype}{list(np.shape(value))}'
+    return array_text(value)
   return type(value).__name__
 
 
