@@ -329,7 +329,8 @@ def test_jacrev_fast_mode_passes_correct_rules(x64, fast_directions, dtype):
 # A LoRA case (float32, alpha 2) on which each fast-mode dot product of
 # lora_b is about 0.0085 from terms of order one: a bound scaled by the dot
 # products alone failed the correct rule there (1.22 of it; found by
-# scripts/soak.py --fast, seed 52).
+# scripts/soak.py --fast, seed 52).  Check seed 92 draws directions along
+# which they cancel (seed 52 did with directions' earlier, double hash).
 CANCELLING_LORA = (
     np.array([[-0.7899664640426636], [-0.6907364130020142]], np.float32),
     np.array([[-1.0462020635604858, -0.5872333645820618]], np.float32),
@@ -348,7 +349,7 @@ def _lora_b_scaled_by(factor):
 def test_jacrev_fast_mode_bound_holds_where_the_dot_products_cancel():
   outcome = etp_testing.check_rules(
       etp.etp_lora_mm_p, *CANCELLING_LORA, checks=['xy_to_dw.jacrev'],
-      seed=52, fast=True, alpha=2.0,
+      seed=92, fast=True, alpha=2.0,
       has_bias=False).outcome('xy_to_dw.jacrev')
   assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
   for f in outcome.findings:
@@ -360,7 +361,7 @@ def test_jacrev_fast_mode_bound_holds_where_the_dot_products_cancel():
   # caught on that case all the same.
   outcome = etp_testing.check_rules(
       lora_variant(xy_to_dw=_lora_b_scaled_by(2.0)), *CANCELLING_LORA,
-      checks=['xy_to_dw.jacrev'], seed=52, fast=True, alpha=2.0,
+      checks=['xy_to_dw.jacrev'], seed=92, fast=True, alpha=2.0,
       has_bias=False).outcome('xy_to_dw.jacrev')
   assert_caught(outcome, 'xy_to_dw', 'lora_b')
 

@@ -59,3 +59,24 @@ def test_the_documented_miss_probability_bound_holds():
 def test_a_draw_too_large_for_the_counter_is_refused():
   with pytest.raises(ValueError, match='32-bit counter'):
     jax.eval_shape(lambda: directions.uniform(0, (2**16, 2**16)))
+
+
+def test_a_draw_is_the_documented_formula():
+  # v_i = sqrt3 (2 u_i - 1 + 2^-23), u_i the 23 high bits of
+  # h(i phi + s) / 2^23, h MurmurHash3's finaliser: one hash per element,
+  # recomputed here in NumPy.
+  seed, offset = np.uint32(0xDEADBEEF), 5
+
+  def h(x):
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+  i = np.arange(offset, offset + 100, dtype=np.uint32)
+  with np.errstate(over='ignore'):
+    bits = h(i * np.uint32(0x9E3779B9) + seed)
+  u = (bits >> np.uint32(9)).astype(np.float64) / 2**23
+  expected = np.float32(np.sqrt(3)) * (2 * u - 1 + 2.0**-23).astype(np.float32)
+  np.testing.assert_array_equal(
+      np.asarray(directions.uniform(seed, (100,), offset=offset)), expected)
