@@ -1193,6 +1193,118 @@ def test_fast_mode_linear_on_the_device_reports_a_rule_that_raises(
                               if not f.passed][0]
 
 
+# Each breaks how yw_to_w handles leading axes, for lora_b alone.
+_LEADING_AXES_BROKEN = {
+    # Entry 0 of the first leading axis scaled: the batch for one call, the
+    # first extra axis when called directly (under vmap: the trace's own).
+    'first-entry-scaled': lambda g, t: (
+        g[..., :, None, None] * t).at[0].multiply(1.5),
+    # The two extra axes swapped (shapes unchanged).
+    'extra-axes-swapped': lambda g, t: g[..., :, None, None] * (
+        jnp.swapaxes(t, 0, 1) if t.ndim == 6 else t),
+    # Every entry of the first extra axis reads entry 0's trace.
+    'reads-entry-0': lambda g, t: g[..., :, None, None] * (
+        jnp.broadcast_to(t[:1], t.shape) if t.ndim == 6 else t),
+}
+
+
+def test_fast_mode_checks_vmap_on_the_device_where_the_host_has_no_room(
+    monkeypatch):
+  # No room on the host (LoRA's 4096 x 4096 layer: 20 GiB): each comparison
+  # is drawn and made on the device, two entries a program, and reported
+  # as the host's are; the correct rule passes all of them.
+  from etp_testing._src.checks import yw_to_w
+  _no_room_on_the_host(monkeypatch)
+  programs = []
+  real = yw_to_w._run_on_device
+
+  def spy(ctx, programs_by_what, *args):
+    programs.extend(programs_by_what)
+    return real(ctx, programs_by_what, *args)
+  monkeypatch.setattr(yw_to_w, '_run_on_device', spy)
+  correct = _fast_run(lora_variant(), 'yw_to_w.vmap')
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+  notes = [f.message for f in correct.findings if f.rule == 'trace']
+  assert notes and 'compared on the device' in notes[0], notes
+  judged = [f for f in correct.findings if f.rule == 'yw_to_w']
+  # The batch stripped, and 4 entries both ways: 9 comparisons of 2 keys.
+  assert len(judged) == 9 * 2, [f.describe() for f in judged]
+  assert all(f.max_abs_err is not None and f.tolerance_used < 1
+             for f in judged)
+  assert len(programs) == 3, programs
+
+
+@pytest.mark.parametrize('broken', sorted(_LEADING_AXES_BROKEN))
+def test_fast_mode_vmap_on_the_device_catches_a_rule_mishandling_leading_axes(
+    monkeypatch, broken):
+  _no_room_on_the_host(monkeypatch)
+  outcome = _fast_run(
+      lora_variant(yw_to_w=_lora_yw(_LEADING_AXES_BROKEN[broken])),
+      'yw_to_w.vmap')
+  assert_caught(outcome, 'yw_to_w', 'lora_b')
+  failed = [f for f in outcome.findings if not f.passed]
+  assert all(f.key == 'lora_b' and f.index is not None and
+             f.tolerance_used > 1 for f in failed), \
+      [f.describe() for f in failed]
+  failed_entries = {f.message.split('entry ')[1][:6] for f in failed
+                    if 'entry' in f.message}
+  if broken == 'first-entry-scaled':
+    # The batch stripped shows it, and the direct call with extra axes
+    # (which scales extra entry 0, where each entry alone scales its batch
+    # row 0); under vmap over the extra axes each entry scales its batch
+    # row 0, as the entry alone does.
+    assert any('stripped' in f.message for f in failed)
+    entries = [f for f in outcome.findings
+               if 'entry' in f.message and f.key == 'lora_b']
+    assert all(f.passed != f.message.startswith(
+        'fast mode, on the device: extra leading axes') for f in entries), \
+        [f.describe() for f in entries]
+  elif broken == 'extra-axes-swapped':
+    assert failed_entries == {'(0, 1)', '(1, 0)'}, failed_entries
+  else:
+    assert failed_entries == {'(1, 0)', '(1, 1)'}, failed_entries
+
+
+def test_fast_mode_vmap_on_the_device_reports_a_rule_that_raises(
+    monkeypatch):
+  # A rule written for one leading axis raises with two: a finding naming
+  # yw_to_w and how it was called, not an error of the harness.
+  _no_room_on_the_host(monkeypatch)
+
+  def one_leading_axis_at_most(g, t):
+    if g.ndim > 2:
+      raise ValueError('one leading axis at most')
+    return g[..., :, None, None] * t
+  outcome = _fast_run(
+      lora_variant(yw_to_w=_lora_yw(one_leading_axis_at_most)),
+      'yw_to_w.vmap')
+  assert_caught(outcome, 'yw_to_w')
+  message = [f.message for f in outcome.findings if not f.passed][0]
+  assert 'ValueError: one leading axis at most' in message, message
+  assert 'extra leading axes (2, 2)' in message, message
+
+
+def test_vmap_on_the_device_runs_only_where_xlas_plan_fits(monkeypatch):
+  from etp_testing._src import compilations, context
+  from etp_testing._src.checks import yw_to_w
+  _no_room_on_the_host(monkeypatch)
+  monkeypatch.setattr(compilations, 'planned_bytes', lambda c: 2**40)
+  over = _fast_run(lora_variant(), 'yw_to_w.vmap')
+  assert over.status == 'skipped', over.status
+  assert 'XLA plans' in over.reason and 'FAST_TRACE_BYTES' in over.reason
+  # No plan: an estimate of VMAP_DEVICE_COPIES traces decides.
+  monkeypatch.setattr(compilations, 'planned_bytes', lambda c: None)
+  one = _lora_trace_bytes(*LORA_OPS)
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
+                      yw_to_w.VMAP_DEVICE_COPIES * one)
+  estimated = _fast_run(lora_variant(), 'yw_to_w.vmap')
+  assert estimated.status == 'passed'
+  assert 'estimated' in [f.message for f in estimated.findings
+                         if f.rule == 'trace'][0]
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES',
+                      yw_to_w.VMAP_DEVICE_COPIES * one - 1)
+  assert _fast_run(lora_variant(), 'yw_to_w.vmap').status == 'skipped'
+
 # The soak's one false alarm (etp_lora_mm float32, hypothesis seed 5): x's two
 # examples nearly cancel, so both sides' rounding (2e-7) was 6e-5 of the
 # result.  Judged against the size of the summed terms it passes; a small
@@ -1432,21 +1544,22 @@ def _catalog_cases() -> dict:
 
 
 @pytest.mark.parametrize('name', sorted(_catalog_cases()))
-def test_linear_on_the_device_judges_as_the_host_does(monkeypatch, name):
+@pytest.mark.parametrize('check', ['yw_to_w.linear', 'yw_to_w.vmap'])
+def test_yw_to_w_on_the_device_judges_as_the_host_does(monkeypatch, check,
+                                                       name):
   # Over the whole mutant catalog and the built-ins it was made from:
-  # yw_to_w.linear made on the device (the host comparison given no room)
-  # fails where the host comparison fails, and passes where it passes.  One
-  # case per test, so that xdist spreads the catalog (as one test it took
-  # 135 s on an H200, which compiles slowly).
+  # yw_to_w.linear and .vmap made on the device (the host comparison given
+  # no room) fail where the host comparison fails, and pass where it
+  # passes.  One case per test, so that xdist spreads the catalog (as one
+  # test the linear half took 135 s on an H200, which compiles slowly).
   mutant = _catalog_cases()[name]
   prim = (mutant.base_primitive() if name == mutant.base
           else mutant.primitive())
   operands, params = mutant.case()
 
   def outcome():
-    return etp_testing.check_rules(prim, *operands, checks='yw_to_w.linear',
-                                   fast=True, **params
-                                   ).outcome('yw_to_w.linear')
+    return etp_testing.check_rules(prim, *operands, checks=check,
+                                   fast=True, **params).outcome(check)
   host = outcome()
   with monkeypatch.context() as m:
     _no_room_on_the_host(m)
@@ -1455,8 +1568,8 @@ def test_linear_on_the_device_judges_as_the_host_does(monkeypatch, name):
       host.status, [f.describe() for f in device.findings], device.reason)
   if name == mutant.base:
     assert host.status != 'failed', [f.describe() for f in host.findings]
-  elif 'yw_to_w.linear' in mutant.expected_checks:
-    assert host.status == 'failed', 'this mutant breaks linearity'
+  elif check in mutant.expected_checks:
+    assert host.status == 'failed', f'this mutant breaks {check}'
   if device.status == 'passed' and any(f.rule == 'yw_to_w'
                                        for f in device.findings):
     assert any('on the device' in f.message for f in device.findings)

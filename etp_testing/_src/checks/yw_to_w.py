@@ -352,27 +352,9 @@ def _check_linear_on_device(ctx):
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = np.dtype(ctx.weight_dtype())
-  rule = ctx.rules.yw_to_w
-  avals = {k: jax.ShapeDtypeStruct(s, dt) for k, s in shapes.items()}
-  # The aux operands as given (ctx.rule_params would copy every operand).
-  _, _, rule_params = ctx.primitive.split_operands(ctx.device_operands,
-                                                   ctx.params)
-  try:
-    returned = jax.eval_shape(lambda g, t: rule(g, t, **rule_params),
-                              jax.ShapeDtypeStruct(y.shape, y.dtype), avals)
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuleFailure('yw_to_w', raised(
-        'yw_to_w', e, f'traced on a cotangent of shape {tuple(y.shape)} and '
-        f'traces of shapes {shapes}')) from e
-  ctx.check_keys('yw_to_w', returned, shapes.keys())
-  keys = []
-  for k, s in shapes.items():
-    if tuple(returned[k].shape) != s:
-      ctx.fail('yw_to_w', key=k, message=(
-          f'returned shape {tuple(returned[k].shape)} for a trace of shape '
-          f'{s}'))
-    else:
-      keys.append(k)
+  keys = _keys_shaped_as_traces(
+      ctx, jax.ShapeDtypeStruct(y.shape, y.dtype),
+      {k: jax.ShapeDtypeStruct(s, dt) for k, s in shapes.items()})
   if not keys:
     return
   seeds = device_seeds(
@@ -380,40 +362,110 @@ def _check_linear_on_device(ctx):
             for i in range(2 + 3 * len(shapes))),
       jax.config.jax_default_device)
   args = (list(ctx.device_operands), seeds)
-  programs = {}
-  for which, what in LINEAR_PROPERTIES.items():
-    program = _linear_program(ctx, rule, tuple(shapes.items()), tuple(keys),
-                              dt.name, tuple(y.shape), np.dtype(y.dtype).name,
-                              which)
+  programs = {what: _linear_program(
+      ctx, ctx.rules.yw_to_w, tuple(shapes.items()), tuple(keys), dt.name,
+      tuple(y.shape), np.dtype(y.dtype).name, which)
+              for which, what in LINEAR_PROPERTIES.items()}
+  dtype = tolerances.coarsest(dt, y.dtype)
+  for what, errors in _run_on_device(ctx, programs, args, LINEAR_HOST_COPIES,
+                                     LINEAR_DEVICE_COPIES):
+    for k in keys:
+      ctx.judge_errors(errors_from_device(*errors[k], shapes[k]),
+                       rule='yw_to_w', key=k, shape=shapes[k], dtype=dtype,
+                       what=f'fast mode, on the device: {what}')
+
+
+def _keys_shaped_as_traces(ctx, g_aval, t_avals: dict, depth: int = 0,
+                           what: str = '') -> list:
+  """The keys for which ``yw_to_w``, traced on ``g_aval`` and ``t_avals``
+  (shapes only: nothing is allocated) under ``depth`` nested ``jax.vmap``,
+  returns an array of its trace's shape; each other key is failed.  A rule
+  that raises, or returns other keys, is a :class:`RuleFailure` (``what``:
+  how it was called, for the message)."""
+  rule = ctx.rules.yw_to_w
+  # The aux operands as given (ctx.rule_params would copy every operand).
+  _, _, rule_params = ctx.primitive.split_operands(ctx.device_operands,
+                                                   ctx.params)
+  fn = lambda g, t: rule(g, t, **rule_params)
+  for _ in range(depth):
+    fn = jax.vmap(fn)
+  shapes = {k: tuple(v.shape) for k, v in t_avals.items()}
+  try:
+    returned = jax.eval_shape(fn, g_aval, t_avals)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuleFailure('yw_to_w', raised(
+        'yw_to_w', e, (f'{what}: ' if what else '') + 'traced on a '
+        f'cotangent of shape {tuple(g_aval.shape)} and traces of shapes '
+        f'{shapes}')) from e
+  ctx.check_keys('yw_to_w', returned, shapes.keys())
+  keys = []
+  for k, s in shapes.items():
+    if tuple(returned[k].shape) != s:
+      ctx.fail('yw_to_w', key=k, message=(
+          (f'{what}: ' if what else '') + 'returned shape '
+          f'{tuple(returned[k].shape)} for a trace of shape {s}'))
+    else:
+      keys.append(k)
+  return keys
+
+
+def _run_on_device(ctx, programs: dict, args, host_copies: int,
+                   device_copies: int):
+  """Yields ``(what, errors)`` for each of ``programs`` (``what`` -> a jitted
+  program of ``args`` reducing its comparisons to
+  ``differences.traced_errors``), as host values.
+
+  All are compiled first; they run only if the memory XLA plans for the
+  largest (``compilations.planned_bytes``: scratch and outputs) fits
+  ``FAST_TRACE_BYTES``, else the check is skipped (where the backend does
+  not say, an estimate of ``device_copies`` traces decides).  The report
+  says what the host comparison would have held (``host_copies`` traces)
+  and what the device holds.  A rule that raises while a program is
+  compiled or run is a :class:`RuleFailure` saying which."""
+  compiled_programs = {}
+  for what, program in programs.items():
     try:
-      programs[which] = program.lower(*args).compile()
+      compiled_programs[what] = program.lower(*args).compile()
     except Exception as e:  # pylint: disable=broad-except
       raise RuleFailure('yw_to_w', raised(
           'yw_to_w', e, f'on the device, {what}')) from e
   one = ctx.trace_bytes()
-  plans = [compilations.planned_bytes(p) for p in programs.values()]
+  plans = [compilations.planned_bytes(p) for p in compiled_programs.values()]
   if None in plans:
-    held = LINEAR_DEVICE_COPIES * one
-    how = f'{LINEAR_DEVICE_COPIES} x {context.size_text(one)}, estimated'
+    held = device_copies * one
+    how = f'{device_copies} x {context.size_text(one)}, estimated'
   else:
     held, how = max(plans), 'as XLA plans its largest program'
   if held > context.FAST_TRACE_BYTES:
     ctx.skip_over_trace_budget(held, f'even on the device ({how})')
   ctx.record_pass('trace', message=(
-      f'fast mode: about {context.size_text(LINEAR_HOST_COPIES * one)} of '
+      f'fast mode: about {context.size_text(host_copies * one)} of '
       'traces on the host; drawn and compared on the device instead '
       f'({context.size_text(held)}, {how})'))
-  dtype = tolerances.coarsest(dt, y.dtype)
-  for which, what in LINEAR_PROPERTIES.items():
+  for what in programs:
     try:
-      errors = jax.device_get(programs.pop(which)(*args))
+      errors = jax.device_get(compiled_programs.pop(what)(*args))
     except Exception as e:  # pylint: disable=broad-except
       raise RuleFailure('yw_to_w', raised(
           'yw_to_w', e, f'on the device, {what}')) from e
-    for k in keys:
-      ctx.judge_errors(errors_from_device(*errors[k], shapes[k]),
-                       rule='yw_to_w', key=k, shape=shapes[k], dtype=dtype,
-                       what=f'fast mode, on the device: {what}')
+    yield what, errors
+
+
+# The extra leading axes yw_to_w.vmap adds to g and the traces.
+VMAP_EXTRA = (2, 2)
+# Traces yw_to_w.vmap holds at once on the host: four with the extra axes,
+# the rule's results on them, direct and mapped, and one entry at a time
+# (measured 19 with both results held, as a small case holds them; a large
+# case holds one at a time: measured 9-10 on the conv and batched dense
+# layers).  On the device (_check_vmap_on_device) XLA's plan decides, or
+# where the backend gives none, an estimate of 9: the four entries and the
+# rule's results on them, and the base trace.
+VMAP_HOST_COPIES = 20
+VMAP_DEVICE_COPIES = 9
+# On the device, entry e of the extra axes' trace is VMAP_ENTRY_SCALES[e] *
+# T + VMAP_ENTRY_SHIFTS[e] for one drawn T (see _vmap_program).
+VMAP_ENTRY_SCALES = (1.0, -0.75, 0.5, 1.25)
+VMAP_ENTRY_SHIFTS = (0.0, 0.5, -0.25, 0.75)
 
 
 @check('yw_to_w.vmap')
@@ -422,11 +474,11 @@ def check_vmap(ctx):
   and with two extra leading axes."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
-  # Four traces with the extra axes, the rule's results on them, direct and
-  # mapped, and one entry at a time (measured 19 with both results held, as
-  # a small case holds them; a large case holds one at a time: measured 9-10
-  # on the conv and batched dense layers).
-  ctx = ctx.for_traces(copies=20)
+  fitted = ctx.for_traces(copies=VMAP_HOST_COPIES, skip=False)
+  if fitted is None:
+    _check_vmap_on_device(ctx)
+    return
+  ctx = fitted
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = ctx.weight_dtype()
@@ -445,7 +497,7 @@ def check_vmap(ctx):
                       what='vmap over the batch (stripped) vs batch kept')
     del stripped
   del g, t, kept   # the extra axes' traces are four times as large
-  extra = (2, 2)
+  extra = VMAP_EXTRA
   g_extra = ctx.normal_on_host('yw_to_w.vmap.G', extra + tuple(y.shape),
                                y.dtype)
   t_extra = {k: ctx.normal_on_host(f'yw_to_w.vmap.TT.{k}', extra + s, dt)
@@ -489,3 +541,117 @@ def _compare_entries(ctx, extra, g_extra, t_extra, ways: dict, yw):
               else f'entry {(i, j)}')
       ctx.compare_trees({k: v[i, j] for k, v in result.items()}, one,
                         rule='yw_to_w', what=f'{ways[depth]}, {what}')
+
+
+@compiled
+def _vmap_program(primitive, params, rule, shapes, keys, dtype, y_shape,
+                  y_dtype, depths, entries):
+  """``(operands, seeds) -> errors``: comparisons of ``yw_to_w.vmap`` on
+  the device, for the trace keys and shapes ``shapes`` (a tuple of pairs),
+  compared for the keys ``keys``; ``g`` and the traces are drawn there from
+  ``seeds`` (``directions.uniform``: ``g``'s first, then one per key).
+
+  ``depths`` ``None``: the rule under ``jax.vmap`` over the batch vs the
+  rule with the batch kept.  Otherwise the rule on ``g`` and traces with ``VMAP_EXTRA`` leading axes,
+  called directly (depth 0) or under two nested ``jax.vmap`` (depth 2), at
+  each of ``entries`` vs the rule on that entry alone.  ``errors`` is a
+  list of ``{key: traced_errors}``, one per comparison: entry by entry,
+  each at every depth.
+
+  ``g``'s entries are drawn independently.  The traces' entries are affine
+  images of one drawn trace ``T`` (``VMAP_ENTRY_SCALES[e] * T +
+  VMAP_ENTRY_SHIFTS[e]``): every pair of entries differs, so a rule that
+  mixes entries up or reads one entry for another shows, and XLA need not
+  hold four traces' worth of draws.  Two entries per program: with all
+  four compared in one, XLA:CPU held the rule's whole result (4 GiB on
+  LoRA's 4096 x 4096 layer; with one, an element-wise rule fuses into the
+  comparison and only ``T`` is held); two plan 2 GiB and ran that check in
+  18 s against 20 s for one entry a program (2-core CPU)."""
+
+  def program(operands, seeds):
+    _, _, rule_params = primitive.split_operands(operands, params)
+    yw = lambda g, t: rule(g, t, **rule_params)
+    draw = lambda i, shape, dt: directions.uniform(seeds[i], shape, dt)
+    if depths is None:
+      g = draw(0, y_shape, y_dtype)
+      t = {k: draw(1 + i, s, dtype) for i, (k, s) in enumerate(shapes)}
+      kept, stripped = yw(g, t), jax.vmap(yw)(g, t)
+      return [{k: traced_errors(stripped[k], kept[k]) for k in keys}]
+    g = draw(0, VMAP_EXTRA + tuple(y_shape), y_dtype)
+    t = {}
+    for i, (k, s) in enumerate(shapes):
+      per_entry = lambda c: jnp.asarray(c, dtype).reshape(
+          VMAP_EXTRA + (1,) * len(s))
+      t[k] = (per_entry(VMAP_ENTRY_SCALES) * draw(1 + i, s, dtype)
+              + per_entry(VMAP_ENTRY_SHIFTS))
+    errors = []
+    for e in entries:
+      one = yw(g[e], {k: v[e] for k, v in t.items()})
+      for d in depths:
+        mapped = yw
+        for _ in range(d):
+          mapped = jax.vmap(mapped)
+        result = mapped(g, t)
+        errors.append({k: traced_errors(result[k][e], one[k]) for k in keys})
+    return errors
+  return program
+
+
+def _check_vmap_on_device(ctx):
+  """``yw_to_w.vmap`` where its traces do not fit on the host (LoRA's
+  4096 x 4096 layer: 20 GiB): each comparison is one program that draws
+  ``g`` and the traces on the device, calls the rule there both ways and
+  reduces each key's two sides to the numbers a comparison reports
+  (:func:`_vmap_program`), judged on the host as :meth:`CheckContext.compare`
+  judges a large array; nothing trace-sized is copied.  The same
+  comparisons as on the host, each element compared, but for how the
+  extra axes' traces are drawn (affine images of one trace).  The programs
+  run only if XLA's plan fits ``FAST_TRACE_BYTES`` (see
+  :func:`_run_on_device`)."""
+  shapes = trace_shapes(ctx)
+  y = ctx.y_aval()
+  dt = np.dtype(ctx.weight_dtype())
+  extra = VMAP_EXTRA
+  ways = {None: 'vmap over the batch (stripped) vs batch kept'} \
+      if ctx.batched else {}
+  ways.update({0: f'extra leading axes {extra}',
+               2: f'vmap over extra axes {extra}'})
+  g_aval = lambda lead: jax.ShapeDtypeStruct(lead + tuple(y.shape), y.dtype)
+  t_avals = lambda lead: {k: jax.ShapeDtypeStruct(lead + s, dt)
+                          for k, s in shapes.items()}
+  keys = _keys_shaped_as_traces(ctx, g_aval(()), t_avals(()))
+  for depth, what in ways.items():
+    lead = () if depth is None else extra
+    if keys:
+      keys = [k for k in _keys_shaped_as_traces(
+          ctx, g_aval(lead), t_avals(lead), 1 if depth is None else depth,
+          what) if k in keys]
+  if not keys:
+    return
+  seeds = device_seeds(
+      tuple(int(ctx.seed32(f'yw_to_w.vmap.device.{i}'))
+            for i in range(1 + len(shapes))),
+      jax.config.jax_default_device)
+  args = (list(ctx.device_operands), seeds)
+  program = lambda depths, entries=None: _vmap_program(
+      ctx, ctx.rules.yw_to_w, tuple(shapes.items()), tuple(keys), dt.name,
+      tuple(y.shape), np.dtype(y.dtype).name, depths, entries)
+  # what -> (the labels of its comparisons, in order, and its program).
+  comparisons = {}
+  if ctx.batched:
+    comparisons[ways[None]] = ([ways[None]], program(None))
+  for i in range(extra[0]):
+    entries = tuple((i, j) for j in range(extra[1]))
+    comparisons[f'{ways[0]}, entries {entries}'] = (
+        [label for e in entries for label in (
+            f'{ways[0]}, entry {e} vs the call on that entry alone',
+            f'{ways[2]}, entry {e}')], program((0, 2), entries))
+  dtype = tolerances.coarsest(dt, y.dtype)
+  for what, errors in _run_on_device(
+      ctx, {what: p for what, (_, p) in comparisons.items()}, args,
+      VMAP_HOST_COPIES, VMAP_DEVICE_COPIES):
+    for label, by_key in zip(comparisons[what][0], errors):
+      for k in keys:
+        ctx.judge_errors(errors_from_device(*by_key[k], shapes[k]),
+                         rule='yw_to_w', key=k, shape=shapes[k],
+                         dtype=dtype, what=f'fast mode, on the device: {label}')
