@@ -552,11 +552,11 @@ def _vmap_program(primitive, params, rule, shapes, keys, dtype, y_shape,
   ``seeds`` (``directions.uniform``: ``g``'s first, then one per key).
 
   ``depths`` ``None``: the rule under ``jax.vmap`` over the batch vs the
-  rule with the batch kept.  Otherwise the rule on ``g`` and traces with ``VMAP_EXTRA`` leading axes,
-  called directly (depth 0) or under two nested ``jax.vmap`` (depth 2), at
-  each of ``entries`` vs the rule on that entry alone.  ``errors`` is a
-  list of ``{key: traced_errors}``, one per comparison: entry by entry,
-  each at every depth.
+  rule with the batch kept.  Otherwise the rule on ``g`` and traces with
+  ``VMAP_EXTRA`` leading axes, called directly (depth 0) or under two
+  nested ``jax.vmap`` (depth 2), at each of ``entries`` vs the rule on
+  that entry alone.  ``errors`` is a list of ``{key: traced_errors}``, one
+  per comparison: entry by entry, each at every depth.
 
   ``g``'s entries are drawn independently.  The traces' entries are affine
   images of one drawn trace ``T`` (``VMAP_ENTRY_SCALES[e] * T +
@@ -565,8 +565,8 @@ def _vmap_program(primitive, params, rule, shapes, keys, dtype, y_shape,
   hold four traces' worth of draws.  Two entries per program: with all
   four compared in one, XLA:CPU held the rule's whole result (4 GiB on
   LoRA's 4096 x 4096 layer; with one, an element-wise rule fuses into the
-  comparison and only ``T`` is held); two plan 2 GiB and ran that check in
-  18 s against 20 s for one entry a program (2-core CPU)."""
+  comparison and only ``T`` is held); two plan 2 GiB, and the check took
+  18 s against 20 s with one entry a program (2-core CPU, a run each)."""
 
   def program(operands, seeds):
     _, _, rule_params = primitive.split_operands(operands, params)
@@ -642,7 +642,7 @@ def _check_vmap_on_device(ctx):
     comparisons[ways[None]] = ([ways[None]], program(None))
   for i in range(extra[0]):
     entries = tuple((i, j) for j in range(extra[1]))
-    comparisons[f'{ways[0]}, entries {entries}'] = (
+    comparisons[f'{ways[0]} and {ways[2]}, entries {entries}'] = (
         [label for e in entries for label in (
             f'{ways[0]}, entry {e} vs the call on that entry alone',
             f'{ways[2]}, entry {e}')], program((0, 2), entries))
