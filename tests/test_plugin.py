@@ -82,6 +82,12 @@ def _env(ci=False):
   env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
   for name in ('CI', 'BUILD_NUMBER'):
     env.pop(name, None)
+  # pytest rewrites the asserts of every module of a pytest11 plugin's
+  # distribution (hypothesis: 73 modules) each time it starts, and keeps the
+  # result only where bytecode may be written.  Where the environment says
+  # it may not (this project's CI machine does), each run here started 2 s
+  # slower (5.0 s against 3.1 s): about 80 runs of the suite's.
+  env.pop('PYTHONDONTWRITEBYTECODE', None)
   if ci:
     env['CI'] = 'true'
   return env
