@@ -1,10 +1,13 @@
 """The pytest plugin and the CLI, run the way users run them (subprocesses)."""
 
+import atexit
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -71,8 +74,15 @@ OPERANDS_ONLY_CONFTEST = USER_CONFTEST.format(broken=False).replace(
     "'float32'))), {})", "'float32')))")
 assert OPERANDS_ONLY_CONFTEST != USER_CONFTEST.format(broken=False)
 
+# One persistent XLA cache for this module's runs (each xdist worker its
+# own), as a user's runs share theirs: a run loads the programs an earlier
+# run compiled instead of compiling them again.  A test about the cache
+# names its own directory after these (the last one named wins).
+_XLA_CACHE = tempfile.mkdtemp(prefix='etp-test-plugin-xla-')
+atexit.register(shutil.rmtree, _XLA_CACHE, True)
 FAST = ['--etp-primitives', 'user_*', '--etp-checks',
-        'xy_to_dw.vjp,yw_to_w.anchor,init.drtrl', '-p', 'no:cacheprovider']
+        'xy_to_dw.vjp,yw_to_w.anchor,init.drtrl', '-p', 'no:cacheprovider',
+        f'--etp-compile-cache={_XLA_CACHE}']
 
 
 def _env(ci=False):
