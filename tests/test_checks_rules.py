@@ -1216,12 +1216,12 @@ def test_fast_mode_checks_vmap_on_the_device_where_the_host_has_no_room(
   from etp_testing._src.checks import yw_to_w
   _no_room_on_the_host(monkeypatch)
   programs = []
-  real = yw_to_w._run_on_device
+  real = yw_to_w._judge_on_device
 
   def spy(ctx, programs_by_what, *args):
     programs.extend(programs_by_what)
     return real(ctx, programs_by_what, *args)
-  monkeypatch.setattr(yw_to_w, '_run_on_device', spy)
+  monkeypatch.setattr(yw_to_w, '_judge_on_device', spy)
   correct = _fast_run(lora_variant(), 'yw_to_w.vmap')
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
   notes = [f.message for f in correct.findings if f.rule == 'trace']

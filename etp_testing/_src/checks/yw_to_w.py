@@ -312,7 +312,7 @@ def _linear_sides(which, yw, g1, g2, t1, t2, masks, with_terms=False):
 @compiled
 def _linear_program(primitive, params, rule, shapes, keys, dtype, y_shape,
                     y_dtype, which):
-  """``(operands, seeds) -> {key: differences.traced_errors}``: property
+  """``(operands, seeds) -> [{key: differences.traced_errors}]``: property
   ``which`` of ``yw_to_w.linear`` for the trace keys and shapes ``shapes``
   (a tuple of pairs), its cotangents, traces and mask drawn on the device
   from ``seeds`` (``directions.uniform``: ``g1``, ``g2``, then per key
@@ -329,7 +329,7 @@ def _linear_program(primitive, params, rule, shapes, keys, dtype, y_shape,
     # Half the mask's elements zero, half one.
     masks = {k: (m > 0).astype(dtype) for k, m in masks.items()}
     actual, expected, _ = _linear_sides(which, yw, g1, g2, t1, t2, masks)
-    return {k: traced_errors(actual[k], expected[k]) for k in keys}
+    return [{k: traced_errors(actual[k], expected[k]) for k in keys}]
   return program
 
 
@@ -357,22 +357,14 @@ def _check_linear_on_device(ctx):
       {k: jax.ShapeDtypeStruct(s, dt) for k, s in shapes.items()})
   if not keys:
     return
-  seeds = device_seeds(
-      tuple(int(ctx.seed32(f'yw_to_w.linear.device.{i}'))
-            for i in range(2 + 3 * len(shapes))),
-      jax.config.jax_default_device)
-  args = (list(ctx.device_operands), seeds)
-  programs = {what: _linear_program(
+  programs = {what: ([what], _linear_program(
       ctx, ctx.rules.yw_to_w, tuple(shapes.items()), tuple(keys), dt.name,
-      tuple(y.shape), np.dtype(y.dtype).name, which)
+      tuple(y.shape), np.dtype(y.dtype).name, which))
               for which, what in LINEAR_PROPERTIES.items()}
-  dtype = tolerances.coarsest(dt, y.dtype)
-  for what, errors in _run_on_device(ctx, programs, args, LINEAR_HOST_COPIES,
-                                     LINEAR_DEVICE_COPIES):
-    for k in keys:
-      ctx.judge_errors(errors_from_device(*errors[k], shapes[k]),
-                       rule='yw_to_w', key=k, shape=shapes[k], dtype=dtype,
-                       what=f'fast mode, on the device: {what}')
+  _judge_on_device(ctx, programs, 'yw_to_w.linear.device',
+                   2 + 3 * len(shapes), keys, shapes,
+                   tolerances.coarsest(dt, y.dtype), LINEAR_HOST_COPIES,
+                   LINEAR_DEVICE_COPIES)
 
 
 def _keys_shaped_as_traces(ctx, g_aval, t_avals: dict, depth: int = 0,
@@ -409,11 +401,16 @@ def _keys_shaped_as_traces(ctx, g_aval, t_avals: dict, depth: int = 0,
   return keys
 
 
-def _run_on_device(ctx, programs: dict, args, host_copies: int,
-                   device_copies: int):
-  """Yields ``(what, errors)`` for each of ``programs`` (``what`` -> a jitted
-  program of ``args`` reducing its comparisons to
-  ``differences.traced_errors``), as host values.
+def _judge_on_device(ctx, programs: dict, seed_tag: str, n_seeds: int, keys,
+                     shapes: dict, dtype, host_copies: int,
+                     device_copies: int) -> None:
+  """Runs ``programs`` on the device and judges what they find.
+
+  ``programs``: ``what -> (labels, program)``; each program of ``(operands,
+  seeds)`` (``n_seeds`` seeds named ``<seed_tag>.<i>``, on the device)
+  returns one ``{key: differences.traced_errors}`` per label, judged for
+  ``keys`` (of trace ``shapes``) with ``dtype``'s tolerance, as
+  :meth:`CheckContext.compare` judges a large array.
 
   All are compiled first; they run only if the memory XLA plans for the
   largest (``compilations.planned_bytes``: scratch and outputs) fits
@@ -421,9 +418,13 @@ def _run_on_device(ctx, programs: dict, args, host_copies: int,
   not say, an estimate of ``device_copies`` traces decides).  The report
   says what the host comparison would have held (``host_copies`` traces)
   and what the device holds.  A rule that raises while a program is
-  compiled or run is a :class:`RuleFailure` saying which."""
+  compiled or run is a :class:`RuleFailure` saying which (``what``)."""
+  seeds = device_seeds(
+      tuple(int(ctx.seed32(f'{seed_tag}.{i}')) for i in range(n_seeds)),
+      jax.config.jax_default_device)
+  args = (list(ctx.device_operands), seeds)
   compiled_programs = {}
-  for what, program in programs.items():
+  for what, (_, program) in programs.items():
     try:
       compiled_programs[what] = program.lower(*args).compile()
     except Exception as e:  # pylint: disable=broad-except
@@ -442,13 +443,17 @@ def _run_on_device(ctx, programs: dict, args, host_copies: int,
       f'fast mode: about {context.size_text(host_copies * one)} of '
       'traces on the host; drawn and compared on the device instead '
       f'({context.size_text(held)}, {how})'))
-  for what in programs:
+  for what, (labels, _) in programs.items():
     try:
       errors = jax.device_get(compiled_programs.pop(what)(*args))
     except Exception as e:  # pylint: disable=broad-except
       raise RuleFailure('yw_to_w', raised(
           'yw_to_w', e, f'on the device, {what}')) from e
-    yield what, errors
+    for label, by_key in zip(labels, errors):
+      for k in keys:
+        ctx.judge_errors(errors_from_device(*by_key[k], shapes[k]),
+                         rule='yw_to_w', key=k, shape=shapes[k], dtype=dtype,
+                         what=f'fast mode, on the device: {label}')
 
 
 # The extra leading axes yw_to_w.vmap adds to g and the traces.
@@ -584,15 +589,17 @@ def _vmap_program(primitive, params, rule, shapes, keys, dtype, y_shape,
           VMAP_EXTRA + (1,) * len(s))
       t[k] = (per_entry(VMAP_ENTRY_SCALES) * draw(1 + i, s, dtype)
               + per_entry(VMAP_ENTRY_SHIFTS))
+    results = []
+    for d in depths:
+      mapped = yw
+      for _ in range(d):
+        mapped = jax.vmap(mapped)
+      results.append(mapped(g, t))
     errors = []
     for e in entries:
       one = yw(g[e], {k: v[e] for k, v in t.items()})
-      for d in depths:
-        mapped = yw
-        for _ in range(d):
-          mapped = jax.vmap(mapped)
-        result = mapped(g, t)
-        errors.append({k: traced_errors(result[k][e], one[k]) for k in keys})
+      errors.extend({k: traced_errors(result[k][e], one[k]) for k in keys}
+                    for result in results)
     return errors
   return program
 
@@ -607,7 +614,7 @@ def _check_vmap_on_device(ctx):
   comparisons as on the host, each element compared, but for how the
   extra axes' traces are drawn (affine images of one trace).  The programs
   run only if XLA's plan fits ``FAST_TRACE_BYTES`` (see
-  :func:`_run_on_device`)."""
+  :func:`_judge_on_device`)."""
   shapes = trace_shapes(ctx)
   y = ctx.y_aval()
   dt = np.dtype(ctx.weight_dtype())
@@ -628,11 +635,6 @@ def _check_vmap_on_device(ctx):
           what) if k in keys]
   if not keys:
     return
-  seeds = device_seeds(
-      tuple(int(ctx.seed32(f'yw_to_w.vmap.device.{i}'))
-            for i in range(1 + len(shapes))),
-      jax.config.jax_default_device)
-  args = (list(ctx.device_operands), seeds)
   program = lambda depths, entries=None: _vmap_program(
       ctx, ctx.rules.yw_to_w, tuple(shapes.items()), tuple(keys), dt.name,
       tuple(y.shape), np.dtype(y.dtype).name, depths, entries)
@@ -646,12 +648,6 @@ def _check_vmap_on_device(ctx):
         [label for e in entries for label in (
             f'{ways[0]}, entry {e} vs the call on that entry alone',
             f'{ways[2]}, entry {e}')], program((0, 2), entries))
-  dtype = tolerances.coarsest(dt, y.dtype)
-  for what, errors in _run_on_device(
-      ctx, {what: p for what, (_, p) in comparisons.items()}, args,
-      VMAP_HOST_COPIES, VMAP_DEVICE_COPIES):
-    for label, by_key in zip(comparisons[what][0], errors):
-      for k in keys:
-        ctx.judge_errors(errors_from_device(*by_key[k], shapes[k]),
-                         rule='yw_to_w', key=k, shape=shapes[k],
-                         dtype=dtype, what=f'fast mode, on the device: {label}')
+  _judge_on_device(ctx, comparisons, 'yw_to_w.vmap.device', 1 + len(shapes),
+                   keys, shapes, tolerances.coarsest(dt, y.dtype),
+                   VMAP_HOST_COPIES, VMAP_DEVICE_COPIES)
