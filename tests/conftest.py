@@ -1,7 +1,23 @@
 """Fixtures shared by the test modules."""
 
+import tempfile
+
 import jax
 import pytest
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _temporary_files_under_pytest_s_directory(tmp_path_factory):
+  """A failure's reproduction snippet saves larger operands to an ``.npz``
+  in the temporary directory (``etp_testing._src.snippet``).  The suite
+  fails rules on purpose, often, so that directory is one of pytest's for
+  the session (kept for its last few runs, then removed), not the machine's
+  ``/tmp``; ``TMPDIR`` says the same to the runs the suite starts."""
+  directory = str(tmp_path_factory.mktemp('tmp'))
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(tempfile, 'tempdir', directory)
+    patch.setenv('TMPDIR', directory)
+    yield
 
 
 @pytest.fixture
