@@ -8,6 +8,11 @@ import pytest
 import etp
 import etp_testing
 from etp_testing._src import compilations
+from _xla_cache import xla_cache_in
+
+# Counts of compilations: the suite's persistent cache would make some
+# programs loaded instead (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures('no_xla_cache')
 
 RNG = np.random.default_rng(0)
 
@@ -114,21 +119,8 @@ def test_checks_bind_with_the_program_of_primitive_jit(check, n_out):
 def persistent_cache(tmp_path):
   """JAX's persistent compilation cache in ``tmp_path`` for one test, every
   program cached; the old settings are restored after."""
-  from jax.experimental.compilation_cache import compilation_cache
-  names = ('jax_compilation_cache_dir',
-           'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-  compilation_cache.reset_cache()
-  try:
+  with xla_cache_in(tmp_path):
     yield tmp_path
-  finally:
-    for n, v in old.items():
-      jax.config.update(n, v)
-    compilation_cache.reset_cache()
 
 
 def test_a_program_from_the_persistent_cache_counts_as_loaded(
