@@ -14,7 +14,7 @@ def _one_xla_cache_for_the_session(tmp_path_factory):
   """A persistent XLA cache for the session, shared by the xdist workers:
   a program one test compiled is loaded, not compiled again, where another
   test builds the same one (the mutants' oracles are their bases', the
-  built-ins' tests repeat the battery's).  The suite took 523 s instead of
+  built-ins' tests repeat the battery's).  The suite took 537 s instead of
   601 s here with 2 workers.  A test that counts compilations turns it off
   (``no_xla_cache``); the runs the suite starts keep their own."""
   root = tmp_path_factory.getbasetemp()
