@@ -29,6 +29,15 @@ Options::
                    (etp_testing check_with_hypothesis, when available)
   --json PATH      write the results as JSON
   --no-builtins    skip the correct built-ins (not for CI)
+  --quiet          no progress line per mutant
+  --compile-cache DIR|auto|off
+                   the persistent XLA compilation cache, as ``etp-check``
+                   takes it (by default the same directory): the mutants'
+                   oracles are their bases', so even a first run loads some
+                   programs, and a second compiles none
+
+The output ends with the XLA programs compiled and loaded, the time, and the
+summary line.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from etp_testing import mutants as mutants_lib
+from etp_testing._src import cli, compilations
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.errors import RuleConsistencyError
 from etp_testing._src.report import ERROR, FAILED, MEASURED, PASSED, SKIPPED
@@ -408,8 +418,9 @@ def _mark(result: MutantResult, check: str) -> str:
   return _MARK.get(status, '?')
 
 
-def format_matrix(result: SelftestResult) -> str:
-  """The kill matrix, the built-ins' verdicts and the summary line."""
+def format_matrix(result: SelftestResult, notes: Sequence[str] = ()) -> str:
+  """The kill matrix, the built-ins' verdicts, ``notes`` (lines) and the
+  summary line."""
   cols = [c for c in check_names()
           if any(c in m.statuses for m in result.mutants)]
   heads = [_SHORT.get(c, c.split('.')[-1][:4]) for c in cols]
@@ -457,6 +468,7 @@ def format_matrix(result: SelftestResult) -> str:
       for c, why in b.reasons.items():
         lines.append(f'      {c}: {why}')
   lines.append('')
+  lines.extend(notes)
   lines.append(f'time {result.duration_s:.1f}s')
   lines.append(result.summary_line())
   return '\n'.join(lines)
@@ -483,23 +495,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='do not run the correct built-ins')
   parser.add_argument('--quiet', action='store_true',
                       help='no per-mutant progress lines')
+  cli.add_compile_cache_option(parser)
   args = parser.parse_args(argv)
   chosen = mutants_lib.catalog(pattern=args.mutants)
   if not chosen:
     print(f'[etp_testing] no mutant matches {args.mutants!r}', file=sys.stderr)
+    return 2
+  ok, cache = cli.open_compile_cache(args.compile_cache, parser.prog)
+  if not ok:
     return 2
   log = None if args.quiet else (lambda s: print(s, flush=True))
   if log:
     log(f'Running the harness on {len(chosen)} mutants'
         + (' (reduced form)' if args.reduced else '')
         + (' (fast mode)' if args.fast else ''))
-  result = run(args.mutants, reduced=args.reduced, seed=args.seed,
-               fast=True if args.fast else None,
-               examples=args.examples, builtins=not args.no_builtins, log=log)
-  print(format_matrix(result))
+  with compilations.counting() as programs:
+    result = run(args.mutants, reduced=args.reduced, seed=args.seed,
+                 fast=True if args.fast else None, examples=args.examples,
+                 builtins=not args.no_builtins, log=log)
+  print(format_matrix(result, [compilations.programs_line(
+      programs.count, programs.loaded, cache)]))
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(result.to_dict(), f, indent=1, default=str)
+      json.dump(dict(result.to_dict(), compilations={
+          'compiled': programs.count, 'loaded': programs.loaded,
+          'compile_cache': cache}), f, indent=1, default=str)
   return result.exit_code
 
 

@@ -8,6 +8,7 @@ case.  A change that blinds a check makes its mutants survive and fails here.
 """
 
 import json
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import etp
 from etp_testing import check_names
 from etp_testing import mutants
 from etp_testing import selftest
+from etp_testing._src import compilations
 from etp_testing._src import mutants as mutants_src
 
 FAMILIES = ('dense', 'sparse', 'elemwise', 'conv', 'lora')
@@ -198,3 +200,38 @@ class TestMain:
 
   def test_cli_unknown_glob(self, capsys):
     assert selftest.main(['--mutants', 'no_such_*']) == 2
+
+  def test_cli_compile_cache_is_written_then_loaded(self, tmp_path, capsys,
+                                                    no_xla_cache):
+    # no_xla_cache: the suite's own cache would win over --compile-cache
+    # (a JAX cache already configured wins), and is restored after.
+    cache = tmp_path / 'xla'
+    args = ['--mutants', 'dense_xy_sign', '--reduced', '--quiet',
+            '--no-builtins', '--compile-cache', str(cache)]
+    lines = []
+    for _ in range(2):
+      compilations.release()   # nothing in memory: each run asks the disk
+      assert selftest.main(args) == 0
+      lines.append(capsys.readouterr().out.rstrip().splitlines()[-3])
+    first, second = (re.fullmatch(
+        r'XLA programs: (\d+) compiled, (\d+) loaded from the persistent '
+        r'compilation cache \((.*)\)', line) for line in lines)
+    assert first and second, lines
+    assert int(first[1]) > 0 and first[3] == str(cache), lines
+    assert (int(second[1]), int(second[2])) == (0, int(first[1]) + int(
+        first[2])), lines
+    assert any(cache.iterdir())
+
+  def test_cli_compile_cache_off_and_unusable(self, tmp_path, capsys,
+                                              no_xla_cache):
+    base = ['--mutants', 'dense_xy_sign', '--reduced', '--quiet',
+            '--no-builtins', '--compile-cache']
+    assert selftest.main(base + ['off']) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-3].endswith(
+        'persistent compilation cache (none in use)')
+    blocker = tmp_path / 'a-file'
+    blocker.write_text('')
+    assert selftest.main(base + [str(blocker / 'xla')]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''   # a usage error: nothing ran
+    assert '--compile-cache' in captured.err and str(blocker) in captured.err

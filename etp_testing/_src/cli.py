@@ -32,6 +32,29 @@ def positive_int(text: str) -> int:
   return value
 
 
+def add_compile_cache_option(parser) -> None:
+  """``--compile-cache DIR|auto|off``, as ``etp-check`` and the mutant
+  selftest take it (see :func:`open_compile_cache`)."""
+  parser.add_argument(
+      '--compile-cache', default='auto', metavar='DIR',
+      help="persistent XLA compilation cache: a directory, 'auto' (default: "
+      "$XDG_CACHE_HOME/etp_testing/xla, or ~/.cache/etp_testing/xla) or "
+      "'off'; a JAX cache directory already configured wins")
+
+
+def open_compile_cache(choice: str, prog: str) -> "tuple[bool, str | None]":
+  """``(ok, directory)``: the persistent compilation cache of
+  ``--compile-cache choice`` in use (``directory``: ``None`` for none), or
+  ``ok`` False, with the reason printed for ``prog``, where it cannot be
+  made (a usage error)."""
+  from etp_testing._src import compilations
+  try:
+    return True, compilations.use_persistent_cache(choice, default_cache_dir)
+  except OSError as e:
+    print(f'{prog}: --compile-cache: {e}', file=sys.stderr)
+    return False, None
+
+
 def _parser():
   p = argparse.ArgumentParser(
       prog='etp-check', description='Prove ETP primitives\' rules right on '
@@ -51,11 +74,7 @@ def _parser():
   p.add_argument('--seed', type=int, default=0,
                  help="hypothesis's seed, so the draws are reproducible, and "
                  "the harness's seed for every example (default 0)")
-  p.add_argument('--compile-cache', default='auto', metavar='DIR',
-                 help="persistent XLA compilation cache: a directory, 'auto' "
-                 '(default: $XDG_CACHE_HOME/etp_testing/xla, or '
-                 "~/.cache/etp_testing/xla) or 'off'; a JAX cache directory "
-                 'already configured wins')
+  add_compile_cache_option(p)
   p.add_argument('--import', dest='imports', action='append', default=[],
                  metavar='MODULE', help='import MODULE first (it registers '
                  'primitives and strategies); repeatable')
@@ -110,11 +129,8 @@ def main(argv=None) -> int:
     print(f'etp-check: no primitive matches {args.primitives!r}',
           file=sys.stderr)
     return 2
-  try:
-    cache = compilations.use_persistent_cache(args.compile_cache,
-                                              default_cache_dir)
-  except OSError as e:
-    print(f'etp-check: --compile-cache: {e}', file=sys.stderr)
+  ok, cache = open_compile_cache(args.compile_cache, 'etp-check')
+  if not ok:
     return 2
   results, failures, unchecked, summaries = {}, [], [], {}
   start = time.perf_counter()
@@ -150,9 +166,7 @@ def main(argv=None) -> int:
   for message in failures:
     print()
     print(message)
-  print(f'XLA programs: {programs.count} compiled, {programs.loaded} loaded '
-        'from the persistent compilation cache'
-        + (f' ({cache})' if cache else ' (none in use)'))
+  print(compilations.programs_line(programs.count, programs.loaded, cache))
   print(f'{time.perf_counter() - start:.1f} s')
   if args.report:
     with open(args.report, 'w') as f:

@@ -292,6 +292,15 @@ def use_persistent_cache(choice: str, auto_dir) -> "str | None":
   return str(directory)
 
 
+def programs_line(compiled: int, loaded: int, cache) -> str:
+  """A run's closing line: the XLA programs it compiled, and those it
+  loaded from the persistent compilation cache ``cache`` (its directory,
+  or ``None`` where none is in use)."""
+  return (f'XLA programs: {compiled} compiled, {loaded} loaded from the '
+          'persistent compilation cache'
+          + (f' ({cache})' if cache else ' (none in use)'))
+
+
 @contextlib.contextmanager
 def counting():
   """Counts XLA compilations, and programs loaded from the persistent

@@ -343,7 +343,7 @@ class EtpCheckPlugin:
           self.failures.append(record)
 
   def pytest_terminal_summary(self, terminalreporter):
-    from etp_testing._src import matrix
+    from etp_testing._src import compilations, matrix
     from etp_testing._src.checks import registry as check_registry
     tr = terminalreporter
     tr.section('etp rule checks')
@@ -368,10 +368,8 @@ class EtpCheckPlugin:
       tr.write_line(message)
     path = self.config.getoption('etp_report')
     compiled, loaded = compile_totals(self.results.values())
-    tr.write_line(f'XLA programs: {compiled} compiled, {loaded} loaded from '
-                  'the persistent compilation cache'
-                  + (f' ({self.compile_cache})' if self.compile_cache else
-                     ' (none in use)'))
+    tr.write_line(compilations.programs_line(compiled, loaded,
+                                             self.compile_cache))
     if path:
       tr.write_line(f'etp report written to {path}')
 
