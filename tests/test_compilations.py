@@ -138,6 +138,25 @@ def test_a_program_from_the_persistent_cache_counts_as_loaded(
   assert (warm.count, warm.loaded) == (0, 1)
 
 
+@pytest.mark.parametrize('choice', ['off', 'auto', 'elsewhere'])
+def test_a_jax_cache_the_user_configured_wins_and_is_reported(
+    persistent_cache, tmp_path, choice):
+  """``--compile-cache`` (and ``--etp-compile-cache``) never move a cache
+  the user configured for JAX, and the run names that one as in use, with
+  ``off`` too: JAX loads from it whatever the choice."""
+  other = tmp_path / 'elsewhere'
+  got = compilations.use_persistent_cache(
+      str(other) if choice == 'elsewhere' else choice, lambda: str(other))
+  assert got == str(persistent_cache)
+  assert jax.config.jax_compilation_cache_dir == str(persistent_cache)
+  assert not other.exists()
+
+
+def test_without_a_jax_cache_off_is_none():
+  assert compilations.use_persistent_cache('off', lambda: '/nowhere') is None
+  assert not jax.config.jax_compilation_cache_dir
+
+
 def test_a_new_example_of_a_seen_shape_compiles_nothing():
   """Oracles and rule calls are cached per primitive and params, and jitted:
   another example (other values) of the same shapes reuses every program,

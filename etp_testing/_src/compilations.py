@@ -272,11 +272,12 @@ def use_persistent_cache(choice: str, auto_dir) -> "str | None":
   created if need be; ``'auto'``: ``auto_dir()``, none where that gives
   ``None``; ``'off'``: none), for every program however small or quick to
   compile (the battery's are both).  A cache directory the user already
-  configured for JAX wins.  Returns the directory in use, or ``None``."""
-  if choice == 'off':
-    return None
+  configured for JAX wins, over ``'off'`` too (JAX uses it whatever the
+  choice).  Returns the directory in use, or ``None``."""
   if jax.config.jax_compilation_cache_dir:   # the user's own: keep it
     return jax.config.jax_compilation_cache_dir
+  if choice == 'off':
+    return None
   directory = auto_dir() if choice == 'auto' else choice
   if directory is None:
     return None
