@@ -499,7 +499,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   chosen = mutants_lib.catalog(pattern=args.mutants)
   if not chosen:
-    print(f'[etp_testing] no mutant matches {args.mutants!r}', file=sys.stderr)
+    print(f'{parser.prog}: no mutant matches {args.mutants!r}', file=sys.stderr)
     return 2
   ok, cache = cli.open_compile_cache(args.compile_cache, parser.prog)
   if not ok:

@@ -200,6 +200,9 @@ class TestMain:
 
   def test_cli_unknown_glob(self, capsys):
     assert selftest.main(['--mutants', 'no_such_*']) == 2
+    # A usage error, named by the command as its other usage errors are.
+    assert capsys.readouterr().err == (
+        "python -m etp_testing.selftest: no mutant matches 'no_such_*'\n")
 
   def test_cli_compile_cache_is_written_then_loaded(self, tmp_path, capsys,
                                                     no_xla_cache):
