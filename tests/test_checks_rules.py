@@ -1094,6 +1094,21 @@ def test_fast_mode_skips_a_trace_check_that_fits_nowhere(monkeypatch):
   assert not [f for f in outcome.findings if f.rule == 'trace']
 
 
+def test_a_skip_after_a_failure_is_a_failure(monkeypatch):
+  # yw_to_w.linear and .vmap first check the shapes the rule returns, then
+  # find that its traces fit nowhere and skip the rest: the wrong shape
+  # found before the skip must fail the check, not vanish inside a skip.
+  from etp_testing._src import context
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 1)
+  wrong_shape = lora_variant(yw_to_w=_lora_yw(lambda g, t: t[..., :1]))
+  for check in ('yw_to_w.linear', 'yw_to_w.vmap'):
+    outcome = _fast_run(wrong_shape, check)
+    assert_caught(outcome, 'yw_to_w', 'lora_b')
+    assert 'returned shape' in outcome.findings[0].message
+    assert 'FAST_TRACE_BYTES' in outcome.reason, outcome.reason
+    assert _fast_run(lora_variant(), check).status == 'skipped'
+
+
 def _lora_yw(transform_b):
   """LoRA's yw_to_w with ``lora_b``'s entry replaced by
   ``transform_b(g, trace_b)``."""

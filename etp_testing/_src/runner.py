@@ -110,12 +110,14 @@ def run_check(name: str, ctx: CheckContext) -> CheckOutcome:
   except Exception as e:  # pylint: disable=broad-except
     status, reason = ERROR, f'{type(e).__name__}: {e}'
   findings = list(ctx.findings)
-  if status == PASSED:
-    if any(not f.passed for f in findings):
-      status = FAILED
-      reason = '; '.join(sorted({f.rule for f in findings if not f.passed}))
-    elif any(f.approximate for f in findings):
-      status = MEASURED
+  failed_rules = sorted({f.rule for f in findings if not f.passed})
+  if status in (PASSED, SKIPPED) and failed_rules:
+    # A check that found a failure and then skipped the rest of its work
+    # (fast mode's memory budget) still failed: a skip never hides a finding.
+    skipped = f' (the rest of the check skipped: {reason})' if reason else ''
+    status, reason = FAILED, '; '.join(failed_rules) + skipped
+  elif status == PASSED and any(f.approximate for f in findings):
+    status = MEASURED
   return CheckOutcome(name=name, status=status, findings=findings,
                       reason=reason, duration_s=time.perf_counter() - start)
 
