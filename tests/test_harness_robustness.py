@@ -250,18 +250,57 @@ def test_broken_jax_rules_are_diagnosed_not_crashes():
   assert report.outcome('primitive.jit').status == 'passed'
 
 
-def test_a_multiple_results_primitive_passes_the_primitive_checks():
+def _multi(y_index=1):
+  """A primitive with outputs ``(x @ W, tanh(x @ W))``, ``y`` at
+  ``y_index``."""
   def impl(x, weight):
     y = x @ weight
     return y, jnp.tanh(y)
-  prim = etp.register_primitive(
+  return etp.register_primitive(
       _name('multi'), impl, batched=True, multiple_results=True,
-      y_outvar_index=1, trainable_invars_fn=lambda p: {'weight': 1})
-  report = etp_testing.check_rules(prim, *_operands(), checks=['primitive'])
+      y_outvar_index=y_index, trainable_invars_fn=lambda p: {'weight': 1})
+
+
+def test_a_multiple_results_primitive_passes_the_primitive_checks():
+  report = etp_testing.check_rules(_multi(), *_operands(),
+                                   checks=['primitive'])
   for outcome in report.outcomes:
     assert outcome.status == 'passed', (outcome.name, outcome.reason,
                                         [f.describe() for f in
                                          outcome.findings])
+
+
+def test_the_primitive_checks_judge_every_output_not_only_y():
+  # JAX derives every output's rules from impl; a JVP or a batching rule
+  # wrong for an output other than y is as wrong (it trained nothing here,
+  # but a model using that output gets wrong gradients or values).
+  doubled = _multi(y_index=0)
+  derived_jvp = ad.primitive_jvps[doubled]
+
+  def jvp(primals, tangents, **params):
+    out, t = derived_jvp(primals, tangents, **params)
+    return out, [t[0], 2.0 * t[1]]
+  ad.primitive_jvps[doubled] = jvp
+  outcome = etp_testing.check_rules(doubled, *_operands(),
+                                    checks=['primitive.jvp']).outcomes[0]
+  assert outcome.status == 'failed' and outcome.reason == 'jvp', outcome
+
+  reversed_ = _multi(y_index=0)
+
+  def batcher(args, dims, **params):
+    args = [a if d is None else jnp.moveaxis(a, d, 0)
+            for a, d in zip(args, dims)]
+    axes = [None if d is None else 0 for d in dims]
+    y, aux = jax.vmap(lambda *a: reversed_.impl_fn(*a, **params),
+                      in_axes=axes)(*args)
+    return [y, jnp.flip(aux, 0)], [0, 0]   # output 1's examples reversed
+  batching.primitive_batchers[reversed_] = batcher
+  outcome = etp_testing.check_rules(reversed_, *_operands(),
+                                    checks=['primitive.vmap']).outcomes[0]
+  assert outcome.status == 'failed', outcome
+  bad = [f for f in outcome.findings if not f.passed]
+  assert bad and all(f.message.startswith('output 1: ') for f in bad), \
+      [f.describe() for f in bad]
 
 
 # ------------------------------------------------------------- global state

@@ -28,6 +28,10 @@ overridden).  These checks hold those JAX rules to ``impl``:
   alone, the weights alone, and every operand mapped), plus one nested vmap,
   equals the stacked per-example binds.
 
+A primitive with several outputs is judged on all of them, not only ``y``:
+``primitive.jvp`` differentiates every floating output, flattened and joined,
+and ``primitive.vmap`` compares each output.
+
 A JAX rule that raises is a failed finding naming the rule (``impl``,
 ``abstract_eval``, ``jvp``, ``batching``) and the shapes, not a crash.
 """
@@ -40,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_testing._src import executor, tolerances
+from etp_testing._src import tolerances
 from etp_testing._src.differences import abs_max
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (absolute, compiled, jitted_bind,
@@ -83,6 +87,16 @@ def _outputs(ctx, out) -> list:
 
 def _output_label(ctx, i: int) -> str:
   return f'output {i}: ' if ctx.primitive.multiple_results else ''
+
+
+def _differentiated(primitive, out):
+  """What ``primitive.jvp`` differentiates: ``y``, or for a primitive with
+  several outputs every floating one, flattened and joined, so that a JAX
+  rule wrong for any output shows (JAX derives them all from ``impl``)."""
+  if not primitive.multiple_results:
+    return out
+  return jnp.concatenate([jnp.ravel(o) for o in out
+                          if jnp.issubdtype(o.dtype, jnp.inexact)])
 
 
 # -------------------------------------------------------------------- jit
@@ -155,15 +169,12 @@ def _jvp_functions(primitive, params, diff):
   ``p`` the floating operands at positions ``diff`` (the rest are taken
   from ``operands``): ``impl``, first-order ``jvp``/``vjp`` of the bind,
   the JVP function ``p -> J(p) t`` and its ``jvp``/``vjp``."""
-  y_index, multi = primitive.y_outvar_index, primitive.multiple_results
-
   def with_diff(fn, operands):
     def f(args):
       new = list(operands)
       for i, a in zip(diff, args):
         new[i] = a
-      out = fn(*new, **params)
-      return out[y_index] if multi else out
+      return _differentiated(primitive, fn(*new, **params))
     return f
 
   bound = lambda ops: with_diff(primitive.bind, ops)
@@ -273,6 +284,8 @@ def check_jvp(ctx):
     second_rounding = tolerances.fd_rounding_scale(
         max(size('jvp_of+'), size('jvp_of-')))
     names = ', '.join(f'operand {i}' for i in diff)
+    if ctx.primitive.multiple_results:
+      names += ' (every floating output, flattened and joined)'
     y_out, jv = r['jvp']
     # First order, forward: J v vs central differences of impl.
     ctx.compare(y_out, r['y'], rule='jvp', what='primal output of '
@@ -364,7 +377,7 @@ def _stack(examples, axis, depth=1):
 
 
 def _nest_vmap(primitive, params, in_axes, depth):
-  f = lambda *ops: executor.bind_y(primitive, ops, params)
+  f = lambda *ops: primitive.bind(*ops, **params)   # every output
   for _ in range(depth):
     f = jax.vmap(f, in_axes=in_axes)
   return f
@@ -372,27 +385,29 @@ def _nest_vmap(primitive, params, in_axes, depth):
 
 @compiled
 def _vmapped_bind(primitive, params, in_axes, depth):
-  """``operands -> y`` under ``depth`` nested ``jax.vmap(in_axes=in_axes)``."""
+  """``operands -> outputs`` under ``depth`` nested
+  ``jax.vmap(in_axes=in_axes)``."""
   f = _nest_vmap(primitive, params, in_axes, depth)
   return lambda operands: f(*operands)
 
 
 @compiled
 def _all_vmapped_binds(primitive, params, variants):
-  """``[operands per variant] -> [y per variant]`` for ``variants`` of
+  """``[operands per variant] -> [outputs per variant]`` for ``variants`` of
   ``(in_axes, depth)``: every vmap of the check in one compilation."""
   fs = [_nest_vmap(primitive, params, axes, depth) for axes, depth in variants]
   return lambda batched: [f(*ops) for f, ops in zip(fs, batched)]
 
 
-def _per_example(ctx, examples_of, axes, index):
-  """The bind on example ``index`` of each mapped operand."""
+def _per_example(ctx, examples_of, axes, index) -> list:
+  """Every output of the bind on example ``index`` of each mapped
+  operand."""
   ops = [o if a is None else examples_of[i][index]
          for i, (o, a) in enumerate(zip(ctx.operands, axes))]
   # primitive.jit's program (context.jitted_bind): compiled once a signature.
   out = _guarded('impl', f'jax.jit(bind) of example {index}',
                  jitted_bind(ctx), ops)
-  return np.asarray(executor.y_of_outputs(ctx.primitive, out))
+  return [np.asarray(o) for o in _outputs(ctx, out)]
 
 
 def _vmap_plans(ctx) -> list:
@@ -485,9 +500,12 @@ def _check_vmap_case(ctx, case, got, term=None):
       ctx.fail(e.rule, e.message)
       return
   count = VMAP_SIZE ** depth
-  want = np.stack([_per_example(ctx, examples_of, axes, k)
-                   for k in range(count)])
-  want = want.reshape((VMAP_SIZE,) * depth + want.shape[1:])
-  ctx.compare(got, want, rule='batching', check_dtype=True, term_scale=term,
-              what=f'{what} vs {count} stacked per-example binds '
-              f'(batched operands {shape_of(batched)})')
+  examples = [_per_example(ctx, examples_of, axes, k) for k in range(count)]
+  terms = [None] * len(examples[0]) if term is None else _outputs(ctx, term)
+  for i, (got_i, term_i) in enumerate(zip(_outputs(ctx, got), terms)):
+    want = np.stack([e[i] for e in examples])
+    want = want.reshape((VMAP_SIZE,) * depth + want.shape[1:])
+    ctx.compare(got_i, want, rule='batching', check_dtype=True,
+                term_scale=term_i,
+                what=f'{_output_label(ctx, i)}{what} vs {count} stacked '
+                f'per-example binds (batched operands {shape_of(batched)})')
