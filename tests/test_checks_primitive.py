@@ -222,6 +222,36 @@ def test_jit_catches_a_lowering_that_raises():
   assert 'float32[4, 3]' in hit.message  # the operands
 
 
+def _marker(impl, trainable=lambda p: {'weight': 0}):
+  """A ``gradient_enabled`` marker like ``etp_elemwise`` with ``impl``."""
+  prim = etp.register_primitive(_name('marker'), impl, gradient_enabled=True,
+                                x_invar_index=None,
+                                trainable_invars_fn=trainable)
+  base = etp.rules_of(etp.etp_elemwise_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=base.xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  return prim
+
+
+def test_jit_holds_a_gradient_enabled_marker_to_the_identity():
+  # A marker that doubles its operand, with rules that agree with the
+  # doubling, passes every autodiff and finite-difference oracle: only
+  # the identity itself can say it is wrong.
+  w = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+  report = _run(_marker(lambda w: 2.0 * w), ((w,), {}), ['primitive.jit'])
+  _assert_failed(report, 'primitive.jit', 'impl', key='weight',
+                 contains='gradient_enabled=True')
+  report = _run(_marker(lambda w, s: w * s,
+                        trainable=lambda p: {'weight': 0, 'scale': 1}),
+                ((w, w), {}), ['primitive.jit'])
+  _assert_failed(report, 'primitive.jit', 'impl',
+                 contains='has 2 trainable operands')
+  report = _run(etp.etp_elemwise_p, ((w,), {}), ['primitive.jit'])
+  _assert_passed(report, 'primitive.jit')
+  assert any('marker is the identity' in f.message
+             for f in report.outcome('primitive.jit').findings)
+
+
 # ------------------------------------------------------ primitive.abstract_eval
 @pytest.mark.parametrize('wrong', ['shape', 'dtype'])
 def test_abstract_eval_catches_a_wrong_abstract_rule(wrong):

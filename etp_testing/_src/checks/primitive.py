@@ -6,7 +6,8 @@ primitive's own JAX rules (derived from ``impl`` by ``register_primitive``, or
 overridden).  These checks hold those JAX rules to ``impl``:
 
 * ``primitive.jit``: eager ``bind`` (``impl`` on concrete arrays) equals
-  ``jax.jit`` of it (the lowering), in value and dtype;
+  ``jax.jit`` of it (the lowering), in value and dtype; for a
+  ``gradient_enabled`` marker, it also equals its operand (the identity);
 * ``primitive.abstract_eval``: ``jax.eval_shape`` of the bind gives the real
   output's shape and dtype;
 * ``primitive.jvp``: as ``jax.test_util.check_grads(order=2, modes=('fwd',
@@ -44,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from etp_testing._src import tolerances
+from etp_testing._src import executor, tolerances
 from etp_testing._src.differences import abs_max
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (absolute, compiled, jitted_bind,
@@ -117,6 +118,27 @@ def check_jit(ctx):
     ctx.compare(a, e, rule='impl', check_dtype=True,
                 term_scale=None if terms is None else terms[i],
                 what=f'{_output_label(ctx, i)}jax.jit(bind) vs eager bind')
+  if ctx.primitive.gradient_enabled:
+    _check_identity(ctx, eager)
+
+
+def _check_identity(ctx, y):
+  """A ``gradient_enabled`` marker is the identity on its (one trainable)
+  operand: a compiler descends through it and uses JAX's VJP of whatever
+  made the operand, so a marker that changed the value would train with
+  gradients no rule and no autodiff oracle of the primitive could see."""
+  trainable = ctx.primitive.trainable_invars(ctx.params)
+  if len(trainable) != 1:
+    ctx.fail('impl', message=(
+        f'{ctx.name} is registered with gradient_enabled=True, a marker that '
+        'is the identity on its one operand, but it has '
+        f'{len(trainable)} trainable operands ({sorted(trainable)})'))
+    return
+  (key, index), = trainable.items()
+  ctx.compare(executor.y_of_outputs(ctx.primitive, y), ctx.operands[index],
+              rule='impl', key=key, check_dtype=True,
+              what='gradient_enabled=True: the bind vs its operand (a '
+              'marker is the identity)')
 
 
 # --------------------------------------------------------- abstract eval
