@@ -147,6 +147,10 @@ def init_pp_state_first(x, y, w, n):
   return jnp.zeros((n,) + y.aval.shape, y.aval.dtype)
 
 
+def init_pp_ones(x, y, w, n):
+  return jnp.ones(y.aval.shape + (n,), y.aval.dtype)
+
+
 def init_raises_for_two_states(x, y, w, n):
   if n == 2:
     raise ValueError('only one state')
@@ -991,9 +995,16 @@ def test_a_primitive_that_takes_one_dtype_is_noted_not_failed():
   assert len(notes) == 2 and 'must share a dtype' in notes[0], notes
 
 
-def test_init_pp_catches_wrong_shape():
-  assert_caught(run(dense_variant(init_pp=init_pp_state_first), 'init.pp'),
-                'init_pp')
+@pytest.mark.parametrize('broken,words', [
+    (init_pp_state_first, 'shape'),
+    # pp.exact cannot see this one: its executor starts from ones_like.
+    (init_pp_ones, 'non-zero'),
+])
+def test_init_pp_catches(broken, words):
+  outcome = run(dense_variant(init_pp=broken), 'init.pp')
+  assert_caught(outcome, 'init_pp')
+  assert any(words in f.message for f in outcome.findings if not f.passed), \
+      [f.describe() for f in outcome.findings]
 
 
 # ------------------------------------------------------------- drtrl.*
