@@ -488,6 +488,43 @@ def test_vmap_catches_examples_that_are_not_independent():
   _assert_passed(report, 'device.consistency')
 
 
+def _slice_by_slice_batching(prim):
+  """A correct batching rule of its own for ``prim``: one bind per mapped
+  slice, each slice's batch kept whole (as a primitive may define one)."""
+  def batcher(args, dims, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    moved = [a if d is None else jnp.moveaxis(a, d, 0)
+             for a, d in zip(args, dims)]
+    return jnp.stack([prim.bind(*[a if d is None else a[i]
+                                  for a, d in zip(moved, dims)], **params)
+                      for i in range(size)]), 0
+  prim.def_batching_rule(batcher)
+  return prim
+
+
+def _previous_example_added_impl(x, weight, *bias, has_bias):
+  # Example b also gets example b - 1's input: the batch is coupled.
+  y = dense._impl(x, weight, *bias, has_bias=has_bias)
+  return y + jnp.roll(x, 1, axis=0)[..., :weight.shape[1]]
+
+
+def test_vmap_catches_coupled_examples_behind_a_batching_rule_of_its_own():
+  # With its own (slice-by-slice) batching rule, no vmap case folds the
+  # mapped axis into the batch, so only changing one example shows the
+  # coupling.  The correct dense layer with the same batching rule passes.
+  coupled = _slice_by_slice_batching(
+      _dense_clone('coupled', impl=_previous_example_added_impl))
+  report = _run(coupled, _dense_case(n_in=5, n_out=3), ['primitive.vmap'])
+  hits = _assert_failed(report, 'primitive.vmap', 'batching',
+                        contains='examples are independent')
+  assert all('vmap' not in f.message for f in hits), hits
+  correct = _slice_by_slice_batching(_dense_clone('own_batching'))
+  report = _run(correct, _dense_case(n_in=5, n_out=3), ['primitive.vmap'])
+  _assert_passed(report, 'primitive.vmap')
+  assert sum('examples are independent' in f.message
+             for f in report.outcome('primitive.vmap').findings) == 4
+
+
 def test_vmap_keeps_integer_operands_valid():
   # Mapped sparse indices are permuted per example (still valid, distinct).
   rng = np.random.default_rng(3)

@@ -27,7 +27,8 @@ overridden).  These checks hold those JAX rules to ``impl``:
   mapped operands (floating and integer) and axes (``0``, ``1`` where the rank
   allows, ``-1``), sampled down to ``VMAP_COMBINATIONS`` (always with ``x``
   alone, the weights alone, and every operand mapped), plus one nested vmap,
-  equals the stacked per-example binds.
+  equals the stacked per-example binds; and for a batched primitive,
+  changing one example of ``x`` leaves the other examples' ``y`` unchanged.
 
 A primitive with several outputs is judged on all of them, not only ``y``:
 ``primitive.jvp`` differentiates every floating output, flattened and joined,
@@ -507,6 +508,34 @@ def check_vmap(ctx):
     # Dropped before the next group is made (the loop variables of zip
     # keep the last case alive too).
     del cases, results, terms, case, got, term
+  if ctx.primitive.batched:
+    _check_examples_independent(ctx)
+
+
+def _check_examples_independent(ctx):
+  """A batched primitive's examples are independent: changing example ``k``
+  of ``x`` leaves every other example's ``y`` as it was.  The vmap cases
+  see coupling only through the derived batching rule (which folds the
+  mapped axis into the batch); a primitive with its own batching rule can
+  couple its batch and pass them.  Same shapes, so primitive.jit's program
+  runs again and nothing is compiled."""
+  xi = ctx.primitive.x_invar_index
+  if xi is None or np.ndim(ctx.operands[xi]) == 0:
+    return
+  x = np.asarray(ctx.operands[xi])
+  if x.shape[0] < 2 or not jnp.issubdtype(x.dtype, jnp.inexact):
+    return
+  bind = lambda ops: np.asarray(executor.y_of_outputs(
+      ctx.primitive, _guarded('impl', 'jax.jit(bind)', jitted_bind(ctx), ops)))
+  y = bind(list(ctx.operands))
+  for k in range(x.shape[0]):
+    changed = x.copy()
+    changed[k] = _examples(ctx, xi, x[k], 2)[1]
+    ops = list(ctx.operands)
+    ops[xi] = changed
+    ctx.compare(np.delete(bind(ops), k, axis=0), np.delete(y, k, axis=0),
+                rule='batching', what=f'examples are independent: y of the '
+                f'other examples of the batch after example {k} of x changed')
 
 
 def _check_vmap_case(ctx, case, got, term=None):
