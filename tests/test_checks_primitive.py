@@ -210,6 +210,28 @@ def test_jit_and_vmap_judge_rounding_against_the_terms():
                  'primitive.jit', 'impl')
 
 
+def _off_when_traced_by(rel):
+  def impl(x, weight, *bias, has_bias):
+    y = dense._impl(x, weight, *bias, has_bias=has_bias)
+    return y * (1 + rel) if isinstance(x, jax.core.Tracer) else y
+  return impl
+
+
+def test_jit_and_vmap_judge_a_mixed_precision_bind_at_its_coarsest_operand():
+  # x and W float32, the bias float64: y is float64, but x @ W was rounded
+  # in float32, in another order under jit (6e-8 apart, hundreds of times
+  # float64's bound, on this case).  Judged at float32's bound the correct
+  # layer passes; an impl 0.1 % off under jit is still caught.
+  ops, params = _dense_case(seed=1)
+  ops[2] = ops[2].astype(np.float64)
+  report = _run(etp.etp_mm_p, (ops, params),
+                ['primitive.jit', 'primitive.vmap'])
+  _assert_passed(report, 'primitive.jit', 'primitive.vmap')
+  off = _dense_clone('jit_off_mixed', impl=_off_when_traced_by(1e-3))
+  report = _run(off, (ops, params), ['primitive.jit'])
+  _assert_failed(report, 'primitive.jit', 'impl')
+
+
 def test_jit_catches_a_lowering_that_raises():
   prim = _dense_clone('jit_raises')
 

@@ -707,6 +707,16 @@ class CheckContext:
       atol = self.atol_override
     return rtol, atol
 
+  def bind_dtype(self, *dtypes):
+    """The coarsest of ``dtypes`` and of the floating operands' dtypes: the
+    rounding a result of the bind can carry whatever it is stored in (``y``
+    of a float32 ``x @ W`` plus a float64 bias is float64, rounded in
+    float32, and XLA's program rounds it in another order than the eager
+    ops do)."""
+    return tolerances.coarsest(*dtypes, *(
+        o.dtype for o in self.operands if jnp.issubdtype(o.dtype,
+                                                         jnp.inexact)))
+
   def record(self, finding: Finding) -> Finding:
     self.findings.append(finding)
     return finding

@@ -117,6 +117,7 @@ def check_jit(ctx):
   terms = None if terms is None else _outputs(ctx, terms)
   for i, (a, e) in enumerate(zip(_outputs(ctx, jitted), _outputs(ctx, eager))):
     ctx.compare(a, e, rule='impl', check_dtype=True,
+                dtype=ctx.bind_dtype(a.dtype, e.dtype),
                 term_scale=None if terms is None else terms[i],
                 what=f'{_output_label(ctx, i)}jax.jit(bind) vs eager bind')
   if ctx.primitive.gradient_enabled:
@@ -557,6 +558,7 @@ def _check_vmap_case(ctx, case, got, term=None):
     want = np.stack([e[i] for e in examples])
     want = want.reshape((VMAP_SIZE,) * depth + want.shape[1:])
     ctx.compare(got_i, want, rule='batching', check_dtype=True,
+                dtype=ctx.bind_dtype(got_i.dtype, want.dtype),
                 term_scale=term_i,
                 what=f'{_output_label(ctx, i)}{what} vs {count} stacked '
                 f'per-example binds (batched operands {shape_of(batched)})')

@@ -24,11 +24,10 @@ skipped: 'no unit-aware user-facing function registered for <name>'.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import saiunit as u
 
 from etp._src.arrays import to_jax
-from etp_testing._src import executor, tolerances, unit_cases
+from etp_testing._src import executor, unit_cases
 from etp_testing._src.context import absolute, terms_or_none
 from etp_testing._src.checks.registry import check
 from etp_testing._src.errors import raised
@@ -114,9 +113,8 @@ def _check_call(ctx, description, call, out, expected_unit, expected,
       u.Quantity(mantissa, unit=unit).to_decimal(expected_unit)
   # Operands are scaled to their units in their own dtypes (a bias in uA
   # is 1e3 times its mantissa): judged at the coarsest dtype among them.
-  dtype = tolerances.coarsest(expected.dtype, *(
-      o.dtype for o in ctx.operands if jnp.issubdtype(o.dtype, jnp.inexact)))
-  ctx.compare(value, expected, rule='units', dtype=dtype,
+  ctx.compare(value, expected, rule='units',
+              dtype=ctx.bind_dtype(expected.dtype),
               term_scale=term_scale,
               what=f'{description}: result in {expected_unit} vs the bind on '
               'the mantissas')
