@@ -948,17 +948,28 @@ def xy_to_dw_in_x_dtype(x, g, weights, **params):
   return {k: v.astype(x.dtype) for k, v in grads.items()}
 
 
+def xy_to_dw_promoted(x, g, weights, *, has_bias):
+  # A plain einsum of x and g, uncast: in the wider of their dtypes.
+  grads = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {k: v.astype(jnp.result_type(x, g)) for k, v in grads.items()}
+
+
 def test_xy_to_dw_is_traced_with_x_in_another_dtype():
-  # Gradients in x's dtype are right on a float32 case; traced with x in
-  # bfloat16 over float32 weights, they are not the weights'.
+  # Gradients in x's dtype, or in the wider of x's and g's, are right on a
+  # float32 case; traced with x in float64 and in bfloat16 over float32
+  # weights, they are not the weights'.
   correct = run(dense_variant(), 'xy_to_dw.vjp')
   assert correct.status == 'passed'
-  outcome = run(dense_variant(xy_to_dw=xy_to_dw_in_x_dtype), 'xy_to_dw.vjp')
-  assert_caught(outcome, 'xy_to_dw', 'weight')
-  failed = [f.message for f in outcome.findings if not f.passed]
-  assert failed == [
-      "x bfloat16 with float32 weights: dtype bfloat16 != its weight's "
-      'float32'] * 2, failed   # weight and bias
+  wrong = lambda x_dtype: [
+      f"x {x_dtype} with float32 weights: dtype {x_dtype} != its weight's "
+      'float32'] * 2   # weight and bias
+  for rule, failures in ((xy_to_dw_in_x_dtype, wrong('float64') +
+                          wrong('bfloat16')),
+                         (xy_to_dw_promoted, wrong('float64'))):
+    outcome = run(dense_variant(xy_to_dw=rule), 'xy_to_dw.vjp')
+    assert_caught(outcome, 'xy_to_dw', 'weight')
+    failed = [f.message for f in outcome.findings if not f.passed]
+    assert failed == failures, failed
 
 
 @pytest.mark.parametrize('prim', [p for p in etp.primitives()
@@ -972,7 +983,7 @@ def test_every_builtin_with_an_input_is_checked_in_mixed_precision(prim):
   for check in ('init.drtrl', 'init.pp', 'xy_to_dw.vjp'):
     messages = [f.message for f in report.outcome(check).findings]
     assert report.outcome(check).status == 'passed', messages
-    for x_dtype in ('float64', 'bfloat16')[check == 'xy_to_dw.vjp':]:
+    for x_dtype in ('float64', 'bfloat16'):
       assert any(m.startswith(f'x {x_dtype} with float32 weights')
                  for m in messages), messages
 
@@ -1572,7 +1583,7 @@ def _catalog_cases() -> dict:
 def _changes_what_yw_to_w_checks_read(mutant) -> bool:
   """Whether ``mutant`` changes what the ``yw_to_w`` checks read from its
   base: the ``yw_to_w`` or ``init_drtrl`` rule, the output's shape or
-  dtype, or which operands are trainable (26 of the 71 mutants).  The
+  dtype, or which operands are trainable (26 of the 72 mutants).  The
   others give those checks their base's rules: the base's own case tests
   those."""
   prim, base = mutant.primitive(), mutant.base_primitive()

@@ -31,7 +31,8 @@ def impl(x, w):
 
 def xy_to_dw(x, g, weights):
   scale = 1.0 if BROKEN else 2.0   # the broken rule forgets the factor 2
-  return {{'weight': scale * jnp.einsum('...i,...o->io', x, g)}}
+  dw = scale * jnp.einsum('...i,...o->io', x, g)
+  return {{'weight': dw.astype(weights['weight'].dtype)}}
 
 
 def yw_to_w(g, trace):
@@ -234,8 +235,7 @@ def test_the_readme_s_five_minute_primitive_runs_as_printed(tmp_path):
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert re.search(r'\b\d+ passed', proc.stdout) and 'failed' not in (
       proc.stdout.split('etp rule checks')[0]), proc.stdout
-  broken = conftest.replace("{'weight': 2.0 * jnp.einsum",
-                            "{'weight': jnp.einsum")
+  broken = conftest.replace("dw = 2.0 * jnp.einsum", "dw = jnp.einsum")
   assert broken != conftest
   proc = _run(tmp_path, *args, conftest=broken)
   assert proc.returncode == 1, proc.stdout + proc.stderr

@@ -133,16 +133,16 @@ def test_half_precision_is_drawn_not_filtered(capsys):
 @pytest.mark.parametrize('dtypes', ['float32,float64', 'float32'])
 def test_the_soak_draws_mixed_precision(capsys, dtypes):
   # A run's dtype is its weights'; the built-ins' x is now and then in
-  # another of --dtypes.  A rule that returns gradients in the wider of the
-  # two dtypes is right while they agree: only mixed cases catch it.
+  # another of --dtypes.  A rule that rounds g to x's dtype is right while
+  # they agree: only mixed cases catch it.
   code = soak.main(['--examples', '80', '--primitives',
-                    'mutant_dense_xy_promoted_dtype', '--dtypes', dtypes,
+                    'mutant_dense_xy_g_in_x_dtype', '--dtypes', dtypes,
                     '--seeds', '0', '--checks', 'xy_to_dw.vjp', '--quiet'])
   out = capsys.readouterr().out
   if dtypes == 'float32':
     assert code == 0, out
   else:
-    assert code == 1 and 'FAILURE mutant_dense_xy_promoted_dtype' in out, out
+    assert code == 1 and 'FAILURE mutant_dense_xy_g_in_x_dtype' in out, out
 
 
 def test_a_registered_strategy_is_filtered_by_dtype(monkeypatch):

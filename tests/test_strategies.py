@@ -417,13 +417,13 @@ def test_broken_dense_is_caught_and_shrunk_to_a_minimal_case():
 
 
 @pytest.mark.parametrize('mixed', [True, False])
-def test_mixed_precision_draws_catch_a_rule_that_promotes_its_dtype(mixed):
-  # The mutant returns its gradients in the wider of x's and the weights'
-  # dtypes: right while they share one, and with x the narrower (which the
-  # check traces), so only a drawn float64 x over float32 weights catches
-  # it, and the shrunk case is one.
+def test_mixed_precision_draws_catch_a_rule_that_rounds_g_to_x_dtype(mixed):
+  # The mutant rounds g to x's dtype: values, not dtypes, are wrong (the
+  # check's traces in other dtypes see nothing), and only where x is the
+  # narrower, so only a drawn float32 x over float64 weights catches it,
+  # and the shrunk case is one.
   from etp_testing import mutants
-  prim = mutants.get('dense_xy_promoted_dtype').primitive()
+  prim = mutants.get('dense_xy_g_in_x_dtype').primitive()
   run = lambda: etp_testing.check_with_hypothesis(
       prim, max_examples=100, seed=0, checks=['xy_to_dw.vjp'],
       strategy=strategies.dense_cases(batched=True, mixed=mixed))
@@ -436,7 +436,7 @@ def test_mixed_precision_draws_catch_a_rule_that_promotes_its_dtype(mixed):
   finally:
     mutants.forget_built()   # unregistered again
   dtypes = [o['dtype'] for o in info.value.report.operands]
-  assert dtypes[:2] == ['float64', 'float32'], dtypes
+  assert dtypes[:2] == ['float32', 'float64'], dtypes
   assert info.value.report.outcome('xy_to_dw.vjp').status == 'failed'
 
 

@@ -47,12 +47,6 @@ LARGE_COMPARE = 1_000_000
 # x's in the first and the weights' in the second, so a result in either
 # operand's own dtype shows in one of them.
 MIXED_DTYPES = (('float64', 'float32'), ('bfloat16', 'float32'))
-# Only x narrower than the weights (mixed-precision training's case): a
-# gradient in x's dtype shows there, while one promoted to the wider of x
-# and the weights (a plain einsum of x and g, as most hand-written rules
-# are) is right there and wrong only with a float64 x over float32 weights,
-# which the generated mixed cases reach (strategies.operand_dtypes).
-NARROW_X_DTYPES = (('bfloat16', 'float32'),)
 
 
 @contextlib.contextmanager

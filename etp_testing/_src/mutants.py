@@ -632,6 +632,19 @@ def _(name):
   return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
 
 
+@_mutant('xy_g_in_x_dtype', 'dense', base='etp_mm',
+         bug_class='mixed_precision', expected=('xy_to_dw.vjp',),
+         case=DENSE_MIXED,
+         description="xy_to_dw rounds g to x's dtype before contracting it: "
+         'nothing changes while x and the weights share a dtype (and no '
+         'dtype is wrong); bfloat16 precision in the float32 gradients '
+         'under bfloat16 activations')
+def _(name):
+  def xy_to_dw(x, g, weights, **params):
+    return _rules('etp_mm').xy_to_dw(x, g.astype(x.dtype), weights, **params)
+  return _clone(name, 'etp_mm', xy_to_dw=xy_to_dw)
+
+
 @_mutant('xy_cancellation', 'dense', base='etp_mm', bug_class='float64_only',
          expected=('xy_to_dw.vjp', 'xy_to_dw.jacrev'),
          case=DENSE_MM,

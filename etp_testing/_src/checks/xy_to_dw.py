@@ -29,7 +29,7 @@ import numpy as np
 from etp._src.arrays import to_jax
 from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import (NARROW_X_DTYPES, absolute, compiled,
+from etp_testing._src.context import (absolute, compiled,
                                       terms_or_none, to_float64,
                                       traced_shapes, x64_enabled, x64_scope)
 from etp_testing._src.errors import RuleFailure, raised
@@ -241,12 +241,13 @@ def term_sizes(ctx, g) -> dict:
 
 
 def _check_mixed_dtypes(ctx):
-  """``xy_to_dw`` traced with ``x`` in bfloat16 over float32 weights
-  (shapes only; ``NARROW_X_DTYPES``): each leaf still in its weight's
-  dtype, not ``x``'s (a rule in ``x``'s dtype is right on every case drawn
-  in one dtype)."""
+  """``xy_to_dw`` traced with ``x`` in float64 and in bfloat16 over float32
+  weights (shapes only; ``MIXED_DTYPES``): each leaf still in its weight's
+  dtype.  A rule whose result is in ``x``'s dtype, or in the wider of
+  ``x``'s and the weights' (a plain einsum of ``x`` and ``g``, uncast), is
+  right on every case drawn in one dtype."""
   trained = ctx.primitive.trainable_invars(ctx.params)
-  for label, avals, _ in ctx.mixed_precision_avals(NARROW_X_DTYPES):
+  for label, avals, _ in ctx.mixed_precision_avals():
     with x64_enabled(True):
       out = _rule_avals(ctx, avals, label)
     for k, i in trained.items():
