@@ -900,6 +900,23 @@ def test_init_drtrl_names_a_rule_that_gives_no_zeros(broken, words):
       [f.describe() for f in outcome.findings]
 
 
+def xy_bad_subscripts(x, g, weights, *, has_bias):
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  out['weight'] = jnp.einsum('...i,...o->ion', x, g)   # raises in opt_einsum
+  return out
+
+
+def test_a_rule_that_raises_inside_a_library_is_located_in_the_rule():
+  # jnp.einsum raises from opt_einsum, a library the harness does not
+  # name: the location given is still the rule's line, not the library's.
+  outcome = run(dense_variant(xy_to_dw=xy_bad_subscripts), 'xy_to_dw.vjp')
+  assert_caught(outcome, 'xy_to_dw')
+  message = [f.message for f in outcome.findings if not f.passed][0]
+  assert 'xy_to_dw raised ValueError' in message, message
+  assert 'test_checks_rules.py:' in message and 'in xy_bad_subscripts)' in \
+      message, message
+
+
 @pytest.mark.parametrize('broken_rule', ['init_drtrl', 'init_pp'])
 @pytest.mark.parametrize('broken', [init_raises_for_two_states,
                                     init_names_not_arrays])

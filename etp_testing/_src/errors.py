@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 PREFIX = '[etp_testing] '
@@ -79,6 +80,16 @@ def package_dirs(*names) -> tuple:
 LIBRARIES = ('jax', 'jaxlib', 'numpy', 'saiunit', 'chex')
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_dirs() -> tuple:
+  """The standard library's and the installed packages' directories."""
+  import os
+  import sysconfig
+  paths = sysconfig.get_paths()
+  return tuple(os.path.abspath(paths[k]) + os.sep for k in (
+      'stdlib', 'platstdlib', 'purelib', 'platlib') if paths.get(k))
+
+
 def where_raised(error: BaseException) -> Optional[str]:
   """``'<file>:<line> in <function>'``: the innermost frame ``error`` passed
   through that is the user's code (a rule, an impl, a strategy; not the
@@ -90,6 +101,11 @@ def where_raised(error: BaseException) -> Optional[str]:
   frames = [f for f in traceback.extract_tb(error.__traceback__)
             if not f.filename.startswith(skip) and not f.filename.startswith(
                 '<')]
+  # Any other installed library or the standard library (opt_einsum under
+  # jnp.einsum) is not where the user's code went wrong either, unless
+  # the user's code is installed there too (then only those frames are left).
+  own = [f for f in frames if not f.filename.startswith(_installed_dirs())]
+  frames = own or frames
   if not frames:
     return None
   frame = frames[-1]
