@@ -574,6 +574,25 @@ def test_the_snippet_reruns_the_failing_case(broken_module, size, dtype):
                              first.failures[0].findings[0].max_abs_err)
 
 
+def test_the_snippet_says_when_its_primitive_is_not_registered():
+  # A primitive registered in a script (__main__) or inside a function is
+  # not there in a fresh process: the snippet says where to run it instead
+  # of raising a bare StopIteration.
+  doubled = lambda x, g, weights, **params: {
+      k: 2 * v for k, v in _BASE.xy_to_dw(x, g, weights, **params).items()}
+  prim = _make('unregistered_later', xy_to_dw=doubled)
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(prim, *_operands(), has_bias=False,
+                                       checks=['xy_to_dw.vjp'])
+  snippet = info.value.report.snippet
+  registry._forget(prim)
+  with pytest.raises(LookupError) as lookup:
+    exec(compile(snippet, '<snippet>', 'exec'), {'__name__': '__snippet__'})
+  assert str(lookup.value) == (
+      f'{prim.name} is not registered: run this where the code that '
+      'registers it has run (in your script or session)')
+
+
 def test_saved_cases_of_the_same_bytes_in_other_shapes_do_not_collide():
   # The .npz file is named by a digest: of the data alone, a (12, 8) case
   # and a (8, 12) case of the same bytes loaded each other's file.

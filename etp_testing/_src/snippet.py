@@ -66,11 +66,19 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   module = _module_import(primitive)
   if module:
     lines.append(f'import {module}  # registers {name}')
+  where = ('where the code that registers it has run' + (
+      f' (importing {module} did not)' if module else
+      ' (in your script or session)'))
   if any(np.asarray(o).dtype == np.float64 for o in operands):
     lines.append("jax.config.update('jax_enable_x64', True)")
   ops, setup = _operand_source(operands)
   lines.extend(setup)
-  lines.append(f'prim = next(p for p in etp.primitives() if p.name == {name!r})')
+  # A primitive registered in a script or inside a function is not there
+  # in a fresh process: say so, instead of a bare StopIteration.
+  lines.append(f'prim = next((p for p in etp.primitives() '
+               f'if p.name == {name!r}), None)')
+  lines.append('if prim is None:')
+  lines.append(f'  raise LookupError({name + " is not registered: run this " + where!r})')
   lines.append('operands = [' + ', '.join(ops) + ']')
   kwargs = ''.join(f', {k}={v!r}' for k, v in params.items())
   # (value, default): only what differs from the default is written.
