@@ -585,13 +585,38 @@ class CheckContext:
     if index is None or not jnp.issubdtype(avals[index].dtype, jnp.floating):
       return []
     trained = set(self.primitive.trainable_invars(self.params).values())
+    return self._recast([
+        (f'x {x_dtype} with {w_dtype} weights',
+         {i: x_dtype if i == index else w_dtype for i in trained | {index}})
+        for x_dtype, w_dtype in dtypes])
+
+  def one_wider_weight_avals(self) -> list:
+    """``[(label, avals, y)]`` as :meth:`mixed_precision_avals` gives them,
+    with one trainable weight in float64 and every other floating operand
+    in float32, per weight (none with fewer than two weights): a rule that
+    gives one weight's result in another weight's dtype is right whenever
+    they share one, as on every case a strategy draws in one dtype."""
+    trained = self.primitive.trainable_invars(self.params)
+    if len(trained) < 2:
+      return []
+    floating = [i for i, a in enumerate(self.avals())
+                if jnp.issubdtype(a.dtype, jnp.floating)]
+    return self._recast([
+        (f'weight {key!r} float64, the other operands float32',
+         {i: 'float64' if i == index else 'float32' for i in floating})
+        for key, index in trained.items()])
+
+  def _recast(self, variants) -> list:
+    """``[(label, avals, y)]`` for ``(label, {operand index: dtype})``
+    variants of the case's avals (floating operands only are recast), made
+    with x64 on; a variant the bind rejects is noted and left out."""
+    avals = self.avals()
     out = []
-    for x_dtype, w_dtype in dtypes:
+    for label, dtypes in variants:
       cast = tuple(jax.ShapeDtypeStruct(
-          a.shape, x_dtype if i == index else w_dtype
-          if i in trained and jnp.issubdtype(a.dtype, jnp.floating)
-          else a.dtype) for i, a in enumerate(avals))
-      label = f'x {x_dtype} with {w_dtype} weights'
+          a.shape, dtypes[i] if i in dtypes and
+          jnp.issubdtype(a.dtype, jnp.floating) else a.dtype)
+          for i, a in enumerate(avals))
       with x64_enabled(True):
         try:
           y = y_aval(self.primitive, cast, self.params, avals=cast)

@@ -242,12 +242,14 @@ def term_sizes(ctx, g) -> dict:
 
 def _check_mixed_dtypes(ctx):
   """``xy_to_dw`` traced with ``x`` in float64 and in bfloat16 over float32
-  weights (shapes only; ``MIXED_DTYPES``): each leaf still in its weight's
-  dtype.  A rule whose result is in ``x``'s dtype, or in the wider of
-  ``x``'s and the weights' (a plain einsum of ``x`` and ``g``, uncast), is
-  right on every case drawn in one dtype."""
+  weights (shapes only; ``MIXED_DTYPES``), and with each weight in float64
+  among float32 operands: each leaf still in its weight's dtype.  A rule
+  whose result is in ``x``'s dtype, in the wider of ``x``'s and the
+  weights' (a plain einsum of ``x`` and ``g``, uncast), or in another
+  weight's dtype, is right on every case drawn in one dtype."""
   trained = ctx.primitive.trainable_invars(ctx.params)
-  for label, avals, _ in ctx.mixed_precision_avals():
+  for label, avals, _ in (ctx.mixed_precision_avals() +
+                          ctx.one_wider_weight_avals()):
     with x64_enabled(True):
       out = _rule_avals(ctx, avals, label)
     for k, i in trained.items():
