@@ -574,6 +574,21 @@ def test_the_snippet_reruns_the_failing_case(broken_module, size, dtype):
                              first.failures[0].findings[0].max_abs_err)
 
 
+def test_the_snippet_reruns_only_the_checks_that_failed(broken_module):
+  ops = _operands(batch=4, n_in=3, dtype=np.float32)
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(broken_module.broken_sign_mm_p, *ops,
+                                       seed=3, has_bias=False)
+  first = info.value.report
+  failed = [o.name for o in first.failures]
+  assert 1 < len(failed) < len(first.outcomes), failed
+  assert f'checks={failed!r}' in first.snippet, first.snippet
+  with pytest.raises(etp_testing.RuleConsistencyError) as again:
+    exec(compile(first.snippet, '<snippet>', 'exec'),
+         {'__name__': '__snippet__'})
+  assert [o.name for o in again.value.report.outcomes] == failed
+
+
 def test_the_snippet_says_when_its_primitive_is_not_registered():
   # A primitive registered in a script (__main__) or inside a function is
   # not there in a fresh process: the snippet says where to run it instead
