@@ -340,6 +340,14 @@ def test_correct_dense_passes_with_a_summary():
   d = json.loads(json.dumps(summary.to_dict()))
   assert d['primitive'] == 'etp_mm' and d['examples'] == 4
   assert list(d['checks']) == ['xy_to_dw.vjp', 'init.drtrl', 'drtrl.instant']
+  # Printed: a line for the run, one per check.
+  lines = str(summary).splitlines()
+  assert lines[0].startswith('etp_mm: passed over 4 examples (seed 1, ')
+  assert [line.split()[:2] for line in lines[1:]] == [
+      ['xy_to_dw.vjp', 'passed'], ['init.drtrl', 'passed'],
+      ['drtrl.instant', 'skipped']], lines
+  assert 'max rel err' in lines[1] and 'of the bound' in lines[1]
+  assert '4 skipped' in lines[3] and instant.skip_reasons[0] in lines[3]
 
 
 def test_correct_dense_passes_drtrl_exact():

@@ -152,6 +152,31 @@ class HypothesisSummary:
     """Every check passed or was skipped, and at least one was run."""
     return self.status == report_mod.PASSED
 
+  def __str__(self) -> str:
+    """One line for the run, then one per check: its status, the examples
+    it ran in (and was skipped in), its worst error and the largest share
+    of its bound it took, with the examples where (or why it was
+    skipped)."""
+    seed = '' if self.seed is None else f'seed {self.seed}, '
+    lines = [f'{self.primitive}: {self.status} over {self.examples} '
+             f'examples ({seed}{self.distinct_shapes} distinct shapes, '
+             f'{self.duration_s:.1f} s)']
+    width = max((len(n) for n in self.checks), default=0)
+    for name, c in self.checks.items():
+      parts = [f'{c.examples} examples']
+      if c.skipped:
+        parts.append(f'{c.skipped} skipped')
+      if c.max_rel_err is not None:
+        parts.append(f'max rel err {c.max_rel_err:.2g} (example '
+                     f'{c.worst_example})')
+      if c.tolerance_used is not None:
+        parts.append(f'{c.tolerance_used:.2g} of the bound (example '
+                     f'{c.tightest_example})')
+      if c.status == report_mod.SKIPPED and c.skip_reasons:
+        parts.append(c.skip_reasons[0])
+      lines.append(f'  {name:{width}}  {c.status:8}  ' + ', '.join(parts))
+    return '\n'.join(lines)
+
   def to_dict(self) -> dict:
     return {'primitive': self.primitive, 'examples': self.examples,
             'seed': self.seed, 'duration_s': round(self.duration_s, 6),
