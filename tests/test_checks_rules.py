@@ -883,9 +883,17 @@ def test_extra_axes_draws_are_ctx_normal_aligned(dtype, x64):
     (init_ones, 'non-zero'),
 ])
 def test_init_drtrl_catches(broken, words):
-  outcome = run(dense_variant(init_drtrl=broken), 'init.drtrl')
-  assert_caught(outcome, 'init_drtrl')
-  assert any(words in f.message for f in outcome.findings if not f.passed)
+  assert_init_caught('init_drtrl', broken, words)
+
+
+def assert_init_caught(rule, broken, words):
+  """``init.drtrl``/``init.pp`` fails the dense layer with ``rule`` (the
+  ``init_drtrl``/``init_pp`` rule) replaced by ``broken``, saying
+  ``words``."""
+  outcome = run(dense_variant(**{rule: broken}), rule.replace('_', '.'))
+  assert_caught(outcome, rule)
+  assert any(words in f.message for f in outcome.findings if not f.passed), \
+      [f.describe() for f in outcome.findings]
 
 
 @pytest.mark.parametrize('broken,words', [
@@ -894,10 +902,7 @@ def test_init_drtrl_catches(broken, words):
     (init_names_not_arrays, 'init_drtrl returned no arrays'),
 ])
 def test_init_drtrl_names_a_rule_that_gives_no_zeros(broken, words):
-  outcome = run(dense_variant(init_drtrl=broken), 'init.drtrl')
-  assert_caught(outcome, 'init_drtrl')
-  assert any(words in f.message for f in outcome.findings if not f.passed), \
-      [f.describe() for f in outcome.findings]
+  assert_init_caught('init_drtrl', broken, words)
 
 
 def xy_bad_subscripts(x, g, weights, *, has_bias):
@@ -1056,10 +1061,7 @@ def test_a_primitive_that_takes_one_dtype_is_noted_not_failed():
     (init_pp_ones, 'non-zero'),
 ])
 def test_init_pp_catches(broken, words):
-  outcome = run(dense_variant(init_pp=broken), 'init.pp')
-  assert_caught(outcome, 'init_pp')
-  assert any(words in f.message for f in outcome.findings if not f.passed), \
-      [f.describe() for f in outcome.findings]
+  assert_init_caught('init_pp', broken, words)
 
 
 # ------------------------------------------------------------- drtrl.*
