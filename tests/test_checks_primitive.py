@@ -163,16 +163,18 @@ def test_check_order():
 
 
 # --------------------------------------------------------------- primitive.jit
-def _offset_when_traced(x, weight, *bias, has_bias):
-  # Eager (concrete) calls are right; traced ones (jit) are off by one.
-  y = dense._impl(x, weight, *bias, has_bias=has_bias)
-  if isinstance(x, jax.core.Tracer):
-    return y + 1.0
-  return y
+def _changed_when_traced(change):
+  """dense's impl, right when called eagerly (concrete arrays) and
+  ``change(y)`` when traced (under jit)."""
+  def impl(x, weight, *bias, has_bias):
+    y = dense._impl(x, weight, *bias, has_bias=has_bias)
+    return change(y) if isinstance(x, jax.core.Tracer) else y
+  return impl
 
 
 def test_jit_catches_an_impl_that_changes_under_tracing():
-  prim = _dense_clone('jit_offset', impl=_offset_when_traced)
+  prim = _dense_clone('jit_offset',
+                      impl=_changed_when_traced(lambda y: y + 1.0))
   report = _run(prim, _dense_case(), ['primitive.jit',
                                       'primitive.abstract_eval'])
   _assert_failed(report, 'primitive.jit', 'impl')
@@ -210,13 +212,6 @@ def test_jit_and_vmap_judge_rounding_against_the_terms():
                  'primitive.jit', 'impl')
 
 
-def _off_when_traced_by(rel):
-  def impl(x, weight, *bias, has_bias):
-    y = dense._impl(x, weight, *bias, has_bias=has_bias)
-    return y * (1 + rel) if isinstance(x, jax.core.Tracer) else y
-  return impl
-
-
 def test_jit_and_vmap_judge_a_mixed_precision_bind_at_its_coarsest_operand():
   # x and W float32, the bias float64: y is float64, but x @ W was rounded
   # in float32, in another order under jit (6e-8 apart, hundreds of times
@@ -227,7 +222,8 @@ def test_jit_and_vmap_judge_a_mixed_precision_bind_at_its_coarsest_operand():
   report = _run(etp.etp_mm_p, (ops, params),
                 ['primitive.jit', 'primitive.vmap'])
   _assert_passed(report, 'primitive.jit', 'primitive.vmap')
-  off = _dense_clone('jit_off_mixed', impl=_off_when_traced_by(1e-3))
+  off = _dense_clone('jit_off_mixed',
+                     impl=_changed_when_traced(lambda y: y * 1.001))
   report = _run(off, (ops, params), ['primitive.jit'])
   _assert_failed(report, 'primitive.jit', 'impl')
 
