@@ -78,7 +78,8 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   lines.append(f'prim = next((p for p in etp.primitives() '
                f'if p.name == {name!r}), None)')
   lines.append('if prim is None:')
-  lines.append(f'  raise LookupError({name + " is not registered: run this " + where!r})')
+  missing = f'{name} is not registered: run this {where}'
+  lines.append(f'  raise LookupError({missing!r})')
   lines.append('operands = [' + ', '.join(ops) + ']')
   kwargs = ''.join(f', {k}={v!r}' for k, v in params.items())
   # (value, default): only what differs from the default is written.
