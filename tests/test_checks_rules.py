@@ -965,15 +965,21 @@ def test_init_rules_are_traced_with_x_in_another_dtype(rule, broken, label):
   assert failed and all(m.startswith(label) for m in failed), failed
 
 
-def xy_to_dw_in_x_dtype(x, g, weights, **params):
-  grads = dense._xy_to_dw(x, g, weights, **params)
-  return {k: v.astype(x.dtype) for k, v in grads.items()}
+def xy_to_dw_in(dtype_of):
+  """dense's xy_to_dw with every gradient in ``dtype_of(x, g, weights)``."""
+  def xy_to_dw(x, g, weights, **params):
+    grads = dense._xy_to_dw(x, g, weights, **params)
+    dtype = dtype_of(x, g, weights)
+    return {k: v.astype(dtype) for k, v in grads.items()}
+  return xy_to_dw
 
 
-def xy_to_dw_promoted(x, g, weights, *, has_bias):
-  # A plain einsum of x and g, uncast: in the wider of their dtypes.
-  grads = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-  return {k: v.astype(jnp.result_type(x, g)) for k, v in grads.items()}
+xy_to_dw_in_x_dtype = xy_to_dw_in(lambda x, g, weights: x.dtype)
+# A plain einsum of x and g, uncast: in the wider of their dtypes.
+xy_to_dw_promoted = xy_to_dw_in(lambda x, g, weights: jnp.result_type(x, g))
+# The bias's gradient too in the weight's dtype.
+xy_to_dw_in_weight_dtype = xy_to_dw_in(
+    lambda x, g, weights: weights['weight'].dtype)
 
 
 def test_xy_to_dw_is_traced_with_x_in_another_dtype():
@@ -995,11 +1001,6 @@ def test_xy_to_dw_is_traced_with_x_in_another_dtype():
     assert failed == failures, failed
 
 
-def xy_to_dw_bias_in_weight_dtype(x, g, weights, *, has_bias):
-  grads = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
-  return {k: v.astype(weights['weight'].dtype) for k, v in grads.items()}
-
-
 def test_xy_to_dw_is_traced_with_one_weight_in_another_dtype():
   # The bias's gradient in the weight's dtype is right while they share
   # one; traced with each weight in float64 among float32 operands, the
@@ -1009,7 +1010,7 @@ def test_xy_to_dw_is_traced_with_one_weight_in_another_dtype():
   assert correct.status == 'passed'
   assert "weight 'bias' float64, the other operands float32: float64" in \
       messages, messages
-  outcome = run(dense_variant(xy_to_dw=xy_to_dw_bias_in_weight_dtype),
+  outcome = run(dense_variant(xy_to_dw=xy_to_dw_in_weight_dtype),
                 'xy_to_dw.vjp')
   assert_caught(outcome, 'xy_to_dw', 'bias')
   failed = [f.message for f in outcome.findings if not f.passed]
