@@ -397,6 +397,27 @@ def _dense_doubled_when(doubled):
   return prim
 
 
+@pytest.mark.parametrize('seed', [1, 8])
+def test_the_first_example_has_a_batch_where_a_missing_sum_shows(seed):
+  # Hypothesis's first example is the one every piece shrinks to.  With a
+  # batch of one there, a mean over the batch instead of a sum passed the
+  # first example (and, with these seeds, the battery's 3 examples); batch
+  # sizes shrink to 2, so one example catches it and the correct layer
+  # passes it.
+  from etp_testing import mutants
+  mean = mutants.get('dense_batch_mean')
+  run = lambda prim: etp_testing.check_with_hypothesis(
+      prim, max_examples=1, seed=seed, checks=['xy_to_dw.vjp'],
+      strategy=strategies.strategy_for(etp.etp_mm_p))
+  try:
+    with pytest.raises(etp_testing.RuleConsistencyError) as info:
+      run(mean.primitive())
+  finally:
+    mutants.forget_built()
+  assert info.value.report.operands[0]['shape'][0] == 2
+  assert run(etp.etp_mm_p).passed
+
+
 def test_broken_dense_is_caught_and_shrunk_to_a_minimal_case():
   prim = _broken_when_non_square()
   etp_testing.register_strategy(prim, strategies.dense_cases(batched=True))
