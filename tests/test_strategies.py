@@ -375,6 +375,66 @@ def test_same_seed_same_draws_and_settings_are_merged():
   assert len(seen[0]) == 3 and seen[0] == seen[1]
 
 
+def test_a_run_with_the_same_draws_replays_them_without_hypothesis():
+  drawn = []
+  strategy = strategies.elemwise_cases().map(lambda c: drawn.append(c) or c)
+  run = lambda check, seed_=11: etp_testing.check_with_hypothesis(
+      etp.etp_elemwise_p, strategy=strategy, seed=seed_, max_examples=3,
+      checks=[check])
+  first = run('primitive.abstract_eval')
+  assert len(drawn) == 3
+  second = run('primitive.jit')     # the plugin's next check, same draws
+  assert len(drawn) == 3
+  assert second.passed and second.checks['primitive.jit'].examples == 3
+  assert (second.examples, second.distinct_shapes) == (
+      first.examples, first.distinct_shapes)
+  run('primitive.jit', seed_=12)    # other draws: hypothesis draws them
+  assert len(drawn) == 6
+
+
+def test_a_replayed_case_that_fails_is_shrunk_by_hypothesis():
+  # The first run passes (its check does not look at xy_to_dw) and keeps
+  # its cases; the second replays them, one fails, and hypothesis draws
+  # them again and shrinks: the same minimal case and message as a run
+  # with nothing kept.
+  prim = _broken_when_non_square()
+  strategy = strategies.dense_cases(batched=True)
+  run = lambda check: etp_testing.check_with_hypothesis(
+      prim, strategy=strategy, max_examples=15, seed=3, checks=[check])
+  errors = []
+  for keep_first in (True, False):
+    hypothesis_runner._DRAWN.clear()
+    if keep_first:
+      assert run('primitive.abstract_eval').passed
+      assert hypothesis_runner._DRAWN
+    with pytest.raises(etp_testing.RuleConsistencyError) as info:
+      run('xy_to_dw.vjp')
+    errors.append(info.value)
+  replayed, fresh = errors
+  assert replayed.report.operands == fresh.report.operands
+  assert replayed.report.params == fresh.report.params
+  after = lambda e: re.search(r'after \d+ examples \(\d+ passed\)',
+                              str(e)).group(0)
+  assert after(replayed) == after(fresh)
+  assert replayed.summary.examples == fresh.summary.examples
+
+
+def test_draws_are_kept_only_where_they_repeat():
+  strategy = strategies.elemwise_cases()
+  base = settings(max_examples=3, database=None, derandomize=False)
+  key = hypothesis_runner._draws_key
+  assert key(strategy, 5, base) is not None
+  assert key(strategy, None, base) is None          # a random seed
+  assert key(strategy, None, settings(base, derandomize=True)) is not None
+  from hypothesis.database import InMemoryExampleDatabase
+  assert key(strategy, 5, settings(base, database=InMemoryExampleDatabase())
+             ) is None                               # saved examples first
+  case = ((np.ones(2, np.float32),), {})
+  copy = hypothesis_runner._copied(case)
+  assert copy[0][0] is not case[0][0]
+  np.testing.assert_array_equal(copy[0][0], case[0][0])
+
+
 def _broken_when_non_square():
   """Dense, but xy_to_dw's weight gradient is doubled when in != out."""
   return _dense_doubled_when(lambda n_in, n_out: n_in != n_out)
