@@ -429,6 +429,10 @@ def test_draws_are_kept_only_where_they_repeat():
   from hypothesis.database import InMemoryExampleDatabase
   assert key(strategy, 5, settings(base, database=InMemoryExampleDatabase())
              ) is None                               # saved examples first
+  class Unhashable(type(strategy)):
+    __hash__ = None
+  unhashable = Unhashable.__new__(Unhashable)
+  assert key(unhashable, 5, base) is None
   case = ((np.ones(2, np.float32),), {})
   copy = hypothesis_runner._copied(case)
   assert copy[0][0] is not case[0][0]

@@ -268,9 +268,14 @@ def _draws_key(strategy, seed, run_settings) -> Optional[tuple]:
     return None
   if seed is None and not run_settings.derandomize:
     return None
-  return (strategy, seed, run_settings.derandomize,
-          run_settings.max_examples, tuple(run_settings.phases),
-          getattr(run_settings, 'backend', None))
+  key = (strategy, seed, run_settings.derandomize,
+         run_settings.max_examples, tuple(run_settings.phases),
+         getattr(run_settings, 'backend', None))
+  try:
+    hash(key)
+  except TypeError:   # a strategy class that defines __eq__ alone
+    return None
+  return key
 
 
 def _keep_draws(key, cases) -> None:
@@ -417,6 +422,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
       # Hypothesis draws the same cases again, and shrinks the failure.
       summary = HypothesisSummary(primitive=name, seed=seed)
       signatures.clear()
+      drawn.clear()
       calls[0] = 0
     else:
       _DRAWN.move_to_end(key)
