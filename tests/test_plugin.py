@@ -494,8 +494,17 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   assert ok.returncode == 0, ok.stdout + ok.stderr
   assert 'xy_to_dw.vjp' in ok.stdout and 'pass' in ok.stdout
   (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=True))
-  bad = subprocess.run(base, capture_output=True, text=True, env=_env())
+  report = tmp_path / 'report.json'
+  bad = subprocess.run(base + ['--report', str(report)], capture_output=True,
+                       text=True, env=_env())
   assert bad.returncode == 1 and 'FAIL' in bad.stdout
+  # The report holds the failing primitive, as pytest --etp-report does.
+  data = json.loads(report.read_text())
+  cell = data['primitives']['user_scaled_mm']['xy_to_dw.vjp']
+  assert cell['status'] == 'failed' and cell['max_rel_err'] > 0.1
+  assert cell['seed'] == 0 and cell['examples'] == 2
+  assert 'Reproduce with' in cell['message']
+  assert data['totals'] == {'failed': 1} and data['jax_version']
   usage = subprocess.run(base + ['--checks', 'no_such_check'],
                          capture_output=True, text=True, env=_env())
   assert usage.returncode == 2 and 'no check matches' in usage.stderr
@@ -530,9 +539,10 @@ def test_cli_compile_cache_is_written_and_reported(tmp_path):
     data = json.loads(report.read_text())
     assert data['compile_cache'] == str(tmp_path / 'xdg' / 'etp_testing' /
                                         'xla')
-    assert (f"XLA programs: {data['compiled']} compiled, {data['loaded']} "
-            'loaded' in proc.stdout)
-    counts.append((data['compiled'], data['loaded']))
+    programs = data['compilations']
+    assert (f"XLA programs: {programs['compiled']} compiled, "
+            f"{programs['loaded']} loaded" in proc.stdout)
+    counts.append((programs['compiled'], programs['loaded']))
   (cold_compiled, cold_loaded), warm = counts
   assert cold_compiled > 2
   assert warm == (0, cold_compiled + cold_loaded), counts

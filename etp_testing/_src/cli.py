@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   import etp
   import etp_testing
-  from etp_testing._src import compilations, matrix, strategies
+  from etp_testing._src import compilations, matrix, report_file, strategies
   from etp_testing._src.errors import PREFIX, describe_exception
   from etp_testing._src.checks import registry as check_registry
   try:
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
   ok, cache = open_compile_cache(args.compile_cache, 'etp-check')
   if not ok:
     return 2
-  results, failures, unchecked, summaries = {}, [], [], {}
+  results, failures, unchecked, records = {}, [], [], {}
   start = time.perf_counter()
   with compilations.counting() as programs:
     for prim in prims:
@@ -145,21 +145,20 @@ def main(argv=None) -> int:
             devices=args.devices, fast=True if args.fast else None)
       except etp_testing.RuleConsistencyError as e:
         failures.append(str(e))
-        for o in e.report.outcomes:
-          w = o.worst()
-          results[(prim.name, o.name)] = (o.status,
-                                          w.max_rel_err if w else None)
-        continue
+        found = report_file.failure_records(e, checks, args.seed,
+                                            args.examples)
       except Exception as e:  # pylint: disable=broad-except
         # A strategy's (or the harness's) own error: an error cell, and on.
         failures.append(f'{PREFIX}{prim.name}: checking it raised '
                         + describe_exception(e))
-        for name in checks:
-          results[(prim.name, name)] = ('error', None)
-        continue
-      summaries[prim.name] = summary.to_dict()
-      for name, c in summary.checks.items():
-        results[(prim.name, name)] = (c.status, c.max_rel_err)
+        found = report_file.failure_records(e, checks, args.seed,
+                                            args.examples)
+      else:
+        found = report_file.summary_records(summary, args.seed)
+      for name, record in found.items():
+        records[(prim.name, name)] = record
+        results[(prim.name, name)] = (record['status'],
+                                      record.get('max_rel_err'))
   print(matrix.render(results, check_registry.check_names()))
   if unchecked:
     print('no strategy (not checked): ' + ', '.join(unchecked))
@@ -169,13 +168,14 @@ def main(argv=None) -> int:
   print(compilations.programs_line(programs.count, programs.loaded, cache))
   print(f'{time.perf_counter() - start:.1f} s')
   if args.report:
+    # pytest --etp-report's document, and the failures' messages in full.
+    data = report_file.document(
+        records, seed=args.seed, examples=args.examples,
+        duration_s=time.perf_counter() - start, compile_cache=cache,
+        compiled=programs.count, loaded=programs.loaded, unchecked=unchecked,
+        failures=failures)
     with open(args.report, 'w') as f:
-      json.dump({'primitives': summaries, 'failures': failures,
-                 'unchecked_primitives': unchecked,
-                 'compile_cache': cache,
-                 'compiled': programs.count, 'loaded': programs.loaded,
-                 'cells': {f'{p}::{c}': s for (p, c), s in results.items()}},
-                f, indent=2, default=str)
+      json.dump(data, f, indent=2, default=str)
   return 1 if failures else 0
 
 

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import platform
 import time
 
 import pytest
 
+from etp_testing._src import report_file
 from etp_testing._src.errors import (MACHINERY, PREFIX, RuleConsistencyError,
-                                     StrategyError, describe_exception,
-                                     package_dirs)
+                                     StrategyError, package_dirs)
 from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, NODE_ID, RESULT_KEY
 
 
@@ -172,7 +171,7 @@ class EtpCheckItem(pytest.Item):
         finally:
           record.update(compiled=programs.count, loaded=programs.loaded)
     except Exception as e:
-      record.update(_failure_fields(self.check, e),
+      record.update(report_file.failure_fields(self.check, e),
                     duration_s=time.perf_counter() - start)
       self.user_properties.append((RESULT_KEY, json.dumps(record)))
       raise
@@ -208,20 +207,6 @@ class EtpCheckItem(pytest.Item):
 def item_label(primitive_name: str, check: str) -> str:
   """``etp::<primitive>::<check>``, as reports name a check's item."""
   return f'etp::{primitive_name}::{check}'
-
-
-def _failure_fields(check: str, error: Exception) -> dict:
-  """The record fields of a check that raised ``error``: ``failed`` with
-  its worst errors for a rule failure, ``error`` for anything else (a
-  strategy's or the harness's own exception)."""
-  if not isinstance(error, RuleConsistencyError):
-    return {'status': 'error', 'message': describe_exception(error)}
-  outcome = error.report.outcome(check)
-  worst = outcome.worst() if outcome else None
-  return {'status': 'failed', 'message': str(error),
-          'max_abs_err': worst.max_abs_err if worst else None,
-          'max_rel_err': worst.max_rel_err if worst else None,
-          'tolerance_used': outcome.tolerance_used() if outcome else None}
 
 
 def user_frames(traceback):
@@ -377,33 +362,12 @@ class EtpCheckPlugin:
     path = self.config.getoption('etp_report')
     if not path or hasattr(self.config, 'workerinput'):
       return
-    import jax
-    import etp
-    from etp_testing._src import compilations
-    checks = {}
-    for (prim, check), record in sorted(self.results.items()):
-      checks.setdefault(prim, {})[check] = {
-          k: record.get(k) for k in ('status', 'max_abs_err', 'max_rel_err',
-                                     'tolerance_used', 'seed', 'examples',
-                                     'duration_s', 'skip_reasons',
-                                     'compiled', 'loaded', 'message')}
-    statuses = [r['status'] for r in self.results.values()]
-    data = {
-        'etp_report_version': 1,
-        'jax_version': jax.__version__,
-        'python_version': platform.python_version(),
-        'devices': [str(d) for d in jax.devices()],
-        'etp_testing_version': etp.__version__,   # one distribution
-        'seed': seed(self.config), 'examples': examples(self.config),
-        'duration_s': time.perf_counter() - self.start,
-        'compile_cache': self.compile_cache,
-        'compiler_options': compilations.options_in_effect(),
-        'totals': {s: statuses.count(s) for s in sorted(set(statuses))},
-        'compilations': dict(zip(('compiled', 'loaded'),
-                                 compile_totals(self.results.values()))),
-        'unchecked_primitives': self.unchecked,
-        'primitives': checks,
-    }
+    compiled, loaded = compile_totals(self.results.values())
+    data = report_file.document(
+        self.results, seed=seed(self.config), examples=examples(self.config),
+        duration_s=time.perf_counter() - self.start,
+        compile_cache=self.compile_cache, compiled=compiled, loaded=loaded,
+        unchecked=self.unchecked)
     with open(path, 'w') as f:
       json.dump(data, f, indent=2, default=str)
 

@@ -1,0 +1,101 @@
+"""The JSON report of a battery run: ``pytest --etp-report PATH`` and
+``etp-check --report PATH`` write the same document.
+
+Per primitive and check, a record of :data:`FIELDS`: the status, the worst
+errors, the share of its bound the closest comparison took, the seed and
+examples, the seconds, the XLA programs compiled and loaded (``None`` where
+they are not counted per check: ``etp-check`` runs every check of a
+primitive on each example, and counts its programs for the whole run) and a
+failure's message.  Beside them: the versions, devices, compiler options,
+totals per status and the run's compilations.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from etp_testing._src.errors import RuleConsistencyError, describe_exception
+
+VERSION = 1
+# A check's record, in this order.
+FIELDS = ('status', 'max_abs_err', 'max_rel_err', 'tolerance_used', 'seed',
+          'examples', 'duration_s', 'skip_reasons', 'compiled', 'loaded',
+          'message')
+
+
+def failure_fields(check: str, error: Exception) -> dict:
+  """The record fields of a check that raised ``error``: ``failed`` with
+  its worst errors for a rule failure, ``error`` for anything else (a
+  strategy's or the harness's own exception)."""
+  if not isinstance(error, RuleConsistencyError):
+    return {'status': 'error', 'message': describe_exception(error)}
+  outcome = error.report.outcome(check)
+  worst = outcome.worst() if outcome else None
+  return {'status': 'failed', 'message': str(error),
+          'max_abs_err': worst.max_abs_err if worst else None,
+          'max_rel_err': worst.max_rel_err if worst else None,
+          'tolerance_used': outcome.tolerance_used() if outcome else None}
+
+
+def summary_records(summary, seed) -> dict:
+  """``{check: record}`` of a passing ``check_with_hypothesis`` run."""
+  return {name: {'status': c.status, 'max_abs_err': c.max_abs_err,
+                 'max_rel_err': c.max_rel_err,
+                 'tolerance_used': c.tolerance_used, 'seed': seed,
+                 'examples': c.examples, 'duration_s': c.duration_s,
+                 'skip_reasons': c.skip_reasons}
+          for name, c in summary.checks.items()}
+
+
+def failure_records(error, checks, seed, examples) -> dict:
+  """``{check: record}`` of a run that raised ``error``: for a rule
+  failure, every check of the failing example's report (the failed ones
+  with the message); for anything else, ``error`` for each of ``checks``."""
+  if not isinstance(error, RuleConsistencyError):
+    return {name: {'seed': seed, 'examples': examples,
+                   **failure_fields(name, error)} for name in checks}
+  records = {}
+  for outcome in error.report.outcomes:
+    record = {'seed': seed, 'examples': examples,
+              'duration_s': outcome.duration_s}
+    if outcome.status in ('failed', 'error'):
+      record.update(failure_fields(outcome.name, error),
+                    status=outcome.status)
+    else:
+      worst = outcome.worst()
+      record.update(status=outcome.status,
+                    max_abs_err=worst.max_abs_err if worst else None,
+                    max_rel_err=worst.max_rel_err if worst else None,
+                    tolerance_used=outcome.tolerance_used(),
+                    skip_reasons=[outcome.reason] if outcome.reason else [])
+    records[outcome.name] = record
+  return records
+
+
+def document(records, *, seed, examples, duration_s, compile_cache,
+             compiled, loaded, unchecked, **extra) -> dict:
+  """The report: ``records`` maps ``(primitive, check)`` to a record (any
+  of :data:`FIELDS` missing is ``None``); ``compiled``/``loaded`` are the
+  run's XLA programs; ``extra`` keys are added as they are."""
+  import jax
+  import etp
+  from etp_testing._src import compilations
+  checks = {}
+  for (prim, check), record in sorted(records.items()):
+    checks.setdefault(prim, {})[check] = {k: record.get(k) for k in FIELDS}
+  statuses = [r['status'] for r in records.values()]
+  return {
+      'etp_report_version': VERSION,
+      'jax_version': jax.__version__,
+      'python_version': platform.python_version(),
+      'devices': [str(d) for d in jax.devices()],
+      'etp_testing_version': etp.__version__,   # one distribution
+      'seed': seed, 'examples': examples, 'duration_s': duration_s,
+      'compile_cache': compile_cache,
+      'compiler_options': compilations.options_in_effect(),
+      'totals': {s: statuses.count(s) for s in sorted(set(statuses))},
+      'compilations': {'compiled': compiled, 'loaded': loaded},
+      'unchecked_primitives': unchecked,
+      'primitives': checks,
+      **extra,
+  }
