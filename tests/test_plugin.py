@@ -1,6 +1,7 @@
 """The pytest plugin and the CLI, run the way users run them (subprocesses)."""
 
 import atexit
+import itertools
 import json
 import os
 import re
@@ -484,6 +485,13 @@ def test_fixture_and_marker(tmp_path):
   assert 'nothing was checked' in proc.stdout
 
 
+def _snippet(output: str) -> str:
+  """The first reproduction snippet in ``output``, dedented."""
+  lines = output.split('Reproduce with:\n', 1)[1].splitlines()
+  taken = itertools.takewhile(lambda l: l.startswith('    '), lines)
+  return '\n'.join(l[4:] for l in taken)
+
+
 def test_cli_exit_codes_and_matrix(tmp_path):
   (tmp_path / 'conftest.py').write_text(USER_CONFTEST.format(broken=False))
   base = [sys.executable, '-m', 'etp_testing', '--conftest',
@@ -505,6 +513,16 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   assert cell['seed'] == 0 and cell['examples'] == 2
   assert 'Reproduce with' in cell['message']
   assert data['totals'] == {'failed': 1} and data['jax_version']
+  # Its snippet re-runs the failure in a fresh process, elsewhere: the
+  # conftest it ran is run again from its path.
+  snippet = _snippet(bad.stdout)
+  assert 'etp_conftest_' not in snippet
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  rerun = subprocess.run([sys.executable, '-c', snippet], cwd=elsewhere,
+                         capture_output=True, text=True, env=_env())
+  assert 'RuleConsistencyError' in rerun.stderr, rerun.stdout + rerun.stderr
+  assert 'xy_to_dw.vjp' in rerun.stderr
   usage = subprocess.run(base + ['--checks', 'no_such_check'],
                          capture_output=True, text=True, env=_env())
   assert usage.returncode == 2 and 'no check matches' in usage.stderr

@@ -89,8 +89,10 @@ def _load(args):
   for name in args.imports:
     importlib.import_module(name)
   for i, path in enumerate(args.conftest):
-    spec = importlib.util.spec_from_file_location(f'etp_conftest_{i}', path)
+    name = f'etp_conftest_{i}'
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # as an import would (pickle, dataclasses)
     spec.loader.exec_module(module)
 
 

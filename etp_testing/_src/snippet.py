@@ -7,7 +7,9 @@ an ``.npz`` file in the temporary directory and loaded by the snippet.
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -15,11 +17,32 @@ import numpy as np
 INLINE_LIMIT = 64  # elements; larger operands go to an .npz file
 
 
-def _module_import(primitive):
-  module = getattr(getattr(primitive, 'impl_fn', None), '__module__', None)
+def _registering_code(primitive) -> "tuple[str, str] | None":
+  """``(source, what)``: the line that registers ``primitive`` in a fresh
+  process, and the words for it.  ``import <module>`` of the module its
+  impl was defined in; a module that was run from a file under a name no
+  import finds (``etp-check --conftest PATH``) is run from its path.
+  ``None`` for a script, a session, or a built-in."""
+  impl = getattr(primitive, 'impl_fn', None)
+  module = getattr(impl, '__module__', None)
   if not module or module == '__main__' or module.startswith('etp.'):
     return None
-  return module
+  path = getattr(sys.modules.get(module), '__file__', None) or getattr(
+      getattr(impl, '__code__', None), 'co_filename', None)
+  if path and not _importable(module):
+    path = os.path.abspath(path)
+    return f'import runpy; runpy.run_path({path!r})', f'running {path}'
+  return f'import {module}', f'importing {module}'
+
+
+def _importable(module: str) -> bool:
+  """Whether ``import module`` finds a file for it on ``sys.path`` (not
+  just the loaded module, which ``importlib.util.find_spec`` returns)."""
+  top = module.partition('.')[0]
+  try:
+    return importlib.machinery.PathFinder.find_spec(top) is not None
+  except (ImportError, ValueError):
+    return False
 
 
 def _is_numpy_dtype(dtype) -> bool:
@@ -63,11 +86,11 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   lines = ['import jax', 'import numpy as np', 'import etp', 'import etp_testing']
   if not all(_is_numpy_dtype(np.asarray(o).dtype) for o in operands):
     lines.insert(1, 'import jax.numpy as jnp  # bfloat16')
-  module = _module_import(primitive)
-  if module:
-    lines.append(f'import {module}  # registers {name}')
+  registering = _registering_code(primitive)
+  if registering:
+    lines.append(f'{registering[0]}  # registers {name}')
   where = ('where the code that registers it has run' + (
-      f' (importing {module} did not)' if module else
+      f' ({registering[1]} did not)' if registering else
       ' (in your script or session)'))
   if any(np.asarray(o).dtype == np.float64 for o in operands):
     lines.append("jax.config.update('jax_enable_x64', True)")
