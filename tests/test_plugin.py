@@ -542,6 +542,23 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   assert 'conftest.py:' in raised.stdout
 
 
+def test_cli_script_imports_a_module_of_the_current_directory(tmp_path):
+  # The etp-check console script's sys.path starts at its own directory,
+  # not the one it runs in: --import of the user's module must still work.
+  (tmp_path / 'my_layers.py').write_text(USER_CONFTEST.format(broken=False))
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'etp-check').write_text(
+      'import sys\nfrom etp_testing._src.cli import main\nsys.exit(main())\n')
+  proc = subprocess.run(
+      [sys.executable, str(bin_dir / 'etp-check'), '--import', 'my_layers',
+       '--primitives', 'user_*', '--checks', 'primitive.abstract_eval',
+       '--examples', '1', '--compile-cache', 'off'],
+      cwd=tmp_path, capture_output=True, text=True, env=_env())
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'user_scaled_mm' in proc.stdout
+
+
 def test_cli_compile_cache_is_written_and_reported(tmp_path):
   """The second run of the same battery loads every program from the
   persistent cache; by default the cache is under $XDG_CACHE_HOME."""

@@ -86,6 +86,10 @@ def _parser():
 
 
 def _load(args):
+  if args.imports and os.getcwd() not in sys.path and '' not in sys.path:
+    # As under ``python -m``: the console script's sys.path starts at its
+    # own directory, and --import names the user's module where they are.
+    sys.path.insert(0, os.getcwd())
   for name in args.imports:
     importlib.import_module(name)
   for i, path in enumerate(args.conftest):
