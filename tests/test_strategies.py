@@ -323,6 +323,34 @@ def test_check_summary_keeps_the_comparison_closest_to_its_bound():
   assert json.loads(json.dumps(s.to_dict()))['tolerance_used'] == 0.4
 
 
+def test_a_failure_without_numbers_is_not_given_a_passing_key_s_error():
+  # xy_to_dw's weight gradient comes transposed (a shape failure, no
+  # numbers); the bias's is right (error 0).  The check's worst error is
+  # the failure's, which has none: not the bias's 0 ("FAIL 0").
+  def xy_to_dw(x, g, weights, *, has_bias):
+    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    return {**out, 'weight': out['weight'].T}
+  prim = etp.register_primitive(f'transposed_dense_{next(_ids)}', dense._impl,
+                                batched=True, x_invar_index=0,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p)
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  x, w, b = (np.ones(s, np.float32) for s in ((2, 3), (3, 2), (2,)))
+  outcome = etp_testing.check_rules(prim, x, w, b, checks='xy_to_dw.vjp',
+                                    has_bias=True).outcome('xy_to_dw.vjp')
+  assert outcome.status == 'failed'
+  assert any(f.passed and f.max_rel_err == 0 for f in outcome.findings)
+  assert outcome.worst() is None
+  from etp_testing._src import matrix
+  assert matrix.cell(outcome.status, None) == 'FAIL'
+  # A failure with numbers keeps them.
+  failing = CheckOutcome('c', 'failed', [
+      Finding(rule='r', max_rel_err=0.0, max_abs_err=0.0),
+      Finding(rule='r', passed=False, max_rel_err=0.5, max_abs_err=1.0)])
+  assert failing.worst().max_rel_err == 0.5
+
+
 # ------------------------------------------------- check_with_hypothesis
 def test_correct_dense_passes_with_a_summary():
   summary = etp_testing.check_with_hypothesis(

@@ -135,11 +135,16 @@ class CheckOutcome:
     return self.status in BAD_STATUSES
 
   def worst(self) -> Optional[Finding]:
-    """The finding with the largest relative error (failed ones first)."""
-    measured = [f for f in self.findings if f.max_rel_err is not None]
+    """The finding with the largest relative error, among the failed
+    ones where any failed; ``None`` where those have no numbers (a wrong
+    shape): the keys that passed would otherwise give the failure's
+    error, a ``FAIL 0`` cell."""
+    failed = [f for f in self.findings if not f.passed]
+    measured = [f for f in failed or self.findings
+                if f.max_rel_err is not None]
     if not measured:
       return None
-    return max(measured, key=lambda f: (not f.passed, f.max_rel_err))
+    return max(measured, key=lambda f: f.max_rel_err)
 
   def tolerance_used(self) -> Optional[float]:
     """The largest share of its bound any judged comparison took (findings
