@@ -404,10 +404,11 @@ def test_compile_cache_is_written_and_reported(tmp_path):
 def test_compile_cache_off(tmp_path):
   report = tmp_path / 'report.json'
   proc = _run(tmp_path, '--etp-check', *FAST, f'--etp-report={report}',
-              '--etp-compile-cache=off')
+              '--etp-compile-cache=OFF')   # any case: not a directory 'OFF'
   assert proc.returncode == 0, proc.stdout + proc.stderr
   data = json.loads(report.read_text())
   assert data['compile_cache'] is None
+  assert not (tmp_path / 'OFF').exists()
   # The options the harness's programs compiled with (none where this XLA
   # does not know them).
   from etp_testing._src import compilations
@@ -557,6 +558,18 @@ def test_cli_script_imports_a_module_of_the_current_directory(tmp_path):
       cwd=tmp_path, capture_output=True, text=True, env=_env())
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'user_scaled_mm' in proc.stdout
+
+
+@pytest.mark.parametrize('cache', ['a_file', ''])
+def test_a_compile_cache_that_cannot_be_made_is_a_usage_error(tmp_path,
+                                                               cache):
+  (tmp_path / 'a_file').write_text('not a directory')
+  proc = _run(tmp_path, '--etp-check', *FAST,
+              f'--etp-compile-cache={cache}')
+  assert proc.returncode == 4, proc.stdout + proc.stderr
+  out = proc.stdout + proc.stderr
+  assert 'INTERNALERROR' not in out and 'Traceback' not in out
+  assert 'ERROR: --etp-compile-cache: ' in out
 
 
 def test_cli_compile_cache_is_written_and_reported(tmp_path):

@@ -276,12 +276,20 @@ def use_persistent_cache(choice: str, auto_dir) -> "str | None":
   choice).  Returns the directory in use, or ``None``."""
   if jax.config.jax_compilation_cache_dir:   # the user's own: keep it
     return jax.config.jax_compilation_cache_dir
-  if choice == 'off':
+  word = choice.strip().lower()   # OFF is off, not a directory named OFF
+  if word == 'off':
     return None
-  directory = auto_dir() if choice == 'auto' else choice
+  if not word:
+    raise OSError(f"{choice!r} is not a directory: give one, 'auto' or "
+                  "'off'")
+  directory = auto_dir() if word == 'auto' else choice
   if directory is None:
     return None
-  os.makedirs(directory, exist_ok=True)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as e:
+    raise OSError(f'cannot keep the cache in {directory!r}: '
+                  f'{e.strerror or e}') from e
   jax.config.update('jax_compilation_cache_dir', str(directory))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

@@ -316,7 +316,10 @@ class EtpCheckPlugin:
     _, self.unchecked = selected(config)
 
   def pytest_sessionstart(self, session):
-    self.compile_cache = configure_compile_cache(session.config)
+    try:
+      self.compile_cache = configure_compile_cache(session.config)
+    except OSError as e:   # a usage error, not pytest's INTERNALERROR
+      raise pytest.UsageError(f'--etp-compile-cache: {e}') from None
 
   def pytest_runtest_logreport(self, report):
     for key, value in report.user_properties:
