@@ -1678,3 +1678,34 @@ def test_yw_to_w_on_the_device_judges_as_the_host_does(monkeypatch, check,
   if device.status == 'passed' and any(f.rule == 'yw_to_w'
                                        for f in device.findings):
     assert any('on the device' in f.message for f in device.findings)
+
+
+# ----------------------------------------- drtrl.exact names the rule
+def xy_keeps_the_batch(x, g, weights, *, has_bias):
+  """dense's xy_to_dw with the weight's gradient per example, not summed."""
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {**out, 'weight': jnp.einsum('bi,bo->bio', x, g)}
+
+
+def yw_broadcast_wrong(g, trace, *, has_bias):
+  """dense's yw_to_w, but g broadcast against the weight's rows too."""
+  out = etp.rules_of(etp.etp_mm_p).yw_to_w(g, trace, has_bias=has_bias)
+  return {**out, 'weight': g[:, None, None, :] * trace['weight']}
+
+
+@pytest.mark.parametrize('overrides,rule,words', [
+    ({'xy_to_dw': xy_keeps_the_batch}, 'xy_to_dw', 'on one example'),
+    ({'yw_to_w': yw_broadcast_wrong}, 'yw_to_w', 'for a trace of shape'),
+    ({'xy_to_dw': xy_dropped_bias}, 'xy_to_dw', "returned keys ['weight']"),
+], ids=['xy_to_dw per example', 'yw_to_w shape', 'xy_to_dw keys'])
+def test_drtrl_exact_names_the_rule_whose_shape_breaks_the_executor(
+    overrides, rule, words):
+  # The executor's scan fails on these with JAX's words about carry types
+  # or pytree structures; the check names the rule, the key and the shapes.
+  outcome = run(dense_variant(**overrides), 'drtrl.exact')
+  assert_caught(outcome, rule)
+  bad = [f for f in outcome.findings if not f.passed]
+  assert any(words in f.message for f in bad), [f.describe() for f in bad]
+  assert not any('scan body' in f.message or 'pytree' in f.message
+                 for f in bad)
+  assert run(dense_variant(), 'drtrl.exact').status == 'passed'
