@@ -211,6 +211,19 @@ def test_an_impl_that_raises_or_operands_that_do_not_fit(where):
   assert outcome.status == 'error' and outcome.findings[0].rule == 'bind'
 
 
+def test_operands_an_impl_cannot_take_are_not_located_in_etp_s_machinery():
+  # impl(x, w) bound with three operands raises in etp's own call of it:
+  # that line is not the user's mistake, so no location is given (it was
+  # etp/_src/primitive.py, in _abstract_eval).
+  prim = _make('two_operands', impl=lambda x, w, **params: x @ w)
+  x, w = _operands()
+  report = etp_testing.check_rules(prim, x, w, w[0], has_bias=True)
+  message = report.failure_message()
+  assert 'takes 2 positional arguments but 3 were given' in message
+  assert 'primitive.py' not in message and ' at ' not in message.split(
+      'Reproduce with')[0]
+
+
 @pytest.mark.parametrize('dtype', [np.int32, np.bool_])
 def test_a_weight_that_cannot_be_trained_is_an_operands_error(dtype):
   # Not one failure per rule check in JAX's words (float0 tangents, jacrev

@@ -100,7 +100,7 @@ def where_raised(error: BaseException) -> Optional[str]:
   skip = package_dirs('etp_testing', *MACHINERY, *LIBRARIES)
   frames = [f for f in traceback.extract_tb(error.__traceback__)
             if not f.filename.startswith(skip) and not f.filename.startswith(
-                '<')]
+                '<') and f.filename not in _etp_machinery_files()]
   # Any other installed library or the standard library (opt_einsum under
   # jnp.einsum) is not where the user's code went wrong either, unless
   # the user's code is installed there too (then only those frames are left).
@@ -117,6 +117,15 @@ def where_raised(error: BaseException) -> Optional[str]:
   if not relative.startswith('..'):
     path = relative
   return f'{path}:{frame.lineno} in {frame.name}'
+
+
+@functools.lru_cache(maxsize=1)
+def _etp_machinery_files() -> frozenset:
+  """The files of etp that call the user's impl and rules (not the
+  built-ins' own impls and rules, which are code of this project's users
+  too): an impl called with the wrong operands raises there."""
+  from etp._src import primitive, registry
+  return frozenset((primitive.__file__, registry.__file__))
 
 
 def returned_kind(value) -> str:

@@ -81,7 +81,8 @@ def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
     shapes = [tuple(np.shape(o)) for o in operands]
     return 'bind', (raised(
         f'binding {primitive.name} on shapes {shapes} with params {params}',
-        e, 'the operands do not fit the primitive, or its impl raises'))
+        e, 'the operands (in a hypothesis run, the case its strategy drew) '
+        'do not fit the primitive, or its impl raises'))
   # A gradient w.r.t. an integer or boolean operand is not defined: every
   # rule check would fail, each in JAX's words, none saying why.
   for key, i in primitive.trainable_invars(params).items():
