@@ -127,7 +127,8 @@ def main(argv=None) -> int:
                                   for pat in patterns)]
   if args.list:
     for p in etp.primitives():
-      has = 'strategy' if strategies.strategy_for(p) else 'no strategy'
+      has = ('strategy' if strategies.strategy_for(p) is not None
+             else 'no strategy')
       print(f'{p.name:20} {has}')
     print('checks: ' + ', '.join(check_registry.check_names()))
     return 0
