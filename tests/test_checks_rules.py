@@ -1709,3 +1709,20 @@ def test_drtrl_exact_names_the_rule_whose_shape_breaks_the_executor(
   assert not any('scan body' in f.message or 'pytree' in f.message
                  for f in bad)
   assert run(dense_variant(), 'drtrl.exact').status == 'passed'
+
+
+def xy_nan(x, g, weights, *, has_bias):
+  out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+  return {**out, 'weight': out['weight'] * jnp.nan}
+
+
+@pytest.mark.parametrize('xy_to_dw,words', [
+    (xy_keeps_the_batch, 'returned shape (3, 2, 4) for weight shape (2, 4)'),
+    (xy_nan, 'returned non-finite values')], ids=['shape', 'nan'])
+def test_pp_exact_says_whether_the_shape_or_the_values_are_wrong(xy_to_dw,
+                                                                 words):
+  outcome = run(dense_variant(xy_to_dw=xy_to_dw), 'pp.exact')
+  assert_caught(outcome, 'xy_to_dw', 'weight')
+  messages = [f.message for f in outcome.findings if not f.passed]
+  assert any(words in m for m in messages), messages
+  assert not any(' or non-finite' in m for m in messages)
