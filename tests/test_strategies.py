@@ -342,6 +342,12 @@ def test_a_failure_without_numbers_is_not_given_a_passing_key_s_error():
   assert outcome.status == 'failed'
   assert any(f.passed and f.max_rel_err == 0 for f in outcome.findings)
   assert outcome.worst() is None
+  fd = etp_testing.check_rules(prim, x, w, b, checks='xy_to_dw.fd',
+                               has_bias=True).outcome('xy_to_dw.fd')
+  shape_failure = [f.describe() for f in fd.findings if not f.passed]
+  assert any("for 'weight', a weight of shape (3, 2)" in d
+             for d in shape_failure), shape_failure
+  assert not any('dtype None' in d for d in shape_failure)
   from etp_testing._src import matrix
   assert matrix.cell(outcome.status, None) == 'FAIL'
   # A failure with numbers keeps them.

@@ -102,7 +102,8 @@ class Finding:
           + self._bound_note() + ')')
     if self.actual_shape is not None or self.expected_shape is not None:
       parts.append(f'shapes actual {self.actual_shape} expected '
-                   f'{self.expected_shape}, dtype {self.dtype}')
+                   f'{self.expected_shape}'
+                   + (f', dtype {self.dtype}' if self.dtype else ''))
     return '; '.join(parts)
 
   def _bound_note(self) -> str:

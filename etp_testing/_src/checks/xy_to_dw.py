@@ -313,7 +313,8 @@ def _shaped_like(ctx, key, grad, weight) -> bool:
   got, want = tuple(np.shape(grad)), tuple(np.shape(weight))
   if got != want:
     ctx.fail('xy_to_dw', key=key, message=(
-        f'xy_to_dw returned shape {got} for weight {key} of shape {want}'),
+        f'xy_to_dw returned shape {got} for {key!r}, a weight of shape '
+        f'{want}'),
              actual_shape=got, expected_shape=want)
   return got == want
 
