@@ -320,6 +320,7 @@ def test_a_bad_option_value_is_a_usage_error(tmp_path, option, words):
   assert proc.returncode == 4, proc.stdout + proc.stderr
   assert words in proc.stderr
   assert 'INTERNALERROR' not in proc.stdout + proc.stderr
+  assert 'etp rule checks' not in proc.stdout   # no empty matrix
 
 
 def test_last_failed_reruns_only_the_failed_check(tmp_path):

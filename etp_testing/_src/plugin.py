@@ -330,7 +330,9 @@ class EtpCheckPlugin:
         if record['status'] in ('failed', 'error'):
           self.failures.append(record)
 
-  def pytest_terminal_summary(self, terminalreporter):
+  def pytest_terminal_summary(self, terminalreporter, exitstatus):
+    if exitstatus == pytest.ExitCode.USAGE_ERROR:
+      return   # nothing ran: the error says why, no empty matrix above it
     from etp_testing._src import compilations, matrix
     from etp_testing._src.checks import registry as check_registry
     tr = terminalreporter
