@@ -303,10 +303,14 @@ def test_a_strategy_that_draws_no_params_is_one_sentence(tmp_path):
   assert expected in failures and 'Traceback' not in failures
   assert 'def runtest' not in failures and len(failures.splitlines()) < 5
   assert 'ERROR etp::user_scaled_mm::xy_to_dw.vjp' in proc.stdout
+  # Not hypothesis's note of the example as a call of the harness's own
+  # test function, run(case=(make(0), ...)).
+  assert 'Failing test case' not in proc.stdout and 'run(' not in proc.stdout
   cell = json.loads(report.read_text())['primitives']['user_scaled_mm']
   assert cell['xy_to_dw.vjp']['status'] == 'error'
   assert 'a strategy draws (operands, params)' in cell['xy_to_dw.vjp'][
       'message']
+  assert 'Failing test case' not in cell['xy_to_dw.vjp']['message']
 
 @pytest.mark.parametrize('option,words', [
     ('--etp-examples=0', "argument --etp-examples: '0' is not a number >= 1"),

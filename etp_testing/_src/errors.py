@@ -154,5 +154,13 @@ def describe_exception(error: BaseException) -> str:
   if where:
     lines.append(f'raised at {where}')
   lines += [n for n in getattr(error, '__notes__', ()) or ()
-            if n.strip() and '@reproduce_failure' not in n]
+            if n.strip() and '@reproduce_failure' not in n
+            and not n.lstrip().startswith(_HYPOTHESIS_EXAMPLE_NOTES)]
   return '\n'.join(lines)
+
+
+# Hypothesis's notes that print the failing example as a call of the
+# harness's own test function (``run(case=(make(0), make(0)))``): nothing a
+# user can read or re-run; the message says what was drawn.
+_HYPOTHESIS_EXAMPLE_NOTES = ('Falsifying example', 'Failing test case',
+                             'Falsifying explicit example')
