@@ -132,6 +132,15 @@ def init_default_dtype(x, y, w, n):
   return {k: jnp.zeros(lead + v.aval.shape + (n,), float) for k, v in w.items()}
 
 
+def init_ignores_the_bias_dtype(x, y, w, n):
+  """Traces in result_type of x and the weight matrix, the bias left out:
+  right whenever the bias shares their dtype (every drawn case)."""
+  lead = rule_util.batch_lead(y, True)
+  dtype = jnp.result_type(x.aval.dtype, w['weight'].aval.dtype)
+  return {k: jnp.zeros(lead + v.aval.shape + (n,), dtype)
+          for k, v in w.items()}
+
+
 def init_state_first(x, y, w, n):
   lead = rule_util.batch_lead(y, True)
   return {k: jnp.zeros((n,) + lead + v.aval.shape, v.aval.dtype)
@@ -879,6 +888,8 @@ def test_extra_axes_draws_are_ctx_normal_aligned(dtype, x64):
 # --------------------------------------------------------------- init.*
 @pytest.mark.parametrize('broken,words', [
     (init_default_dtype, 'dtype float64 != expected float32'),
+    (init_ignores_the_bias_dtype, "weight 'bias' float64, the other operands "
+     'float32, n_state=1: dtype float32 != expected float64'),
     (init_state_first, 'shape'),
     (init_ones, 'non-zero'),
 ])
@@ -962,7 +973,10 @@ def test_init_rules_are_traced_with_x_in_another_dtype(rule, broken, label):
   outcome = run(dense_variant(**{rule: broken}), check)
   assert_caught(outcome, rule)
   failed = [f.message for f in outcome.findings if not f.passed]
-  assert failed and all(m.startswith(label) for m in failed), failed
+  assert any(m.startswith(label) for m in failed), failed
+  # Only traces in other dtypes than the case's see it (x's, or one weight
+  # wider than the other operands).
+  assert all(m.startswith((label, 'weight ')) for m in failed), failed
 
 
 def xy_to_dw_in(dtype_of):
@@ -1053,7 +1067,10 @@ def test_a_primitive_that_takes_one_dtype_is_noted_not_failed():
   outcome = run(prim, 'init.drtrl')
   assert outcome.status == 'passed'
   notes = [f.message for f in outcome.findings if 'not checked' in f.message]
-  assert len(notes) == 2 and 'must share a dtype' in notes[0], notes
+  # x in float64 and in bfloat16 over float32 weights, and the weight
+  # matrix in float64 over a float32 x (the bias in float64 binds).
+  assert len(notes) == 3, notes
+  assert all('must share a dtype' in n for n in notes), notes
 
 
 @pytest.mark.parametrize('broken,words', [

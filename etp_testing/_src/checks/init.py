@@ -47,11 +47,13 @@ def _variants(ctx):
 
 def _check_mixed_dtypes(ctx, rule_name, expected_dtype):
   """Traces ``rule_name`` on each of the context's
-  ``mixed_precision_avals`` and checks the dtype of every leaf it returns
-  against ``expected_dtype(avals, y)``."""
+  ``mixed_precision_avals`` and ``one_wider_weight_avals`` and checks the
+  dtype of every leaf it returns against ``expected_dtype(avals, y)``
+  (shapes only: nothing compiled)."""
   rule = getattr(ctx.rules, rule_name)
   n_states = tuple(ctx.n_states)
-  for label, avals, y in ctx.mixed_precision_avals():
+  for label, avals, y in (ctx.mixed_precision_avals() +
+                          ctx.one_wider_weight_avals()):
     with x64_enabled(True):
       outputs = _output_shapes(ctx, rule_name, rule, avals, n_states)
       dtype = expected_dtype(avals, y)
@@ -190,7 +192,9 @@ def _increment_shapes(ctx, operands):
 @check('init.drtrl')
 def check_init_drtrl(ctx):
   """``init_drtrl``: the trainable keys, zeros, the trace's shape plus
-  ``n_state``, and the operands' result dtype (with x64 on and off)."""
+  ``n_state``, and the operands' result dtype (with x64 on and off; traced
+  with ``x`` in another dtype than the weights, and with each weight in
+  float64 among float32 operands)."""
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   # Zeros per state, with x64 on and off: 2 traces per state (measured).
