@@ -330,12 +330,7 @@ def test_a_failure_without_numbers_is_not_given_a_passing_key_s_error():
   def xy_to_dw(x, g, weights, *, has_bias):
     out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
     return {**out, 'weight': out['weight'].T}
-  prim = etp.register_primitive(f'transposed_dense_{next(_ids)}', dense._impl,
-                                batched=True, x_invar_index=0,
-                                trainable_invars_fn=dense._trainable)
-  base = etp.rules_of(etp.etp_mm_p)
-  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=xy_to_dw,
-                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  prim = _dense_with('transposed_dense', xy_to_dw)
   x, w, b = (np.ones(s, np.float32) for s in ((2, 3), (3, 2), (2,)))
   outcome = etp_testing.check_rules(prim, x, w, b, checks='xy_to_dw.vjp',
                                     has_bias=True).outcome('xy_to_dw.vjp')
@@ -486,7 +481,13 @@ def _dense_doubled_when(doubled):
     if doubled(*weights['weight'].shape):
       out['weight'] = 2 * out['weight']
     return out
-  prim = etp.register_primitive(f'doubled_dense_{next(_ids)}', dense._impl,
+  return _dense_with('doubled_dense', xy_to_dw)
+
+
+def _dense_with(name, xy_to_dw):
+  """A batched dense primitive (a new one named ``name_<n>``) with
+  ``xy_to_dw`` and etp_mm's other rules."""
+  prim = etp.register_primitive(f'{name}_{next(_ids)}', dense._impl,
                                 batched=True, x_invar_index=0,
                                 trainable_invars_fn=dense._trainable)
   base = etp.rules_of(etp.etp_mm_p)
