@@ -806,3 +806,23 @@ def test_compare_reports_the_share_of_the_bound_the_error_took(use_chex):
   assert "the summed terms' 100, not the result's 2" in finding.describe()
   as_json = json.loads(json.dumps(finding.to_dict()))
   assert as_json['tolerance_used'] == pytest.approx(finding.tolerance_used)
+
+
+def test_snippet_imports_a_module_an_import_finder_knows(monkeypatch):
+  # An editable install finds its package with a finder of its own, not a
+  # sys.path entry: the snippet must keep `import <module>` there (runpy of
+  # the file would break its relative imports), and run a file that no
+  # finder knows (etp-check --conftest) from its path.
+  import importlib.machinery
+  import sys
+  from etp_testing._src import snippet
+
+  class EditableFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+      if name == 'my_editable_layers':
+        return importlib.machinery.ModuleSpec(name, None)
+      return None
+  monkeypatch.setattr(sys, 'meta_path', [EditableFinder(), *sys.meta_path])
+  assert snippet._importable('my_editable_layers.dense')
+  assert not snippet._importable('etp_conftest_0')

@@ -7,7 +7,6 @@ an ``.npz`` file in the temporary directory and loaded by the snippet.
 from __future__ import annotations
 
 import hashlib
-import importlib.machinery
 import os
 import sys
 import tempfile
@@ -36,13 +35,17 @@ def _registering_code(primitive) -> "tuple[str, str] | None":
 
 
 def _importable(module: str) -> bool:
-  """Whether ``import module`` finds a file for it on ``sys.path`` (not
-  just the loaded module, which ``importlib.util.find_spec`` returns)."""
+  """Whether an import finder (``sys.path``'s, an editable install's)
+  finds ``module``'s top package; not just the loaded module, which
+  ``importlib.util.find_spec`` returns from ``sys.modules``."""
   top = module.partition('.')[0]
-  try:
-    return importlib.machinery.PathFinder.find_spec(top) is not None
-  except (ImportError, ValueError):
-    return False
+  for finder in sys.meta_path:
+    try:
+      if getattr(finder, 'find_spec', lambda *a: None)(top, None):
+        return True
+    except Exception:  # pylint: disable=broad-except
+      continue   # a finder that cannot look for it does not have it
+  return False
 
 
 def _is_numpy_dtype(dtype) -> bool:
