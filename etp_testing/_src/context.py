@@ -606,6 +606,12 @@ class CheckContext:
          {i: 'float64' if i == index else 'float32' for i in floating})
         for key, index in trained.items()])
 
+  def other_dtype_avals(self) -> list:
+    """:meth:`mixed_precision_avals` and :meth:`one_wider_weight_avals`:
+    every dtype variant of the case that rules are traced on for their
+    result dtypes."""
+    return self.mixed_precision_avals() + self.one_wider_weight_avals()
+
   def _recast(self, variants) -> list:
     """``[(label, avals, y)]`` for ``(label, {operand index: dtype})``
     variants of the case's avals (floating operands only are recast), made

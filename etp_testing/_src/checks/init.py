@@ -7,11 +7,12 @@ other init check reuses), as the ETP compiler's ``jit`` traces them.  Each
 case runs twice: on the operands as given, and on float32 copies with
 ``jax_enable_x64`` on, so a rule that follows the global default dtype
 (``jnp.zeros(shape)``, ``jnp.float_``) instead of the operands' avals
-returns float64 there and is caught.  Where ``x`` is floating, the rules
-are also traced (nothing compiled) with ``x`` in another dtype than the
-weights (``CheckContext.mixed_precision_avals``), whatever dtypes the case
-was drawn in: a rule that makes its zeros in the weights' or in ``x``'s
-dtype, instead of ``result_type``, is right whenever the two agree.
+returns float64 there and is caught.  The rules are also traced (nothing
+compiled) with ``x`` in another dtype than the weights, and with one
+weight wider than the other operands (``CheckContext.other_dtype_avals``),
+whatever dtypes the case was drawn in: a rule that makes its zeros in the
+weights', ``x``'s or one weight's dtype, instead of ``result_type``, is
+right whenever they agree.
 
 * ``init.drtrl``: per trainable key, zeros of shape
   ``(*lead, *weight_shape, n_state)`` (``lead = (B,)`` for batched
@@ -46,14 +47,13 @@ def _variants(ctx):
 
 
 def _check_mixed_dtypes(ctx, rule_name, expected_dtype):
-  """Traces ``rule_name`` on each of the context's
-  ``mixed_precision_avals`` and ``one_wider_weight_avals`` and checks the
+  """Traces ``rule_name`` on each of the context's ``other_dtype_avals``
+  (x in another dtype than the weights; one weight wider) and checks the
   dtype of every leaf it returns against ``expected_dtype(avals, y)``
   (shapes only: nothing compiled)."""
   rule = getattr(ctx.rules, rule_name)
   n_states = tuple(ctx.n_states)
-  for label, avals, y in (ctx.mixed_precision_avals() +
-                          ctx.one_wider_weight_avals()):
+  for label, avals, y in ctx.other_dtype_avals():
     with x64_enabled(True):
       outputs = _output_shapes(ctx, rule_name, rule, avals, n_states)
       dtype = expected_dtype(avals, y)

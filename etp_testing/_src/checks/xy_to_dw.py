@@ -248,8 +248,7 @@ def _check_mixed_dtypes(ctx):
   weights' (a plain einsum of ``x`` and ``g``, uncast), or in another
   weight's dtype, is right on every case drawn in one dtype."""
   trained = ctx.primitive.trainable_invars(ctx.params)
-  for label, avals, _ in (ctx.mixed_precision_avals() +
-                          ctx.one_wider_weight_avals()):
+  for label, avals, _ in ctx.other_dtype_avals():
     with x64_enabled(True):
       out = _rule_avals(ctx, avals, label)
     for k, i in trained.items():
