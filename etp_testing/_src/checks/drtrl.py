@@ -154,79 +154,73 @@ def _gradients(ctx, rules, operands, xs, a, bf, c, with_fn):
   except RuleFailure:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    fault = composition_fault(ctx, rules, operands)
-    if fault is not None:
+    try:
+      blame_composition(ctx, rules, operands)
+    except RuleFailure as fault:
       raise fault from e
     raise RuleFailure('drtrl', f'the reference executor could not compose the '
                       f'rules: {type(e).__name__}: {e}') from e
 
 
-def composition_fault(ctx, rules, operands) -> "RuleFailure | None":
-  """Which rule's result the executor could not compose, from shapes
-  alone (traced; nothing compiled or run): ``init_drtrl``'s keys; the
-  trace increment (``instant_drtrl``, else ``xy_to_dw`` on one example)
-  against the trace or weight it is added to; ``yw_to_w`` (or
-  ``solve_drtrl``) against what it was given.  ``None`` when every shape
-  fits, and the failure is elsewhere (JAX's own words say where)."""
+def _traced(fn, *args):
+  """``jax.eval_shape(fn, *args)``; ``None`` where it raises, except for a
+  :class:`RuleFailure` (a guarded rule's, naming it), which it raises."""
+  try:
+    return jax.eval_shape(fn, *args)
+  except RuleFailure:
+    raise
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def blame_composition(ctx, rules, operands) -> None:
+  """Raises a :class:`RuleFailure` naming the rule whose result the
+  executor could not compose, from shapes alone (traced; nothing compiled
+  or run): ``init_drtrl``'s keys; the trace increment (``instant_drtrl``,
+  else ``xy_to_dw`` on one example) against the trace or weight it is added
+  to; ``yw_to_w`` (or ``solve_drtrl``) against what it was given.  Returns
+  when every shape fits: the failure is elsewhere, and JAX's own words say
+  where."""
   from etp._src.registry import call_init_rule
   prim, params = ctx.primitive, ctx.params
   x, weights, rule_params = prim.split_operands(operands, params)
   y = ctx.y_aval(operands)
   g = jax.ShapeDtypeStruct(y.shape, y.dtype)
   increment = 'instant_drtrl' if rules.instant_drtrl else 'xy_to_dw'
-  try:
-    x_var, y_var, weight_vars = executor.jaxpr_vars(prim, operands, params)
-    traces = jax.eval_shape(lambda: call_init_rule(
-        rules.init_drtrl, x_var, y_var, weight_vars, 1, rule_params))
-    added = jax.eval_shape(lambda x, g, w: executor.instant_term(
-        prim, rules, x, g, w, rule_params), x, g, weights)
-  except RuleFailure as e:
-    return e
-  except Exception:  # pylint: disable=broad-except
-    return None
-  keys = sorted(weights)
-  for name, tree in (('init_drtrl', traces), (increment, added)):
-    if not isinstance(tree, Mapping) or sorted(tree) != keys:
-      got = sorted(tree) if isinstance(tree, Mapping) else returned_kind(tree)
-      return RuleFailure(name, f'{name} returned keys {got}, expected '
-                         f'{keys}')
+  traces = _traced(lambda: call_init_rule(
+      rules.init_drtrl, *executor.jaxpr_vars(prim, operands, params), 1,
+      rule_params))
+  added = _traced(lambda x, g, w: executor.instant_term(
+      prim, rules, x, g, w, rule_params), x, g, weights)
+  if traces is None or added is None:
+    return
+  ctx.check_keys('init_drtrl', traces, weights.keys())
+  ctx.check_keys(increment, added, weights.keys())
   states = {k: jax.ShapeDtypeStruct(v.shape[:-1], v.dtype)
             for k, v in traces.items()}
   per_example = prim.batched and rules.instant_drtrl is None
-  for k in keys:
+  for k in weights:
     have, want = tuple(added[k].shape), tuple(states[k].shape)
     if have != want:
-      message = (
+      raise RuleFailure(increment, (
           f'on one example (a batch of one) returned shape {have[1:]}, not '
           f"its weight's {tuple(weights[k].shape)}: the executor adds it to "
           "each example's D-RTRL trace" if per_example else
           f'returned shape {have}: the executor adds it to the D-RTRL '
-          f"trace, of init_drtrl's shape {want}")
-      return RuleFailure(increment, message, key=k)
-  try:
-    linked = jax.eval_shape(lambda g, t: rules.yw_to_w(g, t, **rule_params),
-                            g, states)
-    solved = None if rules.solve_drtrl is None else jax.eval_shape(
-        lambda g, t: rules.solve_drtrl(g, t, **rule_params), g, states)
-  except RuleFailure as e:
-    return e
-  except Exception:  # pylint: disable=broad-except
-    return None
-  for name, tree, want_of in (
-      ('yw_to_w', linked, lambda k: tuple(states[k].shape)),
-      ('solve_drtrl', solved, lambda k: tuple(weights[k].shape))):
-    if tree is None:
+          f"trace, of init_drtrl's shape {want}"), key=k)
+  # yw_to_w keeps the trace's shape; solve_drtrl gives the weight's.
+  for name, rule, wanted in (('yw_to_w', rules.yw_to_w, states),
+                             ('solve_drtrl', rules.solve_drtrl, weights)):
+    out = None if rule is None else _traced(
+        lambda g, t, rule=rule: rule(g, t, **rule_params), g, states)
+    if out is None:
       continue
-    if sorted(tree) != keys:
-      return RuleFailure(name, f'{name} returned keys {sorted(tree)}, '
-                         f'expected {keys}')
-    for k in keys:
-      if tuple(tree[k].shape) != want_of(k):
-        return RuleFailure(name, 'returned shape '
-                           f'{tuple(tree[k].shape)} for a trace of shape '
-                           f'{tuple(states[k].shape)}: it must return '
-                           f'{want_of(k)}', key=k)
-  return None
+    ctx.check_keys(name, out, weights.keys())
+    for k in weights:
+      if tuple(out[k].shape) != tuple(wanted[k].shape):
+        raise RuleFailure(name, f'returned shape {tuple(out[k].shape)} for '
+                          f'a trace of shape {tuple(states[k].shape)}: it '
+                          f'must return {tuple(wanted[k].shape)}', key=k)
 
 
 def _term_scales(ctx, rules, runs):
