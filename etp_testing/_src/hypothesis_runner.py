@@ -290,6 +290,20 @@ def _keep_draws(key, cases) -> None:
     _DRAWN.popitem(last=False)
 
 
+def _replayed(key, run) -> bool:
+  """Runs the cases kept under ``key`` through ``run``; whether every one
+  passed (``False`` where none are kept, or one failed)."""
+  if key not in _DRAWN:
+    return False
+  try:
+    for case in _DRAWN[key]:
+      run(_copied(case))
+  except _ExampleFailed:
+    return False
+  _DRAWN.move_to_end(key)
+  return True
+
+
 def _copied(case):
   """A fresh copy of a kept case's NumPy operands, so that nothing a
   check does to one run's arrays reaches the next."""
@@ -414,40 +428,32 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
           outcome.name, CheckSummary(outcome.name)).add(outcome, example)
 
   key = _draws_key(strategy, seed, run_settings)
-  if key in _DRAWN:
-    try:
-      for case in _DRAWN[key]:
-        run(_copied(case))
-    except _ExampleFailed:
-      # Hypothesis draws the same cases again, and shrinks the failure.
-      summary = HypothesisSummary(primitive=name, seed=seed)
-      signatures.clear()
-      drawn.clear()
-      calls[0] = 0
-    else:
-      _DRAWN.move_to_end(key)
-      summary.duration_s = time.perf_counter() - start
-      summary.distinct_shapes = len(signatures)
-      return summary
-  test = run_settings(given(strategy)(run))
-  if seed is not None:
-    test = hypothesis_seed(seed)(test)
+  replayed = _replayed(key, run)
+  if not replayed and calls[0]:
+    # A kept case failed: hypothesis draws the same cases again, and
+    # shrinks the failure, in a run of its own.
+    summary = HypothesisSummary(primitive=name, seed=seed)
+    signatures.clear()
+    drawn.clear()
+    calls[0] = 0
   try:
-    test()
-    _keep_draws(key, drawn)
+    if not replayed:
+      test = run_settings(given(strategy)(run))
+      if seed is not None:
+        test = hypothesis_seed(seed)(test)
+      test()
+      _keep_draws(key, drawn)
   except BaseException as e:  # pylint: disable=broad-except
     failure = _find_failure(e)
     if failure is None:
       raise
-    summary.duration_s = time.perf_counter() - start
-    summary.distinct_shapes = len(signatures)
     message = (failure.report.failure_message() + '\n' +
                _replay_line(e, seed, calls[0], summary.examples,
                             run_settings.derandomize))
     error = RuleConsistencyError(message, failure.report)
     error.summary = summary
     raise error from None
-  finally:
+  finally:   # also the summary an error raised above carries
     summary.duration_s = time.perf_counter() - start
     summary.distinct_shapes = len(signatures)
   return summary
