@@ -150,14 +150,13 @@ def main(argv=None) -> int:
         summary = etp_testing.check_with_hypothesis(
             prim, max_examples=args.examples, checks=checks, seed=args.seed,
             devices=args.devices, fast=True if args.fast else None)
-      except etp_testing.RuleConsistencyError as e:
-        failures.append(str(e))
-        found = report_file.failure_records(e, checks, args.seed,
-                                            args.examples)
       except Exception as e:  # pylint: disable=broad-except
-        # A strategy's (or the harness's) own error: an error cell, and on.
-        failures.append(f'{PREFIX}{prim.name}: checking it raised '
-                        + describe_exception(e))
+        # A rule failure (failed cells), or a strategy's or the harness's
+        # own error (error cells): noted, and on to the next primitive.
+        failures.append(
+            str(e) if isinstance(e, etp_testing.RuleConsistencyError) else
+            f'{PREFIX}{prim.name}: checking it raised '
+            + describe_exception(e))
         found = report_file.failure_records(e, checks, args.seed,
                                             args.examples)
       else:
