@@ -29,10 +29,15 @@ def failure_fields(check: str, error: Exception) -> dict:
   strategy's or the harness's own exception)."""
   if not isinstance(error, RuleConsistencyError):
     return {'status': 'error', 'message': describe_exception(error)}
-  outcome = error.report.outcome(check)
-  worst = outcome.worst() if outcome else None
   return {'status': 'failed', 'message': str(error),
-          'max_abs_err': worst.max_abs_err if worst else None,
+          **_errors(error.report.outcome(check))}
+
+
+def _errors(outcome) -> dict:
+  """A ``CheckOutcome``'s worst errors and largest share of its bound
+  (``None`` each, for no outcome or nothing compared)."""
+  worst = outcome.worst() if outcome else None
+  return {'max_abs_err': worst.max_abs_err if worst else None,
           'max_rel_err': worst.max_rel_err if worst else None,
           'tolerance_used': outcome.tolerance_used() if outcome else None}
 
@@ -62,11 +67,7 @@ def failure_records(error, checks, seed, examples) -> dict:
       record.update(failure_fields(outcome.name, error),
                     status=outcome.status)
     else:
-      worst = outcome.worst()
-      record.update(status=outcome.status,
-                    max_abs_err=worst.max_abs_err if worst else None,
-                    max_rel_err=worst.max_rel_err if worst else None,
-                    tolerance_used=outcome.tolerance_used(),
+      record.update(_errors(outcome), status=outcome.status,
                     skip_reasons=[outcome.reason] if outcome.reason else [])
     records[outcome.name] = record
   return records
