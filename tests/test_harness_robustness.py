@@ -574,7 +574,10 @@ def test_the_snippet_reruns_the_failing_case(broken_module, size, dtype):
                                        checks=['xy_to_dw.vjp'], seed=3,
                                        has_bias=False)
   snippet = info.value.report.snippet
-  assert snippet and snippet in str(info.value).replace('\n    ', '\n')
+  # Last and not indented: from the line after 'Reproduce with:' to the end
+  # of the message pastes into python as it is.
+  assert snippet and str(info.value).endswith(
+      '\nReproduce with:\n' + snippet.rstrip('\n'))
   assert 'import _broken_prims' in snippet
   assert ('np.load' in snippet) == (size == 'npz')
   with pytest.raises(etp_testing.RuleConsistencyError) as again:

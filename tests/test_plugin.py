@@ -494,10 +494,12 @@ def test_fixture_and_marker(tmp_path):
 
 
 def _snippet(output: str) -> str:
-  """The first reproduction snippet in ``output``, dedented."""
+  """The first reproduction snippet in ``output``: the lines after
+  ``Reproduce with:`` up to a blank line or pytest's next section."""
   lines = output.split('Reproduce with:\n', 1)[1].splitlines()
-  taken = itertools.takewhile(lambda l: l.startswith('    '), lines)
-  return '\n'.join(l[4:] for l in taken)
+  taken = itertools.takewhile(
+      lambda l: l.strip() and not l.startswith(('=', '_')), lines)
+  return '\n'.join(taken)
 
 
 def test_cli_exit_codes_and_matrix(tmp_path):

@@ -168,9 +168,11 @@ def main(argv=None) -> int:
   print(matrix.render(results, check_registry.check_names()))
   if unchecked:
     print('no strategy (not checked): ' + ', '.join(unchecked))
-  for message in failures:
+  for message in failures:   # blank lines around: a snippet ends a message
     print()
     print(message)
+  if failures:
+    print()
   print(compilations.programs_line(programs.count, programs.loaded, cache))
   print(f'{time.perf_counter() - start:.1f} s')
   if args.report:

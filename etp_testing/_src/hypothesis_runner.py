@@ -337,7 +337,7 @@ def _replay_line(error, seed, calls, passed, derandomized=False) -> str:
   if blob:
     how.append(f'{blob.group(0)} on a test decorated with '
                '@given(<the same strategy>) replays this example')
-  how.append("the 'Reproduce with' snippet above re-runs this case alone")
+  how.append("the 'Reproduce with' snippet re-runs this case alone")
   return (f'This is the minimal failing example found by hypothesis after '
           f'{calls} examples ({passed} passed); to replay: '
           + '; '.join(how) + '.')
@@ -447,9 +447,8 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
     failure = _find_failure(e)
     if failure is None:
       raise
-    message = (failure.report.failure_message() + '\n' +
-               _replay_line(e, seed, calls[0], summary.examples,
-                            run_settings.derandomize))
+    message = failure.report.failure_message(note=_replay_line(
+        e, seed, calls[0], summary.examples, run_settings.derandomize))
     error = RuleConsistencyError(message, failure.report)
     error.summary = summary
     raise error from None

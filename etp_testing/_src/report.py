@@ -230,8 +230,14 @@ class ConsistencyReport:
             + ', '.join(f"{o['dtype']}{list(o['shape'])}"
                         for o in self.operands) + f', seed {self.seed}')
 
-  def failure_message(self) -> str:
-    """The text of :class:`RuleConsistencyError`: headline, details, snippet."""
+  def failure_message(self, note: str = '') -> str:
+    """The text of :class:`RuleConsistencyError`: headline, details, ``note``
+    (how hypothesis found the case, say), snippet.
+
+    The snippet comes last and is not indented, so that everything from the
+    line after ``Reproduce with:`` to the end pastes into ``python`` as it
+    is (an indented first line is an ``IndentationError`` there).
+    """
     failed = self.failures
     names = ', '.join(o.name for o in failed)
     lines = [f'[etp_testing] {self.primitive} failed {len(failed)} check(s): '
@@ -242,9 +248,11 @@ class ConsistencyReport:
       for f in o.findings:
         if not f.passed:
           lines.append(f'    {f.describe()}')
+    if note:
+      lines.append(note)
     if self.snippet:
       lines.append('Reproduce with:')
-      lines.extend('    ' + l for l in self.snippet.splitlines())
+      lines.append(self.snippet.rstrip('\n'))
     return '\n'.join(lines)
 
   def nothing_checked_message(self) -> str:
