@@ -434,6 +434,56 @@ def test_vmap_catches_a_wrong_batching_rule(make, batched, case_size):
     assert 'in_axes=' in hits[0].message
 
 
+def _x_axis_ignored_batcher(prim):
+  # Folds a mapped x alone into the batch without moving its mapped axis
+  # first: right for in_axes 0, wrong for x mapped alone at axis 1 (the time
+  # axis of a (batch, time, n) sequence, say).
+  def batch(args, dims, **params):
+    if dims[0] is not None and all(d is None for d in dims[1:]):
+      x = args[0]   # the bug: jnp.moveaxis(args[0], dims[0], 0) is missing
+      v, b = x.shape[:2]
+      y = prim.bind(x.reshape((v * b,) + x.shape[2:]), *args[1:], **params)
+      return y.reshape((v, b) + y.shape[1:]), 0
+    return prim._batch(args, dims, **params)
+  return batch
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_vmap_always_maps_each_operand_alone_at_each_axis(seed):
+  # The combinations were once a sample fixed by the seed (0 for every case
+  # of a pytest --etp-check run): x alone at axis 1 was never among them for
+  # this layer, and the bug above passed every run.
+  prim = _dense_clone('batcher_x_axis_ignored')
+  batching.primitive_batchers[prim] = _x_axis_ignored_batcher(prim)
+  report = _run(prim, _dense_case(), ['primitive.vmap'], seed=seed)
+  hits = _assert_failed(report, 'primitive.vmap', 'batching')
+  assert any('in_axes=(1, None, None))' in f.message for f in hits), hits
+  correct = _dense_clone('batcher_x_axis_moved')
+  report = _run(correct, _dense_case(), ['primitive.vmap'], seed=seed)
+  _assert_passed(report, 'primitive.vmap')
+
+
+def test_vmap_samples_other_combinations_for_other_cases():
+  """The sampled combinations follow the case's values (a hypothesis run's
+  cases share one seed), and are the same for the same case."""
+  from etp_testing._src import context
+  from etp_testing._src.checks import primitive as primitive_check
+
+  def combinations(case_seed):
+    ops, params = _dense_case(seed=case_seed)
+    ctx = context.CheckContext(etp.etp_mm_p, ops, params, seed=0)
+    return primitive_check._combinations(ctx)
+  first = combinations(0)
+  assert first == combinations(0)
+  assert len(first) == primitive_check.VMAP_COMBINATIONS
+  samples = {tuple(combinations(s)) for s in range(6)}
+  assert len(samples) > 1
+  n = 3
+  for i, axes in enumerate([(0, 1, -1), (0, 1, -1), (0, -1)]):
+    for a in axes:
+      assert tuple(a if j == i else None for j in range(n)) in first
+
+
 def test_vmap_passes_a_correct_batching_rule(case_size):
   del case_size
   report = _run(etp.etp_mm_p, _dense_case(), ['primitive.vmap'])

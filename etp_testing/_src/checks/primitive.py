@@ -25,8 +25,9 @@ overridden).  These checks hold those JAX rules to ``impl``:
   run while tracing, as in eager mode, with a handful of compilations);
 * ``primitive.vmap``: eager ``jax.vmap`` of the bind over every combination of
   mapped operands (floating and integer) and axes (``0``, ``1`` where the rank
-  allows, ``-1``), sampled down to ``VMAP_COMBINATIONS`` (always with ``x``
-  alone, the weights alone, and every operand mapped), plus one nested vmap,
+  allows, ``-1``): always each operand alone at each of its axes, the
+  weights alone and every operand mapped, and a sample of the other
+  combinations that differs from case to case, plus one nested vmap,
   equals the stacked per-example binds; and for a batched primitive,
   changing one example of ``x`` leaves the other examples' ``y`` unchanged.
 
@@ -41,6 +42,7 @@ A JAX rule that raises is a failed finding naming the rule (``impl``,
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -54,9 +56,11 @@ from etp_testing._src.context import (absolute, compiled, jitted_bind,
                                       x64_enabled)
 from etp_testing._src.errors import RuleFailure, raised
 
-# At most this many in_axes combinations per case (x alone, the weights
-# alone and all mapped are always among them; the rest is sampled by seed).
+# in_axes combinations per case: the ones always tried (each operand alone
+# at each axis, the weights alone, all mapped), then a sample of the others,
+# at least VMAP_SAMPLED of them, up to VMAP_COMBINATIONS in all.
 VMAP_COMBINATIONS = 12
+VMAP_SAMPLED = 2
 # Examples per mapped axis.
 VMAP_SIZE = 2
 # A large case's vmap cases run in programs holding at most this many bytes
@@ -350,26 +354,44 @@ def _axis_choices(operand) -> list:
 
 
 def _combinations(ctx) -> list:
-  """``in_axes`` tuples: x alone, the weights alone and all mapped (axis 0)
-  always, then a sample of the rest fixed by the seed."""
+  """``in_axes`` tuples: always every operand mapped at axis 0, each operand
+  mapped alone at each of its axes and the weights mapped alone; then
+  ``VMAP_SAMPLED`` or more of the other combinations, up to
+  ``VMAP_COMBINATIONS`` in all.
+
+  The sample is drawn from the seed and the operands' values: each case of
+  a hypothesis run tries other combinations (the harness seed is the same
+  for all of them), and a case run again tries the same ones.
+  """
   n = len(ctx.operands)
-  per_operand = [[None] + _axis_choices(o) for o in ctx.operands]
-  every = [c for c in itertools.product(*per_operand)
+  choices = [_axis_choices(o) for o in ctx.operands]
+  every = [c for c in itertools.product(*([None] + ch for ch in choices))
            if any(a is not None for a in c)]
-  must = [tuple(0 for _ in range(n))]
-  xi = ctx.primitive.x_invar_index
-  if xi is not None and n > 1:
-    must.append(tuple(0 if i == xi else None for i in range(n)))
-    weights = set(ctx.primitive.trainable_invars(ctx.params).values())
-    if weights:
-      must.append(tuple(0 if i in weights else None for i in range(n)))
+  alone = lambda axis_of: tuple(axis_of.get(i) for i in range(n))
+  must = [alone({i: 0 for i in range(n)})]
+  must += [alone({i: a}) for i, ch in enumerate(choices) for a in ch]
+  weights = set(ctx.primitive.trainable_invars(ctx.params).values())
+  if weights:
+    must.append(alone({i: 0 for i in weights}))
+  must = list(dict.fromkeys(must))   # in order, once each
   rest = [c for c in every if c not in must]
-  take = max(0, VMAP_COMBINATIONS - len(must))
+  take = max(VMAP_SAMPLED, VMAP_COMBINATIONS - len(must))
   if len(rest) > take:
-    rng = np.random.default_rng(ctx.seed)
+    rng = np.random.default_rng((ctx.seed & 0xFFFFFFFF,
+                                 _values_crc(ctx.operands)))
     rest = [rest[i] for i in sorted(rng.choice(len(rest), take,
                                                replace=False))]
   return must + rest
+
+
+def _values_crc(operands) -> int:
+  """CRC-32 of the operands' shapes, dtypes and values."""
+  crc = 0
+  for o in operands:
+    o = np.ascontiguousarray(o)
+    crc = zlib.crc32(f'{o.dtype}{o.shape}'.encode(), crc)
+    crc = zlib.crc32(o.view(np.uint8) if o.size else b'', crc)
+  return crc
 
 
 def _examples(ctx, i, operand, size) -> list:
