@@ -728,6 +728,56 @@ def test_device_catches_a_pin_in_any_rule(rule):
       executor.registered_rules(etp.rules_of(base_prim)))
 
 
+# Ways a value gets a fixed placement other than jax.device_put(v, device):
+# the first three leave a sharding_constraint (or a jit's out_shardings) in
+# the jaxpr, the last a device_put with a sharding, not a device.
+def _one_device_mesh(device):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  return NamedSharding(Mesh(np.array([device]), ('d',)), PartitionSpec())
+
+
+_PLACEMENTS = {
+    'asarray_device': lambda v, d: jnp.asarray(v, device=d),
+    'sharding_constraint': lambda v, d: jax.lax.with_sharding_constraint(
+        v, jax.sharding.SingleDeviceSharding(d)),
+    'jit_out_shardings': lambda v, d: jax.jit(
+        lambda u: u, out_shardings=jax.sharding.SingleDeviceSharding(d))(v),
+    'device_put_mesh': lambda v, d: jax.device_put(v, _one_device_mesh(d)),
+}
+
+
+@pytest.mark.parametrize('rule', ['impl', 'yw_to_w', 'init_drtrl'])
+@pytest.mark.parametrize('placement', sorted(_PLACEMENTS))
+def test_device_catches_every_way_of_fixing_a_placement(placement, rule):
+  # Each of these was once read as no pin at all: under jit JAX moves the
+  # value, eagerly with operands on another device it raises "incompatible
+  # devices" (or returns a result committed to the wrong device).
+  cpus = _cpus(1)
+  place = lambda v: _PLACEMENTS[placement](v, cpus[0])
+  if rule == 'impl':
+    prim = _dense_clone(f'placed_{placement}', impl=lambda *ops, **params:
+                        place(dense._impl(*ops, **params)))
+    case = _dense_case()
+  else:
+    def wrap(correct):
+      @functools.wraps(correct)   # call_init_rule reads the signature
+      def placed(*args, **kwargs):
+        return jax.tree.map(place, correct(*args, **kwargs))
+      return placed
+    prim, _, case = _clone_with_rule(f'placed_{placement}', rule, wrap)
+  report = _run(prim, case, ['device.consistency', 'drtrl.exact'],
+                devices=cpus[:1])
+  if placement == 'asarray_device' and rule == 'yw_to_w':
+    # Under the executor's vmap jnp.asarray(v, device=d) raises in JAX
+    # (AttributeError), so the scan cannot trace it: drtrl.exact names it.
+    assert report.outcome('device.consistency').status == 'skipped'
+    _assert_failed(report, 'drtrl.exact', rule, contains='AttributeError')
+    return
+  hit, = _assert_failed(report, 'device.consistency', rule)
+  assert str(cpus[0]) in hit.message and rule in hit.message
+  assert report.outcome('drtrl.exact').status == 'passed'   # blind to it
+
+
 def test_device_blames_a_pin_inside_a_jitted_helper_on_its_rule():
   # Inside a nested jax.jit an equation's name stack starts afresh; the
   # scan carries the enclosing rule's scope in.

@@ -2,10 +2,15 @@
 
 First, the jaxprs of the impl and of every rule (traced on the operands'
 shapes; nothing runs) must not pin a value to a fixed device: with a
-``jax.device_put`` naming a device or a single-device sharding, or by
-closing over an array committed to a device (``jax.device_put(v, device)``
-made outside the trace: a const of the jaxpr).  That sees a pin to any
-device, on a machine with a single device too.  The impl and ``xy_to_dw``
+``jax.device_put`` naming a device or a sharding, with a sharding naming
+devices on any other equation (``jnp.asarray(v, device=d)`` and
+``jax.lax.with_sharding_constraint`` leave a ``sharding_constraint``, a
+nested ``jax.jit`` its ``out_shardings``), or by closing over an array
+committed to a device (``jax.device_put(v, device)`` made outside the trace:
+a const of the jaxpr).  That sees a pin to any device, on a machine with a
+single device too.  What leaves no trace is not seen: ``jnp.zeros(shape,
+device=d)`` traces to a plain ``broadcast_in_dim`` (under ``jax.jit`` JAX
+drops the device; only an eager call with operands elsewhere raises).  The impl and ``xy_to_dw``
 are traced alone; the other rules as the reference executor composes them
 (one step of D-RTRL with one state, and of pp-prop where there is an
 ``x``), each under a ``jax.named_scope`` of its name, so that a pin is
@@ -160,6 +165,7 @@ _RULE_IN_STACK = re.compile(
 
 # What pins a value, as _fixed_devices reports it.
 DEVICE_PUT = 'device_put'   # jax.device_put(v, device) in the trace
+SHARDING = 'sharding'       # a sharding naming devices, on another equation
 CONSTANT = 'constant'       # a closed-over array committed to a device
 
 
@@ -174,12 +180,28 @@ def _committed_to(value) -> list:
   return [str(d) for d in value.devices()]
 
 
+def _named_devices(target) -> list:
+  """The devices a ``device_put`` target or an equation's sharding param
+  names (``[]``: none, as for an abstract mesh's sharding)."""
+  if isinstance(target, jax.Device):
+    return [str(target)]
+  if isinstance(target, jax.sharding.Sharding):
+    try:
+      return [str(d) for d in target.device_set]
+    except Exception:  # pylint: disable=broad-except
+      return []   # no concrete devices to pin to
+  return []
+
+
 def _fixed_devices(fn, *avals) -> dict:
   """``{scope: {kind: [device, ...]}}``: the devices that the trace of
   ``fn`` on ``avals`` pins values to, by the innermost rule whose
   ``jax.named_scope`` they sit in (``None`` outside every rule): through
-  ``jax.device_put`` naming a device or a single-device sharding
-  (``DEVICE_PUT``), or by closing over an array committed to one
+  ``jax.device_put`` naming a device or a sharding (``DEVICE_PUT``), a
+  sharding naming devices on any other equation (``SHARDING``:
+  ``jnp.asarray(v, device=d)`` or ``jax.lax.with_sharding_constraint``
+  leave a ``sharding_constraint``, a nested ``jax.jit`` its
+  ``out_shardings``), or by closing over an array committed to one
   (``CONSTANT``; such arrays are the consts of the traced jaxpr, or of a
   nested ``jax.jit``'s, or literals)."""
   found = {}
@@ -194,16 +216,11 @@ def _fixed_devices(fn, *avals) -> dict:
     for v in eqn.invars:
       if hasattr(v, 'val'):   # a literal
         add(scope, CONSTANT, _committed_to(v.val))
-    for item in executor.param_items(eqn):   # a nested jit's consts
-      for value in getattr(item, 'consts', ()):
+    kind = DEVICE_PUT if eqn.primitive.name == 'device_put' else SHARDING
+    for item in executor.param_items(eqn):
+      for value in getattr(item, 'consts', ()):   # a nested jit's consts
         add(scope, CONSTANT, _committed_to(value))
-    if eqn.primitive.name != 'device_put':
-      continue
-    for target in eqn.params.get('devices', ()):
-      if isinstance(target, jax.Device):
-        add(scope, DEVICE_PUT, [str(target)])
-      elif isinstance(target, jax.sharding.SingleDeviceSharding):
-        add(scope, DEVICE_PUT, [str(d) for d in target.device_set])
+      add(scope, kind, _named_devices(item))
   return {scope: {k: sorted(v) for k, v in kinds.items() if v}
           for scope, kinds in found.items()}
 
@@ -319,10 +336,17 @@ def _check_no_fixed_devices(ctx) -> None:
       where = ', '.join(devices)
       if kind == DEVICE_PUT:
         ctx.fail(rule, f'{rule} puts a value on the fixed device {where} '
-                 '(jax.device_put with a device, in its jaxpr): eager, with '
-                 'operands on another device, it returns results committed '
-                 'there or mixes devices; let the operands decide where it '
-                 'runs')
+                 '(jax.device_put with a device or sharding, in its jaxpr): '
+                 'eager, with operands on another device, it returns results '
+                 'committed there or mixes devices; let the operands decide '
+                 'where it runs')
+      elif kind == SHARDING:
+        ctx.fail(rule, f'{rule} fixes a value\'s placement to {where} (a '
+                 'sharding in its jaxpr: jnp.asarray/jnp.array with '
+                 'device=, jax.lax.with_sharding_constraint, or a nested '
+                 'jax.jit\'s shardings): with operands on another device it '
+                 'raises "incompatible devices"; let the operands decide '
+                 'where it runs')
       else:
         ctx.fail(rule, f'{rule} closes over an array committed to {where} '
                  '(made with jax.device_put(v, device) outside the trace): '
@@ -330,8 +354,9 @@ def _check_no_fixed_devices(ctx) -> None:
                  'raises; make it inside the rule, or leave it uncommitted '
                  '(jnp.asarray)')
     if not pins:
-      ctx.record_pass(rule, f'{rule}: no jax.device_put to a fixed device '
-                      'and no committed constant in its jaxpr')
+      ctx.record_pass(rule, f'{rule}: no jax.device_put to a fixed device, '
+                      'no sharding naming devices and no committed constant '
+                      'in its jaxpr')
 
 
 def _committed_elsewhere(value, device) -> list:
