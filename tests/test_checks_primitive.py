@@ -34,7 +34,7 @@ from etp._src import lora
 from etp._src import registry
 from etp._src import sparse
 from etp._src import units as etp_units
-from etp_testing._src import executor, unit_cases
+from etp_testing._src import context, executor, unit_cases
 
 from _cases import first_case
 
@@ -286,6 +286,35 @@ def test_abstract_eval_catches_a_wrong_abstract_rule(wrong):
   assert hit.actual_shape is not None
 
 
+@pytest.mark.parametrize('x64', [False, True], ids=['x64_off', 'x64_on'])
+def test_abstract_eval_catches_an_output_dtype_that_follows_x64(x64):
+  # A spiking layer's reset value made with jnp.zeros(shape), no dtype=:
+  # float64 for float32 operands once x64 is on.  Every other check passes
+  # it, with x64 on or off.
+  def impl(*ops, has_bias):
+    v = dense._impl(*ops, has_bias=has_bias)
+    return jnp.where(v > -1e30, v, jnp.zeros(v.shape))
+  prim = _dense_clone('default_dtype_impl', impl=impl)
+  with context.x64_enabled(x64):
+    report = _run(prim, _dense_case(), ['primitive.abstract_eval'])
+  hit, = _assert_failed(report, 'primitive.abstract_eval', 'impl')
+  assert 'float32 with it off, float64 with it on' in hit.message
+  with context.x64_enabled(x64):
+    report = _run(etp.etp_mm_p, _dense_case(), ['primitive.abstract_eval'])
+  _assert_passed(report, 'primitive.abstract_eval')
+  assert any('with jax_enable_x64 off and on' in f.message
+             for f in report.outcome('primitive.abstract_eval').findings)
+
+
+def test_abstract_eval_leaves_x64_alone_for_64_bit_operands():
+  # float64 operands do not exist with x64 off: nothing to compare.
+  report = _run(etp.etp_mm_p, _dense_case(dtype=np.float64),
+                ['primitive.abstract_eval'])
+  _assert_passed(report, 'primitive.abstract_eval')
+  assert not any('jax_enable_x64' in f.message
+                 for f in report.outcome('primitive.abstract_eval').findings)
+
+
 # -------------------------------------------------------------- primitive.jvp
 def _jvp_with(prim, tangent_fn):
   """A JVP rule: the primal binds again; the tangent is ``tangent_fn``."""
@@ -466,7 +495,6 @@ def test_vmap_always_maps_each_operand_alone_at_each_axis(seed):
 def test_vmap_samples_other_combinations_for_other_cases():
   """The sampled combinations follow the case's values (a hypothesis run's
   cases share one seed), and are the same for the same case."""
-  from etp_testing._src import context
   from etp_testing._src.checks import primitive as primitive_check
 
   def combinations(case_seed):

@@ -9,7 +9,10 @@ overridden).  These checks hold those JAX rules to ``impl``:
   ``jax.jit`` of it (the lowering), in value and dtype; for a
   ``gradient_enabled`` marker, it also equals its operand (the identity);
 * ``primitive.abstract_eval``: ``jax.eval_shape`` of the bind gives the real
-  output's shape and dtype;
+  output's shape and dtype, and for operands none of which is 64-bit the
+  same dtype with ``jax_enable_x64`` off and on (an impl that mixes in a
+  value of the default dtype returns float64 for float32 operands with it
+  on);
 * ``primitive.jvp``: as ``jax.test_util.check_grads(order=2, modes=('fwd',
   'rev'))``, in float64: the forward mode against central finite differences
   of ``impl`` (never of ``bind``), along one random tangent for every floating
@@ -172,6 +175,47 @@ def check_abstract_eval(ctx):
     ctx.fail('abstract_eval', message=(
         f'eval_shape gives {len(_outputs(ctx, abstract))} outputs, the real '
         f'bind {len(_outputs(ctx, real))}'))
+  _check_dtypes_ignore_x64(ctx, bind)
+
+
+# 64-bit dtypes: operands of one of these exist only with jax_enable_x64 on.
+_WIDE = tuple(np.dtype(t) for t in ('float64', 'int64', 'uint64',
+                                    'complex128'))
+
+
+def _check_dtypes_ignore_x64(ctx, bind) -> None:
+  """The outputs' dtypes for these operands do not depend on
+  ``jax_enable_x64`` (traced with it off and on; nothing runs).
+
+  An impl that mixes in a value of the default dtype (``jnp.zeros(shape)``
+  with no ``dtype``) returns float64 for float32 operands once x64 is on:
+  every rule then sees another ``y`` than with it off.  Only operands that
+  exist with x64 off (none of them 64-bit) can be traced both ways.
+  """
+  if any(np.result_type(o) in _WIDE for o in ctx.operands):
+    return
+  avals = [jax.ShapeDtypeStruct(np.shape(o), np.result_type(o))
+           for o in ctx.operands]
+  dtypes = {}
+  for x64 in (False, True):
+    with x64_enabled(x64):
+      out = _guarded('impl', f'jax.eval_shape(bind) with jax_enable_x64 '
+                     f'{"on" if x64 else "off"}',
+                     lambda *ops: jax.eval_shape(bind, *ops), *avals)
+      dtypes[x64] = [jnp.dtype(o.dtype) for o in _outputs(ctx, out)]
+  for i, (off, on) in enumerate(zip(dtypes[False], dtypes[True])):
+    label = _output_label(ctx, i)
+    if off != on:
+      ctx.fail('impl', message=(
+          f'{label}the output dtype follows jax_enable_x64: {off} with it '
+          f'off, {on} with it on, for operands '
+          + ', '.join(str(a.dtype) for a in avals) + ' (a value made in '
+          'the default dtype, as jnp.zeros(shape) without dtype= makes '
+          'it, is mixed in): give it the operands\' dtype'),
+               dtype=str(on))
+    else:
+      ctx.record_pass('impl', message=(
+          f'{label}output dtype {off} with jax_enable_x64 off and on'))
 
 
 # -------------------------------------------------------------------- jvp
