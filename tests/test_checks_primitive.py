@@ -574,9 +574,14 @@ def _batch_centred_impl(x, weight, *bias, has_bias):
 def test_vmap_catches_examples_that_are_not_independent():
   # vmap over x alone folds the mapped axis into the batch (the contract
   # says examples are independent), so the batch mean changes.
+  # The coupling is the impl's, and its finding comes first: the vmap
+  # cases that fold x into the batch fail because of it.
   prim = _dense_clone('batch_centred', impl=_batch_centred_impl)
   report = _run(prim, _dense_case(), ['primitive.vmap', 'device.consistency'],
                 devices=_cpus())
+  first = next(f for f in report.outcome('primitive.vmap').findings
+               if not f.passed)
+  assert first.rule == 'impl' and 'examples are independent' in first.message
   hits = _assert_failed(report, 'primitive.vmap', 'batching')
   assert any('in_axes=(0, None, None)' in f.message for f in hits)
   # What device.consistency cannot see: jit with the batch sharded is
@@ -611,7 +616,7 @@ def test_vmap_catches_coupled_examples_behind_a_batching_rule_of_its_own():
   coupled = _slice_by_slice_batching(
       _dense_clone('coupled', impl=_previous_example_added_impl))
   report = _run(coupled, _dense_case(n_in=5, n_out=3), ['primitive.vmap'])
-  hits = _assert_failed(report, 'primitive.vmap', 'batching',
+  hits = _assert_failed(report, 'primitive.vmap', 'impl',
                         contains='examples are independent')
   assert all('vmap' not in f.message for f in hits), hits
   correct = _slice_by_slice_batching(_dense_clone('own_batching'))
