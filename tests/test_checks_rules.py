@@ -1158,11 +1158,37 @@ def test_fast_mode_runs_drtrl_exact_on_what_fits_the_budget(monkeypatch):
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
   notes = [f.message for f in correct.findings if f.rule == 'trace']
   assert notes and 'checked with a batch of one and n_state=1' in notes[0], notes
-  # With room for two states, the larger one is kept.
+  # With room for a batch of two with one state, or a batch of one with
+  # two: a batch of two (the rules see no states; init.drtrl traces every
+  # n_state's shapes anyway).
   monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 6 * one)
   notes = [f.message for f in _fast_run(lora_variant(), 'drtrl.exact').findings
            if f.rule == 'trace']
-  assert 'checked with a batch of one and n_state=2' in notes[0], notes
+  assert ('checked with a batch of two (its first two examples) and '
+          'n_state=1') in notes[0], notes
+
+
+def _solve_of_example_zero(c, trace, **params):
+  # Right only for a batch of one: contracts the first example alone.
+  return lora._solve_drtrl(c[:1], jax.tree.map(lambda t: t[:1], trace),
+                           **params)
+
+
+@pytest.mark.parametrize('check', ['drtrl.exact', 'drtrl.instant'])
+def test_fast_mode_keeps_a_batch_of_two_where_it_fits(monkeypatch, check):
+  # Reduced to a batch of one, a solve_drtrl right only for one example
+  # passed both checks on a large layer (conv 64 -> 64 on 64 x 64, batch 3):
+  # nothing else calls it.  A batch of two fits here, and catches it.
+  from etp_testing._src import context
+  one = _lora_trace_bytes(X[:1], *LORA_OPS[1:])
+  copies = 3 if check == 'drtrl.exact' else 2
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES', copies * 2 * one)
+  broken = _fast_run(lora_variant(solve_drtrl=_solve_of_example_zero), check)
+  assert_caught(broken, 'drtrl' if check == 'drtrl.exact' else 'solve_drtrl')
+  correct = _fast_run(lora_variant(), check)
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+  notes = [f.message for f in correct.findings if f.rule == 'trace']
+  assert notes and 'a batch of two' in notes[0], notes
 
 
 def test_fast_mode_skips_a_trace_check_that_fits_nowhere(monkeypatch):
