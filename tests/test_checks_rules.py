@@ -1191,6 +1191,33 @@ def test_fast_mode_keeps_a_batch_of_two_where_it_fits(monkeypatch, check):
   assert notes and 'a batch of two' in notes[0], notes
 
 
+def _init_of_one_state(x_var, y_var, weight_vars, n_state):
+  # Ignores n_state: a state axis of 1 always.
+  del n_state
+  return etp.rules_of(etp.etp_lora_mm_p).init_drtrl(x_var, y_var,
+                                                   weight_vars, 1)
+
+
+def test_fast_mode_traces_init_drtrl_s_shapes_for_every_state(monkeypatch):
+  # Only n_state=1 fits the budget, where an init_drtrl that ignores
+  # n_state is right (it passed on LoRA rank 16 over 4096 x 4096); its
+  # shapes for every n_state, traced on the whole case, allocate nothing.
+  from etp_testing._src import context
+  one = _lora_trace_bytes(X[:1], *LORA_OPS[1:])
+  monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 2 * 3 * one)
+  broken = _fast_run(lora_variant(init_drtrl=_init_of_one_state),
+                     'init.drtrl')
+  assert_caught(broken, 'init_drtrl')
+  bad = [f.message for f in broken.findings if not f.passed]
+  assert all('the whole case (shapes only), n_state=2' in m for m in bad), bad
+  correct = _fast_run(lora_variant(), 'init.drtrl')
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+  notes = [f.message for f in correct.findings if f.rule == 'trace']
+  assert notes and 'checked with n_state=1' in notes[0], notes
+  assert any('the whole case (shapes only), n_state=2' in f.message
+             for f in correct.findings)
+
+
 def test_fast_mode_skips_a_trace_check_that_fits_nowhere(monkeypatch):
   from etp_testing._src import context
   monkeypatch.setattr(context, 'FAST_TRACE_BYTES', 1)

@@ -156,13 +156,16 @@ def _call_init(ctx, rule_name, operands):
 
 
 def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
-  value = to_jax(value)
+  """``value`` is zeros of ``shape`` and ``dtype`` (an abstract value: the
+  shape and dtype alone)."""
+  abstract = isinstance(value, jax.ShapeDtypeStruct)
+  value = value if abstract else to_jax(value)
   problems = []
   if tuple(value.shape) != tuple(shape):
     problems.append(f'shape {tuple(value.shape)} != expected {tuple(shape)}')
   if value.dtype != dtype:
     problems.append(f'dtype {value.dtype} != expected {dtype}')
-  if value.size and np.any(np.asarray(value) != 0):
+  if not abstract and value.size and np.any(np.asarray(value) != 0):
     problems.append(f'{int(np.count_nonzero(np.asarray(value)))} non-zero '
                     'entries (a trace starts at zero)')
   if problems:
@@ -170,8 +173,8 @@ def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
              actual_shape=tuple(value.shape), expected_shape=tuple(shape),
              dtype=str(value.dtype))
   else:
-    ctx.record_pass(rule, key=key, message=f'{label}: zeros {tuple(shape)} '
-                    f'{dtype}')
+    ctx.record_pass(rule, key=key, message=f'{label}: '
+                    + ('' if abstract else 'zeros ') + f'{tuple(shape)} {dtype}')
 
 
 def _increment_shapes(ctx, operands):
@@ -189,6 +192,38 @@ def _increment_shapes(ctx, operands):
   return {k: tuple(np.shape(v)) for k, v in inc.items()}
 
 
+def _trace_shapes(ctx, operands) -> dict:
+  """Per key, the shape of ``init_drtrl``'s trace without its state axis."""
+  if ctx.rules.instant_drtrl is not None:
+    return _increment_shapes(ctx, operands)
+  _, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
+  y = ctx.y_aval(operands)
+  lead = tuple(y.shape[:1]) if ctx.batched else ()
+  return {k: lead + tuple(w.shape) for k, w in weights.items()}
+
+
+def _check_whole_case_shapes(ctx) -> None:
+  """``init_drtrl``'s keys, shapes and dtype on the whole case, for every
+  ``n_state`` of the run, traced (nothing allocated): where fast mode ran
+  the zeros on a smaller case, an ``init_drtrl`` that ignores ``n_state``
+  (a state axis of 1 always) or the batch passed there."""
+  avals = tuple(jax.ShapeDtypeStruct(np.shape(o), np.result_type(o))
+                for o in ctx.operands)
+  trace_shapes = _trace_shapes(ctx, avals)
+  n_states = tuple(ctx.n_states)
+  outputs = _output_shapes(ctx, 'init_drtrl', ctx.rules.init_drtrl, avals,
+                           n_states)
+  x, weights, _ = ctx.primitive.split_operands(avals, ctx.params)
+  y = ctx.y_aval(avals)
+  dtype = jnp.result_type(*[v.dtype for v in (x, y, *weights.values())
+                            if v is not None])
+  for n_state, traces in zip(n_states, outputs):
+    ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
+    for k, shape in trace_shapes.items():
+      _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
+                    dtype, f'the whole case (shapes only), n_state={n_state}')
+
+
 @check('init.drtrl')
 def check_init_drtrl(ctx):
   """``init_drtrl``: the trainable keys, zeros, the trace's shape plus
@@ -198,23 +233,20 @@ def check_init_drtrl(ctx):
   if not ctx.weights:
     ctx.skip(f'{ctx.name} has no trainable operands')
   # Zeros per state, with x64 on and off: 2 traces per state (measured).
+  whole = ctx
   ctx = ctx.for_traces(copies=2, per_state=True)
   for label, operands, x64 in _variants(ctx):
     with x64_enabled(x64):
       operands = tuple(to_jax(o) for o in operands)
-      if ctx.rules.instant_drtrl is not None:
-        trace_shapes = _increment_shapes(ctx, operands)
-      else:
-        _, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
-        y = ctx.y_aval(operands)
-        lead = tuple(y.shape[:1]) if ctx.batched else ()
-        trace_shapes = {k: lead + tuple(w.shape) for k, w in weights.items()}
+      trace_shapes = _trace_shapes(ctx, operands)
       outputs, _, dtype = _call_init(ctx, 'init_drtrl', operands)
       for n_state, traces in zip(ctx.n_states, outputs):
         ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
         for k, shape in trace_shapes.items():
           _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
                         dtype, f'{label}, n_state={n_state}')
+  if ctx is not whole:
+    _check_whole_case_shapes(whole)
   x_index = ctx.primitive.x_invar_index
   trained = ctx.primitive.trainable_invars(ctx.params).values()
   _check_mixed_dtypes(ctx, 'init_drtrl', lambda avals, y: jnp.result_type(
