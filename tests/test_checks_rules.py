@@ -728,6 +728,34 @@ def test_anchor_reach_is_the_same_dispatched_and_looped(monkeypatch, case):
   assert (spread > 1) == (case != 'dense'), spread
 
 
+def _yw_to_w_bias_doubled(g, trace, **params):
+  out = dict(etp.rules_of(etp.etp_lora_mm_p).yw_to_w(g, trace, **params))
+  return {**out, 'bias': 2.0 * out['bias']}
+
+
+def test_anchor_judges_anchored_weight_shaped_traces_beside_instant_drtrl():
+  # LoRA has instant_drtrl (for lora_b, which reaches every output), but its
+  # lora_a and bias are anchored with weight-shaped traces, so the anchor
+  # identity holds for them.  They were recorded as passed unseen ("drtrl.exact
+  # judges the pair"), and where fast mode skips drtrl.exact on a large
+  # layer nothing judged them: a doubled bias link passed.
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: rng.standard_normal(s).astype(np.float32)
+  ops, params = (f32(3, 4), f32(4, 2), f32(2, 5), f32(5)), dict(
+      alpha=0.5, has_bias=True)
+  broken = etp_testing.check_rules(
+      lora_variant(yw_to_w=_yw_to_w_bias_doubled), *ops,
+      checks=['yw_to_w.anchor'], **params).outcome('yw_to_w.anchor')
+  assert_caught(broken, 'yw_to_w', 'bias')
+  correct = etp_testing.check_rules(lora_variant(), *ops,
+                                    checks=['yw_to_w.anchor'], **params)
+  outcome = correct.outcome('yw_to_w.anchor')
+  assert outcome.status == 'passed'
+  compared = {f.key for f in outcome.findings if 'at the anchor' in f.message}
+  assert compared == {'lora_a', 'bias'}, [f.describe() for f in
+                                          outcome.findings]
+
+
 def test_anchor_catches_weight_shaped_trace_for_non_anchored_weight():
   prim = lora_variant(instant_drtrl=None, solve_drtrl=None,
                       init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(

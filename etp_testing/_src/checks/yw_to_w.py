@@ -5,7 +5,8 @@ r"""Checks of ``yw_to_w``, the y -> w link of the D-RTRL recurrence.
   one-hot directions at two random points (per example for batched
   primitives).  A weight element is *anchored* when it reaches exactly one
   output :math:`\pi(e)`; for a key whose elements are all anchored the rule
-  must give :math:`\mathrm{yw\_to\_w}(g, T)[e] = g[\pi(e)]\, T[e]`.  A key
+  must give :math:`\mathrm{yw\_to\_w}(g, T)[e] = g[\pi(e)]\, T[e]` (beside
+  ``instant_drtrl`` too, where that key's trace is shaped like its weight).  A key
   whose elements reach several outputs needs ``instant_drtrl``/``solve_drtrl``
   (then ``drtrl.exact`` judges it) or an ``approximate`` declaration (then the
   spread is reported); otherwise the check fails and says how many outputs an
@@ -182,12 +183,16 @@ def check_anchor(ctx):
             'instant_drtrl/solve_drtrl with a trace that keeps output '
             'positions, or declare the weight approximate'))
       continue
-    if ctx.rules.instant_drtrl is not None:
-      ctx.record_pass('yw_to_w', key=k, message=(
-          'anchored; its trace comes from instant_drtrl (drtrl.exact judges '
-          'the pair)'))
-      continue
     lead = tuple(g.shape[:1]) if ctx.batched else ()
+    if (ctx.rules.instant_drtrl is not None and
+        shapes[k] != lead + tuple(w.shape)):
+      # A trace that keeps other positions has no element per weight
+      # element to pick g for.
+      ctx.record_pass('yw_to_w', key=k, message=(
+          f'anchored; its trace from instant_drtrl is shaped {shapes[k]}, '
+          'not like its weight (drtrl.exact and drtrl.instant judge the '
+          'pair)'))
+      continue
     if shapes[k] != lead + tuple(w.shape):
       ctx.fail('init_drtrl', key=k, message=(
           f'trace shape {shapes[k]} is not (*lead, *weight_shape) = '
