@@ -10,13 +10,13 @@ committed to a device (``jax.device_put(v, device)`` made outside the trace:
 a const of the jaxpr).  That sees a pin to any device, on a machine with a
 single device too.  What leaves no trace is not seen: ``jnp.zeros(shape,
 device=d)`` traces to a plain ``broadcast_in_dim`` (under ``jax.jit`` JAX
-drops the device; only an eager call with operands elsewhere raises).  The impl and ``xy_to_dw``
-are traced alone; the other rules as the reference executor composes them
-(one step of D-RTRL with one state, and of pp-prop where there is an
-``x``), each under a ``jax.named_scope`` of its name, so that a pin is
-blamed on the rule it sits in; each is also traced alone on its abstract
-arguments (the init rules on their jaxpr variables), so that the arrays it
-closes over are its own consts.  The device comparisons below
+drops the device; only an eager call with operands elsewhere raises).  The
+impl and ``xy_to_dw`` are traced alone; the other rules as the reference
+executor composes them (one step of D-RTRL with one state, and of pp-prop
+where there is an ``x``), each under a ``jax.named_scope`` of its name, so
+that a pin is blamed on the rule it sits in; each is also traced alone on
+its abstract arguments (the init rules on their jaxpr variables), so that
+the arrays it closes over are its own consts.  The device comparisons below
 run the impl and ``xy_to_dw`` only: for ``yw_to_w``, the init rules and
 ``instant_drtrl``/``solve_drtrl`` the scan is the whole check.
 
