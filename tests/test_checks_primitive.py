@@ -492,19 +492,20 @@ def test_vmap_always_maps_each_operand_alone_at_each_axis(seed):
   _assert_passed(report, 'primitive.vmap')
 
 
-def test_vmap_samples_other_combinations_for_other_cases():
-  """The sampled combinations follow the case's values (a hypothesis run's
-  cases share one seed), and are the same for the same case."""
+def test_vmap_samples_other_combinations_for_other_shapes():
+  """The sampled combinations follow the case's shapes (a hypothesis run's
+  cases share one seed); another example of the same shapes samples the
+  same ones, so their program is reused."""
   from etp_testing._src.checks import primitive as primitive_check
 
-  def combinations(case_seed):
-    ops, params = _dense_case(seed=case_seed)
+  def combinations(n_in, case_seed=0):
+    ops, params = _dense_case(n_in=n_in, seed=case_seed)
     ctx = context.CheckContext(etp.etp_mm_p, ops, params, seed=0)
     return primitive_check._combinations(ctx)
-  first = combinations(0)
-  assert first == combinations(0)
+  first = combinations(3)
+  assert first == combinations(3, case_seed=1)
   assert len(first) == primitive_check.VMAP_COMBINATIONS
-  samples = {tuple(combinations(s)) for s in range(6)}
+  samples = {tuple(combinations(n_in)) for n_in in range(2, 8)}
   assert len(samples) > 1
   n = 3
   for i, axes in enumerate([(0, 1, -1), (0, 1, -1), (0, -1)]):
