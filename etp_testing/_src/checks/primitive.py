@@ -30,7 +30,7 @@ overridden).  These checks hold those JAX rules to ``impl``:
   mapped operands (floating and integer) and axes (``0``, ``1`` where the rank
   allows, ``-1``): always each operand alone at each of its axes, the
   weights alone and every operand mapped, and a sample of the other
-  combinations that differs from case to case, plus one nested vmap,
+  combinations that differs from shape to shape, plus one nested vmap,
   equals the stacked per-example binds; and for a batched primitive,
   changing one example of ``x`` leaves the other examples' ``y`` unchanged.
 
