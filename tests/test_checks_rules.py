@@ -1728,7 +1728,7 @@ def _catalog_cases() -> dict:
 def _changes_what_yw_to_w_checks_read(mutant) -> bool:
   """Whether ``mutant`` changes what the ``yw_to_w`` checks read from its
   base: the ``yw_to_w`` or ``init_drtrl`` rule, the output's shape or
-  dtype, or which operands are trainable (26 of the 72 mutants).  The
+  dtype, or which operands are trainable (27 of the 75 mutants).  The
   others give those checks their base's rules: the base's own case tests
   those."""
   prim, base = mutant.primitive(), mutant.base_primitive()

@@ -571,6 +571,41 @@ def _(name):
   return _clone(name, 'etp_mv', batcher=_flipping_batcher)
 
 
+def _x_axis_ignored_batcher(prim):
+  """A batching rule that folds a mapped ``x`` alone into the batch without
+  moving its mapped axis to the front: right for ``in_axes`` 0 only."""
+  def batch(args, dims, **params):
+    if dims[0] is not None and all(d is None for d in dims[1:]):
+      x = args[0]   # the bug: jnp.moveaxis(args[0], dims[0], 0) is missing
+      v, b = x.shape[:2]
+      y = prim.bind(x.reshape((v * b,) + x.shape[2:]), *args[1:], **params)
+      return y.reshape((v, b) + y.shape[1:]), 0
+    return prim._batch(args, dims, **params)
+  return batch
+
+
+@_mutant('batcher_x_axis_ignored', 'dense', base='etp_mm',
+         bug_class='batcher', expected=('primitive.vmap',), case=DENSE_MM,
+         description="the primitive's batching rule folds a mapped x into "
+         "the batch without moving its mapped axis first: right for "
+         'in_axes=0, wrong for x mapped at axis 1 (a sequence\'s time axis)')
+def _(name):
+  return _clone(name, 'etp_mm', batcher=_x_axis_ignored_batcher)
+
+
+@_mutant('impl_default_dtype', 'dense', base='etp_mm', bug_class='dtype',
+         expected=('primitive.abstract_eval',), case=DENSE_MM,
+         description='impl mixes in jnp.zeros(shape) with no dtype: float64 '
+         'outputs for float32 operands whenever jax_enable_x64 is on')
+def _(name):
+  from etp._src import dense
+
+  def impl(*operands, **params):
+    y = dense._impl(*operands, **params)
+    return jnp.where(y > -1e30, y, jnp.zeros(y.shape))
+  return _clone(name, 'etp_mm', impl=impl)
+
+
 @_mutant('jit_offset', 'dense', base='etp_mm', bug_class='jit',
          expected=('primitive.jit', 'primitive.vmap'),
          case=DENSE_MM,
@@ -603,6 +638,19 @@ def _(name):
          'calls it, on one device under jit, where nothing else shows it')
 def _(name):
   return _clone(name, 'etp_mm', yw_to_w=_yw_with('etp_mm', _on_first_device))
+
+
+@_mutant('yw_sharding_pinned', 'dense', base='etp_mm', bug_class='device_pin',
+         expected=('device.consistency',),
+         case=DENSE_MM,
+         description='yw_to_w constrains its result to the first device '
+         '(jax.lax.with_sharding_constraint with a SingleDeviceSharding): '
+         'no device_put in its jaxpr, and only the D-RTRL compiler calls it')
+def _(name):
+  def pin(v):
+    return jax.lax.with_sharding_constraint(
+        v, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  return _clone(name, 'etp_mm', yw_to_w=_yw_with('etp_mm', pin))
 
 
 @_mutant('xy_in_x_dtype', 'dense', base='etp_mm', bug_class='mixed_precision',
