@@ -478,13 +478,14 @@ class CheckContext:
     """The context a trace-building check runs on (findings go to this one).
 
     Outside fast mode, this one.  In fast mode, the first whose traces fit
-    ``FAST_TRACE_BYTES`` of: this one; its first two examples (batched
-    primitives with a larger batch); each of those with a single
-    ``n_state``, largest first (``per_state`` checks only); its first
-    example alone, then with a single ``n_state``.  A batch of two before
-    one, since a rule right only for a batch of one (a ``solve_drtrl`` that
-    contracts example 0 alone) passes on a batch of one; and before fewer
-    states, since ``drtrl.exact`` runs a batch of one of its case anyway.
+    ``FAST_TRACE_BYTES`` of: this one; this one with a single ``n_state``,
+    largest first (``per_state`` checks only); its first two examples
+    (batched primitives with a larger batch); its first example alone --
+    each smaller batch with a single ``n_state`` too, largest first, where
+    the check is ``per_state``: the rules never see the state axis (the
+    executor maps them over it, and ``init.drtrl`` traces every
+    ``n_state``'s shapes), while a batch of one passes a rule right only
+    for one example (a ``solve_drtrl`` that contracts example 0 alone).
     When none fits, the check is skipped (``skip=False``: ``None`` is
     returned, for a check with a leaner way).
     A check holds about ``copies`` traces at once (its own, its rule's
@@ -497,38 +498,32 @@ class CheckContext:
     held = lambda c, b: copies * b * (sum(c.n_states) if per_state else 1)
     whole = self.trace_bytes()
 
-    def batch_of(size: int, how: str):
-      """``(context, trace bytes per state, how)`` on the first ``size``
-      examples, or ``None`` where the batch is not larger."""
-      if not (self.batched and self.x is not None and
-              np.shape(self.x)[0] > size):
-        return None
-      part = self._on(self.with_operands(x=self.x[:size]))
-      return part, part.trace_bytes(), how
+    states = (sorted(set(self.n_states), reverse=True)
+              if per_state and len(self.n_states) > 1 else [None])
 
-    def with_fewer_states(bases):
-      """Each of ``bases`` with a single ``n_state``, largest first."""
-      if not (per_state and len(self.n_states) > 1):
-        return
-      for c, b, how in bases:
-        for n in sorted(set(self.n_states), reverse=True):
-          yield (c._on(c.operands, n_states=(n,)), b,
-                 ' and '.join(filter(None, (how, f'n_state={n}'))))
+    def bases():
+      """``(context, trace bytes per state, how)``: this one, then its
+      first two examples and its first alone (where the batch is larger),
+      each made only when asked for."""
+      yield self, whole, ''
+      for size, how in ((2, 'a batch of two (its first two examples)'),
+                        (1, 'a batch of one')):
+        if (self.batched and self.x is not None and
+            np.shape(self.x)[0] > size):
+          part = self._on(self.with_operands(x=self.x[:size]))
+          yield part, part.trace_bytes(), how
 
     def candidates():
       """``(context, trace bytes per state, how it is reduced)``, in order of
       preference, each made only when the one before does not fit."""
-      bases = [(self, whole, '')]
-      yield bases[0]
-      two = batch_of(2, 'a batch of two (its first two examples)')
-      if two is not None:
-        bases.append(two)
-        yield two
-      yield from with_fewer_states(bases)
-      one = batch_of(1, 'a batch of one')
-      if one is not None:
-        yield one
-        yield from with_fewer_states([one])
+      yield self, whole, ''
+      for c, b, how in bases():
+        for n in states:
+          if n is not None:
+            yield (c._on(c.operands, n_states=(n,)), b,
+                   ' and '.join(filter(None, (how, f'n_state={n}'))))
+          elif c is not self:
+            yield c, b, how
 
     for ctx, trace_bytes, how in candidates():
       if held(ctx, trace_bytes) <= FAST_TRACE_BYTES:
