@@ -6,12 +6,13 @@ r"""Checks of ``yw_to_w``, the y -> w link of the D-RTRL recurrence.
   primitives).  A weight element is *anchored* when it reaches exactly one
   output :math:`\pi(e)`; for a key whose elements are all anchored the rule
   must give :math:`\mathrm{yw\_to\_w}(g, T)[e] = g[\pi(e)]\, T[e]` (beside
-  ``instant_drtrl`` too, where that key's trace is shaped like its weight).  A key
-  whose elements reach several outputs needs ``instant_drtrl``/``solve_drtrl``
-  (then ``drtrl.exact`` judges it) or an ``approximate`` declaration (then the
-  spread is reported); otherwise the check fails and says how many outputs an
-  element reaches.  Above ``ANCHOR_SAMPLES`` weight elements (or in fast mode)
-  a seeded sample of elements is measured instead of all of them.
+  ``instant_drtrl`` too, where that key's trace is shaped like its weight).
+  A key whose elements reach several outputs needs
+  ``instant_drtrl``/``solve_drtrl`` (then ``drtrl.exact`` judges it) or an
+  ``approximate`` declaration (then the spread is reported); otherwise the
+  check fails and says how many outputs an element reaches.  Above
+  ``ANCHOR_SAMPLES`` weight elements (or in fast mode) a seeded sample of
+  elements is measured instead of all of them.
 * ``yw_to_w.linear``: linear in ``g``, and element-wise in the trace
   (additive, and commuting with an element-wise mask).
 * ``yw_to_w.vmap``: the same answer with the batch kept, under ``jax.vmap``
@@ -160,6 +161,12 @@ def check_anchor(ctx):
   sampled = {k: _sample(ctx, w.size, k) for k, w in ctx.weights.items()
              if w.size}
   masks = reach(ctx, sampled)
+  lead = tuple(g.shape[:1]) if ctx.batched else ()
+  # The keys compared below: every measured element anchored, the trace
+  # shaped like the weight.
+  compared = [k for k, w in ctx.weights.items() if w.size and
+              int(masks[k].sum(axis=1).max(initial=0)) <= 1 and
+              shapes[k] == lead + tuple(w.shape)]
   for k, w in ctx.weights.items():
     if w.size == 0:
       ctx.record_pass('yw_to_w', key=k, message='empty weight: nothing to link')
@@ -187,9 +194,7 @@ def check_anchor(ctx):
             'instant_drtrl/solve_drtrl with a trace that keeps output '
             'positions, or declare the weight approximate'))
       continue
-    lead = tuple(g.shape[:1]) if ctx.batched else ()
-    if (ctx.rules.instant_drtrl is not None and
-        shapes[k] != lead + tuple(w.shape)):
+    if k not in compared and ctx.rules.instant_drtrl is not None:
       # A trace that keeps other positions has no element per weight
       # element to pick g for.
       ctx.record_pass('yw_to_w', key=k, message=(
@@ -197,15 +202,12 @@ def check_anchor(ctx):
           'not like its weight (drtrl.exact and drtrl.instant judge the '
           'pair)'))
       continue
-    if shapes[k] != lead + tuple(w.shape):
+    if k not in compared:
       ctx.fail('init_drtrl', key=k, message=(
           f'trace shape {shapes[k]} is not (*lead, *weight_shape) = '
           f'{lead + tuple(w.shape)} for an anchored weight'))
       continue
     if linked is None:
-      compared = [j for j, v in ctx.weights.items() if v.size and
-                  shapes[j] == lead + tuple(v.shape) and
-                  int(masks[j].sum(axis=1).max(initial=0)) <= 1]
       traces = random_traces(ctx, 'yw_to_w.anchor.T', shapes,
                              ctx.weight_dtype(), keys=compared)
       linked = ctx.call_rule('yw_to_w', g, traces)
