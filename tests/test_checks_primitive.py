@@ -1055,17 +1055,68 @@ def test_units_keep_the_plain_scale_where_absolute_operands_are_rejected():
   _assert_passed(_run(prim, _dense_case(), ['units']), 'units')
 
 
-def test_units_catch_a_wrapper_that_does_not_bind_the_primitive():
-  prim = _dense_clone('units_plain')
+@pytest.mark.parametrize('binds', [False, True], ids=['no_bind', 'dead_bind'])
+def test_units_catch_a_wrapper_whose_result_is_not_the_primitive_s(binds):
+  # Right numbers in plain JAX: without a bind, or with one whose output is
+  # dropped (the bind is in the jaxpr, but nothing of the result is its).
+  prim = _dense_clone(f'units_plain_{binds}')
 
   def wrapper(x, w, b):
     y_u = etp_units.split(x)[1] * etp_units.split(w)[1]
     x_m, w_m, b_m = _split_operands(x, w, b, y_u)
+    if binds:
+      prim.bind(x_m, w_m, b_m, has_bias=True)
     return etp_units.combine(x_m @ w_m + b_m, y_u)  # right numbers, no prim
   _register_wrapper(prim, wrapper)
   report = _run(prim, _dense_case(), ['units'])
   hit, = _assert_failed(report, 'units', 'units')
-  assert f'does not bind {prim.name}' in hit.message
+  assert f'does not come from a bind of {prim.name}' in hit.message
+
+
+@pytest.mark.parametrize('wrong', ['fn_after_bind', 'dead_bind'])
+def test_units_hold_a_marker_s_result_to_its_bind(wrong):
+  # element_wise(w, fn) applies fn before the bind: fn applied after it,
+  # or a result computed beside a bind, is not the marker's output.
+  prim = _marker(lambda w: w)
+
+  def wrapper(w, fn):
+    mantissa, unit = etp_units.split(w)
+    bound = prim.bind(mantissa)
+    if wrong == 'dead_bind':   # fn of w itself; the bind's output unused
+      return fn(etp_units.combine(mantissa, unit))
+    return fn(etp_units.combine(bound, unit))
+  etp_testing.register_unit_case(prim, lambda ctx: [
+      ('wrapper(w [mV], fn=square)',
+       lambda: wrapper(ctx.operands[0] * u.mV, lambda q: q * q), u.mV ** 2,
+       ctx.bind(ctx.operands[0] ** 2))])
+  w = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+  hit, = _assert_failed(_run(prim, ((w,), {}), ['units']), 'units', 'units')
+  assert 'is not the output of a bind of' in hit.message
+  assert 'applies fn before the bind' in hit.message
+  # The marker's own wrapper passes, on a quantity and on a plain array.
+  _assert_passed(_run(etp.etp_elemwise_p, ((w,), {}), ['units']), 'units')
+
+
+@pytest.mark.parametrize('fn,prim,case', [
+    ('element_wise', etp.etp_elemwise_p, lambda: (
+        (np.random.default_rng(0).standard_normal((3, 4)).astype(
+            np.float32),), {})),
+    ('matmul', etp.etp_mm_p, _dense_case)], ids=['element_wise', 'matmul'])
+def test_units_call_the_built_in_wrappers_with_plain_arrays(monkeypatch, fn,
+                                                            prim, case):
+  # A wrapper that reads .mantissa/.unit of its weight raises on a plain
+  # array; the unit cases call every built-in wrapper with a plain weight.
+  correct = getattr(etp, fn)
+
+  def quantity_only(*args, **kwargs):
+    weight = args[0] if fn == 'element_wise' else args[1]
+    weight.unit   # AttributeError on a plain array  pylint: disable=pointless-statement
+    return correct(*args, **kwargs)
+  monkeypatch.setattr(etp, fn, quantity_only)
+  hit = _assert_failed(_run(prim, case(), ['units']), 'units', 'units')
+  assert any('AttributeError' in f.message for f in hit), hit
+  monkeypatch.setattr(etp, fn, correct)
+  _assert_passed(_run(prim, case(), ['units']), 'units')
 
 
 def test_units_pass_a_correct_wrapper_and_skip_without_one():

@@ -72,9 +72,10 @@ def _bias(ctx, index, unit, factor):
   return _scaled(ctx.operands[index], unit, factor)
 
 
-# Every case is called twice: with units on every operand (a bias in a
-# smaller unit of the output's dimension), and with a plain-array input and
-# a nano-scaled weight (the unit of y is then the weight's alone).
+# Every case is called with units on every operand (a bias in a smaller
+# unit of the output's dimension), with a plain-array input and a
+# nano-scaled weight (the unit of y is then the weight's alone), and with a
+# plain-array weight (y in the input's unit); element_wise on a plain array.
 def _elemwise(ctx):
   (w,) = ctx.operands
   return [
@@ -82,6 +83,7 @@ def _elemwise(ctx):
       ('element_wise(w [mV], fn=square)',
        lambda: etp.element_wise(w * u.mV, lambda q: q * q), u.mV ** 2,
        ctx.bind(w * w)),
+      ('element_wise(w [1])', lambda: etp.element_wise(w), u.UNITLESS),
   ]
 
 
@@ -94,6 +96,8 @@ def _dense(ctx):
       ('matmul(x [1], weight [nS], bias [pS])',
        lambda: etp.matmul(x, w * u.nS, _bias(ctx, 2, u.psiemens, 1e3)),
        u.nS),
+      ('matmul(x [mV], weight [1], bias [uV])',
+       lambda: etp.matmul(x * u.mV, w, _bias(ctx, 2, u.uvolt, 1e3)), u.mV),
   ]
 
 
@@ -108,6 +112,9 @@ def _sparse(ctx):
       ('sparse_matmul(x [1], data [nS], indices, shape, bias [pS])',
        lambda: etp.sparse_matmul(x, data * u.nS, indices, shape,
                                  _bias(ctx, 3, u.psiemens, 1e3)), u.nS),
+      ('sparse_matmul(x [mV], data [1], indices, shape, bias [uV])',
+       lambda: etp.sparse_matmul(x * u.mV, data, indices, shape,
+                                 _bias(ctx, 3, u.uvolt, 1e3)), u.mV),
   ]
 
 
@@ -125,6 +132,9 @@ def _conv(ctx):
       ('conv(x [1], kernel [nS], bias [pS])',
        lambda: etp.conv(x, kernel * u.nS, _bias(ctx, 2, u.psiemens, 1e3),
                         **layout), u.nS),
+      ('conv(x [mV], kernel [1], bias [uV])',
+       lambda: etp.conv(x * u.mV, kernel, _bias(ctx, 2, u.uvolt, 1e3),
+                        **layout), u.mV),
   ]
 
 

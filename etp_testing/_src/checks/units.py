@@ -10,9 +10,12 @@ of the case runs the user-facing function (``matmul``, ``conv``, ...) on
 * its mantissa, expressed in that unit, must equal the primitive bound on the
   mantissas (so a bias given in uA where the output is in mA must have been
   converted), in the bind's dtype;
-* the call must bind this very primitive (``jax.make_jaxpr`` of it contains
-  the primitive), so a wrapper that computes the right numbers in plain JAX,
-  invisible to an ETP compiler, does not pass.
+* the call's result must come from a bind of this very primitive (in
+  ``jax.make_jaxpr`` of it, the result depends on the primitive's output;
+  for a ``gradient_enabled`` marker it is that output, since
+  ``element_wise(w, fn)`` applies ``fn`` before the bind), so a wrapper that
+  computes the right numbers in plain JAX, invisible to an ETP compiler,
+  does not pass, nor one that binds and then returns something else.
 
 A call that the function rejects with its own validation error (an
 ``[etp] ...`` ``ValueError``/``TypeError``: e.g. sparse indices that repeat a
@@ -35,9 +38,35 @@ from etp_testing._src.errors import raised
 _ETP_PREFIX = '[etp] '
 
 
-def _binds(jaxpr, primitive) -> bool:
-  """Whether ``primitive`` occurs in ``jaxpr`` or any jaxpr inside it."""
-  return any(eqn.primitive is primitive for eqn in executor.all_eqns(jaxpr))
+def _binds(eqn, primitive) -> bool:
+  """Whether ``eqn`` binds ``primitive``, or a jaxpr inside it does."""
+  if eqn.primitive is primitive:
+    return True
+  inner = [getattr(item, 'jaxpr', item) for item in executor.param_items(eqn)]
+  return any(e.primitive is primitive for j in inner if hasattr(j, 'eqns')
+             for e in executor.all_eqns(j))
+
+
+def _feeding(jaxpr, outvar) -> list:
+  """The equations of ``jaxpr`` that ``outvar`` depends on, last first."""
+  needed, fed = {outvar}, []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in needed for v in eqn.outvars):
+      fed.append(eqn)
+      needed.update(v for v in eqn.invars if not hasattr(v, 'val'))
+  return fed
+
+
+def _bound_into(jaxpr, primitive, last: bool) -> bool:
+  """Whether the first output of ``jaxpr`` (the result's mantissa) depends
+  on a bind of ``primitive``; ``last``: is made by it (nothing after)."""
+  outvar = jaxpr.outvars[0]
+  if hasattr(outvar, 'val'):
+    return False   # a literal: nothing feeds it
+  fed = _feeding(jaxpr, outvar)
+  if last:
+    return bool(fed) and _binds(fed[0], primitive)
+  return any(_binds(eqn, primitive) for eqn in fed)
 
 
 def _is_validation_error(e: Exception) -> bool:
@@ -124,8 +153,14 @@ def _check_call(ctx, description, call, out, expected_unit, expected,
     ctx.fail('units', f'{description} cannot be traced by jax.make_jaxpr: '
              f'{type(e).__name__}: {e}')
     return
-  if not _binds(jaxpr, ctx.primitive):
-    ctx.fail('units', f'{description} does not bind {ctx.name}: it computes '
-             'in plain JAX, where an ETP compiler cannot see the weights')
+  marker = ctx.primitive.gradient_enabled
+  if not _bound_into(jaxpr, ctx.primitive, last=marker):
+    ctx.fail('units', f'{description}: its result '
+             + ('is not the output of a bind of' if marker else
+                'does not come from a bind of') + f' {ctx.name}: it is '
+             'computed in plain JAX, where an ETP compiler cannot see the '
+             'weights' + (' (element_wise(w, fn) applies fn before the bind)'
+                          if marker else ''))
   else:
-    ctx.record_pass('units', f'{description} binds {ctx.name}')
+    ctx.record_pass('units', f'{description}: its result comes from a bind '
+                    f'of {ctx.name}')
