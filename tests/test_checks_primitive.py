@@ -1119,6 +1119,22 @@ def test_units_call_the_built_in_wrappers_with_plain_arrays(monkeypatch, fn,
   _assert_passed(_run(prim, case(), ['units']), 'units')
 
 
+def test_units_fail_a_wrapper_that_rejects_every_quantity(monkeypatch):
+  # Its own [etp] validation error on every quantity: once a skip (as if
+  # the case did not apply); the all-plain call is accepted, so it fails.
+  correct = etp.matmul
+
+  def arrays_only(x, weight, bias=None):
+    if any(isinstance(v, u.Quantity) for v in (x, weight, bias)):
+      raise TypeError('[etp] matmul: `x` and `weight` must be arrays.')
+    return correct(x, weight, bias)
+  monkeypatch.setattr(etp, 'matmul', arrays_only)
+  hits = _assert_failed(_run(etp.etp_mm_p, _dense_case(), ['units']),
+                        'units', 'units')
+  assert all('rejected, while other calls of the same case were accepted'
+             in f.message for f in hits), hits
+
+
 def test_units_pass_a_correct_wrapper_and_skip_without_one():
   prim = _dense_clone('units_right')
   _register_wrapper(prim, _correct_wrapper(prim))

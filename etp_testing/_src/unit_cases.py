@@ -72,10 +72,16 @@ def _bias(ctx, index, unit, factor):
   return _scaled(ctx.operands[index], unit, factor)
 
 
+def _plain_bias(ctx, index):
+  return ctx.operands[index] if ctx.params.get('has_bias') else None
+
+
 # Every case is called with units on every operand (a bias in a smaller
 # unit of the output's dimension), with a plain-array input and a
-# nano-scaled weight (the unit of y is then the weight's alone), and with a
-# plain-array weight (y in the input's unit); element_wise on a plain array.
+# nano-scaled weight (the unit of y is then the weight's alone), with a
+# plain-array weight (y in the input's unit), and with plain arrays alone:
+# a wrapper that rejects every quantity is then a failure (other calls of
+# the case accepted), not a skip.
 def _elemwise(ctx):
   (w,) = ctx.operands
   return [
@@ -98,6 +104,8 @@ def _dense(ctx):
        u.nS),
       ('matmul(x [mV], weight [1], bias [uV])',
        lambda: etp.matmul(x * u.mV, w, _bias(ctx, 2, u.uvolt, 1e3)), u.mV),
+      ('matmul(x [1], weight [1], bias [1])',
+       lambda: etp.matmul(x, w, _plain_bias(ctx, 2)), u.UNITLESS),
   ]
 
 
@@ -115,6 +123,9 @@ def _sparse(ctx):
       ('sparse_matmul(x [mV], data [1], indices, shape, bias [uV])',
        lambda: etp.sparse_matmul(x * u.mV, data, indices, shape,
                                  _bias(ctx, 3, u.uvolt, 1e3)), u.mV),
+      ('sparse_matmul(x [1], data [1], indices, shape, bias [1])',
+       lambda: etp.sparse_matmul(x, data, indices, shape,
+                                 _plain_bias(ctx, 3)), u.UNITLESS),
   ]
 
 
@@ -135,6 +146,9 @@ def _conv(ctx):
       ('conv(x [mV], kernel [1], bias [uV])',
        lambda: etp.conv(x * u.mV, kernel, _bias(ctx, 2, u.uvolt, 1e3),
                         **layout), u.mV),
+      ('conv(x [1], kernel [1], bias [1])',
+       lambda: etp.conv(x, kernel, _plain_bias(ctx, 2), **layout),
+       u.UNITLESS),
   ]
 
 
