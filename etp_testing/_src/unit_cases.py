@@ -163,6 +163,9 @@ def _lora(ctx):
       ('lora_matmul(x [1], lora_b [1], lora_a [nS], bias [pS])',
        lambda: etp.lora_matmul(x, b, a * u.nS, _bias(ctx, 3, u.psiemens, 1e3),
                                alpha=alpha), u.nS),
+      ('lora_matmul(x [1], lora_b [1], lora_a [1], bias [1])',
+       lambda: etp.lora_matmul(x, b, a, _plain_bias(ctx, 3), alpha=alpha),
+       u.UNITLESS),
   ]
 
 
