@@ -463,25 +463,14 @@ def test_vmap_catches_a_wrong_batching_rule(make, batched, case_size):
     assert 'in_axes=' in hits[0].message
 
 
-def _x_axis_ignored_batcher(prim):
-  # Folds a mapped x alone into the batch without moving its mapped axis
-  # first: right for in_axes 0, wrong for x mapped alone at axis 1 (the time
-  # axis of a (batch, time, n) sequence, say).
-  def batch(args, dims, **params):
-    if dims[0] is not None and all(d is None for d in dims[1:]):
-      x = args[0]   # the bug: jnp.moveaxis(args[0], dims[0], 0) is missing
-      v, b = x.shape[:2]
-      y = prim.bind(x.reshape((v * b,) + x.shape[2:]), *args[1:], **params)
-      return y.reshape((v, b) + y.shape[1:]), 0
-    return prim._batch(args, dims, **params)
-  return batch
-
-
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_vmap_always_maps_each_operand_alone_at_each_axis(seed):
   # The combinations were once a sample fixed by the seed (0 for every case
   # of a pytest --etp-check run): x alone at axis 1 was never among them for
   # this layer, and the bug above passed every run.
+  # The catalog's batching rule: folds a mapped x alone into the batch
+  # without moving its mapped axis first (the time axis of a sequence).
+  from etp_testing._src.mutants import _x_axis_ignored_batcher
   prim = _dense_clone('batcher_x_axis_ignored')
   batching.primitive_batchers[prim] = _x_axis_ignored_batcher(prim)
   report = _run(prim, _dense_case(), ['primitive.vmap'], seed=seed)
