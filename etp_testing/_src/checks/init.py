@@ -149,10 +149,15 @@ def _call_init(ctx, rule_name, operands):
   program = _init_program(ctx, tuple((n, getattr(ctx.rules, n))
                                      for n in names), n_states)
   outputs = program(list(operands))[rule_name]
-  x, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
   y = ctx.y_aval(operands)
-  dtypes = [v.dtype for v in (x, y, *weights.values()) if v is not None]
-  return outputs, y, jnp.result_type(*dtypes)
+  return outputs, y, _result_dtype(ctx, operands, y)
+
+
+def _result_dtype(ctx, operands, y):
+  """``result_type`` of ``x``, ``y`` and the weights (the traces' dtype)."""
+  x, weights, _ = ctx.primitive.split_operands(operands, ctx.params)
+  return jnp.result_type(*[v.dtype for v in (x, y, *weights.values())
+                           if v is not None])
 
 
 def _expect_zeros(ctx, rule, key, value, shape, dtype, label):
@@ -210,18 +215,22 @@ def _check_whole_case_shapes(ctx) -> None:
   avals = tuple(jax.ShapeDtypeStruct(np.shape(o), np.result_type(o))
                 for o in ctx.operands)
   trace_shapes = _trace_shapes(ctx, avals)
-  n_states = tuple(ctx.n_states)
   outputs = _output_shapes(ctx, 'init_drtrl', ctx.rules.init_drtrl, avals,
-                           n_states)
-  x, weights, _ = ctx.primitive.split_operands(avals, ctx.params)
-  y = ctx.y_aval(avals)
-  dtype = jnp.result_type(*[v.dtype for v in (x, y, *weights.values())
-                            if v is not None])
-  for n_state, traces in zip(n_states, outputs):
+                           tuple(ctx.n_states))
+  _expect_traces(ctx, outputs, trace_shapes,
+                 _result_dtype(ctx, avals, ctx.y_aval(avals)),
+                 'the whole case (shapes only)')
+
+
+def _expect_traces(ctx, outputs, trace_shapes, dtype, label) -> None:
+  """``init_drtrl``'s ``outputs`` (one per ``ctx.n_states``): the keys of
+  ``trace_shapes``, each zeros of its shape plus ``n_state``, in
+  ``dtype``."""
+  for n_state, traces in zip(ctx.n_states, outputs):
     ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
     for k, shape in trace_shapes.items():
       _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
-                    dtype, f'the whole case (shapes only), n_state={n_state}')
+                    dtype, f'{label}, n_state={n_state}')
 
 
 @check('init.drtrl')
@@ -240,11 +249,7 @@ def check_init_drtrl(ctx):
       operands = tuple(to_jax(o) for o in operands)
       trace_shapes = _trace_shapes(ctx, operands)
       outputs, _, dtype = _call_init(ctx, 'init_drtrl', operands)
-      for n_state, traces in zip(ctx.n_states, outputs):
-        ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
-        for k, shape in trace_shapes.items():
-          _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
-                        dtype, f'{label}, n_state={n_state}')
+      _expect_traces(ctx, outputs, trace_shapes, dtype, label)
   if ctx is not whole:
     _check_whole_case_shapes(whole)
   x_index = ctx.primitive.x_invar_index
