@@ -951,6 +951,24 @@ def test_device_compares_sharded_batches():
   messages = [f.message for f in report.outcome('device.consistency').findings]
   assert any('sharded over 3 devices' in m for m in messages)  # 3 divides 6
   assert any(f'on {cpus[3]}' in m for m in messages)
+  assert not any('not run' in m for m in messages)
+
+
+def test_device_says_when_the_batch_could_not_be_sharded():
+  # A batch of 5 on 4 devices: devices are compared one by one, and the
+  # report says the sharded comparison did not run, and why.
+  cpus = _cpus(4)
+  report = _run(etp.etp_mm_p, _dense_case(batch=5), ['device.consistency'],
+                devices=cpus[:4])
+  _assert_passed(report, 'device.consistency')
+  messages = [f.message for f in report.outcome('device.consistency').findings]
+  assert not any('sharded over' in m for m in messages)
+  assert ('sharded comparison not run: no count of 2 to 4 cpu devices '
+          'divides the batch (5)') in messages
+  report = _run(etp.etp_mv_p, _dense_case(batch=None), ['device.consistency'],
+                devices=cpus[:2])
+  messages = [f.message for f in report.outcome('device.consistency').findings]
+  assert any('not run: etp_mv has no batch to shard' in m for m in messages)
 
 
 # ---------------------------------------------------------------------- units

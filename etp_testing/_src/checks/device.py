@@ -442,6 +442,7 @@ def _sharded(ctx, g, devices, reference, against: str) -> int:
   if it ran."""
   shard_over = _shard_devices(ctx, devices)
   if not shard_over:
+    _note_not_sharded(ctx, devices)
     return 0
   xi = ctx.primitive.x_invar_index
   batch = int(np.shape(ctx.x)[0])
@@ -460,6 +461,22 @@ def _sharded(ctx, g, devices, reference, against: str) -> int:
     return 1
   _compare(ctx, got, reference, f'under jax.jit {where} vs {against}')
   return 1
+
+
+def _note_not_sharded(ctx, devices):
+  """Records, as a passed finding, why the sharded comparison did not run,
+  so that a report never implies a sharding it did not try (a batch of 5 on
+  4 devices: no count of two or more divides it)."""
+  xi = ctx.primitive.x_invar_index
+  if not ctx.batched or xi is None or np.ndim(ctx.x) == 0:
+    why = f'{ctx.name} has no batch to shard'
+  else:
+    batch = int(np.shape(ctx.x)[0])
+    n = sum(d.platform == devices[0].platform for d in devices)
+    why = (f'no count of 2 to {n} {devices[0].platform} devices divides the '
+           f'batch ({batch})' if n >= 2 else
+           f'one {devices[0].platform} device: nothing to shard over')
+  ctx.record_pass('sharding', f'sharded comparison not run: {why}')
 
 
 def _compared_devices(devices) -> list:
