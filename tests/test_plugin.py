@@ -552,6 +552,57 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   assert 'conftest.py:' in raised.stdout
 
 
+def _cli(capsys, *args):
+  """``etp-check ARGS`` in this process: (exit status, stdout, stderr)."""
+  from etp_testing._src import cli
+  status = cli.main(['--compile-cache', 'off', *args])
+  out = capsys.readouterr()
+  return status, out.out, out.err
+
+
+@pytest.mark.parametrize('option,name,content,error', [
+    ('--conftest', 'bad_conftest.py', 'import etp\nundefined_name\n',
+     "NameError: name 'undefined_name' is not defined"),
+    ('--import', 'etp_cli_syntax_error', 'def broken(:\n', 'SyntaxError'),
+], ids=['conftest', 'import'])
+def test_cli_code_it_loads_that_raises_is_a_usage_error(
+    tmp_path, monkeypatch, capsys, option, name, content, error):
+  path = tmp_path / (name if name.endswith('.py') else name + '.py')
+  path.write_text(content)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  status, out, err = _cli(capsys, option,
+                          str(path) if option == '--conftest' else name)
+  assert status == 2, out + err
+  assert err.startswith(f'etp-check: {option} ') and error in err, err
+  assert 'Traceback' not in out + err
+  if option == '--conftest':
+    assert f'{path.name}:2' in err   # where, in the user's file
+
+
+def test_cli_a_primitive_pattern_that_matches_nothing_is_a_usage_error(
+    capsys):
+  # As pytest --etp-primitives: each pattern must match, so a typo beside a
+  # right name is not silently dropped.
+  status, _, err = _cli(capsys, '--primitives', 'etp_mv,etp_nosuch',
+                        '--checks', 'init.pp')
+  assert status == 2
+  assert "--primitives: no primitive matches 'etp_nosuch'" in err
+  assert 'known primitives: ' in err and 'etp_lora_mm' in err
+
+
+def test_cli_exits_5_when_nothing_was_checked(capsys):
+  # etp_mv has no instant_drtrl: the one selected check skips.
+  status, out, err = _cli(capsys, '--primitives', 'etp_mv', '--checks',
+                          'drtrl.instant', '--examples', '1')
+  assert status == 5, out + err
+  assert 'nothing was checked (every selected check skipped)' in err
+  # One check that runs beside it: a pass.
+  status, out, err = _cli(capsys, '--primitives', 'etp_mv', '--checks',
+                          'drtrl.instant,init.pp', '--examples', '1')
+  assert status == 0, out + err
+
+
 def test_cli_script_imports_a_module_of_the_current_directory(tmp_path):
   # The etp-check console script's sys.path starts at its own directory,
   # not the one it runs in: --import of the user's module must still work.

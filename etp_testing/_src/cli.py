@@ -5,12 +5,17 @@ many XLA programs were compiled and how many loaded from the persistent
 compilation cache (``--compile-cache``; by default
 ``$XDG_CACHE_HOME/etp_testing/xla``, ``~/.cache/etp_testing/xla`` without
 it, so a second run of the same battery compiles nothing).  Exit status: 0
-every check passed (skips allowed), 1 a check failed, 2 usage error.
+every check passed (skips allowed beside checks that ran), 1 a check
+failed, 2 usage error (also code given by ``--import`` or ``--conftest``
+that raised), 5 nothing was checked (no selected primitive has a strategy,
+or every selected check skipped: a gate that proved nothing is not green;
+pytest's "no tests collected" status).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import importlib
 import importlib.util
@@ -91,13 +96,36 @@ def _load(args):
     # own directory, and --import names the user's module where they are.
     sys.path.insert(0, os.getcwd())
   for name in args.imports:
-    importlib.import_module(name)
+    with _user_code(f'--import {name}'):
+      importlib.import_module(name)
   for i, path in enumerate(args.conftest):
     name = f'etp_conftest_{i}'
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module   # as an import would (pickle, dataclasses)
-    spec.loader.exec_module(module)
+    with _user_code(f'--conftest {path}'):
+      spec.loader.exec_module(module)
+
+
+class LoadError(Exception):
+  """Code named by ``--import`` or ``--conftest`` raised (a usage error:
+  nothing of the battery ran)."""
+
+
+@contextlib.contextmanager
+def _user_code(what: str):
+  """Turns an exception raised by the user's code (a ``NameError`` in a
+  conftest, a ``SyntaxError`` in a module) into a :class:`LoadError` that
+  names the option and where it was raised, instead of a traceback that
+  reads like the harness's own failure.  A missing module or file stays
+  what it is (``ImportError`` / ``OSError``, reported as such)."""
+  from etp_testing._src.errors import describe_exception
+  try:
+    yield
+  except (ModuleNotFoundError, FileNotFoundError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise LoadError(f'{what} raised ' + describe_exception(e)) from e
 
 
 def default_cache_dir() -> str:
@@ -118,10 +146,16 @@ def main(argv=None) -> int:
     _load(args)
     checks = check_registry.select(
         [c for c in (args.checks or '').split(',') if c.strip()] or 'all')
-  except (ImportError, OSError, ValueError) as e:
+  except (ImportError, OSError, ValueError, LoadError) as e:
     print(f'etp-check: {e}', file=sys.stderr)
     return 2
   patterns = [p.strip() for p in (args.primitives or '').split(',') if p.strip()]
+  names = [p.name for p in etp.primitives()]
+  for pattern in patterns:   # as pytest --etp-primitives: a typo is an error
+    if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+      print(f'etp-check: --primitives: no primitive matches {pattern!r}; '
+            'known primitives: ' + ', '.join(names), file=sys.stderr)
+      return 2
   prims = [p for p in etp.primitives()
            if not patterns or any(fnmatch.fnmatchcase(p.name, pat)
                                   for pat in patterns)]
@@ -132,10 +166,6 @@ def main(argv=None) -> int:
       print(f'{p.name:20} {has}')
     print('checks: ' + ', '.join(check_registry.check_names()))
     return 0
-  if not prims:
-    print(f'etp-check: no primitive matches {args.primitives!r}',
-          file=sys.stderr)
-    return 2
   ok, cache = open_compile_cache(args.compile_cache, 'etp-check')
   if not ok:
     return 2
@@ -184,7 +214,15 @@ def main(argv=None) -> int:
         failures=failures)
     with open(args.report, 'w') as f:
       json.dump(data, f, indent=2, default=str)
-  return 1 if failures else 0
+  if failures:
+    return 1
+  if not any(status != 'skipped' for status, _ in results.values()):
+    print('etp-check: nothing was checked (' + (
+        'every selected check skipped' if results else
+        'no selected primitive has a strategy') + '): exit status 5',
+          file=sys.stderr)
+    return 5
+  return 0
 
 
 if __name__ == '__main__':
