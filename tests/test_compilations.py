@@ -152,6 +152,20 @@ def test_a_jax_cache_the_user_configured_wins_and_is_reported(
   assert not other.exists()
 
 
+def test_a_user_cache_that_keeps_only_slow_programs_is_said_to(
+    persistent_cache):
+  """A cache the user configured keeps the user's compile-time threshold
+  (JAX's default: 1 s), which none of the battery's programs reach: the
+  closing line says so instead of implying a warm second run."""
+  line = compilations.programs_line(5, 0, str(persistent_cache))
+  assert 'keeps only' not in line   # the fixture caches every program
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  line = compilations.programs_line(5, 0, str(persistent_cache))
+  assert ('keeps only programs that took 1 s or more to compile '
+          '(jax_persistent_cache_min_compile_time_secs)') in line
+  assert 'keeps only' not in compilations.programs_line(5, 0, None)
+
+
 def test_without_a_jax_cache_off_is_none():
   assert compilations.use_persistent_cache('off', lambda: '/nowhere') is None
   assert not jax.config.jax_compilation_cache_dir

@@ -305,9 +305,17 @@ def programs_line(compiled: int, loaded: int, cache) -> str:
   """A run's closing line: the XLA programs it compiled, and those it
   loaded from the persistent compilation cache ``cache`` (its directory,
   or ``None`` where none is in use)."""
-  return (f'XLA programs: {compiled} compiled, {loaded} loaded from the '
+  line = (f'XLA programs: {compiled} compiled, {loaded} loaded from the '
           'persistent compilation cache'
           + (f' ({cache})' if cache else ' (none in use)'))
+  floor = jax.config.jax_persistent_cache_min_compile_time_secs
+  if cache and floor > 0:
+    # A cache the user configured keeps the user's (or JAX's default)
+    # threshold, and the battery's programs compile in milliseconds.
+    line += (f'; it keeps only programs that took {floor:g} s or more to '
+             'compile (jax_persistent_cache_min_compile_time_secs), so the '
+             "battery's are compiled again next run")
+  return line
 
 
 @contextlib.contextmanager
