@@ -31,6 +31,7 @@ _EXPORTS = {
     'register_strategy': 'etp_testing._src.strategies',
     'strategy_for': 'etp_testing._src.strategies',
     'HypothesisSummary': 'etp_testing._src.hypothesis_runner',
+    'CheckSummary': 'etp_testing._src.hypothesis_runner',
     'check_with_hypothesis': 'etp_testing._src.hypothesis_runner',
     'strategies': 'etp_testing.strategies',
 }
@@ -41,13 +42,15 @@ __all__ = [
     'CheckOutcome', 'Finding',
     'tolerances', 'register_unit_case', 'strategies', 'register_strategy',
     'strategy_for', 'check_with_hypothesis', 'HypothesisSummary',
+    'CheckSummary',
 ]
 
 if TYPE_CHECKING:   # what static tools see; at run time, __getattr__ below
   from etp_testing import strategies
   from etp_testing._src import tolerances
   from etp_testing._src.errors import NothingCheckedError, RuleConsistencyError
-  from etp_testing._src.hypothesis_runner import (HypothesisSummary,
+  from etp_testing._src.hypothesis_runner import (CheckSummary,
+                                                  HypothesisSummary,
                                                   check_with_hypothesis)
   from etp_testing._src.report import CheckOutcome, ConsistencyReport, Finding
   from etp_testing._src.runner import (assert_rule_consistent, check_names,

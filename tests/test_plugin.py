@@ -521,6 +521,7 @@ def test_cli_exit_codes_and_matrix(tmp_path):
   cell = data['primitives']['user_scaled_mm']['xy_to_dw.vjp']
   assert cell['status'] == 'failed' and cell['max_rel_err'] > 0.1
   assert cell['seed'] == 0 and cell['examples'] == 2
+  assert cell['skip_reasons'] == []   # a list, as for a passed check
   assert 'Reproduce with' in cell['message']
   assert data['totals'] == {'failed': 1} and data['jax_version']
   # Its snippet re-runs the failure in a fresh process, elsewhere: the

@@ -361,6 +361,7 @@ def test_correct_dense_passes_with_a_summary():
   assert summary.passed and summary.examples == 4 and summary.seed == 1
   assert 1 <= summary.distinct_shapes <= 4
   vjp = summary.checks['xy_to_dw.vjp']
+  assert isinstance(vjp, etp_testing.CheckSummary)
   assert vjp.status == 'passed' and vjp.examples == 4
   assert vjp.max_rel_err is not None and vjp.max_rel_err < 1e-5
   instant = summary.checks['drtrl.instant']   # dense has no instant rule

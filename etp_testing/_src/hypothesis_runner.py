@@ -113,6 +113,7 @@ class CheckSummary:
     return report_mod.SKIPPED
 
   def to_dict(self) -> dict:
+    """Plain data (JSON-serialisable), non-finite errors as ``None``."""
     d = dataclasses.asdict(self)
     for k in ('max_abs_err', 'max_rel_err', 'tolerance_used'):
       d[k] = report_mod._json_float(d[k])  # pylint: disable=protected-access
@@ -179,6 +180,7 @@ class HypothesisSummary:
     return '\n'.join(lines)
 
   def to_dict(self) -> dict:
+    """Plain data (JSON-serialisable), each check's summary included."""
     return {'primitive': self.primitive, 'examples': self.examples,
             'seed': self.seed, 'duration_s': round(self.duration_s, 6),
             'distinct_shapes': self.distinct_shapes, 'status': self.status,

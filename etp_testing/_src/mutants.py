@@ -166,10 +166,14 @@ def get(name: str) -> Mutant:
 
 
 def families() -> tuple:
+  """The catalog's mutant families (the built-in each one breaks), in
+  catalog order."""
   return tuple(dict.fromkeys(m.family for m in _CATALOG))
 
 
 def bug_classes() -> tuple:
+  """The catalog's bug classes (what kind of mistake each mutant makes), in
+  catalog order."""
   return tuple(dict.fromkeys(m.bug_class for m in _CATALOG))
 
 

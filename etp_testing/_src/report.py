@@ -83,6 +83,7 @@ class Finding:
   tolerance_used: Optional[float] = None
 
   def to_dict(self) -> dict:
+    """Plain data (JSON-serialisable), non-finite numbers as ``None``."""
     d = dataclasses.asdict(self)
     for k in ('max_abs_err', 'max_rel_err', 'rtol', 'atol', 'scale',
               'tolerance_used'):
@@ -92,6 +93,8 @@ class Finding:
     return d
 
   def describe(self) -> str:
+    """One line: the rule and key, the message, and the errors against
+    their bound where numbers were compared."""
     where = f'[{self.key}]' if self.key else ''
     parts = [f'{self.rule}{where}: {self.message}']
     if self.max_abs_err is not None:
@@ -155,6 +158,7 @@ class CheckOutcome:
     return max(used) if used else None
 
   def to_dict(self) -> dict:
+    """Plain data (JSON-serialisable): status, worst errors, findings."""
     worst = self.worst()
     return {
         'name': self.name, 'status': self.status, 'reason': self.reason,
@@ -197,12 +201,14 @@ class ConsistencyReport:
     return [o for o in self.outcomes if o.failed]
 
   def outcome(self, name: str) -> Optional[CheckOutcome]:
+    """The outcome of check ``name``, or ``None`` if it was not run."""
     for o in self.outcomes:
       if o.name == name:
         return o
     return None
 
   def to_dict(self) -> dict:
+    """Plain data (JSON-serialisable): the case and every outcome."""
     return {
         'primitive': self.primitive,
         'params': {k: _jsonable(v) for k, v in self.params.items()},
@@ -215,9 +221,12 @@ class ConsistencyReport:
     }
 
   def to_json(self, **kwargs) -> str:
+    """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""
     return json.dumps(self.to_dict(), **kwargs)
 
   def summary_line(self) -> str:
+    """``<primitive>: N passed, M skipped, ...``: the outcomes counted by
+    status."""
     counts = {}
     for o in self.outcomes:
       counts[o.status] = counts.get(o.status, 0) + 1

@@ -3,7 +3,9 @@
 
 Per primitive and check, a record of :data:`FIELDS`: the status, the worst
 errors, the share of its bound the closest comparison took, the seed and
-examples, the seconds, the XLA programs compiled and loaded (``None`` where
+examples (those asked for: a failing run stops at its first failing
+example, which hypothesis shrinks, and the message says after how many
+examples it failed), the seconds, the reasons it skipped (``[]`` for none), the XLA programs compiled and loaded (``None`` where
 they are not counted per check: ``etp-check`` runs every check of a
 primitive on each example, and counts its programs for the whole run) and a
 failure's message.  Beside them: the versions, devices, compiler options,
@@ -28,8 +30,9 @@ def failure_fields(check: str, error: Exception) -> dict:
   its worst errors for a rule failure, ``error`` for anything else (a
   strategy's or the harness's own exception)."""
   if not isinstance(error, RuleConsistencyError):
-    return {'status': 'error', 'message': describe_exception(error)}
-  return {'status': 'failed', 'message': str(error),
+    return {'status': 'error', 'message': describe_exception(error),
+            'skip_reasons': []}
+  return {'status': 'failed', 'message': str(error), 'skip_reasons': [],
           **_errors(error.report.outcome(check))}
 
 
