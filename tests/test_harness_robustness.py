@@ -15,6 +15,7 @@ import importlib
 import itertools
 import json
 import os
+import re
 import sys
 
 import jax
@@ -174,6 +175,39 @@ def test_a_broken_rule_is_a_diagnosis(tag, build, check, rule, key, text):
     blamed = {(o.name, f.rule) for o in info.value.report.outcomes
               for f in o.findings if not f.passed}
     assert blamed and {r for _, r in blamed} == {rule}, blamed
+
+
+@pytest.mark.parametrize('settings,text', [
+    (dict(steps=1), 'steps=1: the recurrence needs at least 2 steps'),
+    (dict(steps=0), 'steps=0: the recurrence needs at least 2 steps'),
+    (dict(n_state=()), 'n_state=(): give a whole number >= 1'),
+    (dict(n_state=0), 'n_state=0: give a whole number >= 1'),
+    (dict(n_state=(1, 0)), 'n_state=(1, 0): give a whole number >= 1'),
+    (dict(n_state=1.5), 'n_state=1.5: give a whole number >= 1'),
+], ids=['one_step', 'no_step', 'no_state', 'zero_states', 'a_zero_state',
+        'fractional'])
+def test_settings_that_check_nothing_are_usage_errors(settings, text):
+  # Over one step yw_to_w sees only init_drtrl's zero traces, and with no
+  # n_state no recurrence runs: either way a wrong yw_to_w passed.
+  wrong_link = _make('yw_to_w_sign_for_steps',
+                     yw_to_w=lambda g, t, **p: {k: -v * g[..., None, :]
+                                                for k, v in t.items()})
+  with pytest.raises(ValueError, match=re.escape(text)):
+    etp_testing.check_rules(wrong_link, *_operands(), has_bias=False,
+                            **settings)
+  with pytest.raises(ValueError, match=re.escape(text)):
+    etp_testing.check_with_hypothesis(etp.etp_mv_p, max_examples=1,
+                                      **settings)
+
+
+def test_two_steps_catch_the_wrong_link():
+  wrong_link = _make('yw_to_w_sign_two_steps',
+                     yw_to_w=lambda g, t, **p: {k: -v * g[..., None, :]
+                                                for k, v in t.items()})
+  report = etp_testing.check_rules(wrong_link, *_operands(), steps=2,
+                                   n_state=np.int64(1), checks='drtrl.exact',
+                                   has_bias=False)
+  assert report.outcome('drtrl.exact').status == 'failed'
 
 
 def _xy_to_dw_with_a_shape_bug(x, g, weights, **params):

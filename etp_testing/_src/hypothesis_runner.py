@@ -36,7 +36,8 @@ from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import array_text
 from etp_testing._src.errors import (PREFIX, RuleConsistencyError,
                                      StrategyError)
-from etp_testing._src.runner import check_rules, require_etp_primitive
+from etp_testing._src.runner import (check_rules, recurrence_settings,
+                                     require_etp_primitive)
 
 # Compiling for a new shape easily exceeds hypothesis's speed limits; these
 # health checks would fail the run for that, not for a rule.
@@ -386,7 +387,9 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
     skipped).
 
   Raises:
-    ValueError: no strategy for ``primitive``, or an unknown check name.
+    ValueError: no strategy for ``primitive``, an unknown check name, or
+      ``steps`` / ``n_state`` that check nothing (``steps < 2``, an empty
+      ``n_state``).
     TypeError: ``primitive`` is not an ETP primitive.
     RuleConsistencyError: a check failed or errored on some example; the
       error is the minimal failing case hypothesis shrank to, with a line
@@ -394,6 +397,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
       ``.summary`` holds the examples seen before.
   """
   require_etp_primitive(primitive)
+  recurrence_settings(steps, n_state)   # a usage error before any draw
   strategy = strategy if strategy is not None else (
       strategies.strategy_for(primitive))
   name = getattr(primitive, 'name', repr(primitive))

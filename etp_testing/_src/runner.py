@@ -154,6 +154,34 @@ def require_etp_primitive(primitive) -> None:
                     'etp.register_primitive)')
 
 
+def recurrence_settings(steps, n_state) -> tuple:
+  """``n_state`` as a tuple, after checking both: a usage error otherwise.
+
+  ``steps`` must be at least 2: ``init_drtrl``'s traces are zero, so over
+  one step ``yw_to_w`` (and the cross-time term) only ever sees zeros, and
+  a wrong ``yw_to_w`` passes every D-RTRL check.  ``n_state``: a whole
+  number >= 1, or a non-empty sequence of them (an empty one would run no
+  recurrence and report nothing)."""
+  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) \
+      or steps < 2:
+    raise ValueError(
+        f'{PREFIX}steps={steps!r}: the recurrence needs at least 2 steps '
+        '(over one, the traces yw_to_w links are init_drtrl\'s zeros, so '
+        'nothing checks it); the default is 3')
+  try:
+    n_states = (n_state,) if isinstance(n_state, (int, np.integer)) \
+        else tuple(n_state)
+  except TypeError:   # neither a number nor a sequence (1.5, None)
+    n_states = ()
+  if not n_states or any(isinstance(n, bool) or not isinstance(
+      n, (int, np.integer)) or n < 1 for n in n_states):
+    raise ValueError(
+        f'{PREFIX}n_state={n_state!r}: give a whole number >= 1 or a '
+        'non-empty sequence of them (hidden states per output; the default '
+        'is (1, 2))')
+  return tuple(int(n) for n in n_states)
+
+
 def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                 seed: int = 0, steps: int = 3, n_state: Sequence[int] = (1, 2),
                 devices='all', fast=None,
@@ -163,7 +191,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
   an ETP one and ``saiunit`` quantities as operands)."""
   names = check_registry.select(checks)
   require_etp_primitive(primitive)
-  n_states = (n_state,) if isinstance(n_state, int) else tuple(n_state)
+  n_states = recurrence_settings(steps, n_state)
   name = getattr(primitive, 'name', repr(primitive))
   _reject_quantities(name, operands)
   # A Python list or scalar becomes the array NumPy makes of it (float64 for
@@ -233,8 +261,10 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
     rtol, atol: override the per-dtype tolerance table for every comparison.
     seed: fixes every drawn input (cotangents, traces, recurrence
       coefficients, the input sequence, directions).
-    steps: recurrence length for the D-RTRL and pp-prop checks.
-    n_state: hidden states per output for the D-RTRL check (int or tuple).
+    steps: recurrence length for the D-RTRL and pp-prop checks (at least
+      2: over one step ``yw_to_w`` only ever sees zero traces).
+    n_state: hidden states per output for the D-RTRL check (a whole number
+      >= 1, or a non-empty tuple of them).
     devices: ``'all'``, ``'cpu'``, ``'gpu'`` or a list of devices.
     fast: random-projection mode (no full Jacobians, sampled anchors);
       ``None`` (default) turns it on above ``FAST_MODE_THRESHOLD`` Jacobian
@@ -253,7 +283,8 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
       was skipped, so nothing was proven; the message gives each reason.
     TypeError: ``primitive`` is not an ETP primitive, or an operand is a
       ``saiunit`` quantity (pass its mantissa).
-    ValueError: an unknown check name.
+    ValueError: an unknown check name, ``steps < 2``, or an ``n_state``
+      that is empty or not a whole number >= 1.
   """
   report = check_rules(primitive, *operands, checks=checks, rtol=rtol,
                        atol=atol, seed=seed, steps=steps, n_state=n_state,
