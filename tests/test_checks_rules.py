@@ -1110,6 +1110,36 @@ def test_init_pp_catches(broken, words):
   assert_init_caught('init_pp', broken, words)
 
 
+def _dense_init_drtrl_of_one_state(x_var, y_var, weight_vars, n_state):
+  del n_state   # a state axis of 1 always
+  return etp.rules_of(etp.etp_mm_p).init_drtrl(x_var, y_var, weight_vars, 1)
+
+
+def _dense_init_pp_of_two_states(x_var, y_var, weight_vars, n_state):
+  del n_state   # a state axis of 2 always
+  return etp.rules_of(etp.etp_mm_p).init_pp(x_var, y_var, weight_vars, 2)
+
+
+@pytest.mark.parametrize('rule,broken,n_state,caught_at', [
+    ('init_drtrl', _dense_init_drtrl_of_one_state, (1,), 'n_state=2'),
+    ('init_pp', _dense_init_pp_of_two_states, (2,), 'n_state=3'),
+], ids=['init_drtrl_one_state', 'init_pp_two_states'])
+def test_init_rules_are_traced_for_more_states_than_the_run_asks(
+    rule, broken, n_state, caught_at):
+  # A run asking for one n_state alone must not let an init rule that
+  # ignores n_state pass: other numbers of states are traced (shapes only).
+  check = rule.replace('_', '.')
+  outcome = etp_testing.check_rules(
+      dense_variant(**{rule: broken}), X, W, B, checks=[check],
+      n_state=n_state, has_bias=True).outcome(check)
+  assert_caught(outcome, rule)
+  bad = [f.message for f in outcome.findings if not f.passed]
+  assert any(caught_at in m and 'shapes only' in m for m in bad), bad
+  correct = etp_testing.check_rules(etp.etp_mm_p, X, W, B, checks=[check],
+                                    n_state=n_state, has_bias=True)
+  assert correct.outcome(check).status == 'passed'
+
+
 # ------------------------------------------------------------- drtrl.*
 @pytest.mark.parametrize('broken', [
     dict(yw_to_w=yw_square_axis), dict(yw_to_w=yw_passthrough),
@@ -1237,7 +1267,8 @@ def test_fast_mode_traces_init_drtrl_s_shapes_for_every_state(monkeypatch):
                      'init.drtrl')
   assert_caught(broken, 'init_drtrl')
   bad = [f.message for f in broken.findings if not f.passed]
-  assert all('the whole case (shapes only), n_state=2' in m for m in bad), bad
+  assert all('the whole case (shapes only), n_state=' in m for m in bad), bad
+  assert any('n_state=2' in m for m in bad), bad
   correct = _fast_run(lora_variant(), 'init.drtrl')
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
   notes = [f.message for f in correct.findings if f.rule == 'trace']

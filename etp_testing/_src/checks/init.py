@@ -207,26 +207,44 @@ def _trace_shapes(ctx, operands) -> dict:
   return {k: lead + tuple(w.shape) for k, w in weights.items()}
 
 
+# Numbers of states every init check also traces (shapes only, nothing
+# allocated), beside the run's own: with n_state=(1,) alone, an init rule
+# that ignores n_state (a state axis of 1 always) passed; 3 also catches one
+# that always makes 2.
+SHAPE_ONLY_N_STATES = (1, 2, 3)
+
+
+def _shape_only_n_states(ctx) -> tuple:
+  """The run's ``n_state`` values and :data:`SHAPE_ONLY_N_STATES`."""
+  return tuple(sorted(set(ctx.n_states) | set(SHAPE_ONLY_N_STATES)))
+
+
+def _whole_case_avals(ctx) -> tuple:
+  return tuple(jax.ShapeDtypeStruct(np.shape(o), np.result_type(o))
+               for o in ctx.operands)
+
+
 def _check_whole_case_shapes(ctx) -> None:
   """``init_drtrl``'s keys, shapes and dtype on the whole case, for every
-  ``n_state`` of the run, traced (nothing allocated): where fast mode ran
-  the zeros on a smaller case, an ``init_drtrl`` that ignores ``n_state``
-  (a state axis of 1 always) or the batch passed there."""
-  avals = tuple(jax.ShapeDtypeStruct(np.shape(o), np.result_type(o))
-                for o in ctx.operands)
+  ``n_state`` of the run and of :data:`SHAPE_ONLY_N_STATES`, traced
+  (nothing allocated): where fast mode ran the zeros on a smaller case, an
+  ``init_drtrl`` that ignores ``n_state`` or the batch passed there."""
+  avals = _whole_case_avals(ctx)
   trace_shapes = _trace_shapes(ctx, avals)
+  n_states = _shape_only_n_states(ctx)
   outputs = _output_shapes(ctx, 'init_drtrl', ctx.rules.init_drtrl, avals,
-                           tuple(ctx.n_states))
+                           n_states)
   _expect_traces(ctx, outputs, trace_shapes,
                  _result_dtype(ctx, avals, ctx.y_aval(avals)),
-                 'the whole case (shapes only)')
+                 'the whole case (shapes only)', n_states)
 
 
-def _expect_traces(ctx, outputs, trace_shapes, dtype, label) -> None:
-  """``init_drtrl``'s ``outputs`` (one per ``ctx.n_states``): the keys of
-  ``trace_shapes``, each zeros of its shape plus ``n_state``, in
-  ``dtype``."""
-  for n_state, traces in zip(ctx.n_states, outputs):
+def _expect_traces(ctx, outputs, trace_shapes, dtype, label,
+                   n_states=None) -> None:
+  """``init_drtrl``'s ``outputs`` (one per ``n_states``, by default
+  ``ctx.n_states``): the keys of ``trace_shapes``, each zeros of its shape
+  plus ``n_state``, in ``dtype``."""
+  for n_state, traces in zip(n_states or ctx.n_states, outputs):
     ctx.check_keys('init_drtrl', traces, trace_shapes.keys())
     for k, shape in trace_shapes.items():
       _expect_zeros(ctx, 'init_drtrl', k, traces[k], shape + (n_state,),
@@ -250,8 +268,7 @@ def check_init_drtrl(ctx):
       trace_shapes = _trace_shapes(ctx, operands)
       outputs, _, dtype = _call_init(ctx, 'init_drtrl', operands)
       _expect_traces(ctx, outputs, trace_shapes, dtype, label)
-  if ctx is not whole:
-    _check_whole_case_shapes(whole)
+  _check_whole_case_shapes(whole)
   x_index = ctx.primitive.x_invar_index
   trained = ctx.primitive.trainable_invars(ctx.params).values()
   _check_mixed_dtypes(ctx, 'init_drtrl', lambda avals, y: jnp.result_type(
@@ -272,4 +289,12 @@ def check_init_pp(ctx):
         _expect_zeros(ctx, 'init_pp', None, trace,
                       tuple(y.shape) + (n_state,), y.dtype,
                       f'{label}, n_state={n_state}')
+  avals = _whole_case_avals(ctx)
+  y = ctx.y_aval(avals)
+  extra = tuple(n for n in _shape_only_n_states(ctx) if n not in ctx.n_states)
+  outputs = (_output_shapes(ctx, 'init_pp', ctx.rules.init_pp, avals, extra)
+             if extra else ())
+  for n_state, trace in zip(extra, outputs):
+    _expect_zeros(ctx, 'init_pp', None, trace, tuple(y.shape) + (n_state,),
+                  y.dtype, f'shapes only, n_state={n_state}')
   _check_mixed_dtypes(ctx, 'init_pp', lambda avals, y: y.dtype)
