@@ -8,7 +8,9 @@ Pieces (each draws one thing): :func:`dims`, :func:`batch_sizes`,
 :func:`sparse_cases`, :func:`conv_cases`, :func:`lora_cases`.  Registry:
 :func:`register_strategy`, :func:`strategy_for`,
 :func:`registered_primitives` (every built-in primitive has its family's
-strategy; :func:`builtin_strategy` gives it for other dtypes).  See
+strategy; :func:`builtin_strategy` gives it for other dtypes),
+:func:`fixed_cases_for` (the cases every run checks before drawing; a
+built-in's :func:`rich_case`).  See
 ``etp_testing._src.strategies`` for what each draws and which values it
 avoids.
 """
@@ -25,8 +27,9 @@ from etp_testing._src.strategies import (DIM_BUCKETS, MAX_BATCH,
                                          float_dtypes, lora_cases,
                                          lora_ranks, nnz_buckets, np_dtype,
                                          operand_dtypes,
-                                         register_strategy,
-                                         registered_primitives, sparse_cases,
+                                         fixed_cases_for, register_strategy,
+                                         registered_primitives, rich_case,
+                                         sparse_cases,
                                          sparse_patterns, strategy_for)
 
 __all__ = [
@@ -40,5 +43,5 @@ __all__ = [
     'elemwise_cases', 'dense_cases', 'sparse_cases', 'conv_cases',
     'lora_cases',
     'register_strategy', 'strategy_for', 'registered_primitives',
-    'builtin_strategy',
+    'builtin_strategy', 'fixed_cases_for', 'rich_case',
 ]

@@ -275,6 +275,87 @@ def test_register_strategy_for_a_user_primitive():
     etp_testing.register_strategy(prim, lambda: None)
 
 
+# ---------------------------------------------------------- fixed cases
+@pytest.mark.parametrize('prim', strategies.registered_primitives(),
+                         ids=lambda p: p.name)
+def test_each_builtin_s_rich_case_is_its_fixed_case_and_rich(prim):
+  (case,) = strategies.fixed_cases_for(prim)
+  assert case is not None
+  operands, params = case
+  y = prim.bind(*operands, **params)   # valid for the primitive
+  assert all(o.dtype in (np.float32, np.int32) for o in operands)
+  if 'has_bias' in params:
+    assert params['has_bias'] and len(operands) == len(
+        prim.trainable_invars(params)) + 1 + (prim.name.startswith('etp_sp'))
+  sizes = [n for o in operands if o.dtype == np.float32 for n in o.shape]
+  assert min(sizes) >= 2, sizes
+  if prim.batched:
+    assert operands[0].shape[0] == strategies.rich_case(prim)[0][0].shape[0]
+    assert operands[0].shape[0] >= 3
+  if prim.x_invar_index is not None:   # no two output axes of one size
+    assert len(set(y.shape)) == y.ndim, y.shape
+
+
+def _bias_mean_dense():
+  """A batched dense layer whose bias gradient is the batch mean: right
+  for a batch of one, and wherever no bias is drawn."""
+  prim = etp.register_primitive(f'bias_mean_{next(_ids)}', dense._impl,
+                                batched=True, x_invar_index=0,
+                                trainable_invars_fn=dense._trainable)
+  base = etp.rules_of(etp.etp_mm_p)
+
+  def xy_to_dw(x, g, weights, *, has_bias):
+    grads = base.xy_to_dw(x, g, weights, has_bias=has_bias)
+    if has_bias:
+      grads['bias'] = grads['bias'] / x.shape[0]
+    return grads
+  prim.register_etp_rules(yw_to_w=base.yw_to_w, xy_to_dw=xy_to_dw,
+                          init_drtrl=base.init_drtrl, init_pp=base.init_pp)
+  return prim
+
+
+def test_fixed_cases_run_first_and_catch_what_the_draws_miss():
+  prim = _bias_mean_dense()
+  no_bias = strategies.dense_cases(batched=True, bias=False)
+  checks = ['xy_to_dw.vjp']
+  etp_testing.register_strategy(prim, no_bias)
+  summary = etp_testing.check_with_hypothesis(prim, max_examples=3, seed=0,
+                                              checks=checks)
+  assert summary.examples == 3   # the draws alone miss it
+  etp_testing.register_strategy(
+      prim, no_bias, fixed_cases=[strategies.rich_case(etp.etp_mm_p)])
+  assert strategies.fixed_cases_for(prim)
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.check_with_hypothesis(prim, max_examples=3, seed=0,
+                                      checks=checks)
+  message = str(info.value)
+  assert 'xy_to_dw[bias]' in message and 'float32[3, 4]' in message
+  assert 'This is fixed case 1 of 1 registered with the strategy' in message
+  assert 'minimal failing example' not in message
+  assert info.value.summary.examples == 0
+  # A strategy passed in runs alone: the caller chose every case.
+  summary = etp_testing.check_with_hypothesis(prim, max_examples=3, seed=0,
+                                              checks=checks, strategy=no_bias)
+  assert summary.examples == 3
+
+
+def test_fixed_cases_count_among_the_examples():
+  summary = etp_testing.check_with_hypothesis(
+      etp.etp_mm_p, max_examples=1, seed=0, checks=['init.pp'])
+  assert summary.examples == 1 and summary.distinct_shapes == 1
+  summary = etp_testing.check_with_hypothesis(
+      etp.etp_mm_p, max_examples=3, seed=0, checks=['init.pp'])
+  assert summary.examples == 3
+  # Re-registering replaces the fixed cases too.
+  prim = _user_primitive()
+  etp_testing.register_strategy(prim, strategies.dense_cases(batched=True),
+                                fixed_cases=[strategies.rich_case(
+                                    etp.etp_mm_p)])
+  etp_testing.register_strategy(prim, strategies.dense_cases(batched=True))
+  assert strategies.fixed_cases_for(prim) == ()
+  assert strategies.rich_case(prim) is None   # not a built-in
+
+
 def test_no_strategy_is_a_clear_error():
   prim = _user_primitive()
   with pytest.raises(ValueError, match=r'\[etp_testing\] no strategy '

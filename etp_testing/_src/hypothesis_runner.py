@@ -19,6 +19,7 @@ index of the example they occurred in.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import random
 import re
@@ -358,12 +359,15 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
     primitive: an ETP primitive with a registered strategy (see
       ``etp_testing.register_strategy``), or any ETP primitive with
       ``strategy`` given.
-    max_examples: examples to draw (``None``: from ``settings`` or the
-      active hypothesis profile).
+    max_examples: examples to run (``None``: from ``settings`` or the
+      active hypothesis profile): the fixed cases registered with the
+      primitive's strategy first (``strategies.fixed_cases_for``; a
+      built-in's rich case), then as many drawn cases as are left.
     checks, steps, n_state, devices, fast, rtol, atol: as for
       ``assert_rule_consistent`` (``fast=None`` chooses fast mode by the
       Jacobian size, which stays off for the default small draws).
-    strategy: draws ``(operands, params)``; default: the registered one.
+    strategy: draws ``(operands, params)``; default: the registered one
+      (with its fixed cases; a strategy given here runs alone).
     seed: hypothesis's seed, so the draws are reproducible; also the
       harness's seed for every example.  ``None``: a random seed, reported
       in the summary and in a failure's message (none under a derandomized
@@ -398,6 +402,9 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
   """
   require_etp_primitive(primitive)
   recurrence_settings(steps, n_state)   # a usage error before any draw
+  # The registered strategy's fixed cases run first (a strategy passed in
+  # runs alone: it is the caller's whole choice of cases).
+  fixed = strategies.fixed_cases_for(primitive) if strategy is None else ()
   strategy = strategy if strategy is not None else (
       strategies.strategy_for(primitive))
   name = getattr(primitive, 'name', repr(primitive))
@@ -407,6 +414,12 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
                      'pass strategy=')
   check_registry.select(checks)   # an unknown name fails now, not per example
   run_settings = _run_settings(settings, max_examples)
+  # Fixed cases count among the examples: N examples are the fixed cases
+  # and N - len(fixed) drawn ones (none where the fixed fill them).
+  fixed = fixed[:run_settings.max_examples]
+  to_draw = run_settings.max_examples - len(fixed)
+  if fixed and to_draw:
+    run_settings = hypothesis_settings(run_settings, max_examples=to_draw)
   if seed is None and not run_settings.derandomize:
     seed = random.SystemRandom().getrandbits(31)
   harness_seed = 0 if seed is None else int(seed)
@@ -433,15 +446,39 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
       summary.checks.setdefault(
           outcome.name, CheckSummary(outcome.name)).add(outcome, example)
 
+  for i, case in enumerate(fixed):
+    try:
+      run(_copied(_case_parts(case, name)))
+    except _ExampleFailed as failure:
+      message = failure.report.failure_message(note=(
+          f'This is fixed case {i + 1} of {len(fixed)} registered with the '
+          f'strategy for {name} (etp_testing.strategies.fixed_cases_for'
+          f'); it runs before any draw.  The \'Reproduce with\' snippet '
+          're-runs it.'))
+      error = RuleConsistencyError(message, failure.report)
+      error.summary = summary
+      summary.duration_s = time.perf_counter() - start
+      summary.distinct_shapes = len(signatures)
+      raise error from None
+  if not to_draw:
+    summary.duration_s = time.perf_counter() - start
+    summary.distinct_shapes = len(signatures)
+    return summary
+  # What a failed replay (below) starts again from; the kept draws are the
+  # drawn cases alone.
+  after_fixed = (copy.deepcopy(summary), set(signatures), calls[0])
+  drawn.clear()
+
   key = _draws_key(strategy, seed, run_settings)
   replayed = _replayed(key, run)
-  if not replayed and calls[0]:
+  if not replayed and calls[0] > after_fixed[2]:
     # A kept case failed: hypothesis draws the same cases again, and
-    # shrinks the failure, in a run of its own.
-    summary = HypothesisSummary(primitive=name, seed=seed)
+    # shrinks the failure, in a run of its own (after the fixed cases).
+    summary = copy.deepcopy(after_fixed[0])
     signatures.clear()
+    signatures.update(after_fixed[1])
+    calls[0] = after_fixed[2]
     drawn.clear()
-    calls[0] = 0
   try:
     if not replayed:
       test = run_settings(given(strategy)(run))
