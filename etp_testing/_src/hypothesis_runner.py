@@ -446,23 +446,15 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
       summary.checks.setdefault(
           outcome.name, CheckSummary(outcome.name)).add(outcome, example)
 
-  for i, case in enumerate(fixed):
-    try:
-      run(_copied(_case_parts(case, name)))
-    except _ExampleFailed as failure:
-      message = failure.report.failure_message(note=(
-          f'This is fixed case {i + 1} of {len(fixed)} registered with the '
-          f'strategy for {name} (etp_testing.strategies.fixed_cases_for'
-          f'); it runs before any draw.  The \'Reproduce with\' snippet '
-          're-runs it.'))
-      error = RuleConsistencyError(message, failure.report)
-      error.summary = summary
-      summary.duration_s = time.perf_counter() - start
-      summary.distinct_shapes = len(signatures)
-      raise error from None
-  if not to_draw:
+  try:
+    _run_fixed_cases(fixed, run, name)
+  except RuleConsistencyError as error:
+    error.summary = summary
+    raise
+  finally:
     summary.duration_s = time.perf_counter() - start
     summary.distinct_shapes = len(signatures)
+  if not to_draw:
     return summary
   # What a failed replay (below) starts again from; the kept draws are the
   # drawn cases alone.
@@ -499,3 +491,19 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
     summary.duration_s = time.perf_counter() - start
     summary.distinct_shapes = len(signatures)
   return summary
+
+
+def _run_fixed_cases(fixed, run, name: str) -> None:
+  """Runs each fixed case through ``run``; the first that fails raises a
+  :class:`RuleConsistencyError` saying which fixed case it was (not
+  hypothesis's: it is not shrunk)."""
+  for i, case in enumerate(fixed):
+    try:
+      run(_copied(_case_parts(case, name)))
+    except _ExampleFailed as failure:
+      message = failure.report.failure_message(note=(
+          f'This is fixed case {i + 1} of {len(fixed)} registered with the '
+          f'strategy for {name} (etp_testing.strategies.fixed_cases_for'
+          '); it runs before any draw.  The \'Reproduce with\' snippet '
+          're-runs it.'))
+      raise RuleConsistencyError(message, failure.report) from None
