@@ -171,6 +171,10 @@ def test_families_with_an_input_draw_mixed_precision(family):
 def test_pieces_respect_their_knobs():
   assert set(draws(strategies.dims(2, 5), 60)) == {2, 3, 5}
   assert set(draws(strategies.dims(4, 4), 5)) == {4}   # no bucket: min
+  # A knob raised past a bucket draws the knob's own value too.
+  assert set(draws(strategies.dims(1, 4), 80)) == {1, 2, 3, 4}
+  assert set(draws(strategies.batch_sizes(4), 80)) == {1, 2, 3, 4}
+  assert set(draws(strategies.lora_ranks(4), 80)) == {1, 2, 3, 4}
   with pytest.raises(ValueError, match=r'\[etp_testing\] dims'):
     strategies.dims(3, 2)
   big = draws(strategies.dense_cases(max_dim=16, batched=True), 80)

@@ -61,7 +61,8 @@ _SEEDS = st.integers(0, 2**32 - 1)
 # ---------------------------------------------------------------- pieces
 def dims(min_dim: int = 1, max_dim: int = MAX_DIM) -> st.SearchStrategy:
   """One dimension size: a bucket of :data:`DIM_BUCKETS` in
-  ``[min_dim, max_dim]`` (``min_dim`` itself when no bucket is in range).
+  ``[min_dim, max_dim]``, or ``max_dim`` itself (a knob raised to 4 draws
+  4, not only the buckets 1, 2 and 3 below it).
 
   Shrinks towards the smallest.  Drawing from buckets instead of every integer
   keeps the number of distinct shapes, hence of compilations, small.
@@ -73,9 +74,11 @@ def dims(min_dim: int = 1, max_dim: int = MAX_DIM) -> st.SearchStrategy:
 
 
 def _buckets(min_dim: int, max_dim: int) -> list:
-  """The buckets of :data:`DIM_BUCKETS` in ``[min_dim, max_dim]``, smallest
-  first (``[min_dim]`` when none is in range)."""
-  return [b for b in DIM_BUCKETS if min_dim <= b <= max_dim] or [min_dim]
+  """The buckets of :data:`DIM_BUCKETS` in ``[min_dim, max_dim]`` and
+  ``max_dim`` itself, smallest first (``max_dim`` is one more shape, not a
+  new one per draw)."""
+  inside = [b for b in DIM_BUCKETS if min_dim <= b <= max_dim]
+  return inside + ([max_dim] if max_dim not in inside else [])
 
 
 def batch_sizes(max_batch: int = MAX_BATCH) -> st.SearchStrategy:
