@@ -1855,3 +1855,69 @@ def test_pp_exact_says_whether_the_shape_or_the_values_are_wrong(xy_to_dw,
   messages = [f.message for f in outcome.findings if not f.passed]
   assert any(words in m for m in messages), messages
   assert not any(' or non-finite' in m for m in messages)
+
+
+# ------------------------------------------------- term scales (magnitudes)
+def _gain_impl(x, w, s):
+  return jnp.exp(s) * (x @ w)
+
+
+def _gain_primitive(trace_error):
+  """A batched dense layer with a learnable log-gain ``s``: ``y = exp(s) *
+  (x @ W)``, not affine in ``s``.  ``s`` reaches every output, so its trace
+  keeps them (instant/solve); ``trace_error`` scales that trace."""
+  def xy_to_dw(x, g, weights):
+    w, s = weights['weight'], weights['log_gain']
+    return {'weight': (jnp.exp(s) * jnp.einsum('bi,bo->io', x, g)
+                       ).astype(w.dtype),
+            'log_gain': jnp.sum(g * jnp.exp(s) * (x @ w)).astype(s.dtype)}
+
+  def instant_drtrl(x, g, weights):
+    w, s = weights['weight'], weights['log_gain']
+    return {'weight': jnp.exp(s) * jnp.einsum('bi,bo->bio', x, g),
+            'log_gain': trace_error * g * jnp.exp(s) * (x @ w)}
+
+  def solve_drtrl(c, trace):
+    return {'weight': rule_util.sum_leading(c[..., None, :] * trace['weight'],
+                                            2),
+            'log_gain': jnp.sum(c * trace['log_gain'])}
+
+  def init_drtrl(x_var, y_var, weight_vars, n_state):
+    dtype = rule_util.trace_dtype(x_var, y_var, weight_vars)
+    batch, n_out = rule_util.aval(y_var).shape
+    n_in = rule_util.aval(weight_vars['weight']).shape[0]
+    return {'weight': jnp.zeros((batch, n_in, n_out, n_state), dtype),
+            'log_gain': jnp.zeros((batch, n_out, n_state), dtype)}
+
+  prim = etp.register_primitive(
+      f'log_gain_dense_{next(_ids)}', _gain_impl, batched=True,
+      x_invar_index=0,
+      trainable_invars_fn=lambda params: {'weight': 1, 'log_gain': 2})
+  prim.register_etp_rules(
+      xy_to_dw=xy_to_dw, init_drtrl=init_drtrl, init_pp=rule_util.pp_trace,
+      yw_to_w=lambda g, t: {'weight': g[..., None, :] * t['weight'],
+                            'log_gain': g * t['log_gain']},
+      instant_drtrl=instant_drtrl, solve_drtrl=solve_drtrl)
+  return prim
+
+
+def test_term_scales_keep_an_operand_the_bind_is_not_affine_in():
+  # At s = -5, exp(|s|) on absolute operands made the bound e^10 times too
+  # loose: a sign flip in the log-gain's trace passed both D-RTRL checks.
+  rng = np.random.default_rng(0)
+  ops = (rng.standard_normal((3, 4)).astype(np.float32),
+         rng.standard_normal((4, 5)).astype(np.float32), np.float32(-5.0))
+  checks = ['drtrl.exact', 'drtrl.instant']
+  for wrong in (1.01, -1.0):
+    report = etp_testing.check_rules(_gain_primitive(wrong), *ops,
+                                     checks=checks)
+    for check in checks:
+      assert_caught(report.outcome(check), 'drtrl' if check == 'drtrl.exact'
+                    else 'solve_drtrl', 'log_gain')
+  report = etp_testing.check_rules(_gain_primitive(1.0), *ops, checks=checks)
+  assert all(report.outcome(c).status == 'passed' for c in checks)
+  from etp_testing._src import context
+  ctx = context.CheckContext(_gain_primitive(1.0), ops, {})
+  assert ctx.nonaffine_operands() == {2}
+  assert context.CheckContext(etp.etp_mm_p, (X, W, B), {'has_bias': True}
+                              ).nonaffine_operands() == frozenset()

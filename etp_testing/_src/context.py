@@ -270,6 +270,10 @@ def terms_or_none(fn, *args):
     return None
 
 
+# How far beyond one evaluation's rounding the residual of the affinity
+# test (CheckContext.nonaffine_operands) may go: it adds three results.
+AFFINE_SLACK = 8
+
 # ``str(dtype)``, cached: NumPy takes 3 us to name a dtype, and a fast-mode
 # call names five (operands, comparisons).
 dtype_str = functools.lru_cache(maxsize=256)(str)
@@ -550,12 +554,76 @@ class CheckContext:
   def _on(self, operands, n_states=None) -> 'CheckContext':
     """A context on other ``operands`` (and ``n_states``) with this one's
     other settings."""
-    return CheckContext(
+    derived = CheckContext(
         self.primitive, operands, self.params, seed=self.seed,
         steps=self.steps,
         n_states=self.n_states if n_states is None else n_states,
         rtol=self.rtol_override,
         atol=self.atol_override, devices=self.devices, fast=self.fast)
+    derived.root = self.root   # see nonaffine_operands
+    return derived
+
+  @property
+  def root(self) -> 'CheckContext':
+    """The context of the case as given, which this one was derived from
+    (itself, for that one)."""
+    return self.__dict__.get('_root', self)
+
+  @root.setter
+  def root(self, value: 'CheckContext'):
+    self.__dict__['_root'] = value
+
+  @functools.cached_property
+  def _nonaffine(self) -> frozenset:
+    bind = jitted_bind(self)
+    ops = list(self.operands)
+    y_of = lambda o: np.asarray(executor.y_of_outputs(
+        self.primitive, bind(o)), np.float64)
+    try:
+      f1 = y_of(ops)
+    except Exception:  # pylint: disable=broad-except
+      return frozenset()   # the checks report a bind that raises
+    found = set()
+    for i, o in enumerate(ops):
+      if not _is_float(o) or not np.size(o):
+        continue
+      v = np.asarray(o)
+      try:
+        f0 = y_of(ops[:i] + [np.zeros_like(v)] + ops[i + 1:])
+        f2 = y_of(ops[:i] + [v + v] + ops[i + 1:])
+      except Exception:  # pylint: disable=broad-except
+        found.add(i)
+        continue
+      rtol, atol = tolerances.tolerance(self.bind_dtype(), 'exact')
+      scale = max(abs_max(f0), abs_max(f1), abs_max(f2))
+      residual = abs_max(f2 - 2 * f1 + f0)
+      if not np.isfinite(residual) or residual > AFFINE_SLACK * (
+          atol + rtol * scale):
+        found.add(i)
+    return frozenset(found)
+
+  def nonaffine_operands(self) -> frozenset:
+    """Positions of the floating operands in which the bind is not affine:
+    ``P(2u) - 2 P(u) + P(0)`` beyond rounding, the others as given (a
+    learnable gain ``exp(s) * (x @ W)`` is not affine in ``s``).  Found once
+    per case, on the case as given (:attr:`root`: primitive.jit's program,
+    nothing new to compile).  See :meth:`magnitudes`."""
+    return self.root._nonaffine
+
+  def magnitudes(self, operands) -> list:
+    """``operands`` with each floating one the bind is affine in replaced
+    by its absolute values, the others kept (:meth:`nonaffine_operands`):
+    the operands on which a program gives the size of the terms its result
+    sums, a comparison's ``term_scale``.
+
+    For a sum of products (affine in each operand: dense, conv, LoRA, a
+    bias) that size is the program on absolute values.  For an operand
+    that enters otherwise, its absolute value says nothing: ``exp(|s|)``
+    for ``exp(s)`` at ``s = -5`` is 22,000 times the terms, and loosened a
+    bound that much (a sign error in the gain's trace passed); kept as it
+    is, the terms carry the factor it really contributes."""
+    kept = self.nonaffine_operands()
+    return [o if i in kept else absolute(o) for i, o in enumerate(operands)]
 
   def in_float32_for_composed_rules(self, rule: str) -> 'CheckContext':
     """The context the checks of composed rules (``drtrl.exact``,

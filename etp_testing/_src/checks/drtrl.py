@@ -235,7 +235,11 @@ def _term_scales(ctx, rules, runs):
   (on conv 64->64, 6.6 s of the check's 13 s here).
   """
   with_fns = tuple(r[2] for r in runs)
-  magnitudes = [absolute(r[3]) for r in runs]
+  x_kept = ctx.primitive.x_invar_index in ctx.nonaffine_operands()
+  # (operands, xs, A, Bf, C): the loop is linear in the coefficients, and
+  # in the inputs xs wherever the bind is affine in x.
+  magnitudes = [(ctx.magnitudes(ops), xs if x_kept else absolute(xs),
+                 *absolute(rest)) for ops, xs, *rest in (r[3] for r in runs)]
   try:
     if ctx.small:
       return [want for _, want in
@@ -397,7 +401,7 @@ def check_pp_exact(ctx):
   # of those terms, the scale of their rounding where the sum cancels or is
   # long (seen on an H200: a 64 -> 64 conv's 24,576-term sums differed by
   # 2.1e-5 of the result, the correct rule failing at rtol 2e-5).
-  sized = terms_or_none(pp, absolute(list(ctx.operands)),
+  sized = terms_or_none(pp, ctx.magnitudes(ctx.operands),
                         np.abs(np.asarray(xs)), np.abs(np.asarray(c)))
   terms = {} if sized is None else sized[1]
   for k in keys:

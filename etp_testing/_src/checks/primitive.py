@@ -120,7 +120,7 @@ def check_jit(ctx):
   # where it cancels, relative to its terms (the bind on absolute values,
   # same program).  A float16 sparse layer's 0.12 from terms of about 4
   # took 1.71 of a bound scaled by the result (soak seed 82).
-  terms = terms_or_none(jitted_bind(ctx), absolute(list(ctx.operands)))
+  terms = terms_or_none(jitted_bind(ctx), ctx.magnitudes(ctx.operands))
   terms = None if terms is None else _outputs(ctx, terms)
   for i, (a, e) in enumerate(zip(_outputs(ctx, jitted), _outputs(ctx, eager))):
     ctx.compare(a, e, rule='impl', check_dtype=True,
@@ -355,7 +355,10 @@ def check_jvp(ctx):
     # The differences' own rounding (tolerances.fd_rounding_scale) from the
     # size of the terms each side sums: a small case's program again on
     # absolute values (same shapes: nothing to compile), else the values.
-    sizes = (terms_or_none(_jvp_all(ctx, diff, eps), *absolute(args))
+    magnitudes = ctx.magnitudes(ops) if ctx.small else None
+    sizes = (terms_or_none(_jvp_all(ctx, diff, eps), magnitudes,
+                           [magnitudes[i] for i in diff],
+                           *absolute(args[2:]))
              if ctx.small else None)
     sizes = r if sizes is None else sizes
     size = lambda name: abs_max(np.asarray(sizes[name], np.float64))
@@ -574,7 +577,7 @@ def check_vmap(ctx):
     # primitive.jit).  A large one's scale, over many elements, is already
     # their size unless every element cancels.
     terms = None if not ctx.small or results[0] is None else \
-        terms_or_none(program, [absolute(c[3]) for c in cases])
+        terms_or_none(program, [ctx.magnitudes(c[3]) for c in cases])
     terms = terms or [None] * len(cases)
     for case, got, term in zip(cases, results, terms):
       _check_vmap_case(ctx, case, got, term)

@@ -31,7 +31,7 @@ import saiunit as u
 
 from etp._src.arrays import to_jax
 from etp_testing._src import executor, unit_cases
-from etp_testing._src.context import absolute, terms_or_none
+from etp_testing._src.context import terms_or_none
 from etp_testing._src.checks.registry import check
 from etp_testing._src.errors import raised
 
@@ -98,7 +98,7 @@ def check_units(ctx):
   # to the bias, and where y cancels (x . w close to -b), that rounding is
   # far larger than y: a half-precision dense layer took 2.6 of a bound
   # scaled by y alone (soak seed 73).
-  terms = terms_or_none(ctx.bind, *absolute(ctx.operands))
+  terms = terms_or_none(ctx.bind, *ctx.magnitudes(ctx.operands))
   rejected = []
   for case in cases:
     description, call, expected_unit = case[:3]

@@ -29,8 +29,8 @@ import numpy as np
 from etp._src.arrays import to_jax
 from etp_testing._src import directions, executor, tolerances
 from etp_testing._src.checks.registry import check
-from etp_testing._src.context import (absolute, compiled,
-                                      terms_or_none, to_float64,
+from etp_testing._src.context import (compiled, terms_or_none,
+                                      to_float64,
                                       traced_shapes, x64_enabled, x64_scope)
 from etp_testing._src.errors import RuleFailure, raised
 
@@ -236,7 +236,7 @@ def term_sizes(ctx, g) -> dict:
   products of about 1.3 took 1.95 of a bound scaled by the gradient; soak
   seed 75).  Same program as ``xy_to_dw.vjp``'s oracle: nothing more to
   compile."""
-  return terms_or_none(vjp_oracle(ctx), absolute(list(ctx.operands)),
+  return terms_or_none(vjp_oracle(ctx), ctx.magnitudes(ctx.operands),
                        np.abs(np.asarray(g))) or {}
 
 
@@ -410,7 +410,7 @@ def check_fd(ctx):
     # beside its derivative, the differences' own rounding sets the bound
     # (tolerances.fd_rounding_scale).
     rounding = tolerances.fd_rounding_scale(np.vdot(
-        np.abs(g), np.abs(np.asarray(impl(absolute(list(ops))), np.float64))))
+        np.abs(g), np.abs(np.asarray(impl(ctx.magnitudes(ops)), np.float64))))
     for k, w in weights.items():
       grad_k = np.asarray(grads[k], np.float64)
       if not _shaped_like(ctx, k, grad_k, w):
