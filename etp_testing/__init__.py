@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 _EXPORTS = {
     'NothingCheckedError': 'etp_testing._src.errors',
     'RuleConsistencyError': 'etp_testing._src.errors',
+    'VacuousCaseWarning': 'etp_testing._src.errors',
     'CheckOutcome': 'etp_testing._src.report',
     'ConsistencyReport': 'etp_testing._src.report',
     'Finding': 'etp_testing._src.report',
@@ -38,7 +39,8 @@ _EXPORTS = {
 
 __all__ = [
     'assert_rule_consistent', 'check_rules', 'check_names',
-    'RuleConsistencyError', 'NothingCheckedError', 'ConsistencyReport',
+    'RuleConsistencyError', 'NothingCheckedError', 'VacuousCaseWarning',
+    'ConsistencyReport',
     'CheckOutcome', 'Finding',
     'tolerances', 'register_unit_case', 'strategies', 'register_strategy',
     'strategy_for', 'check_with_hypothesis', 'HypothesisSummary',
@@ -48,7 +50,9 @@ __all__ = [
 if TYPE_CHECKING:   # what static tools see; at run time, __getattr__ below
   from etp_testing import strategies
   from etp_testing._src import tolerances
-  from etp_testing._src.errors import NothingCheckedError, RuleConsistencyError
+  from etp_testing._src.errors import (NothingCheckedError,
+                                       RuleConsistencyError,
+                                       VacuousCaseWarning)
   from etp_testing._src.hypothesis_runner import (CheckSummary,
                                                   HypothesisSummary,
                                                   check_with_hypothesis)

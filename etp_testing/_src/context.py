@@ -886,6 +886,7 @@ class CheckContext:
           f'{what or "result"}: dtype {actual.dtype} != expected '
           f'{expected.dtype}'), **base))
     max_abs, max_rel, index, scale = max_errors_and_scale(actual, expected)
+    base['vacuous'] = bool(scale == 0 and max_abs == 0)   # both sides 0
     if term_scale is not None:
       scale = max(scale, abs_max(term_scale))
     bound = atol + rtol * scale
@@ -918,7 +919,8 @@ class CheckContext:
     shape = tuple(shape)
     base = dict(rule=rule, key=key, actual_shape=shape, expected_shape=shape,
                 dtype=dtype_str(np.dtype(dtype)), rtol=rtol, atol=atol,
-                approximate=False)
+                approximate=False,
+                vacuous=bool(errors[0] == 0 and errors[3] == 0))
     return self._judged(base, what, errors, atol + rtol * errors[3])
 
   def _judged(self, base, what, errors, bound, passed=None) -> Finding:

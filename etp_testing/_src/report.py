@@ -64,6 +64,9 @@ class Finding:
       comparison came to a false alarm, whatever its scale (a cancelling
       sum's ``max_rel_err`` can exceed ``rtol`` and still pass).
     approximate: the weight is declared approximate: measured, not judged.
+    vacuous: both sides were zero everywhere (and so was the scale): the
+      comparison could not fail for a rule that returns zeros too (a LoRA
+      case with ``lora_a = 0`` gives ``lora_b`` a zero gradient).
   """
 
   rule: str
@@ -81,6 +84,7 @@ class Finding:
   approximate: bool = False
   scale: Optional[float] = None
   tolerance_used: Optional[float] = None
+  vacuous: bool = False
 
   def to_dict(self) -> dict:
     """Plain data (JSON-serialisable), non-finite numbers as ``None``."""
@@ -199,6 +203,16 @@ class ConsistencyReport:
   @property
   def failures(self) -> list:
     return [o for o in self.outcomes if o.failed]
+
+  def vacuous_keys(self) -> list:
+    """Weight keys every comparison of which was zero against zero
+    (:attr:`Finding.vacuous`): their rules were not checked on this case."""
+    vacuous = {}
+    for o in self.outcomes:
+      for f in o.findings:
+        if f.key is not None and f.max_abs_err is not None:
+          vacuous[f.key] = vacuous.get(f.key, True) and f.vacuous
+    return sorted(k for k, v in vacuous.items() if v)
 
   def outcome(self, name: str) -> Optional[CheckOutcome]:
     """The outcome of check ``name``, or ``None`` if it was not run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from typing import Optional, Sequence
 
 import jax
@@ -20,7 +21,7 @@ from etp_testing._src.context import (CheckContext, dtype_str,
 from etp_testing._src.errors import (PREFIX, CheckSkipped,
                                      NothingCheckedError,
                                      RuleConsistencyError, RuleFailure,
-                                     raised)
+                                     VacuousCaseWarning, raised)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
                                      CheckOutcome, ConsistencyReport)
 
@@ -145,6 +146,19 @@ def _reject_quantities(name: str, operands) -> None:
           "'units' check covers the unit-aware functions.")
 
 
+def _warn_if_vacuous(report) -> None:
+  """A :class:`VacuousCaseWarning` naming the keys whose every comparison
+  was zero against zero."""
+  keys = report.vacuous_keys()
+  if keys:
+    warnings.warn(VacuousCaseWarning(
+        f'{PREFIX}{report.primitive}: every comparison of '
+        f'{", ".join(keys)} was zero against zero on this case (the true '
+        'gradient vanishes here, as for LoRA\'s lora_b with lora_a = 0), so '
+        'their rules were not checked: give operands for which it does not '
+        'vanish'), stacklevel=3)
+
+
 def require_etp_primitive(primitive) -> None:
   """Raises ``TypeError`` unless ``primitive`` is an ETP primitive: a
   usage error, not a case whose checks fail."""
@@ -228,6 +242,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                          devices=device_list, fast=fast, avals=avals)
       for check_name in names:
         report.outcomes.append(run_check(check_name, ctx))
+      _warn_if_vacuous(report)
       if report.failures:
         case_faults.blame_the_case(ctx, report)
   finally:
