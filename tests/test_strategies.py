@@ -528,7 +528,7 @@ def test_a_replayed_case_that_fails_is_shrunk_by_hypothesis():
   replayed, fresh = errors
   assert replayed.report.operands == fresh.report.operands
   assert replayed.report.params == fresh.report.params
-  after = lambda e: re.search(r'after \d+ examples \(\d+ passed\)',
+  after = lambda e: re.search(r'after \d+ runs of the battery \(\d+ passed',
                               str(e)).group(0)
   assert after(replayed) == after(fresh)
   assert replayed.summary.examples == fresh.summary.examples
@@ -666,7 +666,7 @@ def test_a_failing_run_shrinks_without_hypothesis_explain_phase():
       etp_testing.check_with_hypothesis(prim, max_examples=15, seed=3,
                                         checks=['xy_to_dw.vjp'],
                                         settings=settings_given)
-    calls = int(re.search(r'found by hypothesis after (\d+) examples',
+    calls = int(re.search(r'found by hypothesis after (\d+) runs',
                           str(info.value)).group(1))
     assert calls < 40, calls
 

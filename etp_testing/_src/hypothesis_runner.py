@@ -343,7 +343,8 @@ def _replay_line(error, seed, calls, passed, derandomized=False) -> str:
                '@given(<the same strategy>) replays this example')
   how.append("the 'Reproduce with' snippet re-runs this case alone")
   return (f'This is the minimal failing example found by hypothesis after '
-          f'{calls} examples ({passed} passed); to replay: '
+          f'{calls} runs of the battery ({passed} passed; they count '
+          "hypothesis's draws and its shrinking of the failure); to replay: "
           + '; '.join(how) + '.')
 
 
