@@ -943,12 +943,16 @@ def test_device_skips_without_a_gpu():
   assert not report.passed
 
 
+def _device_messages(prim, case, devices) -> list:
+  """The messages of ``device.consistency`` on ``case``, which passes."""
+  report = _run(prim, case, ['device.consistency'], devices=devices)
+  _assert_passed(report, 'device.consistency')
+  return [f.message for f in report.outcome('device.consistency').findings]
+
+
 def test_device_compares_sharded_batches():
   cpus = _cpus(4)
-  report = _run(etp.etp_mm_p, _dense_case(batch=6), ['device.consistency'],
-                devices=cpus[:4])
-  _assert_passed(report, 'device.consistency')
-  messages = [f.message for f in report.outcome('device.consistency').findings]
+  messages = _device_messages(etp.etp_mm_p, _dense_case(batch=6), cpus[:4])
   assert any('sharded over 3 devices' in m for m in messages)  # 3 divides 6
   assert any(f'on {cpus[3]}' in m for m in messages)
   assert not any('not run' in m for m in messages)
@@ -958,16 +962,12 @@ def test_device_says_when_the_batch_could_not_be_sharded():
   # A batch of 5 on 4 devices: devices are compared one by one, and the
   # report says the sharded comparison did not run, and why.
   cpus = _cpus(4)
-  report = _run(etp.etp_mm_p, _dense_case(batch=5), ['device.consistency'],
-                devices=cpus[:4])
-  _assert_passed(report, 'device.consistency')
-  messages = [f.message for f in report.outcome('device.consistency').findings]
+  messages = _device_messages(etp.etp_mm_p, _dense_case(batch=5), cpus[:4])
   assert not any('sharded over' in m for m in messages)
   assert ('sharded comparison not run: no count of 2 to 4 cpu devices '
           'divides the batch (5)') in messages
-  report = _run(etp.etp_mv_p, _dense_case(batch=None), ['device.consistency'],
-                devices=cpus[:2])
-  messages = [f.message for f in report.outcome('device.consistency').findings]
+  messages = _device_messages(etp.etp_mv_p, _dense_case(batch=None),
+                              cpus[:2])
   assert any('not run: etp_mv has no batch to shard' in m for m in messages)
 
 
