@@ -220,6 +220,7 @@ def _shape_only_n_states(ctx) -> tuple:
 
 
 def _whole_case_avals(ctx) -> tuple:
+  """The case's operands as shapes and dtypes (to trace on, not allocate)."""
   return tuple(jax.ShapeDtypeStruct(np.shape(o), np.result_type(o))
                for o in ctx.operands)
 
@@ -289,12 +290,19 @@ def check_init_pp(ctx):
         _expect_zeros(ctx, 'init_pp', None, trace,
                       tuple(y.shape) + (n_state,), y.dtype,
                       f'{label}, n_state={n_state}')
+  _check_pp_shapes_for_more_states(ctx)
+  _check_mixed_dtypes(ctx, 'init_pp', lambda avals, y: y.dtype)
+
+
+def _check_pp_shapes_for_more_states(ctx) -> None:
+  """``init_pp``'s shape and dtype for each of :data:`SHAPE_ONLY_N_STATES`
+  the run did not ask for (traced: nothing allocated)."""
+  extra = tuple(n for n in _shape_only_n_states(ctx) if n not in ctx.n_states)
+  if not extra:
+    return
   avals = _whole_case_avals(ctx)
   y = ctx.y_aval(avals)
-  extra = tuple(n for n in _shape_only_n_states(ctx) if n not in ctx.n_states)
-  outputs = (_output_shapes(ctx, 'init_pp', ctx.rules.init_pp, avals, extra)
-             if extra else ())
+  outputs = _output_shapes(ctx, 'init_pp', ctx.rules.init_pp, avals, extra)
   for n_state, trace in zip(extra, outputs):
     _expect_zeros(ctx, 'init_pp', None, trace, tuple(y.shape) + (n_state,),
                   y.dtype, f'shapes only, n_state={n_state}')
-  _check_mixed_dtypes(ctx, 'init_pp', lambda avals, y: y.dtype)

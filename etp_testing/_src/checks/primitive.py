@@ -355,11 +355,12 @@ def check_jvp(ctx):
     # The differences' own rounding (tolerances.fd_rounding_scale) from the
     # size of the terms each side sums: a small case's program again on
     # absolute values (same shapes: nothing to compile), else the values.
-    magnitudes = ctx.magnitudes(ops) if ctx.small else None
-    sizes = (terms_or_none(_jvp_all(ctx, diff, eps), magnitudes,
-                           [magnitudes[i] for i in diff],
-                           *absolute(args[2:]))
-             if ctx.small else None)
+    sizes = None
+    if ctx.small:   # (operands, primals, tangents, directions...)
+      magnitudes = ctx.magnitudes(ops)
+      sizes = terms_or_none(_jvp_all(ctx, diff, eps), magnitudes,
+                            [magnitudes[i] for i in diff],
+                            *absolute(args[2:]))
     sizes = r if sizes is None else sizes
     size = lambda name: abs_max(np.asarray(sizes[name], np.float64))
     first_rounding = tolerances.fd_rounding_scale(size('y'))
