@@ -575,6 +575,7 @@ class CheckContext:
 
   @functools.cached_property
   def _nonaffine(self) -> frozenset:
+    """:meth:`nonaffine_operands` of this context's operands."""
     bind = jitted_bind(self)
     ops = list(self.operands)
     y_of = lambda o: np.asarray(executor.y_of_outputs(
@@ -584,6 +585,7 @@ class CheckContext:
     except Exception:  # pylint: disable=broad-except
       return frozenset()   # the checks report a bind that raises
     found = set()
+    rtol, atol = tolerances.tolerance(self.bind_dtype(), 'exact')
     for i, o in enumerate(ops):
       if not _is_float(o) or not np.size(o):
         continue
@@ -594,7 +596,6 @@ class CheckContext:
       except Exception:  # pylint: disable=broad-except
         found.add(i)
         continue
-      rtol, atol = tolerances.tolerance(self.bind_dtype(), 'exact')
       scale = max(abs_max(f0), abs_max(f1), abs_max(f2))
       residual = abs_max(f2 - 2 * f1 + f0)
       if not np.isfinite(residual) or residual > AFFINE_SLACK * (
