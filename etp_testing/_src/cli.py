@@ -128,6 +128,18 @@ def _user_code(what: str):
     raise LoadError(f'{what} raised ' + describe_exception(e)) from e
 
 
+def unmatched_primitives(patterns, names) -> "str | None":
+  """Why ``patterns`` (primitive names or globs) do not all select from
+  ``names``: ``"no primitive matches 'x'; known primitives: ..."`` for the
+  first that matches none, or ``None``.  A typo beside a right name is an
+  error, here and for ``pytest --etp-primitives``."""
+  for pattern in patterns:
+    if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+      return (f'no primitive matches {pattern!r}; known primitives: '
+              + ', '.join(names))
+  return None
+
+
 def default_cache_dir() -> str:
   """``$XDG_CACHE_HOME/etp_testing/xla``, or ``~/.cache/etp_testing/xla``."""
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
@@ -150,12 +162,11 @@ def main(argv=None) -> int:
     print(f'etp-check: {e}', file=sys.stderr)
     return 2
   patterns = [p.strip() for p in (args.primitives or '').split(',') if p.strip()]
-  names = [p.name for p in etp.primitives()]
-  for pattern in patterns:   # as pytest --etp-primitives: a typo is an error
-    if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-      print(f'etp-check: --primitives: no primitive matches {pattern!r}; '
-            'known primitives: ' + ', '.join(names), file=sys.stderr)
-      return 2
+  unmatched = unmatched_primitives(patterns,
+                                   [p.name for p in etp.primitives()])
+  if unmatched:
+    print(f'etp-check: --primitives: {unmatched}', file=sys.stderr)
+    return 2
   prims = [p for p in etp.primitives()
            if not patterns or any(fnmatch.fnmatchcase(p.name, pat)
                                   for pat in patterns)]

@@ -26,6 +26,7 @@ import time
 import pytest
 
 from etp_testing._src import report_file
+from etp_testing._src.cli import unmatched_primitives
 from etp_testing._src.errors import (MACHINERY, PREFIX, RuleConsistencyError,
                                      StrategyError, package_dirs)
 from etp_testing.pytest_plugin import DEFAULT_EXAMPLES, NODE_ID, RESULT_KEY
@@ -94,12 +95,9 @@ def selected(config):
     raise pytest.UsageError(
         f'{PREFIX}--etp-checks: ' + str(e).removeprefix(PREFIX)) from None
   prims = etp.primitives()
-  names = [p.name for p in prims]
-  for pattern in prim_patterns:
-    if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-      raise pytest.UsageError(
-          f'{PREFIX}--etp-primitives: no primitive matches {pattern!r}; '
-          'known primitives: ' + ', '.join(names))
+  unmatched = unmatched_primitives(prim_patterns, [p.name for p in prims])
+  if unmatched:
+    raise pytest.UsageError(f'{PREFIX}--etp-primitives: {unmatched}')
   ids = config.stash.get(NODE_IDS, [])
   pairs, unchecked = [], []
   for prim in prims:
