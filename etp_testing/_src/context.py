@@ -739,6 +739,58 @@ class CheckContext:
     v = scale * self.rng(tag).standard_normal(tuple(shape), np.float32)
     return to_jax(v, dtype)
 
+  def rescaled(self, tag: str, value, lead=()) -> np.ndarray:
+    """``value`` (a floating host array) on ``lead`` more leading axes, each
+    entry scaled by its own factor in ``[0.5, 1.5]``: signs and orders of
+    magnitude kept, so an impl with a restricted domain (``log``, ``sqrt``)
+    stays inside it.  Standard normal where ``value`` is all zeros (nothing
+    to keep)."""
+    value = np.asarray(value)
+    shape = tuple(lead) + value.shape
+    if value.size and not np.any(value != 0):
+      return np.asarray(self.normal(tag, shape, value.dtype))
+    scale = self.rng(tag).uniform(0.5, 1.5, shape).astype(np.float32)
+    return (value * scale).astype(value.dtype)
+
+  def permuted(self, tag: str, value, lead=()) -> np.ndarray:
+    """``value`` (an integer or boolean host array) on ``lead`` more
+    leading axes, each entry of them ``value`` with its first axis permuted
+    afresh: indices stay in range and each row keeps its structure (a
+    0-d or one-row ``value`` is repeated as it is)."""
+    value = np.asarray(value)
+    count = int(np.prod(lead, dtype=np.int64))
+    if value.ndim and value.shape[0] > 1:
+      rng = self.rng(tag)
+      rows = [value[rng.permutation(value.shape[0])] for _ in range(count)]
+    else:
+      rows = [value] * count
+    return np.stack(rows).reshape(tuple(lead) + value.shape) if lead else rows[0]
+
+  def values_like(self, tag: str, index: int, lead=(), operand=None):
+    """Values for operand ``index`` (``operand`` if given: a batch of one,
+    say) on ``lead`` more leading axes, drawn from the seed and valid where
+    the case's own value is: the inputs of a recurrence's steps, the points
+    at which a Jacobian is taken.
+
+    * A floating operand the bind is affine in (:meth:`nonaffine_operands`):
+      standard normal, as :meth:`normal` (an affine map takes any value, and
+      signs change from draw to draw).
+    * Any other floating operand: :meth:`rescaled` (``log(x)`` and
+      ``sqrt(W)`` stay finite: drawn from a normal distribution, the
+      recurrence's inputs made ``log`` return ``nan`` and failed correct
+      rules at ``inf`` times the bound).
+    * An integer or boolean operand (indices, spikes): :meth:`permuted`
+      (cast from a normal draw, an embedding's indices were -2 to 2 whatever
+      its table's size, and failed a correct ``xy_to_dw``).
+    """
+    value = self.operands[index] if operand is None else operand
+    shape = tuple(lead) + tuple(np.shape(value))
+    if _is_float(value):
+      if index not in self.nonaffine_operands():
+        return self.normal(tag, shape, value.dtype)
+      return self.rescaled(tag, value, lead)
+    return self.permuted(tag, value, lead)
+
   def normal_on_host(self, tag: str, shape, dtype=None) -> np.ndarray:
     """:meth:`normal`'s numbers as a host array, drawn straight into a
     ``HOST_ALIGNMENT``-aligned buffer: taking entries of it compiles

@@ -81,13 +81,14 @@ def _y_shape_dtype(ctx, operands):
 
 
 def _recurrence(ctx, operands, n_state, tag):
-  """Inputs ``xs`` and coefficients ``A``, ``Bf``, ``C`` drawn from the seed."""
+  """Inputs ``xs`` and coefficients ``A``, ``Bf``, ``C`` drawn from the seed;
+  each input valid where the case's ``x`` is (``CheckContext.values_like``)."""
   y_shape, dtype = _y_shape_dtype(ctx, operands)
   x_index = ctx.primitive.x_invar_index
   xs = None
   if x_index is not None:
-    x = operands[x_index]
-    xs = ctx.normal(f'{tag}.xs', (ctx.steps,) + x.shape, x.dtype)
+    xs = ctx.values_like(f'{tag}.xs', x_index, (ctx.steps,),
+                         operand=operands[x_index])
   scale = 0.5 / math.sqrt(n_state)
   a = ctx.normal(f'{tag}.A', (ctx.steps,) + y_shape + (n_state, n_state),
                  dtype, scale)

@@ -443,26 +443,17 @@ def _examples(ctx, i, operand, size) -> list:
   """``size`` valid examples of operand ``i``; the first is the operand.
 
   Floating operands are rescaled elementwise by factors in ``[0.5, 1.5]``
-  (signs and orders of magnitude kept, so an impl with a restricted domain
-  stays inside it); integer and boolean operands (indices, masks) are
-  permuted along their first axis, so every example is valid and they differ.
+  (``CheckContext.rescaled``: signs and orders of magnitude kept, so an impl
+  with a restricted domain stays inside it); integer and boolean operands
+  (indices, masks) are permuted along their first axis
+  (``CheckContext.permuted``), so every example is valid and they differ.
   """
   # On the host, so that making examples compiles nothing.
   operand = np.asarray(operand)
-  out = [operand]
-  for k in range(1, size):
-    tag = f'primitive.vmap.{i}.{k}'
-    if jnp.issubdtype(operand.dtype, jnp.inexact):
-      if operand.size and not np.any(operand != 0):
-        out.append(np.asarray(ctx.normal(tag, operand.shape, operand.dtype)))
-      else:
-        scale = np.asarray(ctx.uniform(tag, operand.shape, jnp.float32))
-        out.append((operand * scale).astype(operand.dtype))
-    elif operand.ndim and operand.shape[0] > 1:
-      out.append(operand[ctx.rng(tag).permutation(operand.shape[0])])
-    else:
-      out.append(operand)
-  return out
+  floating = jnp.issubdtype(operand.dtype, jnp.inexact)
+  return [operand] + [
+      (ctx.rescaled if floating else ctx.permuted)(
+          f'primitive.vmap.{i}.{k}', operand) for k in range(1, size)]
 
 
 def _stack(examples, axis, depth=1):

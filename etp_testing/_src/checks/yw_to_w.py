@@ -64,13 +64,17 @@ def random_traces(ctx, tag, shapes, dtype, keys=None):
 
 
 def _example_operands(ctx, point: int):
-  """Random operands shaped like the case (one example for batched ones)."""
+  """Random operands shaped like the case (one example for batched ones),
+  each floating one valid where the case's is (``CheckContext.values_like``:
+  drawn from a normal distribution, ``sqrt(W)``'s Jacobian was ``nan`` at
+  negative entries, counted as reaching no output, and a wrong ``yw_to_w``
+  passed on no measured element)."""
   ops = []
   for i, o in enumerate(ctx.operands):
     if i == ctx.primitive.x_invar_index and ctx.batched:
       o = o[:1]
     if jnp.issubdtype(o.dtype, jnp.floating):
-      o = ctx.normal(f'yw_to_w.anchor.point{point}.{i}', o.shape, o.dtype)
+      o = ctx.values_like(f'yw_to_w.anchor.point{point}.{i}', i, operand=o)
     ops.append(o)
   return ops
 
