@@ -2,9 +2,11 @@
 ``log(x)``, ``sqrt(W)``, ``relu(x)``.
 
 The harness draws inputs of its own (a recurrence's steps, the points of a
-Jacobian).  Drawn from a normal distribution they left the domain: correct
-rules failed (an embedding's indices -2 to 2, ``log`` of a negative input),
-and a wrong rule passed on no measured element (``sqrt(W)``).  Each test pairs
+Jacobian, pp-prop's affinity test).  Drawn from a normal distribution they
+left the domain: correct rules failed (an embedding's indices -2 to 2,
+``log`` of a negative input), a wrong rule passed on no measured element
+(``sqrt(W)``), and pp-prop was judged on a primitive it does not apply to
+(``relu(x) @ W``) or skipped where it does (boolean spikes).  Each test pairs
 a correct primitive that passes with a broken one that is caught.
 """
 
@@ -74,6 +76,38 @@ def test_an_embedding_s_steps_draw_indices_in_range(vocabulary):
                              table), 'drtrl')
 
 
+def test_pp_exact_is_skipped_for_indices_the_bind_takes_no_float_for():
+  outcome = _outcome(_embedding(_row_yw), 'pp.exact',
+                     np.array([0, 2, 1], np.int32),
+                     RNG.standard_normal((3, 2)).astype(np.float32))
+  assert outcome.status == 'skipped'
+  assert 'does not take a float x' in outcome.reason
+
+
+# ----------------------------------------- boolean spikes as x
+def _spiking(mask_x: bool):
+  """``y = x @ W`` on boolean spikes.  pp-prop gives ``xy_to_dw`` its float
+  input trace ``alpha eps + x_t``: reading x as a mask (``x != 0``) is right
+  for spikes and wrong there."""
+  def xy_to_dw(x, g, weights):
+    w = weights['weight']
+    x = jnp.where(x != 0, 1.0, 0.0) if mask_x else x
+    return {'weight': jnp.einsum('bi,bo->io', x.astype(g.dtype), g
+                                 ).astype(w.dtype)}
+  return _register('spiking', lambda x, w: x.astype(w.dtype) @ w, xy_to_dw,
+                   _row_yw)
+
+
+def test_pp_exact_judges_spikes_through_their_float_input_trace():
+  spikes = RNG.random((3, 4)) < 0.4
+  w = RNG.standard_normal((4, 5)).astype(np.float32)
+  correct = _outcome(_spiking(False), 'pp.exact', spikes, w)
+  assert correct.status == 'passed', (correct.reason,
+                                      [f.describe() for f in correct.findings])
+  assert _failed_on(_outcome(_spiking(True), 'pp.exact', spikes, w),
+                    'xy_to_dw')
+
+
 # ---------------------------------------------- log(x) @ W: x > 0
 def _log_input(xy_to_dw):
   return _register('log_input', lambda x, w: jnp.log(x) @ w, xy_to_dw,
@@ -123,6 +157,38 @@ def test_the_anchor_is_measured_where_sqrt_s_weight_is_positive(seed):
   assert any('on 9 measured elements' in f.message for f in correct.findings)
   assert _failed_on(_outcome(_sqrt_weight(_wrong_axis_yw), 'yw_to_w.anchor',
                              x, w, seed=seed), 'yw_to_w')
+
+
+# -------------------------------------------------- relu(x) @ W
+def _relu_input():
+  def xy_to_dw(x, g, weights):
+    return {'weight': jnp.einsum('bi,bo->io', jax.nn.relu(x), g).astype(
+        weights['weight'].dtype)}
+  return _register('relu_input', lambda x, w: jax.nn.relu(x) @ w, xy_to_dw,
+                   _row_yw)
+
+
+@pytest.mark.parametrize('seed', [0, 2, 4, 5])
+def test_pp_exact_skips_relu_of_x_whatever_the_draw(seed):
+  # One random pair of inputs that share their signs passed the affinity
+  # test, and pp.exact then failed a correct rule (these seeds, x 1 x 1).
+  x = np.array([[0.8]], np.float32)
+  w = np.array([[1.3]], np.float32)
+  outcome = _outcome(_relu_input(), 'pp.exact', x, w, seed=seed)
+  assert outcome.status == 'skipped', [f.describe() for f in outcome.findings]
+  assert 'not affine in x' in outcome.reason
+
+
+def test_relu_of_a_positive_x_is_not_affine():
+  # P(2u) - 2 P(u) + P(0) is 0 for relu at u > 0; P(u) + P(-u) - 2 P(0) is
+  # not.  The dense layer is affine in both its operands.
+  relu_ctx = CheckContext(_relu_input(), [np.ones((2, 3), np.float32),
+                                          np.ones((3, 2), np.float32)], {})
+  assert 0 in relu_ctx.nonaffine_operands()
+  dense_ctx = CheckContext(etp.etp_mm_p, [np.ones((2, 3), np.float32),
+                                          np.ones((3, 2), np.float32)],
+                           {'has_bias': False})
+  assert not dense_ctx.nonaffine_operands()
 
 
 # ------------------------------------------ the draws themselves

@@ -593,11 +593,15 @@ class CheckContext:
       try:
         f0 = y_of(ops[:i] + [np.zeros_like(v)] + ops[i + 1:])
         f2 = y_of(ops[:i] + [v + v] + ops[i + 1:])
+        f_neg = y_of(ops[:i] + [-v] + ops[i + 1:])
       except Exception:  # pylint: disable=broad-except
         found.add(i)
         continue
-      scale = max(abs_max(f0), abs_max(f1), abs_max(f2))
-      residual = abs_max(f2 - 2 * f1 + f0)
+      scale = max(abs_max(f0), abs_max(f1), abs_max(f2), abs_max(f_neg))
+      # P(2u) - 2 P(u) + P(0) misses a positively homogeneous P (relu(x)
+      # @ W at a positive x): P(u) + P(-u) - 2 P(0) does not.
+      residual = np.max([abs_max(f2 - 2 * f1 + f0),   # nan stays nan
+                         abs_max(f1 + f_neg - 2 * f0)])
       if not np.isfinite(residual) or residual > AFFINE_SLACK * (
           atol + rtol * scale):
         found.add(i)
@@ -605,7 +609,8 @@ class CheckContext:
 
   def nonaffine_operands(self) -> frozenset:
     """Positions of the floating operands in which the bind is not affine:
-    ``P(2u) - 2 P(u) + P(0)`` beyond rounding, the others as given (a
+    ``P(2u) - 2 P(u) + P(0)`` or ``P(u) + P(-u) - 2 P(0)`` beyond rounding,
+    the others as given (a
     learnable gain ``exp(s) * (x @ W)`` is not affine in ``s``).  Found once
     per case, on the case as given (:attr:`root`: primitive.jit's program,
     nothing new to compile).  See :meth:`magnitudes`."""
