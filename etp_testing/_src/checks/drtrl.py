@@ -319,7 +319,8 @@ def check_drtrl_instant(ctx):
   # the terms: jax.vjp of the bind on absolute values gives their size.
   terms = xy_to_dw_checks.term_sizes(ctx, cg)
   for k in ctx.weights:
-    ctx.compare(solved[k], want[k], rule='solve_drtrl', key=k,
+    # Either rule of the pair may be the wrong one: the finding names both.
+    ctx.compare(solved[k], want[k], rule='instant_drtrl/solve_drtrl', key=k,
                 term_scale=terms.get(k),
                 what='solve_drtrl(c, instant_drtrl(x, g, w)) vs '
                 'xy_to_dw(x, c*g, w)')
