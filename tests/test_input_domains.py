@@ -3,11 +3,13 @@
 
 The harness draws inputs of its own (a recurrence's steps, the points of a
 Jacobian, pp-prop's affinity test).  Drawn from a normal distribution they
-left the domain: correct rules failed (an embedding's indices -2 to 2,
-``log`` of a negative input), a wrong rule passed on no measured element
+left a restricted domain: correct rules failed (an embedding's indices -2 to
+2, ``log`` of a negative input), a wrong rule passed on no measured element
 (``sqrt(W)``), and pp-prop was judged on a primitive it does not apply to
-(``relu(x) @ W``) or skipped where it does (boolean spikes).  Each test pairs
-a correct primitive that passes with a broken one that is caught.
+(``relu(x) @ W``) or skipped where it does (boolean spikes).  Where the
+domain is not restricted they still change sign (a rule right only for a
+positive ``x``).  Each test pairs a correct primitive that passes with a
+broken one that is caught.
 """
 
 import itertools
@@ -212,9 +214,40 @@ def test_values_like_keeps_a_domain_and_varies_with_the_step():
   assert np.all(scaled[..., :2] <= 3.0)
 
 
-def test_values_like_draws_a_normal_for_an_affine_operand():
+def test_values_like_draws_a_normal_where_the_domain_is_not_restricted():
   # Unchanged for the operands of every built-in: the same numbers as before.
   x = np.ones((2, 3), np.float32)
   ctx = _context(x, np.ones((3, 2), np.float32))
+  assert not ctx.restricted_operands()
   np.testing.assert_array_equal(np.asarray(ctx.values_like('t', 0, (2,))),
                                 np.asarray(ctx.normal('t', (2, 2, 3))))
+  # log(x) @ W: x is restricted, W is not.
+  log_ctx = _context(x, np.ones((3, 2), np.float32),
+                     prim=_log_input(_log_xy))
+  assert log_ctx.restricted_operands() == {0}
+  assert np.all(log_ctx.values_like('t', 0, (2,)) > 0)
+
+
+# ------------------------------- a rule right only for a positive x
+def _routed(impl):
+  """Dense rules (``W[i, j]`` anchored at ``y[j]``) on ``impl``."""
+  def xy_to_dw(x, g, weights):
+    return {'weight': jnp.einsum('bi,bo->io', x, g).astype(
+        weights['weight'].dtype)}
+  return _register('routed', impl, xy_to_dw, _row_yw)
+
+
+def _reversed_for_negative_x(x, w):
+  y = x @ w
+  return jnp.where(x[:, :1] > 0, y, y[:, ::-1])
+
+
+def test_steps_change_sign_where_the_domain_allows():
+  # Dense rules are right for this primitive only where x[b, 0] > 0, as on
+  # this case: the steps' inputs must leave its signs behind to catch them.
+  x = np.abs(RNG.standard_normal((2, 3))).astype(np.float32)
+  w = RNG.standard_normal((3, 4)).astype(np.float32)
+  assert _failed_on(_outcome(_routed(_reversed_for_negative_x), 'drtrl.exact',
+                             x, w), 'drtrl')
+  correct = _outcome(_routed(lambda x, w: x @ w), 'drtrl.exact', x, w)
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]

@@ -607,6 +607,34 @@ class CheckContext:
         found.add(i)
     return frozenset(found)
 
+  @functools.cached_property
+  def _restricted(self) -> frozenset:
+    """:meth:`restricted_operands` of this context's operands."""
+    bind = jitted_bind(self)
+    ops = list(self.operands)
+    found = set()
+    for i, o in enumerate(ops):
+      if not _is_float(o) or not np.size(o):
+        continue
+      v = np.asarray(self.normal(f'domain.{i}', np.shape(o), o.dtype))
+      try:
+        finite = all(np.all(np.isfinite(np.asarray(executor.y_of_outputs(
+            self.primitive, bind(ops[:i] + [u] + ops[i + 1:])))))
+                     for u in (v, -v))
+      except Exception:  # pylint: disable=broad-except
+        finite = False
+      if not finite:
+        found.add(i)
+    return frozenset(found)
+
+  def restricted_operands(self) -> frozenset:
+    """Positions of the floating operands with a restricted domain: the
+    bind's output is not finite at a standard normal draw of the operand or
+    at its negation, the others as given (``log(x)``, ``sqrt(W)``).  Found
+    once per case, on the case as given (:attr:`root`: primitive.jit's
+    program, nothing new to compile).  See :meth:`values_like`."""
+    return self.root._restricted
+
   def nonaffine_operands(self) -> frozenset:
     """Positions of the floating operands in which the bind is not affine:
     ``P(2u) - 2 P(u) + P(0)`` or ``P(u) + P(-u) - 2 P(0)`` beyond rounding,
@@ -777,13 +805,14 @@ class CheckContext:
     the case's own value is: the inputs of a recurrence's steps, the points
     at which a Jacobian is taken.
 
-    * A floating operand the bind is affine in (:meth:`nonaffine_operands`):
-      standard normal, as :meth:`normal` (an affine map takes any value, and
-      signs change from draw to draw).
-    * Any other floating operand: :meth:`rescaled` (``log(x)`` and
-      ``sqrt(W)`` stay finite: drawn from a normal distribution, the
-      recurrence's inputs made ``log`` return ``nan`` and failed correct
-      rules at ``inf`` times the bound).
+    * A floating operand: standard normal, as :meth:`normal`, so that signs
+      change from draw to draw (a rule right only for a positive ``x`` is
+      caught on a case whose ``x`` is positive) ...
+    * ... unless its domain is restricted (:meth:`restricted_operands`):
+      then :meth:`rescaled`, so ``log(x)`` and ``sqrt(W)`` stay finite
+      (drawn from a normal distribution, the recurrence's inputs made
+      ``log`` return ``nan`` and failed correct rules at ``inf`` times the
+      bound).
     * An integer or boolean operand (indices, spikes): :meth:`permuted`
       (cast from a normal draw, an embedding's indices were -2 to 2 whatever
       its table's size, and failed a correct ``xy_to_dw``).
@@ -791,7 +820,7 @@ class CheckContext:
     value = self.operands[index] if operand is None else operand
     shape = tuple(lead) + tuple(np.shape(value))
     if _is_float(value):
-      if index not in self.nonaffine_operands():
+      if index not in self.restricted_operands():
         return self.normal(tag, shape, value.dtype)
       return self.rescaled(tag, value, lead)
     return self.permuted(tag, value, lead)
