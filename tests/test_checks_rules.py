@@ -1188,6 +1188,32 @@ def test_drtrl_instant_catches_inconsistent_pair():
                 PAIR, 'lora_b')
 
 
+def _lora_b_yw_summed_over_outputs(g, trace, **params):
+  # Wrong: lora_b's trace keeps output positions, each carried by its own g.
+  out = lora._yw_to_w(g, trace, **params)
+  summed = g.sum(-1)[..., None, None, None] * trace['lora_b']
+  return {**out, 'lora_b': summed}
+
+
+@pytest.mark.parametrize('broken, hint', [
+    (dict(yw_to_w=_lora_b_yw_summed_over_outputs), 'yw_to_w, is the likely'),
+    (dict(solve_drtrl=_solve_lora_b_scaled_by(3.0)), 'fails over its first'),
+])
+def test_a_failed_drtrl_exact_says_whether_one_step_fails_too(broken, hint):
+  # lora_b reaches every output: its yw_to_w is judged by drtrl.exact alone
+  # (yw_to_w.anchor has no element to pick g for), so the message says
+  # whether carrying the trace is what goes wrong.
+  ops = (X, W[:, :2], W[:2])
+  outcome = run(lora_variant(**broken), 'drtrl.exact', *ops, alpha=0.5,
+                has_bias=False)
+  assert_caught(outcome, 'drtrl', 'lora_b')
+  failed = [f.message for f in outcome.findings if not f.passed]
+  assert all(hint in m for m in failed), failed
+  correct = run(lora_variant(), 'drtrl.exact', *ops, alpha=0.5,
+                has_bias=False)
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+
+
 # ------------------------------------------- fast mode's trace budget
 LORA_OPS = (X, W[:, :2], W[:2])   # batch 3: a batch of one is a third
 

@@ -279,6 +279,7 @@ def check_drtrl_exact(ctx):
   except Exception:  # pylint: disable=broad-except
     results = None   # run them one by one, so the failure names its run
   terms = _term_scales(ctx, rules, runs) if results is not None else None
+  first = len(ctx.findings)
   for i, (label, n_state, with_fn, args) in enumerate(runs):
     got, want = (results[i] if results is not None
                  else _gradients(ctx, rules, *args, with_fn))
@@ -291,6 +292,51 @@ def check_drtrl_exact(ctx):
                   f'n_state={n_state}'
                   + (', declared approximate)' if k in ctx.rules.approximate
                      else ')'))
+  failed = [f for f in ctx.findings[first:] if not f.passed and f.key]
+  if failed and results is not None:
+    _say_where_it_fails(ctx, rules, runs, failed)
+
+
+# What a failed drtrl.exact adds to its message, by whether the runs over
+# their first step alone (where no trace is carried) match jax.grad.
+ONE_STEP_PASSES = (
+    'over its first step alone, where no trace is carried from one step to '
+    'the next, D-RTRL matches jax.grad: carrying the trace, yw_to_w, is the '
+    'likely culprit')
+ONE_STEP_FAILS = (
+    'it fails over its first step alone too, where no trace is carried: look '
+    'at the trace increment ({increment}), its contraction with the learning '
+    'signal ({contraction}) and init_drtrl')
+
+
+def _say_where_it_fails(ctx, rules, runs, failed) -> None:
+  """Adds to each failed finding whether D-RTRL also fails over the runs'
+  first step alone: there the trace starts at zero and ``yw_to_w`` carries
+  nothing, so a rule wrong only in carrying it is told apart from one wrong
+  in the increment (a wrong ``yw_to_w`` on a trace that keeps output
+  positions fails nowhere else: its weight is not anchored).  Runs only on
+  a failure: a program for one step is one more compilation."""
+  first_step = [(label, n_state, with_fn,
+                 (ops, None if xs is None else xs[:1], a[:1], bf[:1], c[:1]))
+                for label, n_state, with_fn, (ops, xs, a, bf, c) in runs]
+  try:
+    results = _all_drtrl_gradients(ctx, rules, tuple(
+        r[2] for r in first_step))([r[3] for r in first_step])
+  except Exception:  # pylint: disable=broad-except
+    return   # the failure already says what is wrong
+  terms = _term_scales(ctx, rules, first_step) or [{}] * len(first_step)
+  increment = 'instant_drtrl' if rules.instant_drtrl else 'xy_to_dw'
+  contraction = 'solve_drtrl' if rules.solve_drtrl else 'yw_to_w'
+  for finding in failed:
+    k = finding.key
+    passes = all(
+        k in got and _close(ctx, got[k], want[k], np.asarray(want[k]).dtype,
+                            max(float(np.max(np.abs(want[k]), initial=0.0)),
+                                float(np.max(term.get(k, 0.0), initial=0.0))))
+        for (got, want), term in zip(results, terms))
+    finding.message += '; ' + (ONE_STEP_PASSES if passes else ONE_STEP_FAILS
+                               .format(increment=increment,
+                                       contraction=contraction))
 
 
 @check('drtrl.instant')
