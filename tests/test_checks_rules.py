@@ -1174,6 +1174,41 @@ def test_drtrl_exact_batch_of_one_variant_catches_batch_only_rule():
              if not f.passed)
 
 
+def _dense_pair(summed_over_batch: bool):
+  """instant_drtrl/solve_drtrl for the dense layer; ``summed_over_batch``:
+  the increment sums the batch (wrong: the trace is per example), with an
+  ``init_drtrl`` and ``solve_drtrl`` to match, so that every shape agrees."""
+  def instant(x, g, weights, *, has_bias):
+    out = {'weight': jnp.einsum('bi,bo->bio', x, g)}
+    if has_bias:
+      out['bias'] = g
+    return jax.tree.map(lambda v: v.sum(0), out) if summed_over_batch else out
+
+  def solve(c, trace, *, has_bias):
+    c = c.sum(0) if summed_over_batch else c
+    out = {'weight': c[..., None, :] * trace['weight'],
+           'bias': c * trace['bias']} if has_bias else {
+               'weight': c[..., None, :] * trace['weight']}
+    return {k: v if summed_over_batch else v.sum(0) for k, v in out.items()}
+
+  def init(x_var, y_var, weight_vars, n_state):
+    traces = etp.rules_of(etp.etp_mm_p).init_drtrl(x_var, y_var, weight_vars,
+                                                   n_state)
+    return {k: v[0] for k, v in traces.items()} if summed_over_batch \
+        else traces
+  return dict(instant_drtrl=instant, solve_drtrl=solve, init_drtrl=init)
+
+
+@pytest.mark.parametrize('check', ['init.drtrl', 'drtrl.exact'])
+def test_an_increment_summed_over_the_batch_is_blamed_on_instant_drtrl(check):
+  # Its init_drtrl agrees with it, so every shape fits until yw_to_w's g,
+  # which keeps the batch, broadcasts its result: yw_to_w was blamed.
+  assert_caught(run(dense_variant(**_dense_pair(True)), check),
+                'instant_drtrl')
+  correct = run(dense_variant(**_dense_pair(False)), check)
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+
+
 def _solve_lora_b_scaled_by(factor):
   def solve(c, trace, **params):
     out = lora._solve_drtrl(c, trace, **params)

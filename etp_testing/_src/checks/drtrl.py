@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from etp_testing._src import executor, tolerances
+from etp_testing._src.checks import init as init_checks
 from etp_testing._src.checks import xy_to_dw as xy_to_dw_checks
 from etp_testing._src.checks.registry import check
 from etp_testing._src.context import (absolute, compiled, jitted_bind,
@@ -197,6 +198,8 @@ def blame_composition(ctx, rules, operands) -> None:
     return
   ctx.check_keys('init_drtrl', traces, weights.keys())
   ctx.check_keys(increment, added, weights.keys())
+  init_checks.require_per_example_increments(
+      ctx, {k: v.shape for k, v in added.items()}, y.shape)
   states = {k: jax.ShapeDtypeStruct(v.shape[:-1], v.dtype)
             for k, v in traces.items()}
   per_example = prim.batched and rules.instant_drtrl is None

@@ -194,7 +194,26 @@ def _increment_shapes(ctx, operands):
   except Exception as e:  # pylint: disable=broad-except
     rule = 'instant_drtrl' if ctx.rules.instant_drtrl else 'xy_to_dw'
     raise RuleFailure(rule, raised(rule, e)) from e
-  return {k: tuple(np.shape(v)) for k, v in inc.items()}
+  shapes = {k: tuple(np.shape(v)) for k, v in inc.items()}
+  require_per_example_increments(ctx, shapes, y.shape)
+  return shapes
+
+
+def require_per_example_increments(ctx, shapes, y_shape) -> None:
+  """Raises a :class:`RuleFailure` naming ``instant_drtrl`` where a batched
+  primitive's increment (leaf ``shapes``) does not lead with the batch:
+  the D-RTRL trace is per example, each carried by its own ``A_t``.  An
+  increment summed over the batch, with an ``init_drtrl`` to match, was
+  otherwise blamed on ``yw_to_w``, whose result the batch broadcast into."""
+  if not ctx.batched or ctx.rules.instant_drtrl is None or not y_shape:
+    return
+  batch = y_shape[0]
+  for k, shape in shapes.items():
+    if tuple(shape[:1]) != (batch,):
+      raise RuleFailure('instant_drtrl', (
+          f'returned shape {tuple(shape)} for a batch of {batch}: a batched '
+          "primitive's D-RTRL trace is per example, so the increment's "
+          'leading axis is the batch'), key=k)
 
 
 def _trace_shapes(ctx, operands) -> dict:
