@@ -638,10 +638,10 @@ class CheckContext:
   def nonaffine_operands(self) -> frozenset:
     """Positions of the floating operands in which the bind is not affine:
     ``P(2u) - 2 P(u) + P(0)`` or ``P(u) + P(-u) - 2 P(0)`` beyond rounding,
-    the others as given (a
-    learnable gain ``exp(s) * (x @ W)`` is not affine in ``s``).  Found once
-    per case, on the case as given (:attr:`root`: primitive.jit's program,
-    nothing new to compile).  See :meth:`magnitudes`."""
+    the others as given (a learnable gain ``exp(s) * (x @ W)`` is not
+    affine in ``s``).  Found once per case, on the case as given
+    (:attr:`root`: primitive.jit's program, nothing new to compile).  See
+    :meth:`magnitudes`."""
     return self.root._nonaffine
 
   def magnitudes(self, operands) -> list:
@@ -797,7 +797,9 @@ class CheckContext:
       rows = [value[rng.permutation(value.shape[0])] for _ in range(count)]
     else:
       rows = [value] * count
-    return np.stack(rows).reshape(tuple(lead) + value.shape) if lead else rows[0]
+    if not lead:
+      return rows[0]
+    return np.stack(rows).reshape(tuple(lead) + value.shape)
 
   def values_like(self, tag: str, index: int, lead=(), operand=None):
     """Values for operand ``index`` (``operand`` if given: a batch of one,

@@ -8,7 +8,9 @@ r"""D-RTRL and pp-prop: the rules composed, against ``jax.grad`` of the loop.
   fails one of the two).
   ``gradient_enabled`` primitives also run through a non-linear ``fn``
   (``element_wise(w, fn)``), so JAX's VJP of ``fn`` is chained on.  Weights the
-  primitive declares approximate are measured, not judged.
+  primitive declares approximate are measured, not judged.  The steps'
+  inputs are ``CheckContext.values_like`` the case's ``x``; a failure says
+  whether the first step alone, where no trace is carried, fails too.
 * ``drtrl.instant``: where the primitive has ``instant_drtrl``/``solve_drtrl``:
   :math:`\mathrm{solve}(c, \mathrm{instant}(x, g, w)) = \mathrm{xy\_to\_dw}(x, c \odot g, w)`.
 * ``pp.exact``: for a primitive linear in ``x``, pp-prop's factorised gradient
@@ -16,7 +18,8 @@ r"""D-RTRL and pp-prop: the rules composed, against ``jax.grad`` of the loop.
   :math:`\varepsilon^x_t = \alpha \varepsilon^x_{t-1} + x_t` equals ``jax.grad``
   of :math:`\sum_t \langle c_t, h_t \rangle`, :math:`h_t = \alpha h_{t-1} + P(x_t, w)`,
   for every key whose ``xy_to_dw`` is homogeneous in ``x`` (not an affine
-  primitive's bias, which the finding reports as not applicable).
+  primitive's bias, which the finding reports as not applicable).  A boolean
+  or integer ``x`` is judged as a real number, the input trace being a float.
 """
 
 from __future__ import annotations
