@@ -616,6 +616,27 @@ def test_vmap_catches_coupled_examples_behind_a_batching_rule_of_its_own():
              for f in report.outcome('primitive.vmap').findings) == 4
 
 
+def _weighted_by_position_impl(x, weight, *bias, has_bias):
+  # Example b is scaled by b + 1: independent, but not of its position.
+  y = dense._impl(x, weight, *bias, has_bias=has_bias)
+  return y * (1 + jnp.arange(x.shape[0], dtype=y.dtype))[:, None]
+
+
+def test_vmap_says_when_examples_depend_on_their_position():
+  # Changing one example leaves the others be, so the independence test
+  # passes; vmap and D-RTRL failed with nothing to say why.
+  prim = _dense_clone('by_position', impl=_weighted_by_position_impl)
+  report = _run(prim, _dense_case(), ['primitive.vmap'])
+  first = next(f for f in report.outcome('primitive.vmap').findings
+               if not f.passed)
+  assert first.rule == 'impl' and 'position in the batch' in first.message
+  correct = _run(_dense_clone('by_position_correct'), _dense_case(),
+                 ['primitive.vmap'])
+  _assert_passed(correct, 'primitive.vmap')
+  assert any('position in the batch' in f.message
+             for f in correct.outcome('primitive.vmap').findings)
+
+
 def test_vmap_keeps_integer_operands_valid():
   # Mapped sparse indices are permuted per example (still valid, distinct).
   rng = np.random.default_rng(3)
