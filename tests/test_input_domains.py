@@ -181,6 +181,33 @@ def test_pp_exact_skips_relu_of_x_whatever_the_draw(seed):
   assert 'not affine in x' in outcome.reason
 
 
+def _clipped_input(factor=1.0):
+  """``y = clip(x, -1, 1) @ W``: odd, and linear inside [-1, 1] only;
+  ``factor`` scales ``xy_to_dw`` (1: correct)."""
+  def xy_to_dw(x, g, weights):
+    return {'weight': factor * jnp.einsum('bi,bo->io', jnp.clip(x, -1, 1), g
+                                          ).astype(weights['weight'].dtype)}
+  return _register('clipped_input', lambda x, w: jnp.clip(x, -1, 1) @ w,
+                   xy_to_dw, _row_yw)
+
+
+def test_pp_exact_applies_where_its_own_inputs_say_so():
+  # clip passes every probe that falls inside [-1, 1] (likely for a 1 x 1
+  # x), and the sign flip (it is odd); the loop's inputs fell outside and
+  # failed a correct rule at seeds 0 and 8.  Where pp-prop applies is now
+  # decided on the loop's own inputs: skipped there, judged at seed 5
+  # (every input inside), where a rule 10 % off is caught.
+  x, w = np.array([[1.046]], np.float32), np.array([[0.3]], np.float32)
+  for seed in (0, 8):
+    outcome = _outcome(_clipped_input(), 'pp.exact', x, w, seed=seed)
+    assert outcome.status == 'skipped', [f.describe()
+                                         for f in outcome.findings]
+  assert _outcome(_clipped_input(), 'pp.exact', x, w,
+                  seed=5).status == 'passed'
+  assert _failed_on(_outcome(_clipped_input(1.1), 'pp.exact', x, w, seed=5),
+                    'xy_to_dw')
+
+
 def test_relu_of_a_positive_x_is_not_affine():
   # P(2u) - 2 P(u) + P(0) is 0 for relu at u > 0; P(u) + P(-u) - 2 P(0) is
   # not.  The dense layer is affine in both its operands.
