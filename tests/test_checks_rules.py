@@ -1249,6 +1249,33 @@ def test_a_failed_drtrl_exact_says_whether_one_step_fails_too(broken, hint):
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
 
 
+def _wrong_in_bfloat16(rule):
+  """``rule`` with lora_b's result 1.5 times too large in bfloat16 only."""
+  def wrong(first, *args, **params):
+    out = rule(first, *args, **params)
+    if first.dtype == jnp.bfloat16:
+      out = {**out, 'lora_b': 1.5 * out['lora_b']}
+    return out
+  return wrong
+
+
+@pytest.mark.parametrize('name', ['instant_drtrl', 'solve_drtrl', 'yw_to_w'])
+def test_drtrl_instant_judges_the_pair_and_yw_to_w_in_half_precision(name):
+  # drtrl.exact and drtrl.instant run half-precision cases on float32
+  # copies, and lora_b is not anchored (yw_to_w.anchor does not judge it):
+  # nothing called these rules in bfloat16, and one wrong there passed.
+  bf16 = tuple(np.asarray(o, jnp.bfloat16) for o in (X, W[:, :2], W[:2]))
+  broken = lora_variant(**{name: _wrong_in_bfloat16(
+      getattr(etp.rules_of(etp.etp_lora_mm_p), name))})
+  assert_caught(run(broken, 'drtrl.instant', *bf16, alpha=0.5,
+                    has_bias=False), name, 'lora_b')
+  correct = run(lora_variant(), 'drtrl.instant', *bf16, alpha=0.5,
+                has_bias=False)
+  assert correct.status == 'passed', [f.describe() for f in correct.findings]
+  assert any('in bfloat16 vs on float32 copies' in f.message
+             for f in correct.findings)
+
+
 # ------------------------------------------- fast mode's trace budget
 LORA_OPS = (X, W[:, :2], W[:2])   # batch 3: a batch of one is a third
 

@@ -673,7 +673,9 @@ class CheckContext:
     each took the correct LoRA pair to 1.02 of it (1 case in 400).  What
     they check, how the rules compose, does not depend on the dtype; how
     the rules treat half-precision operands is ``xy_to_dw.*``,
-    ``yw_to_w.*`` and ``init.*``'s business, and those run in it."""
+    ``yw_to_w.*`` and ``init.*``'s business, and those run in it, and
+    ``drtrl.instant``'s, which runs each of ``instant_drtrl``,
+    ``solve_drtrl`` and ``yw_to_w`` in it against float32 copies."""
     half = {i for i, o in enumerate(self.operands)
             if o.dtype in (jnp.float16, jnp.bfloat16)}
     if not half:
@@ -685,7 +687,7 @@ class CheckContext:
         'half precision: the check runs on float32 copies of operands '
         f'{sorted(half)} (the rounding of its composed rules is beyond the '
         "half-precision bounds; the rules' own half-precision results are "
-        'judged by xy_to_dw.*, yw_to_w.* and init.*)'))
+        'judged by xy_to_dw.*, yw_to_w.*, init.* and drtrl.instant)'))
     return wide
 
   def mixed_precision_avals(self, dtypes=MIXED_DTYPES) -> list:

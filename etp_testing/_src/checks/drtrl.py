@@ -12,7 +12,9 @@ r"""D-RTRL and pp-prop: the rules composed, against ``jax.grad`` of the loop.
   inputs are ``CheckContext.values_like`` the case's ``x``; a failure says
   whether the first step alone, where no trace is carried, fails too.
 * ``drtrl.instant``: where the primitive has ``instant_drtrl``/``solve_drtrl``:
-  :math:`\mathrm{solve}(c, \mathrm{instant}(x, g, w)) = \mathrm{xy\_to\_dw}(x, c \odot g, w)`.
+  :math:`\mathrm{solve}(c, \mathrm{instant}(x, g, w)) = \mathrm{xy\_to\_dw}(x, c \odot g, w)`;
+  for half-precision operands, each of the pair and ``yw_to_w`` in that
+  precision equals itself on float32 copies.
 * ``pp.exact``: for a primitive linear in ``x``, pp-prop's factorised gradient
   :math:`\sum_t \mathrm{xy\_to\_dw}(\varepsilon^x_t, c_t)` with
   :math:`\varepsilon^x_t = \alpha \varepsilon^x_{t-1} + x_t` equals ``jax.grad``
@@ -354,8 +356,10 @@ def check_drtrl_instant(ctx):
   # Float32 first, as for the recurrences: each side chains about four
   # roundings, and in bfloat16 the correct LoRA pair came to 1.02 of the
   # table's bound (soak seed 70, etp_lora_mv).
-  ctx = ctx.in_float32_for_composed_rules('solve_drtrl').for_traces(
-      copies=2)   # the increment and its solve (measured)
+  wide = ctx.in_float32_for_composed_rules('solve_drtrl')
+  if wide is not ctx:   # half precision
+    _check_rules_in_half_precision(ctx, wide)
+  ctx = wide.for_traces(copies=2)   # the increment and its solve (measured)
   y = ctx.y_aval()
   g = ctx.normal('drtrl.instant.g', y.shape, y.dtype)
   c = ctx.normal('drtrl.instant.c', y.shape, y.dtype)
@@ -376,6 +380,55 @@ def check_drtrl_instant(ctx):
                 term_scale=terms.get(k),
                 what='solve_drtrl(c, instant_drtrl(x, g, w)) vs '
                 'xy_to_dw(x, c*g, w)')
+
+
+def _check_rules_in_half_precision(half, wide) -> None:
+  """Where operands are float16 or bfloat16: ``instant_drtrl``,
+  ``solve_drtrl`` and ``yw_to_w`` each give in that precision what they give
+  on float32 copies of the same values, within its bound (one rule's
+  roundings, not the composed chains the float32 checks avoid).  Nothing
+  else calls these rules in half precision where a weight is not anchored:
+  three rules wrong only for bfloat16 passed the whole battery (a depthwise
+  conv's instant_drtrl ignoring its dilation; second red-team audit).  The
+  float32 results are judged by drtrl.exact and the check this is part of.
+  ``|values|`` through the float32 rule size the terms each one sums."""
+  dtype = tolerances.coarsest(*(o.dtype for o in half.operands
+                                if jnp.issubdtype(o.dtype, jnp.inexact)))
+  y = half.y_aval()
+  g = np.asarray(half.normal('drtrl.half.g', y.shape, y.dtype))
+  c = np.asarray(half.normal('drtrl.half.c', y.shape, y.dtype))
+  wide32 = lambda v: np.asarray(v, np.float32)
+  x_mag, w_mag, _ = wide.primitive.split_operands(
+      wide.magnitudes(wide.operands), wide.params)
+  trace = half.call_rule('instant_drtrl', half.x, g, half.weights)
+  half.check_keys('instant_drtrl', trace, half.weights.keys())
+  traces = random_traces_like(half, 'drtrl.half.T', trace)
+  runs = (   # rule, half-precision arguments, float32 ones, their magnitudes
+      ('instant_drtrl', (half.x, g, half.weights), (wide.x, wide32(g),
+                                                   wide.weights),
+       (x_mag, np.abs(wide32(g)), w_mag)),
+      ('solve_drtrl', (c, trace), (wide32(c), jax.tree.map(wide32, trace)),
+       (np.abs(wide32(c)), jax.tree.map(lambda v: np.abs(wide32(v)), trace))),
+      ('yw_to_w', (g, traces), (wide32(g), jax.tree.map(wide32, traces)),
+       (np.abs(wide32(g)), jax.tree.map(lambda v: np.abs(wide32(v)),
+                                        traces))))
+  for rule, args, args32, magnitudes in runs:
+    got = half.call_rule(rule, *args)
+    want = wide.call_rule(rule, *args32)
+    terms = terms_or_none(lambda *a, rule=rule: wide.call_rule(rule, *a),
+                          *magnitudes) or {}
+    half.check_keys(rule, got, want.keys())
+    for k in want:
+      half.compare(got[k], want[k], rule=rule, key=k, dtype=dtype,
+                   term_scale=terms.get(k),
+                   what=f'{rule} in {jnp.dtype(dtype).name} vs on float32 '
+                   'copies of the same values')
+
+
+def random_traces_like(ctx, tag, traces) -> dict:
+  """Random traces of ``traces``' shapes and dtypes, on the host."""
+  return {k: np.asarray(ctx.normal(f'{tag}.{k}', np.shape(v), v.dtype))
+          for k, v in traces.items()}
 
 
 def _close(ctx, a, b, dtype, scale=None) -> bool:
