@@ -269,10 +269,19 @@ def pp_gradient(primitive, operands, params, xs, C, alpha, rules=None) -> dict:
   x_var, y_var, weight_vars = jaxpr_vars(primitive, operands, params)
   eps_f = jnp.ones_like(call_init_rule(rules.init_pp, x_var, y_var,
                                       weight_vars, 1, rule_params)[..., 0])
+  return pp_factorised(
+      lambda eps_x, g: rules.xy_to_dw(eps_x, g, weights, **rule_params),
+      weights, xs, C, eps_f, alpha)
+
+
+def pp_factorised(xy_to_dw, weights, xs, C, eps_f, alpha) -> dict:
+  r""":math:`\sum_t \mathrm{xy\_to\_dw}(\varepsilon^x_t, c_t \odot \varepsilon^f)`
+  with :math:`\varepsilon^x_t = \alpha \varepsilon^x_{t-1} + x_t`, for any
+  ``xy_to_dw(eps_x, g) -> {key: gradient}`` (a rule, or ``jax.vjp``)."""
   eps_x = jnp.zeros_like(xs[0])
   grads = {k: jnp.zeros_like(w) for k, w in weights.items()}
   for t in range(xs.shape[0]):
     eps_x = alpha * eps_x + xs[t]
-    dw = rules.xy_to_dw(eps_x, C[t] * eps_f, weights, **rule_params)
+    dw = xy_to_dw(eps_x, C[t] * eps_f)
     grads = {k: grads[k] + dw[k] for k in grads}
   return grads

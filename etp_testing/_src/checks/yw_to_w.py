@@ -22,6 +22,7 @@ r"""Checks of ``yw_to_w``, the y -> w link of the D-RTRL recurrence.
 from __future__ import annotations
 
 import itertools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -56,11 +57,14 @@ def trace_shapes(ctx) -> dict:
 
 
 def random_traces(ctx, tag, shapes, dtype, keys=None):
-  """Random traces of ``shapes``; only ``keys``' random where given (the
-  others zeros: a rule needs every key, but a check that compares some
-  need not draw LoRA's 1 GiB trace for one it does not)."""
-  return {k: ctx.normal(f'{tag}.{k}', s, dtype) if keys is None or k in keys
-          else np.zeros(s, dtype) for k, s in shapes.items()}
+  """Random traces of ``shapes`` in ``dtype`` (one, or one per key); only
+  ``keys``' random where given (the others zeros: a rule needs every key,
+  but a check that compares some need not draw LoRA's 1 GiB trace for one
+  it does not)."""
+  dtype_of = dtype.get if isinstance(dtype, Mapping) else lambda _: dtype
+  return {k: ctx.normal(f'{tag}.{k}', s, dtype_of(k))
+          if keys is None or k in keys else np.zeros(s, dtype_of(k))
+          for k, s in shapes.items()}
 
 
 def _example_operands(ctx, point: int):
