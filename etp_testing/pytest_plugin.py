@@ -10,6 +10,7 @@ it, ``cli`` for an option type and ``errors``): the work lives in
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -75,6 +76,8 @@ def pytest_configure(config):
       'or a user test that runs the battery).')
   _register_profiles()
   if config.getoption('etp_check', False):
+    if hasattr(config, 'workerinput'):
+      _share_the_gpu()
     from etp_testing._src.plugin import EtpCheckPlugin
     config.pluginmanager.register(EtpCheckPlugin(config), 'etp-check-session')
     return
@@ -83,6 +86,52 @@ def pytest_configure(config):
       raise pytest.UsageError(
           f'{PREFIX}{arg} is a check of the ETP battery, collected '
           'with --etp-check: pytest --etp-check ' + arg)
+
+
+def _share_the_gpu():
+  """In an xdist worker, before JAX starts its backend: JAX preallocates 75 %
+  of a GPU's memory per process, so a second worker on the same GPU would run
+  out; each allocates what it uses instead.  A user's own setting wins."""
+  if not any(v in os.environ for v in (
+      'XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION',
+      'XLA_CLIENT_MEM_FRACTION')):
+    os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+
+
+def _dist_given(config) -> bool:
+  """Whether the command line chose xdist's distribution mode itself."""
+  return any(a in ('-d', '--distload') or a.startswith('--dist')
+             for a in config.invocation_params.args)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """Under ``pytest --etp-check -n N``, hands the workers whole primitives.
+
+  xdist's default (``load``) deals items out one at a time, so a primitive's
+  checks land on every worker, and each worker compiles the programs they
+  share (``primitive.jit``'s, the case's oracles) again.  xdist's
+  ``loadscope`` keeps the items of one scope on one worker, and a battery
+  id's scope is ``etp::<primitive>``.  A ``--dist`` on the command line is
+  left alone."""
+  if not config.getoption('etp_check', False) or _dist_given(config):
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+  return LoadScopeScheduling(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto`` with ``--etp-check``: no more workers than primitives to
+  check, as each takes one primitive at a time (see
+  ``pytest_xdist_make_scheduler``) and a worker costs a JAX start-up.
+  ``PYTEST_XDIST_AUTO_NUM_WORKERS`` wins, as it does for xdist."""
+  if (not config.getoption('etp_check', False) or
+      os.environ.get('PYTEST_XDIST_AUTO_NUM_WORKERS')):
+    return None
+  from xdist.plugin import pytest_xdist_auto_num_workers as cpus
+  from etp_testing._src.plugin import battery_primitive_count
+  return max(1, min(cpus(config), battery_primitive_count(config)))
 
 
 @pytest.fixture

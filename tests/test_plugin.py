@@ -10,10 +10,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import types
 
 import pytest
 
 import etp
+from etp_testing.strategies import strategy_for
 
 pytest_plugins = ['pytester']
 
@@ -455,11 +457,98 @@ def test_disabled_with_no_etp(tmp_path):
 
 
 def test_xdist_gives_the_same_outcome(tmp_path):
+  """Under -n, the outcome is the same; a primitive's checks all run on one
+  worker (xdist's default would deal them out over both, and each worker
+  would compile their shared programs again); and a worker leaves GPU memory
+  to the others (a user's test beside the battery reads the setting)."""
   pytest.importorskip('xdist')
-  proc = _run(tmp_path, '--etp-check', *FAST, '-n', '2')
+  (tmp_path / 'test_worker.py').write_text(textwrap.dedent('''
+      import os
+
+      def test_worker_does_not_preallocate():
+        assert os.environ['PYTEST_XDIST_WORKER']
+        assert os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] == 'false'
+      '''))
+  proc = _run(tmp_path, '--etp-check', *FAST, '-n', '2', '-v',
+              'test_worker.py')
   assert proc.returncode == 0, proc.stdout + proc.stderr
-  assert '3 passed' in proc.stdout
+  assert '4 passed' in proc.stdout
   assert 'pass' in proc.stdout.split('etp rule checks')[-1]
+  workers = {line.split()[0] for line in proc.stdout.splitlines()
+             if line.startswith('[gw') and '::etp::' in line}
+  assert len(workers) == 1, proc.stdout
+
+
+def test_xdist_auto_starts_a_worker_per_primitive_at_most(tmp_path):
+  pytest.importorskip('xdist')
+  env_cap = os.environ.get('PYTEST_XDIST_AUTO_NUM_WORKERS')
+  if env_cap or (os.cpu_count() or 1) < 2:
+    pytest.skip('needs 2 CPUs and no PYTEST_XDIST_AUTO_NUM_WORKERS')
+  proc = _run(tmp_path, '--etp-check', *FAST, '--etp-checks', 'init.pp',
+              '-n', 'auto')
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  # One primitive (user_*) is selected: one worker, not one per CPU.
+  assert '1 worker [1 item]' in proc.stdout, proc.stdout
+
+
+class _Config:
+  """The part of a pytest config the xdist hooks read."""
+
+  def __init__(self, etp_check=True, args=(), primitives=None):
+    self.options = {'etp_check': etp_check, 'etp_primitives': primitives,
+                    'etp_checks': None}
+    self.invocation_params = types.SimpleNamespace(args=tuple(args))
+    self.stash = {}
+
+  def getoption(self, name, default=None):
+    return self.options.get(name, default)
+
+
+@pytest.mark.parametrize('args, etp_check, scope', [
+    (('--etp-check', '-n', '2'), True, True),
+    (('--etp-check', '-n', '2', '--dist', 'load'), True, False),
+    (('--etp-check', '-n', '2', '--dist=worksteal'), True, False),
+    (('--etp-check', '-n', '2', '-d'), True, False),
+    (('-n', '2'), False, False),
+])
+def test_xdist_scheduler_is_per_primitive_unless_chosen(args, etp_check,
+                                                        scope, monkeypatch):
+  pytest.importorskip('xdist')
+  from etp_testing import pytest_plugin
+  monkeypatch.setattr('xdist.scheduler.LoadScopeScheduling',
+                      lambda config, log: ('loadscope', config))
+  config = _Config(etp_check, args)
+  got = pytest_plugin.pytest_xdist_make_scheduler(config, log=None)
+  assert got == (('loadscope', config) if scope else None)
+
+
+def test_xdist_auto_workers_capped_by_the_primitives(monkeypatch):
+  pytest.importorskip('xdist')
+  from etp_testing import pytest_plugin
+  monkeypatch.delenv('PYTEST_XDIST_AUTO_NUM_WORKERS', raising=False)
+  monkeypatch.setattr('xdist.plugin.pytest_xdist_auto_num_workers',
+                      lambda config: 16)
+  config = _Config(primitives='etp_mv,etp_mm')
+  assert pytest_plugin.pytest_xdist_auto_num_workers(config) == 2
+  assert pytest_plugin.pytest_xdist_auto_num_workers(_Config()) == len(
+      [p for p in etp.primitives() if strategy_for(p) is not None])
+  assert pytest_plugin.pytest_xdist_auto_num_workers(
+      _Config(etp_check=False)) is None
+  monkeypatch.setenv('PYTEST_XDIST_AUTO_NUM_WORKERS', '3')
+  assert pytest_plugin.pytest_xdist_auto_num_workers(config) is None
+
+
+def test_worker_leaves_gpu_memory_to_the_others(monkeypatch):
+  from etp_testing import pytest_plugin
+  for name in ('XLA_PYTHON_CLIENT_PREALLOCATE',
+               'XLA_PYTHON_CLIENT_MEM_FRACTION', 'XLA_CLIENT_MEM_FRACTION'):
+    monkeypatch.delenv(name, raising=False)
+  pytest_plugin._share_the_gpu()
+  assert os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'] == 'false'
+  monkeypatch.delenv('XLA_PYTHON_CLIENT_PREALLOCATE')
+  monkeypatch.setenv('XLA_CLIENT_MEM_FRACTION', '.3')   # the user's choice
+  pytest_plugin._share_the_gpu()
+  assert 'XLA_PYTHON_CLIENT_PREALLOCATE' not in os.environ
 
 
 def test_fixture_and_marker(tmp_path):

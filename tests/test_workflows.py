@@ -81,3 +81,16 @@ def test_the_minimum_versions_job_pins_pyprojects_floors():
   raised = [d for d in dependencies if not d.startswith('jax>=')]
   assert _floor_mismatches(raised + ['jax>=9.9'], pins) == [
       f'jax: pyproject >=9.9, pinned {_floors(pins)["jax"]}']
+
+
+def test_ci_runs_the_readme_s_two_commands():
+  """``.ci/run`` installs and runs exactly what the README's first block
+  tells a newcomer to, so a green CI run cannot hide a step the README
+  needs or skips."""
+  readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+  block = readme.split('```bash\n', 1)[1].split('```', 1)[0]
+  commands = [line.split('#', 1)[0].strip() for line in block.splitlines()]
+  install, main_job = commands[0].split(' && ')
+  ci = (ROOT / '.ci' / 'run').read_text().splitlines()
+  assert f'python -m {install}' in ci, (install, ci)
+  assert main_job in ci and commands[1] in ci, (commands, ci)

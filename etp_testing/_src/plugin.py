@@ -118,6 +118,17 @@ def selected(config):
   return pairs, unchecked
 
 
+def battery_primitive_count(config) -> int:
+  """How many primitives the options select for the battery (node ids
+  aside: they are read later); 1 where the options are wrong, as the run
+  stops at collection to say so."""
+  try:
+    pairs, _ = selected(config)
+  except pytest.UsageError:
+    return 1
+  return len({prim for prim, _ in pairs})
+
+
 def examples(config) -> int:
   n = config.getoption('etp_examples')
   if n is not None:
