@@ -4,7 +4,8 @@ Prints, for the built-in primitives:
 
 1. the wall time of ``pytest --etp-check`` (the default battery, run as a
    user runs it, in a subprocess), cold and again with the compilation cache
-   the first run filled (the next commit's run), and, per primitive and
+   the first run filled (the next commit's run), then cold with ``-n auto``
+   (the README's command: one worker per core), and, per primitive and
    check (cold run), the seconds
    it spent, as a ratio to the bare cost of one jitted forward plus one VJP
    of the same primitive on its first generated case (measured here);
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.util
 import json
 import os
 import subprocess
@@ -99,6 +101,21 @@ def battery(prims, bare_s) -> bool:
         return False
       with open(report_path) as f:
         reports[run] = json.load(f)
+    # The README's command: the same battery over the machine's cores (a
+    # cache of its own, so that it runs cold too).
+    if importlib.util.find_spec('xdist') is not None:
+      start = time.perf_counter()
+      proc_n = subprocess.run(
+          [sys.executable, '-m', 'pytest', '--etp-check', '-q', '-p',
+           'no:cacheprovider', '-n', 'auto', '--etp-compile-cache',
+           os.path.join(tmp, 'xla-n'),
+           '--etp-primitives', ','.join(p.name for p in prims)],
+          cwd=ROOT, capture_output=True, text=True)
+      wall = time.perf_counter() - start
+      lines = proc_n.stdout.strip().splitlines()
+      print(f'pytest --etp-check -n auto, cold compilation cache: {wall:.1f} s '
+            f'wall ({lines[-1] if lines else proc_n.stderr[-500:]}; '
+            f'{next((l for l in lines if l.startswith("XLA programs")), "")})')
   report = reports['cold']   # per-check figures: the cold run
   checks = sorted({c for per in report['primitives'].values() for c in per})
   names = [p.name for p in prims]
