@@ -21,6 +21,7 @@ _EXPORTS = {
     'NothingCheckedError': 'etp_testing._src.errors',
     'RuleConsistencyError': 'etp_testing._src.errors',
     'VacuousCaseWarning': 'etp_testing._src.errors',
+    'ApproximateGradientWarning': 'etp_testing._src.errors',
     'CheckOutcome': 'etp_testing._src.report',
     'ConsistencyReport': 'etp_testing._src.report',
     'Finding': 'etp_testing._src.report',
@@ -40,6 +41,7 @@ _EXPORTS = {
 __all__ = [
     'assert_rule_consistent', 'check_rules', 'check_names',
     'RuleConsistencyError', 'NothingCheckedError', 'VacuousCaseWarning',
+    'ApproximateGradientWarning',
     'ConsistencyReport',
     'CheckOutcome', 'Finding',
     'tolerances', 'register_unit_case', 'strategies', 'register_strategy',
@@ -50,7 +52,8 @@ __all__ = [
 if TYPE_CHECKING:   # what static tools see; at run time, __getattr__ below
   from etp_testing import strategies
   from etp_testing._src import tolerances
-  from etp_testing._src.errors import (NothingCheckedError,
+  from etp_testing._src.errors import (ApproximateGradientWarning,
+                                       NothingCheckedError,
                                        RuleConsistencyError,
                                        VacuousCaseWarning)
   from etp_testing._src.hypothesis_runner import (CheckSummary,

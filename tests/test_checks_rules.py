@@ -778,25 +778,86 @@ def test_anchor_catches_weight_shaped_trace_for_non_anchored_weight():
                 'drtrl', 'lora_b')
 
 
-def test_declared_approximate_is_measured_not_failed():
+def _approximate_lora(lora_b_link):
+  """LoRA with ``lora_b`` declared approximate: its trace is weight-shaped
+  (no output positions), carried by ``lora_b_link(g, trace)``."""
   prim = etp.register_primitive(f'approx_lora_{next(_ids)}', lora._impl,
                                 batched=True, trainable_invars_fn=lora._trainable)
   prim.register_etp_rules(
       yw_to_w=lambda g, t, *, alpha, has_bias: {
-          'lora_b': g.mean(-1)[..., None, None] * t['lora_b'],
+          'lora_b': lora_b_link(g, t['lora_b']),
           'lora_a': g[..., None, :] * t['lora_a']},
       xy_to_dw=lora._xy_to_dw,
       init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
                                                                    True),
       init_pp=rule_util.pp_trace, approximate=('lora_b',))
+  return prim
+
+
+def _mean_link(g, t):
+  """A plausible approximation: every output's signal replaced by their
+  mean."""
+  return g.mean(-1)[..., None, None] * t
+
+
+def test_declared_approximate_is_measured_not_failed():
+  prim = _approximate_lora(_mean_link)
   ops = (X, W[:, :2], W[:2])
-  report = etp_testing.check_rules(prim, *ops, checks='yw_to_w.anchor,drtrl.exact',
-                                   alpha=0.5, has_bias=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', etp_testing.ApproximateGradientWarning)
+    report = etp_testing.check_rules(
+        prim, *ops, checks='yw_to_w.anchor,drtrl.exact', alpha=0.5,
+        has_bias=False)
   assert report.passed, report.failure_message()
   assert report.outcome('drtrl.exact').status == 'measured'
   measured = [f for f in report.outcome('drtrl.exact').findings
               if f.approximate]
   assert measured and max(f.max_rel_err for f in measured) > 1e-3
+  # Each run's cosine is reported; some run points downhill, so no warning.
+  cosines = [f.cosine for f in measured]
+  assert all(-1 <= c <= 1 for c in cosines) and max(cosines) > 0, cosines
+  assert 'cosine with the exact gradient' in measured[0].describe()
+  assert report.non_descending_keys() == []
+
+
+def _negated_dense_increment():
+  """Dense with ``weight`` declared approximate and its trace increment
+  (``xy_to_dw``, which D-RTRL adds each step) negated: the D-RTRL gradient
+  is exactly ``-jax.grad``'s."""
+  def xy_to_dw(x, g, weights, *, has_bias):
+    out = dense._xy_to_dw(x, g, weights, has_bias=has_bias)
+    return {**out, 'weight': -out['weight']}
+  return dense_variant(xy_to_dw=xy_to_dw, approximate=('weight',))
+
+
+@pytest.mark.parametrize('make, key, ops, params, cosine', [
+    # A trace link that drops the trace: the gradient is zero.
+    (lambda: _approximate_lora(lambda g, t: 0 * t), 'lora_b',
+     (X, W[:, :2], W[:2]), dict(alpha=0.5, has_bias=False), 0.0),
+    # A sign error: the gradient points uphill.
+    (_negated_dense_increment, 'weight', (X, W), dict(has_bias=False), -1.0),
+])
+def test_approximate_gradient_that_never_descends_warns(make, key, ops,
+                                                        params, cosine):
+  with pytest.warns(etp_testing.ApproximateGradientWarning,
+                    match=f'{key} declared approximate.*cosine of at most 0'):
+    report = etp_testing.check_rules(make(), *ops, checks='drtrl.exact',
+                                     **params)
+  assert report.passed   # declared approximate: measured, not failed
+  assert report.non_descending_keys() == [key]
+  measured = [f.cosine for f in report.outcome('drtrl.exact').findings
+              if f.approximate]
+  np.testing.assert_allclose(measured, cosine, atol=1e-6)
+
+
+def test_approximate_gradient_that_is_not_finite_fails():
+  prim = _approximate_lora(lambda g, t: _mean_link(g, t) * jnp.nan)
+  ops = (X, W[:, :2], W[:2])
+  outcome = run(prim, 'drtrl.exact', *ops, alpha=0.5, has_bias=False)
+  assert_caught(outcome, 'drtrl', 'lora_b')
+  failed = [f for f in outcome.findings if not f.passed]
+  assert all(f.approximate for f in failed)
+  assert 'not finite, which no approximation excuses' in failed[0].message
 
 
 def test_linear_catches_nonlinear_in_g():

@@ -23,7 +23,8 @@ import numpy as np
 import etp
 from etp._src.arrays import to_jax
 from etp_testing._src import compilations, executor, tolerances
-from etp_testing._src.differences import abs_max, max_errors_and_scale, ratio
+from etp_testing._src.differences import (abs_max, cosine,
+                                          max_errors_and_scale, ratio)
 from etp_testing._src.errors import (CheckSkipped, RuleFailure, raised,
                                      returned_kind)
 from etp_testing._src.report import Finding
@@ -944,7 +945,8 @@ class CheckContext:
     dtypes: ``tolerances.coarsest``), checked with
     ``chex.assert_trees_all_close`` on the scaled difference; non-finite
     values fail.  ``check_dtype`` also asks for equal dtypes.
-    ``approximate`` records the error without failing.
+    ``approximate`` records the error, and the cosine of the two, without
+    failing, unless a value is not finite.
 
     ``use_chex=False`` judges the same bound from
     ``differences.max_errors`` alone, as arrays above ``LARGE_COMPARE``
@@ -978,6 +980,8 @@ class CheckContext:
           f'{expected.dtype}'), **base))
     max_abs, max_rel, index, scale = max_errors_and_scale(actual, expected)
     base['vacuous'] = bool(scale == 0 and max_abs == 0)   # both sides 0
+    if approximate:
+      base['cosine'] = cosine(actual, expected)
     if term_scale is not None:
       scale = max(scale, abs_max(term_scale))
     bound = atol + rtol * scale
@@ -1017,13 +1021,16 @@ class CheckContext:
   def _judged(self, base, what, errors, bound, passed=None) -> Finding:
     """Records the finding of ``errors`` (``max_abs, max_rel, index,
     scale``) against ``bound``: ``passed`` as given, or where ``None``,
-    ``max_abs`` finite and within ``bound``; always passed when
-    ``base['approximate']``."""
+    ``max_abs`` finite and within ``bound``; when
+    ``base['approximate']``, passed wherever ``max_abs`` is finite."""
     max_abs, max_rel, index, scale = errors
     if passed is None:
       passed = bool(np.isfinite(max_abs) and max_abs <= bound)
     if base['approximate']:
-      passed = True
+      passed = bool(np.isfinite(max_abs))
+      if not passed:
+        what = (f'{what or "result"}: not finite, which no approximation '
+                'excuses')
     return self.record(Finding(
         passed=passed, message=what or 'compared', max_abs_err=max_abs,
         max_rel_err=max_rel, index=index, scale=scale,

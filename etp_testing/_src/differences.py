@@ -90,6 +90,20 @@ def ratio(error: float, scale: float) -> float:
   return 0.0 if error == 0 else float('inf')
 
 
+def cosine(actual, expected):
+  """:math:`\\langle a, e\\rangle / (\\|a\\| \\|e\\|)` in float64 over every
+  element; ``None`` where ``expected`` is zero (no direction to compare
+  with), 0 where only ``actual`` is, NaN where a value is not finite."""
+  a = np.asarray(actual, np.float64).ravel()
+  e = np.asarray(expected, np.float64).ravel()
+  norm_a, norm_e = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+  if norm_e == 0:
+    return None
+  if norm_a == 0:
+    return 0.0
+  return float(a @ e) / (norm_a * norm_e)
+
+
 # NumPy's real number kinds (float, signed, unsigned): ``tolist`` gives
 # Python floats and ints, which float() turns into float64 exactly as NumPy
 # casts them.  (bfloat16 is kind 'V' and takes the NumPy path.)

@@ -29,6 +29,15 @@ class VacuousCaseWarning(UserWarning):
   passes.  The other keys were checked; this one needs other operands."""
 
 
+class ApproximateGradientWarning(UserWarning):
+  """A weight declared approximate whose D-RTRL gradient, in every run of
+  a case, makes a cosine of at most 0 with ``jax.grad``'s: a step against
+  it never lowers the loss, so training with it does not learn (a
+  ``yw_to_w`` that drops the trace gives cosine 0, a sign error -1).  Not a failure, as the weight was
+  declared approximate; the findings hold the measured errors and cosines.
+  """
+
+
 class NothingCheckedError(RuleConsistencyError):
   """Every check selected for a case was skipped: nothing was proven.
 

@@ -18,8 +18,8 @@ from etp_testing._src import snippet as _snippet
 from etp_testing._src.checks import registry as check_registry
 from etp_testing._src.context import (CheckContext, dtype_str,
                                       operand_avals, x64_enabled, y_aval)
-from etp_testing._src.errors import (PREFIX, CheckSkipped,
-                                     NothingCheckedError,
+from etp_testing._src.errors import (PREFIX, ApproximateGradientWarning,
+                                     CheckSkipped, NothingCheckedError,
                                      RuleConsistencyError, RuleFailure,
                                      VacuousCaseWarning, raised)
 from etp_testing._src.report import (ERROR, FAILED, MEASURED, PASSED, SKIPPED,
@@ -159,6 +159,21 @@ def _warn_if_vacuous(report) -> None:
         'vanish'), stacklevel=3)
 
 
+def _warn_if_not_descending(report) -> None:
+  """An :class:`ApproximateGradientWarning` naming the approximate weights
+  whose measured gradient does not point downhill (cosine <= 0)."""
+  keys = report.non_descending_keys()
+  if keys:
+    warnings.warn(ApproximateGradientWarning(
+        f'{PREFIX}{report.primitive}: {", ".join(keys)} declared '
+        'approximate, and in every run of this case the D-RTRL gradient '
+        'makes a cosine of at most 0 with jax.grad\'s (see the drtrl '
+        'findings): a step against it never lowers the loss, so training '
+        'with it would not learn; look at the trace rules for these '
+        'weights'),
+                  stacklevel=3)
+
+
 def require_etp_primitive(primitive) -> None:
   """Raises ``TypeError`` unless ``primitive`` is an ETP primitive: a
   usage error, not a case whose checks fail."""
@@ -243,6 +258,7 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
       for check_name in names:
         report.outcomes.append(run_check(check_name, ctx))
       _warn_if_vacuous(report)
+      _warn_if_not_descending(report)
       if report.failures:
         case_faults.blame_the_case(ctx, report)
   finally:
