@@ -511,6 +511,42 @@ def test_non_finite_operands_are_the_case_s_fault_not_a_rule_s(where):
   assert scanned == []
 
 
+def test_complex_operands_are_refused_with_the_reason():
+  """Not seven checks crashing in NumPy's or JAX's words (jacrev wants real
+  outputs), and not xy_to_dw.fd passing a wrong conj(x)^T g because its
+  real directions drop the imaginary part: one error that says why."""
+  x, w = _operands()[:2]
+  report = etp_testing.check_rules(etp.etp_mm_p, x.astype(np.complex64),
+                                   (w + 1j * w).astype(np.complex64),
+                                   has_bias=False)
+  assert [(o.name, o.status) for o in report.outcomes] == [
+      ('operands', 'error')]
+  assert report.outcomes[0].reason == (
+      'etp_mm: complex values (operand 0: complex64, operand 1: complex64, '
+      'the output: complex64): the rule contract and the harness are for '
+      'real numbers; check a real case (a complex layer as two real '
+      'operands, its real and imaginary parts)')
+
+
+@pytest.mark.parametrize('x_shape, w_shape, empty', [
+    ((2, 0), (0, 4), 'operand 0: (2, 0), operand 1: (0, 4)'),
+    ((2, 3), (3, 0), 'operand 1: (3, 0), the output: (2, 0)'),
+    ((0, 3), (3, 4), 'operand 0: (0, 3), the output: (0, 4)'),
+])
+def test_empty_operands_are_refused_with_the_reason(x_shape, w_shape, empty):
+  """Not a ZeroDivisionError blamed on the rules ("the reference executor
+  could not compose the rules") or an argmax of nothing."""
+  report = etp_testing.check_rules(etp.etp_mm_p, np.ones(x_shape, np.float32),
+                                   np.ones(w_shape, np.float32),
+                                   has_bias=False)
+  assert [(o.name, o.status) for o in report.outcomes] == [
+      ('operands', 'error')]
+  assert report.outcomes[0].reason == (
+      f'etp_mm: empty arrays, with a dimension of size 0 ({empty}): there is '
+      'nothing to compare, so no rule would be checked; give every dimension '
+      'at least 1')
+
+
 def test_a_case_whose_y_overflows_says_so_before_the_failures():
   """Finite operands whose product overflows float32: the checks fail (the
   comparisons hold inf), and the report says first that y is not finite, so

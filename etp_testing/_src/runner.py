@@ -77,13 +77,38 @@ def _validate_case(primitive, operands, params, avals) -> Optional[tuple]:
   be trained), or ``None``.  ``avals``: the operands' ``operand_avals``
   (``None``: ask for them here)."""
   try:
-    y_aval(primitive, operands, params, avals)
+    y = y_aval(primitive, operands, params, avals)
   except Exception as e:  # pylint: disable=broad-except
     shapes = [tuple(np.shape(o)) for o in operands]
     return 'bind', (raised(
         f'binding {primitive.name} on shapes {shapes} with params {params}',
         e, 'the operands (in a hypothesis run, the case its strategy drew) '
         'do not fit the primitive, or its impl raises'))
+  # Complex numbers: the contract and the oracles are for real ones (JAX's
+  # jacrev wants real outputs, and which of a VJP's conjugates a rule should
+  # return is not fixed), and finite differences along a real direction drop
+  # the imaginary part: a wrong conj(x)^T g passed xy_to_dw.fd.
+  complex_parts = [f'operand {i}: {o.dtype}' for i, o in enumerate(operands)
+                   if jnp.issubdtype(o.dtype, jnp.complexfloating)]
+  if jnp.issubdtype(y.dtype, jnp.complexfloating):
+    complex_parts.append(f'the output: {y.dtype}')
+  if complex_parts:
+    return 'operands', (
+        f'{primitive.name}: complex values ({", ".join(complex_parts)}): the '
+        'rule contract and the harness are for real numbers; check a real '
+        'case (a complex layer as two real operands, its real and '
+        'imaginary parts)')
+  # Empty arrays: nothing to compare, so no rule would be checked (and the
+  # harness's own reductions have no maximum to take).
+  empty = [f'operand {i}: {tuple(o.shape)}' for i, o in enumerate(operands)
+           if 0 in tuple(o.shape)]
+  if 0 in tuple(y.shape):
+    empty.append(f'the output: {tuple(y.shape)}')
+  if empty:
+    return 'operands', (
+        f'{primitive.name}: empty arrays, with a dimension of size 0 '
+        f'({", ".join(empty)}): there is nothing to compare, so no rule '
+        'would be checked; give every dimension at least 1')
   # A gradient w.r.t. an integer or boolean operand is not defined: every
   # rule check would fail, each in JAX's words, none saying why.
   for key, i in primitive.trainable_invars(params).items():
