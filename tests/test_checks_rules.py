@@ -2077,24 +2077,31 @@ def test_term_scales_keep_an_operand_the_bind_is_not_affine_in():
                               ).nonaffine_operands() == frozenset()
 
 
-def test_a_key_whose_true_gradient_vanishes_on_the_case_is_warned_about():
+# 'all' as well: the yw_to_w checks compare random traces, which do not
+# vanish, and with them in the run the warning never came.
+@pytest.mark.parametrize('checks', [['xy_to_dw.vjp', 'xy_to_dw.jacrev'],
+                                    'all'])
+def test_a_key_whose_true_gradient_vanishes_on_the_case_is_warned_about(
+    checks):
   # LoRA's usual initialisation, lora_a = 0: lora_b's gradient is zero, so
-  # each of its comparisons is zero against zero, and negating every one
-  # of lora_b's rules passed.  The case is not a failure of any rule, but
-  # it checked nothing of lora_b: a warning names it.
+  # each of its gradient comparisons is zero against zero, and negating
+  # lora_b's xy_to_dw passed.  The case is not a failure of any rule, but
+  # it checked nothing of lora_b's gradient: a warning names it.
   negated = lora_variant(xy_to_dw=lambda x, g, weights, alpha, has_bias: {
       k: (-v if k == 'lora_b' else v) for k, v in etp.rules_of(
           etp.etp_lora_mm_p).xy_to_dw(x, g, weights, alpha=alpha,
                                       has_bias=has_bias).items()})
   zero_a = (X, W[:, :2], np.zeros_like(W[:2]))
-  checks = ['xy_to_dw.vjp', 'xy_to_dw.jacrev']
   with pytest.warns(etp_testing.VacuousCaseWarning,
-                    match=r'every comparison of lora_b was zero against zero'):
+                    match=r'every gradient comparison of lora_b was zero '
+                    'against zero'):
     report = etp_testing.check_rules(negated, *zero_a, checks=checks,
                                      alpha=2.0, has_bias=False)
   assert report.vacuous_keys() == ['lora_b']
+  assert report.passed   # the negated rule: nothing could catch it here
   assert all(f.vacuous for o in report.outcomes for f in o.findings
-             if f.key == 'lora_b' and f.max_abs_err is not None)
+             if f.key == 'lora_b' and f.max_abs_err is not None
+             and o.name.split('.')[0] in ('xy_to_dw', 'drtrl', 'pp'))
   with warnings.catch_warnings():
     warnings.simplefilter('error', etp_testing.VacuousCaseWarning)
     report = etp_testing.check_rules(negated, *LORA_OPS, checks=checks,

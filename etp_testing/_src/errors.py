@@ -24,9 +24,10 @@ class RuleConsistencyError(AssertionError):
 
 class VacuousCaseWarning(UserWarning):
   """A case on which some weight's true gradient is zero everywhere (LoRA's
-  ``lora_b`` with ``lora_a = 0``): every comparison of that key was zero
-  against zero, so a rule that returns zeros, or the negated gradient,
-  passes.  The other keys were checked; this one needs other operands."""
+  ``lora_b`` with ``lora_a = 0``): every gradient comparison of that key
+  was zero against zero, so a rule that returns zeros, or the negated
+  gradient, passes.  The other keys were checked; this one needs other
+  operands."""
 
 
 class ApproximateGradientWarning(UserWarning):

@@ -172,16 +172,16 @@ def _reject_quantities(name: str, operands) -> None:
 
 
 def _warn_if_vacuous(report) -> None:
-  """A :class:`VacuousCaseWarning` naming the keys whose every comparison
-  was zero against zero."""
+  """A :class:`VacuousCaseWarning` naming the keys whose every gradient
+  comparison was zero against zero."""
   keys = report.vacuous_keys()
   if keys:
     warnings.warn(VacuousCaseWarning(
-        f'{PREFIX}{report.primitive}: every comparison of '
+        f'{PREFIX}{report.primitive}: every gradient comparison of '
         f'{", ".join(keys)} was zero against zero on this case (the true '
         'gradient vanishes here, as for LoRA\'s lora_b with lora_a = 0), so '
-        'their rules were not checked: give operands for which it does not '
-        'vanish'), stacklevel=3)
+        'the rules that compute it were not checked: give operands for which '
+        'it does not vanish'), stacklevel=3)
 
 
 def _warn_if_not_descending(report) -> None:
