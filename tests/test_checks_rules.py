@@ -488,6 +488,78 @@ def test_fd_allows_for_the_differences_own_rounding(factor):
   else:
     assert_caught(outcome, 'xy_to_dw', 'weight')
 
+def _weight_norm(projected=True):
+  """``y = x @ (gain * V / ||V||)`` (column norms), with its right
+  ``xy_to_dw``, or one that forgets the norm's own dependence on ``V``
+  (``projected=False``)."""
+  def impl(x, v, gain):
+    return x @ (gain * v / jnp.linalg.norm(v, axis=0))
+
+  def xy_to_dw(x, g, weights):
+    v, gain = weights['V'], weights['gain']
+    norm = jnp.linalg.norm(v, axis=0)
+    d = jnp.einsum('...i,...o->io', x, g)
+    dv = gain / norm * (d - v / norm * jnp.sum(d * v / norm, axis=0)
+                        if projected else d)
+    return {'V': dv.astype(v.dtype),
+            'gain': jnp.sum(d * v / norm, axis=0).astype(gain.dtype)}
+
+  prim = etp.register_primitive(f'weight_norm_{next(_ids)}', impl,
+                                batched=True,
+                                trainable_invars_fn=lambda p: {'V': 1,
+                                                               'gain': 2})
+  prim.register_etp_rules(
+      xy_to_dw=xy_to_dw,
+      yw_to_w=lambda g, t: {'V': g[..., None, :] * t['V'],
+                            'gain': g * t['gain']},
+      init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
+                                                                   True),
+      init_pp=rule_util.pp_trace)
+  return prim
+
+
+@pytest.mark.parametrize('projected', [True, False], ids=['right', 'wrong'])
+def test_finite_differences_step_with_the_operand_s_size(projected):
+  """A weight-norm direction V of size 1e-3: the function bends on that
+  length, and a fixed step of 1e-5 failed the right rule 141 times over the
+  bound (xy_to_dw.fd) and its derived JVP 395 times (primitive.jvp).  The
+  step is now sized to the operand; a rule that forgets the norm's
+  dependence on V is still caught there."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 4)).astype(np.float32)
+  v = (1e-3 * rng.normal(size=(4, 5))).astype(np.float32)
+  gain = rng.normal(size=(5,)).astype(np.float32)
+  report = etp_testing.check_rules(_weight_norm(projected), x, v, gain,
+                                   checks=['xy_to_dw.fd', 'primitive.jvp'])
+  assert report.outcome('primitive.jvp').status == 'passed', [
+      f.describe() for f in report.outcome('primitive.jvp').findings]
+  outcome = report.outcome('xy_to_dw.fd')
+  if projected:
+    assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+  else:
+    assert_caught(outcome, 'xy_to_dw', 'V')
+
+
+@pytest.mark.parametrize('spread', [1.0, 0.003])
+def test_jvp_differences_of_a_layer_norm_of_a_narrow_input(spread):
+  """A layer norm bends on the length of its input's spread: at 0.003 the
+  fixed step failed its derived JVP 3 and 16 times over the bound."""
+  def impl(x, gamma, beta):
+    centred = x - x.mean(-1, keepdims=True)
+    return gamma * centred / jnp.sqrt((centred ** 2).mean(-1, keepdims=True)
+                                      + 1e-5) + beta
+  prim = etp.register_primitive(f'layer_norm_{next(_ids)}', impl,
+                                batched=True,
+                                trainable_invars_fn=lambda p: {'gamma': 1,
+                                                               'beta': 2})
+  rng = np.random.default_rng(1)
+  x = (spread * rng.normal(size=(3, 4))).astype(np.float32)
+  gamma, beta = rng.normal(size=(2, 4)).astype(np.float32)
+  report = etp_testing.check_rules(prim, x, gamma, beta,
+                                   checks=['primitive.jvp'])
+  assert report.passed, report.failure_message()
+
+
 @pytest.mark.parametrize('broken', [None, xy_scaled])
 def test_jacrev_fast_mode_leaves_device_operands_on_the_device(monkeypatch,
                                                                broken):

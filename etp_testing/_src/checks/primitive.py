@@ -337,10 +337,13 @@ def check_jvp(ctx):
                  _jvp_step(ctx, diff, 'impl'), ops, primals)
     if not jnp.issubdtype(y.dtype, jnp.inexact):
       ctx.skip(f'{ctx.name} has a non-floating output ({y.dtype})')
-    tangents = [ctx.normal(f'primitive.jvp.v{i}', ops[i].shape, jnp.float64)
-                for i in diff]
-    w = [ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float64)
-         for i, t in zip(diff, tangents)]
+    # Each direction sized to its operand (tolerances.fd_step_scale), so the
+    # differences' step is too.
+    step = [tolerances.fd_step_scale(ops[i]) for i in diff]
+    tangents = [s * ctx.normal(f'primitive.jvp.v{i}', ops[i].shape,
+                               jnp.float64) for s, i in zip(step, diff)]
+    w = [s * ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float64)
+         for s, i, t in zip(step, diff, tangents)]
     us = [ctx.normal(f'primitive.jvp.1.u{k}', y.shape, jnp.float64)
           for k in range(DOT_PRODUCT_DIRECTIONS)]
     ws = [ctx.normal(f'primitive.jvp.2.u{k}', y.shape, jnp.float64)

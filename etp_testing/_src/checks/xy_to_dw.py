@@ -419,7 +419,8 @@ def check_fd(ctx):
       for d in range(FD_DIRECTIONS):
         v = np.asarray(ctx.normal(f'xy_to_dw.fd.v{d}.{k}', w.shape,
                                   jnp.float32), np.float64)
-        v = v / np.sqrt(np.mean(v * v) + 1e-300)
+        v = v * (tolerances.fd_step_scale(w) /
+                 np.sqrt(np.mean(v * v) + 1e-300))
         plus, minus = list(ops), list(ops)
         # On the host: eager JAX arithmetic would compile per shape.
         plus[index_of[k]] = np.asarray(w) + eps * v
