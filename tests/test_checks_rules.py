@@ -1382,6 +1382,53 @@ def test_a_failed_drtrl_exact_says_whether_one_step_fails_too(broken, hint):
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
 
 
+def _layer_norm_with_rules(eps_in_xy_to_dw):
+  """A layer norm ``gamma * (x - mean) / sqrt(var + 1e-5) + beta`` whose
+  ``xy_to_dw`` keeps the 1e-5 or drops it (a small error: 8e-5 of the
+  gradient on the case below)."""
+  def normalised(x, eps):
+    centred = x - x.mean(-1, keepdims=True)
+    return centred / jnp.sqrt((centred ** 2).mean(-1, keepdims=True) + eps)
+
+  prim = etp.register_primitive(
+      f'layer_norm_{next(_ids)}',
+      lambda x, gamma, beta: gamma * normalised(x, 1e-5) + beta,
+      batched=True, trainable_invars_fn=lambda p: {'gamma': 1, 'beta': 2})
+  eps = 1e-5 if eps_in_xy_to_dw else 0.0
+  prim.register_etp_rules(
+      xy_to_dw=lambda x, g, w: {
+          'gamma': rule_util.sum_leading(g * normalised(x, eps), 1).astype(
+              w['gamma'].dtype),
+          'beta': rule_util.sum_leading(g, 1).astype(w['beta'].dtype)},
+      yw_to_w=lambda g, t: {'gamma': g * t['gamma'], 'beta': g * t['beta']},
+      init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
+                                                                   True),
+      init_pp=rule_util.pp_trace)
+  return prim
+
+
+@pytest.mark.parametrize('right', [True, False])
+def test_drtrl_exact_does_not_blame_yw_to_w_for_a_small_increment_error(
+    right):
+  """The increment a little wrong: one step passes at 0.31 of the bound,
+  three steps fail.  That was blamed on yw_to_w, which is right; the
+  message now says either is as likely."""
+  rng = np.random.default_rng(1)
+  rng.normal(size=(3, 4))
+  ops = [rng.normal(size=s).astype(np.float32) for s in ((3, 4), (4,), (4,))]
+  outcome = etp_testing.check_rules(_layer_norm_with_rules(right), *ops,
+                                    checks=['drtrl.exact']).outcome(
+                                        'drtrl.exact')
+  if right:
+    assert outcome.status == 'passed', [f.describe() for f in outcome.findings]
+    return
+  assert_caught(outcome, 'drtrl', 'gamma')
+  failed = [f.message for f in outcome.findings if not f.passed]
+  assert all('a small error in the trace increment (xy_to_dw) that adds up '
+             'over the steps is as likely' in m for m in failed), failed
+  assert not any('likely culprit' in m for m in failed), failed
+
+
 def _wrong_in_bfloat16(rule):
   """``rule`` with lora_b's result 1.5 times too large in bfloat16 only."""
   def wrong(first, *args, **params):

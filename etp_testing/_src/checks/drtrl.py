@@ -312,6 +312,18 @@ ONE_STEP_PASSES = (
     'over its first step alone, where no trace is carried from one step to '
     'the next, D-RTRL matches jax.grad: carrying the trace, yw_to_w, is the '
     'likely culprit')
+# Over the first step alone, an error above this share of the bound is no
+# rounding (a correct increment takes a few thousandths of it) but a small
+# error of the increment itself, which adds up over the steps past the
+# bound: a layer norm's xy_to_dw without its eps passed one step and failed
+# three, and was blamed on a right yw_to_w.
+ONE_STEP_NEAR_SHARE = 0.1
+ONE_STEP_NEAR = (
+    'over its first step alone, where no trace is carried, D-RTRL passes but '
+    'takes {share} of the bound: a small error in the trace increment '
+    '({increment}) that adds up over the steps is as likely as one in '
+    'carrying the trace (yw_to_w); the xy_to_dw and yw_to_w checks judge '
+    'each alone')
 ONE_STEP_FAILS = (
     'it fails over its first step alone too, where no trace is carried: look '
     'at the trace increment ({increment}), its contraction with the learning '
@@ -338,14 +350,21 @@ def _say_where_it_fails(ctx, rules, runs, failed) -> None:
   contraction = 'solve_drtrl' if rules.solve_drtrl else 'yw_to_w'
   for finding in failed:
     k = finding.key
-    passes = all(
-        k in got and _close(ctx, got[k], want[k], np.asarray(want[k]).dtype,
-                            max(float(np.max(np.abs(want[k]), initial=0.0)),
-                                float(np.max(term.get(k, 0.0), initial=0.0))))
+    share = max(
+        (_share_of_bound(
+            ctx, got[k], want[k], np.asarray(want[k]).dtype,
+            max(float(np.max(np.abs(want[k]), initial=0.0)),
+                float(np.max(term.get(k, 0.0), initial=0.0))))
+         if k in got else math.inf)
         for (got, want), term in zip(results, terms))
-    finding.message += '; ' + (ONE_STEP_PASSES if passes else ONE_STEP_FAILS
-                               .format(increment=increment,
-                                       contraction=contraction))
+    if share > 1:
+      hint = ONE_STEP_FAILS
+    elif share >= ONE_STEP_NEAR_SHARE:
+      hint = ONE_STEP_NEAR.replace('{share}', f'{share:.2g}')
+    else:
+      hint = ONE_STEP_PASSES
+    finding.message += '; ' + hint.format(increment=increment,
+                                          contraction=contraction)
 
 
 @check('drtrl.instant')
@@ -428,16 +447,22 @@ def _check_rules_in_half_precision(half, wide) -> None:
                    'copies of the same values')
 
 
-def _close(ctx, a, b, dtype, scale=None, slack=1) -> bool:
-  """``a == b`` within ``slack`` times the table's bound, relative to
-  ``scale``."""
+def _share_of_bound(ctx, a, b, dtype, scale=None) -> float:
+  """``max |a - b|`` over the table's bound for ``dtype``, relative to
+  ``scale`` (by default the larger side's): above 1, ``a != b``."""
   rtol, atol = ctx.tolerance(dtype)
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if scale is None:
     scale = max(float(np.max(np.abs(b), initial=0.0)),
                 float(np.max(np.abs(a), initial=0.0)))
-  return bool(np.max(np.abs(a - b), initial=0.0)
-              <= slack * (atol + rtol * scale))
+  error = float(np.max(np.abs(a - b), initial=0.0))
+  return error / (atol + rtol * scale) if np.isfinite(error) else math.inf
+
+
+def _close(ctx, a, b, dtype, scale=None, slack=1) -> bool:
+  """``a == b`` within ``slack`` times the table's bound, relative to
+  ``scale``."""
+  return _share_of_bound(ctx, a, b, dtype, scale) <= slack
 
 
 @check('pp.exact')
