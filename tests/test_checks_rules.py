@@ -1456,6 +1456,23 @@ def test_drtrl_instant_judges_the_pair_and_yw_to_w_in_half_precision(name):
              for f in correct.findings)
 
 
+def test_half_precision_solve_is_not_blamed_for_an_overflowing_increment():
+  # instant_drtrl overflowing in half precision (a softmax written as
+  # exp(z) / sum(exp(z)) in float16): solve_drtrl took its output and was
+  # reported too, at inf of the bound, though it was right.
+  def overflowing(x, g, weights, **params):
+    out = lora._instant_drtrl(x, g, weights, **params)
+    if x.dtype == jnp.bfloat16:
+      out = {**out, 'lora_b': out['lora_b'] * jnp.inf}
+    return out
+  bf16 = tuple(np.asarray(o, jnp.bfloat16) for o in (X, W[:, :2], W[:2]))
+  outcome = run(lora_variant(instant_drtrl=overflowing), 'drtrl.instant',
+                *bf16, alpha=0.5, has_bias=False)
+  assert_caught(outcome, 'instant_drtrl', 'lora_b')
+  assert {f.rule for f in outcome.findings if not f.passed} == {
+      'instant_drtrl'}, [f.describe() for f in outcome.findings]
+
+
 # ------------------------------------------- fast mode's trace budget
 LORA_OPS = (X, W[:, :2], W[:2])   # batch 3: a batch of one is a third
 

@@ -411,7 +411,10 @@ def _check_rules_in_half_precision(half, wide) -> None:
   three rules wrong only for bfloat16 passed the whole battery (a depthwise
   conv's instant_drtrl ignoring its dilation; second red-team audit).  The
   float32 results are judged by drtrl.exact and the check this is part of.
-  ``|values|`` through the float32 rule size the terms each one sums."""
+  ``|values|`` through the float32 rule size the terms each one sums.
+  ``solve_drtrl`` and ``yw_to_w`` take random traces shaped like
+  ``instant_drtrl``'s, so that each rule is judged on inputs no other rule
+  made."""
   dtype = tolerances.coarsest(*(o.dtype for o in half.operands
                                 if jnp.issubdtype(o.dtype, jnp.inexact)))
   y = half.y_aval()
@@ -429,8 +432,11 @@ def _check_rules_in_half_precision(half, wide) -> None:
       ('instant_drtrl', (half.x, g, half.weights), (wide.x, wide32(g),
                                                    wide.weights),
        (x_mag, np.abs(wide32(g)), w_mag)),
-      ('solve_drtrl', (c, trace), (wide32(c), jax.tree.map(wide32, trace)),
-       (np.abs(wide32(c)), jax.tree.map(lambda v: np.abs(wide32(v)), trace))),
+      # Random traces, not instant_drtrl's: a right solve_drtrl was blamed
+      # with it where instant_drtrl overflowed float16.
+      ('solve_drtrl', (c, traces), (wide32(c), jax.tree.map(wide32, traces)),
+       (np.abs(wide32(c)), jax.tree.map(lambda v: np.abs(wide32(v)),
+                                        traces))),
       ('yw_to_w', (g, traces), (wide32(g), jax.tree.map(wide32, traces)),
        (np.abs(wide32(g)), jax.tree.map(lambda v: np.abs(wide32(v)),
                                         traces))))
