@@ -866,6 +866,34 @@ def _approximate_lora(lora_b_link):
   return prim
 
 
+@pytest.mark.parametrize('declared', ['lora_b', 'lora_bb'])
+def test_anchor_names_an_approximate_declaration_that_names_no_weight(
+    declared):
+  # A typo in approximate= was accepted silently, and the failure then told
+  # the user to declare the weight approximate, which they thought they had.
+  prim = etp.register_primitive(f'approx_typo_{next(_ids)}', lora._impl,
+                                batched=True, trainable_invars_fn=lora._trainable)
+  prim.register_etp_rules(
+      yw_to_w=lambda g, t, *, alpha, has_bias: {
+          'lora_b': _mean_link(g, t['lora_b']),
+          'lora_a': g[..., None, :] * t['lora_a']},
+      xy_to_dw=lora._xy_to_dw,
+      init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
+                                                                   True),
+      init_pp=rule_util.pp_trace, approximate=(declared,))
+  outcome = run(prim, 'yw_to_w.anchor', X, W[:, :2], W[:2], alpha=0.5,
+                has_bias=False)
+  if declared == 'lora_b':
+    assert outcome.status == 'measured', [f.describe()
+                                          for f in outcome.findings]
+    return
+  assert_caught(outcome, 'yw_to_w', 'lora_b')
+  message = [f.message for f in outcome.findings if not f.passed][0]
+  assert message.endswith("declare the weight approximate (approximate= "
+                          "names 'lora_bb', not a weight of this case: the "
+                          "weights are 'lora_b', 'lora_a')"), message
+
+
 def _mean_link(g, t):
   """A plausible approximation: every output's signal replaced by their
   mean."""

@@ -197,10 +197,16 @@ def check_anchor(ctx):
                            approximate=True, message=(
                                f'{spread}: declared approximate')))
       else:
+        # A declaration that names no weight here is likely a typo for this
+        # one: say what it names.
+        declared = sorted(set(ctx.rules.approximate) - set(ctx.weights))
+        note = (f' (approximate= names {", ".join(map(repr, declared))}, '
+                f'not a weight of this case: the weights are '
+                f'{", ".join(map(repr, ctx.weights))})' if declared else '')
         ctx.fail('yw_to_w', key=k, message=(
             f'{spread}; a weight-shaped trace cannot be exact for it: provide '
             'instant_drtrl/solve_drtrl with a trace that keeps output '
-            'positions, or declare the weight approximate'))
+            f'positions, or declare the weight approximate{note}'))
       continue
     if k not in compared and ctx.rules.instant_drtrl is not None:
       # A trace that keeps other positions has no element per weight
