@@ -278,3 +278,35 @@ def test_steps_change_sign_where_the_domain_allows():
                              x, w), 'drtrl')
   correct = _outcome(_routed(lambda x, w: x @ w), 'drtrl.exact', x, w)
   assert correct.status == 'passed', [f.describe() for f in correct.findings]
+
+
+# ------------------------------------------ the case's scale
+def _dense_wrong_below(threshold):
+  """``x @ W`` whose ``xy_to_dw`` drops inputs smaller than ``threshold``
+  (a mistake that shows only where inputs are that small; 0: right)."""
+  def xy_to_dw(x, g, weights):
+    kept = jnp.where(jnp.abs(x) >= threshold, x, 0)
+    return {'weight': jnp.einsum('...i,...o->io', kept, g).astype(
+        weights['weight'].dtype)}
+  return _register('small_inputs', lambda x, w: x @ w, xy_to_dw,
+                   lambda g, t: {'weight': g[..., None, :] * t['weight']})
+
+
+@pytest.mark.parametrize('threshold', [0.0, 0.01], ids=['right', 'wrong'])
+def test_recurrence_inputs_keep_the_case_s_scale(threshold):
+  """A case whose input has a spread of 0.003: drtrl.exact ran its steps on
+  inputs of spread 1, where a rule wrong only for small inputs looks right
+  (it is right for 98 % of them).  The steps' inputs are normal with the
+  case's RMS now."""
+  x = (0.003 * RNG.normal(size=(3, 4))).astype(np.float32)
+  w = RNG.normal(size=(4, 5)).astype(np.float32)
+  outcome = _outcome(_dense_wrong_below(threshold), 'drtrl.exact', x, w)
+  if threshold:
+    assert _failed_on(outcome, 'drtrl'), outcome.status
+  else:
+    assert outcome.status == 'passed', [f.describe()
+                                        for f in outcome.findings]
+  ctx = CheckContext(etp.etp_mm_p, (x, w), {'has_bias': False})
+  drawn = np.asarray(ctx.values_like('scale', 0, lead=(50,)), np.float64)
+  rms = np.sqrt(np.mean(np.asarray(x, np.float64) ** 2))
+  assert 0.8 * rms < np.sqrt(np.mean(drawn ** 2)) < 1.2 * rms

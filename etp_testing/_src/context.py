@@ -24,7 +24,8 @@ import etp
 from etp._src.arrays import to_jax
 from etp_testing._src import compilations, executor, tolerances
 from etp_testing._src.differences import (abs_max, cosine,
-                                          max_errors_and_scale, ratio)
+                                          max_errors_and_scale, ratio,
+                                          rms_or_one)
 from etp_testing._src.errors import (CheckSkipped, RuleFailure, raised,
                                      returned_kind)
 from etp_testing._src.report import Finding
@@ -810,9 +811,12 @@ class CheckContext:
     the case's own value is: the inputs of a recurrence's steps, the points
     at which a Jacobian is taken.
 
-    * A floating operand: standard normal, as :meth:`normal`, so that signs
-      change from draw to draw (a rule right only for a positive ``x`` is
-      caught on a case whose ``x`` is positive) ...
+    * A floating operand: normal, as :meth:`normal`, with the RMS of the
+      case's value (1 where that is 0), so that signs change from draw to
+      draw (a rule right only for a positive ``x`` is caught on a case
+      whose ``x`` is positive) and the case's scale is kept (a case with
+      an input of spread 0.003, chosen to exercise a layer norm near its
+      ``eps``, ran its recurrence on inputs of spread 1) ...
     * ... unless its domain is restricted (:meth:`restricted_operands`):
       then :meth:`rescaled`, so ``log(x)`` and ``sqrt(W)`` stay finite
       (drawn from a normal distribution, the recurrence's inputs made
@@ -826,7 +830,7 @@ class CheckContext:
     shape = tuple(lead) + tuple(np.shape(value))
     if _is_float(value):
       if index not in self.restricted_operands():
-        return self.normal(tag, shape, value.dtype)
+        return self.normal(tag, shape, value.dtype, scale=rms_or_one(value))
       return self.rescaled(tag, value, lead)
     return self.permuted(tag, value, lead)
 

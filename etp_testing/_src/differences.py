@@ -90,6 +90,14 @@ def ratio(error: float, scale: float) -> float:
   return 0.0 if error == 0 else float('inf')
 
 
+def rms_or_one(value) -> float:
+  """The root mean square of ``value``'s entries, in float64; 1 where that
+  is 0 or not finite (no scale to keep)."""
+  values = np.asarray(value, np.float64)
+  rms = float(np.sqrt(np.mean(values * values))) if values.size else 0.0
+  return rms if rms > 0 and np.isfinite(rms) else 1.0
+
+
 def cosine(actual, expected):
   """:math:`\\langle a, e\\rangle / (\\|a\\| \\|e\\|)` in float64 over every
   element; ``None`` where ``expected`` is zero (no direction to compare

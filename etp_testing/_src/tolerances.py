@@ -45,6 +45,8 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 
+from etp_testing._src.differences import rms_or_one
+
 # dtype name -> (rtol, atol)
 EXACT = {
     'float64': (1e-10, 1e-12),
@@ -100,9 +102,7 @@ def fd_step_scale(operand) -> float:
   operand.  The differences' rounding (``fd_rounding_scale``) does not
   depend on the step's length along the operand: both sides divide by
   ``2 FD_EPS``."""
-  values = np.asarray(operand, np.float64)
-  rms = float(np.sqrt(np.mean(values * values))) if values.size else 0.0
-  return min(1.0, rms) if rms > 0 and np.isfinite(rms) else 1.0
+  return min(1.0, rms_or_one(operand))
 
 
 def dtype_name(dtype) -> str:
