@@ -534,6 +534,42 @@ def test_a_replayed_case_that_fails_is_shrunk_by_hypothesis():
   assert replayed.summary.examples == fresh.summary.examples
 
 
+@pytest.mark.parametrize('broken', [True, False])
+def test_a_replayed_failure_stands_where_hypothesis_draws_otherwise(broken):
+  # A strategy whose values do not follow from hypothesis's draws alone
+  # (here a switch; in the wild its own random numbers or a counter): the
+  # first run keeps non-square cases, the second replays them and one
+  # fails, and hypothesis, drawing again, gets square ones, which pass.
+  # That was reported as a pass.
+  from hypothesis import strategies as st
+  square = [False]
+
+  @st.composite
+  def cases(draw):
+    n_in = draw(st.integers(2, 3))
+    n_out = n_in if square[0] else n_in + 1
+    x = np.linspace(-1, 1, 2 * n_in, dtype=np.float32).reshape(2, n_in)
+    w = np.linspace(-1, 1, n_in * n_out, dtype=np.float32).reshape(n_in,
+                                                                   n_out)
+    return (x, w), {'has_bias': False}
+  prim = (_broken_when_non_square() if broken
+          else _dense_doubled_when(lambda n_in, n_out: False))
+  strategy = cases()
+  run = lambda check: etp_testing.check_with_hypothesis(
+      prim, strategy=strategy, max_examples=3, seed=5, checks=[check])
+  hypothesis_runner._DRAWN.clear()
+  assert run('primitive.abstract_eval').passed
+  square[0] = True
+  if not broken:
+    assert run('xy_to_dw.vjp').passed
+    return
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    run('xy_to_dw.vjp')
+  assert 'did not draw it' in str(info.value)
+  n_in, n_out = info.value.report.operands[1]['shape']
+  assert n_in != n_out
+
+
 def test_draws_are_kept_only_where_they_repeat():
   strategy = strategies.elemwise_cases()
   base = settings(max_examples=3, database=None, derandomize=False)

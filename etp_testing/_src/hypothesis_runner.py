@@ -294,18 +294,28 @@ def _keep_draws(key, cases) -> None:
     _DRAWN.popitem(last=False)
 
 
-def _replayed(key, run) -> bool:
-  """Runs the cases kept under ``key`` through ``run``; whether every one
-  passed (``False`` where none are kept, or one failed)."""
+def _replayed(key, run) -> tuple:
+  """Runs the cases kept under ``key`` through ``run``: ``(passed,
+  failure)``, whether every one passed (``False`` where none are kept, or
+  one failed), and the ``_ExampleFailed`` of the one that failed."""
   if key not in _DRAWN:
-    return False
+    return False, None
   try:
     for case in _DRAWN[key]:
       run(_copied(case))
-  except _ExampleFailed:
-    return False
+  except _ExampleFailed as failure:
+    return False, failure
   _DRAWN.move_to_end(key)
-  return True
+  return True, None
+
+
+# Where a kept case failed and hypothesis, drawing again, found nothing.
+LOST_REPLAY_NOTE = (
+    'This case was drawn by an earlier check of {name} (same strategy and '
+    'seed) and kept; replayed here, it failed, but hypothesis, drawing '
+    'again, did not draw it: the strategy\'s values do not follow from '
+    'hypothesis\'s draws alone (its own random numbers, a counter).  The '
+    'failure stands; the \'Reproduce with\' snippet re-runs this case.')
 
 
 def _copied(case):
@@ -463,7 +473,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
   drawn.clear()
 
   key = _draws_key(strategy, seed, run_settings)
-  replayed = _replayed(key, run)
+  replayed, replay_failure = _replayed(key, run)
   if not replayed and calls[0] > after_fixed[2]:
     # A kept case failed: hypothesis draws the same cases again, and
     # shrinks the failure, in a run of its own (after the fixed cases).
@@ -491,6 +501,13 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
   finally:   # also the summary an error raised above carries
     summary.duration_s = time.perf_counter() - start
     summary.distinct_shapes = len(signatures)
+  if replay_failure is not None:
+    # A failure is never lost to a pass: hypothesis's draws passing says
+    # nothing of the kept case that failed.
+    error = RuleConsistencyError(replay_failure.report.failure_message(
+        note=LOST_REPLAY_NOTE.format(name=name)), replay_failure.report)
+    error.summary = summary
+    raise error
   return summary
 
 
