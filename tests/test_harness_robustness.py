@@ -731,6 +731,99 @@ def test_the_snippet_reruns_with_the_options_the_case_failed_with(
   assert second.rtol == first.rtol
 
 
+def _matmul_taking_any_params(x, w, **params):
+  return x @ w
+
+
+def _negated_matmul_rules(prim):
+  prim.register_etp_rules(
+      xy_to_dw=lambda x, g, weights, **p: {'weight': -jnp.einsum(
+          '...i,...o->io', x, g).astype(weights['weight'].dtype)},
+      yw_to_w=lambda g, t, **p: {'weight': g[..., None, :] * t['weight']},
+      init_drtrl=lambda x, y, w, n: etp.rule_util.weight_shaped_traces(
+          x, y, w, n, batched=True),
+      init_pp=etp.rule_util.pp_trace)
+  return prim
+
+
+# Values whose repr is no Python source: the snippet wrote `nan`,
+# `dtype('float32')`, `<class 'numpy.float32'>`, `<Precision.HIGHEST: 2>`.
+ODD_PARAMS = {'eps': float('nan'), 'big': float('-inf'),
+              'dt': np.dtype('float32'), 'half': np.dtype(jnp.bfloat16),
+              'kind': np.float32, 'bkind': jnp.bfloat16,
+              'n': np.int64(3), 'f': np.float32(0.25),
+              'nested': (1, ('a', None), (True, 2.5)),
+              'precision': jax.lax.Precision.HIGHEST}
+
+
+def test_the_snippet_writes_params_of_any_kind():
+  from etp_testing._src import snippet
+  for k, v in ODD_PARAMS.items():
+    if k == 'precision':
+      assert snippet.value_source(v) is None   # pickled instead
+      continue
+    back = eval(snippet.value_source(v), {'np': np, 'jnp': jnp})
+    assert type(back) is type(v), k
+    if k in ('eps', 'big'):
+      assert str(back) == str(v)
+    else:
+      assert back == v, k
+  for v in ([1, (2.5,)], {'k': [None]}):   # not bind params (unhashable)
+    assert eval(snippet.value_source(v)) == v
+  prim = _negated_matmul_rules(etp.register_primitive(
+      _name('odd_params'), _matmul_taking_any_params, batched=True,
+      trainable_invars_fn=lambda p: {'weight': 1}))
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(prim, *_operands(),
+                                       checks=['xy_to_dw.vjp'], **ODD_PARAMS)
+  snippet_source = info.value.report.snippet
+  assert 'pickle.load' in snippet_source   # the enum
+  with pytest.raises(etp_testing.RuleConsistencyError) as again:
+    exec(compile(snippet_source, '<snippet>', 'exec'),
+         {'__name__': '__snippet__'})
+  assert [o.name for o in again.value.report.failures] == ['xy_to_dw.vjp']
+  assert again.value.report.params.keys() == ODD_PARAMS.keys()
+  # A param that neither a literal nor pickle can carry: said so.
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(prim, *_operands(),
+                                       checks=['xy_to_dw.vjp'],
+                                       fn=lambda v: v)
+  with pytest.raises(NotImplementedError, match='cannot write the bind '
+                     'params fn = <function'):
+    exec(compile(info.value.report.snippet, '<snippet>', 'exec'),
+         {'__name__': '__snippet__'})
+
+
+def test_the_snippet_of_a_non_finite_operand_runs():
+  # The operands error's snippet wrote np.array([nan, ...]).
+  x, w = _operands()
+  x[0, 0], x[1, 1] = np.nan, -np.inf
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.assert_rule_consistent(etp.etp_mm_p, x, w, has_bias=False)
+  with pytest.raises(etp_testing.RuleConsistencyError) as again:
+    exec(compile(info.value.report.snippet, '<snippet>', 'exec'),
+         {'__name__': '__snippet__'})
+  assert again.value.report.outcomes[0].reason == (
+      info.value.report.outcomes[0].reason)
+
+
+@pytest.mark.parametrize('x64', [False, True])
+def test_the_snippet_turns_x64_on_where_the_run_had_it(x64):
+  # A rule wrong only under x64 failed in the run, and its snippet, in a
+  # fresh process with x64 off, passed.
+  prim = _negated_matmul_rules(etp.register_primitive(
+      _name('x64_state'), _matmul_taking_any_params, batched=True,
+      trainable_invars_fn=lambda p: {'weight': 1}))
+  before = jax.config.jax_enable_x64
+  jax.config.update('jax_enable_x64', x64)
+  try:
+    report = etp_testing.check_rules(prim, *_operands(),
+                                     checks=['xy_to_dw.vjp'])
+  finally:
+    jax.config.update('jax_enable_x64', before)
+  assert ("jax.config.update('jax_enable_x64', True)" in report.snippet) == x64
+
+
 def test_the_report_names_float64_operands():
   jax.config.update('jax_enable_x64', False)
   report = etp_testing.check_rules(

@@ -298,7 +298,8 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
       rerun = [n for n in names if n in failed] or names
       report.snippet = _snippet.reproduction(
           primitive, operands, params, seed=seed, checks=rerun, steps=steps,
-          n_state=n_states, devices=devices, fast=fast, rtol=rtol, atol=atol)
+          n_state=n_states, devices=devices, fast=fast, rtol=rtol, atol=atol,
+          x64=old_x64)
   return report
 
 

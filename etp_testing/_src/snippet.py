@@ -7,10 +7,13 @@ an ``.npz`` file in the temporary directory and loaded by the snippet.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import pickle
 import sys
 import tempfile
 
+import jax.numpy as jnp
 import numpy as np
 
 INLINE_LIMIT = 64  # elements; larger operands go to an .npz file
@@ -58,11 +61,96 @@ def _dtype_source(dtype) -> str:
   return f'{"np" if _is_numpy_dtype(dtype) else "jnp"}.{dtype.name}'
 
 
+def value_source(value) -> "str | None":
+  """Python source that evaluates to ``value`` in a snippet (which imports
+  ``np`` and ``jnp``), or ``None`` where there is no such literal (an enum,
+  a dataclass, a function).  ``repr`` is not it: it writes ``nan``,
+  ``dtype('float32')`` and ``<class 'numpy.float32'>``."""
+  kind = type(value)
+  if kind in (bool, int, str, bytes, type(None)):
+    return repr(value)
+  if kind is float:
+    return repr(value) if math.isfinite(value) else f'float({str(value)!r})'
+  if isinstance(value, np.generic) and value.dtype.kind in 'biuf':
+    inner = value_source(value.item())
+    return None if inner is None else f'{_dtype_source(value.dtype)}({inner})'
+  if isinstance(value, np.dtype):
+    return f'np.dtype({_dtype_source(value)})'
+  if isinstance(value, type):   # np.float32, jnp.bfloat16 (not the same)
+    name = getattr(value, '__name__', '')
+    for prefix, module in (('np', np), ('jnp', jnp)):
+      if name and getattr(module, name, None) is value:
+        return f'{prefix}.{name}'
+    return None
+  if kind in (tuple, list):
+    items = [value_source(v) for v in value]
+    if any(i is None for i in items):
+      return None
+    inner = ', '.join(items) + (',' if kind is tuple and len(items) == 1
+                                else '')
+    return f'({inner})' if kind is tuple else f'[{inner}]'
+  if kind is dict:
+    items = [(value_source(k), value_source(v)) for k, v in value.items()]
+    if any(k is None or v is None for k, v in items):
+      return None
+    return '{' + ', '.join(f'{k}: {v}' for k, v in items) + '}'
+  return None
+
+
+def _array_literal(a: np.ndarray) -> str:
+  values = a.tolist()
+  if a.dtype.kind == 'f' and not np.all(np.isfinite(a)):
+    values = value_source(values) if a.ndim else value_source(float(values))
+  else:
+    values = repr(values)
+  return f'np.array({values}, dtype={_dtype_source(a.dtype)})'
+
+
+def _params_source(params) -> tuple:
+  """``(kwargs, setup)``: the bind params as keyword arguments, each a
+  literal where one exists (:func:`value_source`); the rest (an enum, a
+  dataclass, a function) pickled to a file the snippet loads, or, where
+  they do not pickle either, a line that says which to set by hand."""
+  literal, other = {}, {}
+  for k, v in params.items():
+    source = value_source(v)
+    if source is None:
+      other[k] = v
+    else:
+      literal[k] = source
+  kwargs = ''.join(f', {k}={v}' for k, v in literal.items())
+  if not other:
+    return kwargs, []
+  by_hand = lambda why: [f'raise NotImplementedError({why!r})']
+  names = ', '.join(f'{k} = {v!r}' for k, v in other.items())
+  cannot = by_hand(f'the snippet cannot write the bind params {names}: put '
+                   'them here by hand')
+  # Pickled by reference, what a script defined is not there in a fresh
+  # process (as a primitive a script registered is not).
+  if any('__main__' in (getattr(v, '__module__', None),
+                        type(v).__module__) for v in other.values()):
+    return kwargs, cannot
+  try:
+    data = pickle.dumps(other)
+  except Exception:  # pylint: disable=broad-except  (a lambda, a closure)
+    return kwargs, cannot
+  path = os.path.join(tempfile.gettempdir(), 'etp_testing_params_'
+                      f'{hashlib.sha1(data).hexdigest()[:12]}.pkl')
+  try:
+    with open(path, 'wb') as f:
+      f.write(data)
+  except OSError as e:
+    return kwargs, by_hand(f'the bind params {", ".join(other)} could not '
+                           f'be saved ({e}): put them here by hand')
+  return kwargs + ', **params', [
+      'import pickle', f'with open({path!r}, "rb") as params_file:',
+      '  params = pickle.load(params_file)  # ' + ', '.join(other)]
+
+
 def _operand_source(operands):
   arrays = [np.asarray(o) for o in operands]
   if all(a.size <= INLINE_LIMIT for a in arrays):
-    return [f'np.array({a.tolist()!r}, dtype={_dtype_source(a.dtype)})'
-            for a in arrays], []
+    return [_array_literal(a) for a in arrays], []
   signature = repr([(a.shape, a.dtype.name) for a in arrays]).encode()
   digest = hashlib.sha1(b''.join([signature] + [a.tobytes() for a in arrays])
                         ).hexdigest()[:12]
@@ -82,12 +170,16 @@ def _operand_source(operands):
 
 
 def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
-                 devices='all', fast=None, rtol=None, atol=None) -> str:
+                 devices='all', fast=None, rtol=None, atol=None,
+                 x64=False) -> str:
   """Source that re-runs ``assert_rule_consistent`` on this case, with the
-  options it ran with (a case failed in fast mode re-runs in fast mode)."""
+  options it ran with (a case failed in fast mode re-runs in fast mode) and
+  ``jax_enable_x64`` on where it was (``x64``) or an operand is float64."""
   name = getattr(primitive, 'name', str(primitive))
   lines = ['import jax', 'import numpy as np', 'import etp', 'import etp_testing']
-  if not all(_is_numpy_dtype(np.asarray(o).dtype) for o in operands):
+  kwargs, params_setup = _params_source(params)
+  if not all(_is_numpy_dtype(np.asarray(o).dtype) for o in operands) or (
+      'jnp.' in kwargs):
     lines.insert(1, 'import jax.numpy as jnp  # bfloat16')
   registering = _registering_code(primitive)
   if registering:
@@ -95,7 +187,7 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   where = ('where the code that registers it has run' + (
       f' ({registering[1]} did not)' if registering else
       ' (in your script or session)'))
-  if any(np.asarray(o).dtype == np.float64 for o in operands):
+  if x64 or any(np.asarray(o).dtype == np.float64 for o in operands):
     lines.append("jax.config.update('jax_enable_x64', True)")
   ops, setup = _operand_source(operands)
   lines.extend(setup)
@@ -107,7 +199,7 @@ def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
   missing = f'{name} is not registered: run this {where}'
   lines.append(f'  raise LookupError({missing!r})')
   lines.append('operands = [' + ', '.join(ops) + ']')
-  kwargs = ''.join(f', {k}={v!r}' for k, v in params.items())
+  lines.extend(params_setup)
   # (value, default): only what differs from the default is written.
   options = {'devices': (devices, 'all'), 'fast': (fast, None),
              'rtol': (rtol, None), 'atol': (atol, None)}
