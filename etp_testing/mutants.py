@@ -8,7 +8,7 @@ checks must catch it, and a case that exposes it::
 
   for m in mutants.catalog():
     operands, params = m.case()
-    report = check_rules(m.primitive(), *operands, **params)
+    report = check_rules(m.primitive(), *operands, params=params)
     assert any(m.matches(o.name) for o in report.failures)
 
 Importing this module registers nothing; :meth:`Mutant.primitive` registers a

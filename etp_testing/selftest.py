@@ -245,7 +245,7 @@ def run_mutant(mutant, *, reduced: bool = False, checks=None, seed: int = 0,
   names = checks if checks is not None else checks_for(mutant, reduced)
   report = check_rules(prim, *operands, checks=names, seed=seed,
                        steps=steps or (2 if reduced else 3), n_state=n_state,
-                       devices=devices, fast=fast, **params)
+                       devices=devices, fast=fast, params=params)
   result.statuses, result.reasons = _statuses(report)
   result.durations = {o.name: round(o.duration_s, 3) for o in report.outcomes}
   result.verdict = _verdict(result.statuses, mutant.expected_checks)
@@ -298,7 +298,7 @@ def run_builtin(primitive, operands, params, *, checks='all', case_of='',
   start = time.perf_counter()
   report = check_rules(primitive, *operands, checks=checks, seed=seed,
                        steps=steps, n_state=n_state, devices=devices,
-                       fast=fast, **params)
+                       fast=fast, params=params)
   statuses, reasons = _statuses(report)
   return BuiltinResult(primitive=primitive.name, case_of=case_of,
                        statuses=statuses, reasons=reasons,

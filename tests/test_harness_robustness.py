@@ -794,6 +794,36 @@ def test_the_snippet_writes_params_of_any_kind():
          {'__name__': '__snippet__'})
 
 
+def test_bind_params_named_like_the_harness_s_options():
+  # A bind param named seed or steps was taken as the harness's option (the
+  # report said params {}) or, through hypothesis, the fixture and the
+  # plugin, raised a TypeError 180 lines long.
+  from hypothesis import strategies as st
+  prim = _negated_matmul_rules(etp.register_primitive(
+      _name('option_named'), _matmul_taking_any_params, batched=True,
+      trainable_invars_fn=lambda p: {'weight': 1}))
+  params = {'seed': 7, 'steps': 'many', 'scale': 2.0}
+  with pytest.raises(etp_testing.RuleConsistencyError) as info:
+    etp_testing.check_with_hypothesis(
+        prim, strategy=st.just((tuple(_operands()), params)), max_examples=1,
+        seed=0, checks=['xy_to_dw.vjp'])
+  report = info.value.report
+  assert report.params == params and report.seed == 0
+  assert [o.name for o in report.failures] == ['xy_to_dw.vjp']
+  assert "params={'seed': 7, 'steps': 'many', 'scale': 2.0}" in report.snippet
+  with pytest.raises(etp_testing.RuleConsistencyError) as again:
+    exec(compile(report.snippet, '<snippet>', 'exec'),
+         {'__name__': '__snippet__'})
+  assert again.value.report.params == params
+  # params= and keyword arguments together, but not the same one twice.
+  report = etp_testing.check_rules(prim, *_operands(), checks=['primitive.jit'],
+                                   params={'seed': 7}, scale=2.0)
+  assert report.passed and report.params == {'seed': 7, 'scale': 2.0}
+  with pytest.raises(TypeError, match=r"bind params \['scale'\] given both"):
+    etp_testing.check_rules(prim, *_operands(), params={'scale': 1.0},
+                            scale=2.0)
+
+
 def test_the_snippet_of_a_non_finite_operand_runs():
   # The operands error's snippet wrote np.array([nan, ...]).
   x, w = _operands()

@@ -447,7 +447,7 @@ def check_with_hypothesis(primitive, *, max_examples: Optional[int] = 20,
     report = check_rules(primitive, *operands, checks=checks,
                          seed=harness_seed, steps=steps, n_state=n_state,
                          devices=devices, fast=fast, rtol=rtol, atol=atol,
-                         **params)
+                         params=params)
     if report.failures:
       raise _ExampleFailed(report)
     example = summary.examples

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import jax
@@ -236,13 +237,36 @@ def recurrence_settings(steps, n_state) -> tuple:
   return tuple(int(n) for n in n_states)
 
 
+# The options of check_rules and assert_rule_consistent: a bind param of one
+# of these names can only be given through ``params=``.
+OPTION_NAMES = ('checks', 'rtol', 'atol', 'seed', 'steps', 'n_state',
+                'devices', 'fast', 'params')
+
+
+def bind_params(params, keyword_params) -> dict:
+  """The bind params: ``params`` (a mapping, or ``None``) and the
+  keyword arguments, which must not name the same param twice."""
+  if params is None:
+    return dict(keyword_params)
+  if not isinstance(params, Mapping):
+    raise TypeError(
+        f'{PREFIX}params={params!r}: give the bind params as a mapping '
+        '(params={...}); a bind param named params goes inside it')
+  both = sorted(set(params) & set(keyword_params))
+  if both:
+    raise TypeError(f'{PREFIX}bind params {both} given both in params= and '
+                    'as keyword arguments')
+  return {**params, **keyword_params}
+
+
 def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
                 seed: int = 0, steps: int = 3, n_state: Sequence[int] = (1, 2),
-                devices='all', fast=None,
-                **params) -> ConsistencyReport:
+                devices='all', fast=None, params: Optional[Mapping] = None,
+                **bind_kwargs) -> ConsistencyReport:
   """Like :func:`assert_rule_consistent`, but returns the report, never raises
   for failed checks (only for unknown check names, a primitive that is not
   an ETP one and ``saiunit`` quantities as operands)."""
+  params = bind_params(params, bind_kwargs)
   names = check_registry.select(checks)
   require_etp_primitive(primitive)
   n_states = recurrence_settings(steps, n_state)
@@ -299,14 +323,15 @@ def check_rules(primitive, *operands, checks='all', rtol=None, atol=None,
       report.snippet = _snippet.reproduction(
           primitive, operands, params, seed=seed, checks=rerun, steps=steps,
           n_state=n_states, devices=devices, fast=fast, rtol=rtol, atol=atol,
-          x64=old_x64)
+          x64=old_x64, option_names=OPTION_NAMES)
   return report
 
 
 def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
                            atol=None, seed: int = 0, steps: int = 3,
                            n_state: Sequence[int] = (1, 2), devices='all',
-                           fast=None, **params) -> ConsistencyReport:
+                           fast=None, params: Optional[Mapping] = None,
+                           **bind_kwargs) -> ConsistencyReport:
   """Proves an ETP primitive's rules right on one case, or says what is wrong.
 
   Args:
@@ -326,7 +351,10 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
     fast: random-projection mode (no full Jacobians, sampled anchors);
       ``None`` (default) turns it on above ``FAST_MODE_THRESHOLD`` Jacobian
       entries, ``True``/``False`` force it.
-    **params: the primitive's bind params.
+    params: the primitive's bind params as a mapping, for a param whose name
+      is one of these options' (``seed``, ``steps``, ``checks``, ...);
+      others may come as keyword arguments too.
+    **bind_kwargs: the primitive's bind params.
 
   Returns:
     The :class:`ConsistencyReport`: every check passed, measured or skipped,
@@ -345,7 +373,8 @@ def assert_rule_consistent(primitive, *operands, checks='all', rtol=None,
   """
   report = check_rules(primitive, *operands, checks=checks, rtol=rtol,
                        atol=atol, seed=seed, steps=steps, n_state=n_state,
-                       devices=devices, fast=fast, **params)
+                       devices=devices, fast=fast,
+                       params=bind_params(params, bind_kwargs))
   if report.failures:
     raise RuleConsistencyError(report.failure_message(), report)
   if not report.passed:

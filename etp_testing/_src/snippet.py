@@ -106,11 +106,13 @@ def _array_literal(a: np.ndarray) -> str:
   return f'np.array({values}, dtype={_dtype_source(a.dtype)})'
 
 
-def _params_source(params) -> tuple:
+def _params_source(params, option_names=()) -> tuple:
   """``(kwargs, setup)``: the bind params as keyword arguments, each a
   literal where one exists (:func:`value_source`); the rest (an enum, a
   dataclass, a function) pickled to a file the snippet loads, or, where
-  they do not pickle either, a line that says which to set by hand."""
+  they do not pickle either, a line that says which to set by hand.  Where
+  a param is named like an option of ``assert_rule_consistent``
+  (``option_names``: ``seed``, ``steps``...), all go in ``params=``."""
   literal, other = {}, {}
   for k, v in params.items():
     source = value_source(v)
@@ -118,7 +120,13 @@ def _params_source(params) -> tuple:
       other[k] = v
     else:
       literal[k] = source
-  kwargs = ''.join(f', {k}={v}' for k, v in literal.items())
+  if set(params) & set(option_names):
+    kwargs = ', params={' + ', '.join(f'{k!r}: {v}' for k, v in
+                                      literal.items())
+    kwargs += ', **params}' if other else '}'
+  else:
+    kwargs = ''.join(f', {k}={v}' for k, v in literal.items())
+    kwargs += ', **params' if other else ''
   if not other:
     return kwargs, []
   by_hand = lambda why: [f'raise NotImplementedError({why!r})']
@@ -142,7 +150,7 @@ def _params_source(params) -> tuple:
   except OSError as e:
     return kwargs, by_hand(f'the bind params {", ".join(other)} could not '
                            f'be saved ({e}): put them here by hand')
-  return kwargs + ', **params', [
+  return kwargs, [
       'import pickle', f'with open({path!r}, "rb") as params_file:',
       '  params = pickle.load(params_file)  # ' + ', '.join(other)]
 
@@ -171,13 +179,13 @@ def _operand_source(operands):
 
 def reproduction(primitive, operands, params, *, seed, checks, steps, n_state,
                  devices='all', fast=None, rtol=None, atol=None,
-                 x64=False) -> str:
+                 x64=False, option_names=()) -> str:
   """Source that re-runs ``assert_rule_consistent`` on this case, with the
   options it ran with (a case failed in fast mode re-runs in fast mode) and
   ``jax_enable_x64`` on where it was (``x64``) or an operand is float64."""
   name = getattr(primitive, 'name', str(primitive))
   lines = ['import jax', 'import numpy as np', 'import etp', 'import etp_testing']
-  kwargs, params_setup = _params_source(params)
+  kwargs, params_setup = _params_source(params, option_names)
   if not all(_is_numpy_dtype(np.asarray(o).dtype) for o in operands) or (
       'jnp.' in kwargs):
     lines.insert(1, 'import jax.numpy as jnp  # bfloat16')
