@@ -824,6 +824,25 @@ def test_bind_params_named_like_the_harness_s_options():
                             scale=2.0)
 
 
+def test_reports_are_strict_json():
+  # An overflowing case's errors and a NaN param were written as Infinity
+  # and NaN, which jq and JavaScript refuse.
+  def refuse(constant):
+    raise ValueError(f'not JSON: {constant}')
+  prim = _negated_matmul_rules(etp.register_primitive(
+      _name('nan_param'), _matmul_taking_any_params, batched=True,
+      trainable_invars_fn=lambda p: {'weight': 1}))
+  report = etp_testing.check_rules(prim, *_operands(), eps=float('nan'),
+                                   checks=['xy_to_dw.vjp'])
+  data = json.loads(report.to_json(), parse_constant=refuse)
+  assert data['params'] == {'eps': 'nan'}
+  from etp_testing._src.report import strict_json_data
+  assert strict_json_data({'a': [float('inf'), 1.0, (float('nan'),)]}) == {
+      'a': ['inf', 1.0, ['nan']]}
+  with pytest.raises(ValueError, match='not JSON'):
+    json.loads(json.dumps({'e': float('inf')}), parse_constant=refuse)
+
+
 def test_the_snippet_of_a_non_finite_operand_runs():
   # The operands error's snippet wrote np.array([nan, ...]).
   x, w = _operands()

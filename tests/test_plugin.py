@@ -456,6 +456,51 @@ def test_disabled_with_no_etp(tmp_path):
   assert 'unrecognized arguments: --etp-check' in proc.stderr
 
 
+VACUOUS_CONFTEST = USER_CONFTEST.format(broken=False) + textwrap.dedent('''
+    import numpy as np
+
+    # x = 0 on every case: the weight's gradient vanishes, and nothing of
+    # its rules is checked.
+    vac = etp.register_primitive('user_vacuous_mul', lambda x, w: x * w,
+                                 trainable_invars_fn=lambda p: {'weight': 1})
+    vac.register_etp_rules(
+        xy_to_dw=lambda x, g, w: {'weight': (x * g).astype(w['weight'].dtype)},
+        yw_to_w=lambda g, t: {'weight': g * t['weight']},
+        init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(
+            x, y, w, n, batched=False),
+        init_pp=rule_util.pp_trace)
+
+    def zero_x():
+      from hypothesis import strategies as st
+      from etp_testing.strategies import arrays_of, dims
+      @st.composite
+      def draw(draw):
+        n = draw(dims())
+        return ((np.zeros((n,), np.float32),
+                 draw(arrays_of((n,), 'float32'))), {})
+      return draw()
+
+    etp_testing.register_strategy(vac, zero_x())
+    ''')
+
+
+def test_the_report_keeps_the_warnings_about_a_case(tmp_path):
+  # A VacuousCaseWarning was a Python warning only: not in the JSON report,
+  # and without the case it was about.
+  proc = _run(tmp_path, '--etp-check', '--etp-primitives', 'user_*',
+              '--etp-checks', 'xy_to_dw.vjp', '-p', 'no:cacheprovider',
+              f'--etp-compile-cache={_XLA_CACHE}', '--etp-report',
+              str(tmp_path / 'r.json'), conftest=VACUOUS_CONFTEST)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'VacuousCaseWarning' in proc.stdout   # pytest's summary still
+  records = json.loads((tmp_path / 'r.json').read_text())['primitives']
+  warned = records['user_vacuous_mul']['xy_to_dw.vjp']['warnings']
+  assert warned and all(
+      'every gradient comparison of weight was zero against zero' in w and
+      '(the case: operands float32[' in w for w in warned), warned
+  assert records['user_scaled_mm']['xy_to_dw.vjp']['warnings'] == []
+
+
 def test_xdist_gives_the_same_outcome(tmp_path):
   """Under -n, the outcome is the same, and a worker leaves GPU memory to
   the others (a user's test beside the battery reads the setting)."""

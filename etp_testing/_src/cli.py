@@ -151,7 +151,9 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   import etp
   import etp_testing
-  from etp_testing._src import compilations, matrix, report_file, strategies
+  from etp_testing._src import (compilations, matrix, report_file,
+                                strategies)
+  from etp_testing._src import report as report_mod
   from etp_testing._src.errors import PREFIX, describe_exception
   from etp_testing._src.checks import registry as check_registry
   try:
@@ -187,10 +189,13 @@ def main(argv=None) -> int:
       if strategies.strategy_for(prim) is None:
         unchecked.append(prim.name)
         continue
+      warned = []
       try:
-        summary = etp_testing.check_with_hypothesis(
-            prim, max_examples=args.examples, checks=checks, seed=args.seed,
-            devices=args.devices, fast=True if args.fast else None)
+        with report_file.recording_warnings() as warned:
+          summary = etp_testing.check_with_hypothesis(
+              prim, max_examples=args.examples, checks=checks,
+              seed=args.seed, devices=args.devices,
+              fast=True if args.fast else None)
       except Exception as e:  # pylint: disable=broad-except
         # A rule failure (failed cells), or a strategy's or the harness's
         # own error (error cells): noted, and on to the next primitive.
@@ -203,7 +208,7 @@ def main(argv=None) -> int:
       else:
         found = report_file.summary_records(summary, args.seed)
       for name, record in found.items():
-        records[(prim.name, name)] = record
+        records[(prim.name, name)] = {**record, 'warnings': warned}
         results[(prim.name, name)] = (record['status'],
                                       record.get('max_rel_err'))
   print(matrix.render(results, check_registry.check_names()))
@@ -224,7 +229,8 @@ def main(argv=None) -> int:
         compiled=programs.count, loaded=programs.loaded, unchecked=unchecked,
         failures=failures)
     with open(args.report, 'w') as f:
-      json.dump(data, f, indent=2, default=str)
+      json.dump(report_mod.strict_json_data(data), f, indent=2,
+                default=str)
   if failures:
     return 1
   if not any(status != 'skipped' for status, _ in results.values()):

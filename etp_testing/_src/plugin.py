@@ -26,6 +26,7 @@ import time
 import pytest
 
 from etp_testing._src import report_file
+from etp_testing._src.report import strict_json_data
 from etp_testing._src.cli import unmatched_primitives
 from etp_testing._src.errors import (MACHINERY, PREFIX, RuleConsistencyError,
                                      StrategyError, package_dirs)
@@ -170,7 +171,8 @@ class EtpCheckItem(pytest.Item):
     record = {'primitive': self.primitive.name, 'check': self.check,
               'seed': seed(config), 'examples': examples(config)}
     try:
-      with compilations.counting() as programs:
+      with compilations.counting() as programs, \
+          report_file.recording_warnings() as warned:
         try:
           summary = check_with_hypothesis(
               self.primitive, max_examples=examples(config),
@@ -178,11 +180,13 @@ class EtpCheckItem(pytest.Item):
               devices=config.getoption('etp_devices'),
               fast=True if config.getoption('etp_fast') else None)
         finally:
-          record.update(compiled=programs.count, loaded=programs.loaded)
+          record.update(compiled=programs.count, loaded=programs.loaded,
+                        warnings=warned)
     except Exception as e:
       record.update(report_file.failure_fields(self.check, e),
                     duration_s=time.perf_counter() - start)
-      self.user_properties.append((RESULT_KEY, json.dumps(record)))
+      self.user_properties.append(
+          (RESULT_KEY, json.dumps(strict_json_data(record))))
       raise
     result = summary.checks[self.check]
     record.update(status=result.status, duration_s=summary.duration_s,
@@ -191,7 +195,8 @@ class EtpCheckItem(pytest.Item):
                   tolerance_used=result.tolerance_used,
                   examples=summary.examples, skipped=result.skipped,
                   skip_reasons=result.skip_reasons)
-    self.user_properties.append((RESULT_KEY, json.dumps(record)))
+    self.user_properties.append(
+        (RESULT_KEY, json.dumps(strict_json_data(record))))
     if result.status == 'skipped':
       # pytest's -rs line names where the skip was raised (this file), not
       # the item: the reason names it.
@@ -383,7 +388,7 @@ class EtpCheckPlugin:
         compile_cache=self.compile_cache, compiled=compiled, loaded=loaded,
         unchecked=self.unchecked)
     with open(path, 'w') as f:
-      json.dump(data, f, indent=2, default=str)
+      json.dump(strict_json_data(data), f, indent=2, default=str)
 
 
 class EtpCheckFixture:

@@ -42,6 +42,19 @@ def _json_float(v):
   return v if math.isfinite(v) else repr(v)
 
 
+def strict_json_data(data):
+  """``data`` with every non-finite float written as :func:`_json_float`
+  writes it (``'inf'``, ``'nan'``): ``json.dumps`` would write ``Infinity``
+  and ``NaN``, which strict parsers (``jq``, JavaScript) refuse."""
+  if isinstance(data, float) and not math.isfinite(data):
+    return _json_float(data)
+  if isinstance(data, dict):
+    return {k: strict_json_data(v) for k, v in data.items()}
+  if isinstance(data, (list, tuple)):
+    return [strict_json_data(v) for v in data]
+  return data
+
+
 @dataclasses.dataclass
 class Finding:
   """One comparison (or structural problem) inside a check.
@@ -269,8 +282,9 @@ class ConsistencyReport:
     }
 
   def to_json(self, **kwargs) -> str:
-    """:meth:`to_dict` as JSON (``kwargs`` go to ``json.dumps``)."""
-    return json.dumps(self.to_dict(), **kwargs)
+    """:meth:`to_dict` as strict JSON (non-finite numbers as ``'inf'``,
+    ``'nan'``; ``kwargs`` go to ``json.dumps``)."""
+    return json.dumps(strict_json_data(self.to_dict()), **kwargs)
 
   def summary_line(self) -> str:
     """``<primitive>: N passed, M skipped, ...``: the outcomes counted by

@@ -7,22 +7,51 @@ examples (those asked for: a failing run stops at its first failing
 example, which hypothesis shrinks, and the message says after how many
 examples it failed), the seconds, the reasons it skipped (``[]`` for none), the XLA programs compiled and loaded (``None`` where
 they are not counted per check: ``etp-check`` runs every check of a
-primitive on each example, and counts its programs for the whole run) and a
-failure's message.  Beside them: the versions, devices, compiler options,
+primitive on each example, and counts its programs for the whole run), a
+failure's message and the harness's warnings about its cases
+(``VacuousCaseWarning``, ``ApproximateGradientWarning``; ``etp-check``
+gives each check of a primitive those of the whole primitive's run).  Beside them: the versions, devices, compiler options,
 totals per status and the run's compilations.
 """
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import warnings
 
-from etp_testing._src.errors import RuleConsistencyError, describe_exception
+from etp_testing._src.errors import (ApproximateGradientWarning,
+                                     RuleConsistencyError,
+                                     VacuousCaseWarning, describe_exception)
 
 VERSION = 1
 # A check's record, in this order.
 FIELDS = ('status', 'max_abs_err', 'max_rel_err', 'tolerance_used', 'seed',
           'examples', 'duration_s', 'skip_reasons', 'compiled', 'loaded',
-          'message')
+          'message', 'warnings')
+# The warnings a record keeps: what the harness says about a case that
+# passed (a vanishing gradient, an approximate one that never descends).
+RECORDED_WARNINGS = (VacuousCaseWarning, ApproximateGradientWarning)
+
+
+@contextlib.contextmanager
+def recording_warnings():
+  """Yields a list that, once the block ends, holds the messages of the
+  :data:`RECORDED_WARNINGS` it raised (each once, in order), for a record's
+  ``warnings``; every warning is raised again after it, for pytest's
+  summary or the terminal."""
+  messages, caught = [], []
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      for category in RECORDED_WARNINGS:   # each, not once per place
+        warnings.simplefilter('always', category)
+      yield messages
+  finally:
+    for w in caught:
+      if issubclass(w.category, RECORDED_WARNINGS) and (
+          str(w.message) not in messages):
+        messages.append(str(w.message))
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def failure_fields(check: str, error: Exception) -> dict:

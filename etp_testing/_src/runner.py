@@ -172,6 +172,14 @@ def _reject_quantities(name: str, operands) -> None:
           "'units' check covers the unit-aware functions.")
 
 
+def _case_words(report) -> str:
+  """The case a warning is about, as a failure's report gives it."""
+  operands = ', '.join(f"{o['dtype']}{list(o['shape'])}"
+                       for o in report.operands)
+  return (f'(the case: operands {operands}, params {report.params}, '
+          f'seed {report.seed})')
+
+
 def _warn_if_vacuous(report) -> None:
   """A :class:`VacuousCaseWarning` naming the keys whose every gradient
   comparison was zero against zero."""
@@ -182,7 +190,7 @@ def _warn_if_vacuous(report) -> None:
         f'{", ".join(keys)} was zero against zero on this case (the true '
         'gradient vanishes here, as for LoRA\'s lora_b with lora_a = 0), so '
         'the rules that compute it were not checked: give operands for which '
-        'it does not vanish'), stacklevel=3)
+        f'it does not vanish {_case_words(report)}'), stacklevel=3)
 
 
 def _warn_if_not_descending(report) -> None:
@@ -196,7 +204,7 @@ def _warn_if_not_descending(report) -> None:
         'makes a cosine of at most 0 with jax.grad\'s (see the drtrl '
         'findings): a step against it never lowers the loss, so training '
         'with it would not learn; look at the trace rules for these '
-        'weights'),
+        f'weights {_case_words(report)}'),
                   stacklevel=3)
 
 
