@@ -16,7 +16,7 @@ import re
 import pytest
 
 from etp_testing._src.cli import positive_int
-from etp_testing._src.errors import PREFIX
+from etp_testing._src.errors import PREFIX, RuleConsistencyError
 
 DEFAULT_EXAMPLES = 3
 RESULT_KEY = 'etp_check_result'
@@ -113,6 +113,27 @@ def pytest_xdist_auto_num_workers(config):
   from xdist.plugin import pytest_xdist_auto_num_workers as cpus
   from etp_testing._src.plugin import battery_primitive_count
   return max(1, min(cpus(config), battery_primitive_count(config)))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+  """A ``RuleConsistencyError`` in a user's own test (the ``etp_check``
+  fixture, ``assert_rule_consistent``, ``check_with_hypothesis``) is shown
+  as its message, as the battery's items show it: pytest's traceback
+  printed the harness's source (84 to 177 lines a failure) and put ``E``
+  before every line of the snippet, which then did not paste.  The crash
+  line names the test's own line; ``--fulltrace`` keeps the traceback."""
+  outcome = yield
+  report = outcome.get_result()
+  excinfo = call.excinfo
+  if (report.failed and excinfo is not None
+      and isinstance(excinfo.value, RuleConsistencyError)
+      and not item.config.getoption('fulltrace', False)
+      and not getattr(item, 'shows_rule_failures', False)):
+    from etp_testing._src.plugin import message_repr, user_frames
+    entry = user_frames(excinfo.traceback)[-1]
+    report.longrepr = message_repr(str(excinfo.value),
+                                   f'{entry.path}:{entry.lineno + 1}')
 
 
 @pytest.fixture

@@ -632,6 +632,41 @@ def test_fixture_and_marker(tmp_path):
   assert 'nothing was checked' in proc.stdout
 
 
+def test_a_rule_failure_in_a_user_s_test_shows_the_message(tmp_path):
+  """Through the etp_check fixture or check_with_hypothesis in a test of
+  one's own: pytest printed the harness's source (84 to 177 lines a
+  failure) and an 'E' before every line of the snippet."""
+  (tmp_path / 'test_mine.py').write_text(textwrap.dedent('''
+      import numpy as np
+      import etp, etp_testing
+
+      def test_fixture(etp_check):
+        x = np.ones((2, 3), np.float32)
+        w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+        prim = [p for p in etp.primitives() if p.name == 'user_scaled_mm'][0]
+        etp_check(prim, x, w, checks='xy_to_dw.vjp')
+
+      def test_hypothesis():
+        prim = [p for p in etp.primitives() if p.name == 'user_scaled_mm'][0]
+        etp_testing.check_with_hypothesis(prim, max_examples=2, seed=0,
+                                          checks=['xy_to_dw.vjp'])
+      '''))
+  for extra in ([], ['--fulltrace']):
+    proc = _run(tmp_path, '-p', 'no:cacheprovider', 'test_mine.py', *extra,
+                broken=True)
+    assert proc.returncode == 1 and '2 failed' in proc.stdout, proc.stdout
+    harness_source = 'def assert_rule_consistent' in proc.stdout
+    if extra:
+      assert harness_source   # --fulltrace: the whole traceback
+      continue
+    assert not harness_source, proc.stdout
+    assert proc.stdout.count('\nReproduce with:\nimport jax\n') == 2, (
+        proc.stdout)
+    assert 'E   ' not in proc.stdout, proc.stdout
+    assert proc.stdout.count('[etp_testing] user_scaled_mm failed 1 '
+                             'check(s): xy_to_dw.vjp') >= 2
+
+
 def _snippet(output: str) -> str:
   """The first reproduction snippet in ``output``: the lines after
   ``Reproduce with:`` up to a blank line or pytest's next section."""

@@ -157,6 +157,8 @@ def compile_totals(records) -> tuple:
 class EtpCheckItem(pytest.Item):
   """One check of one primitive over generated examples."""
 
+  shows_rule_failures = True   # repr_failure below: message only
+
   def __init__(self, *, primitive, check, **kwargs):
     super().__init__(**kwargs)
     self.primitive = primitive
