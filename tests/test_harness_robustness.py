@@ -16,7 +16,9 @@ import itertools
 import json
 import os
 import re
+import runpy
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -693,9 +695,10 @@ def test_the_snippet_says_when_its_primitive_is_not_registered():
   registry._forget(prim)
   with pytest.raises(LookupError) as lookup:
     exec(compile(snippet, '<snippet>', 'exec'), {'__name__': '__snippet__'})
+  # Registered inside a function of this module: importing it does not.
   assert str(lookup.value) == (
       f'{prim.name} is not registered: run this where the code that '
-      'registers it has run (in your script or session)')
+      'registers it has run (importing test_harness_robustness did not)')
 
 
 def test_saved_cases_of_the_same_bytes_in_other_shapes_do_not_collide():
@@ -1025,6 +1028,32 @@ def test_compare_reports_the_share_of_the_bound_the_error_took(use_chex):
   assert "the summed terms' 100, not the result's 2" in finding.describe()
   as_json = json.loads(json.dumps(finding.to_dict()))
   assert as_json['tolerance_used'] == pytest.approx(finding.tolerance_used)
+
+
+def test_snippet_registers_through_the_module_that_registered(tmp_path):
+  # The snippet imported the impl's module: `import functools` for a
+  # partial, a library's module for an impl taken from a library, and
+  # `import conftest` for tests/conftest.py, which no import finds from
+  # where the run ran.  It now imports (or runs) the registering module.
+  import functools
+  from etp_testing._src import snippet
+  prim = etp.register_primitive(_name('partial_impl'),
+                                functools.partial(dense._impl),
+                                batched=True,
+                                trainable_invars_fn=dense._trainable)
+  assert snippet._registering_code(prim)[0] == 'import test_harness_robustness'
+  conftest = tmp_path / 'tests' / 'conftest.py'
+  conftest.parent.mkdir()
+  conftest.write_text(textwrap.dedent(f'''
+      import etp
+      from etp._src import dense
+      prim = etp.register_primitive({_name('in_conftest')!r}, dense._impl,
+                                    batched=True,
+                                    trainable_invars_fn=dense._trainable)
+      '''))
+  namespace = runpy.run_path(str(conftest), run_name='conftest')
+  assert snippet._registering_code(namespace['prim'])[0] == (
+      f'import runpy; runpy.run_path({str(conftest)!r})')
 
 
 def test_snippet_imports_a_module_an_import_finder_knows(monkeypatch):

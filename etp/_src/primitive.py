@@ -24,6 +24,7 @@ and derives every rule JAX needs from it:
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import jax
@@ -294,6 +295,14 @@ def _eager_impl(impl_fn, *args, **params):
                    for a in args), **params)
 
 
+def _caller_module() -> tuple:
+  """``(module name, file)`` of the code that called ``register_primitive``
+  (a reproduction snippet imports or runs it, to register the primitive in
+  a fresh process; the impl's own module may be a library's)."""
+  frame = sys._getframe(2)   # pylint: disable=protected-access
+  return (frame.f_globals.get('__name__'), frame.f_globals.get('__file__'))
+
+
 def register_primitive(name: str, impl_fn: Callable[..., Any], *,
                        batched: bool = False, gradient_enabled: bool = False,
                        trainable_invars_fn: Optional[
@@ -357,6 +366,7 @@ def register_primitive(name: str, impl_fn: Callable[..., Any], *,
                       y_outvar_index=y_outvar_index,
                       multiple_results=multiple_results,
                       aux_invars_fn=aux_invars_fn or _no_invars)
+  prim.registered_by = _caller_module()
   prim.def_impl(functools.partial(_eager_impl, impl_fn))
   prim.def_abstract_eval(prim._abstract_eval)
   mlir.register_lowering(

@@ -21,17 +21,22 @@ INLINE_LIMIT = 64  # elements; larger operands go to an .npz file
 
 def _registering_code(primitive) -> "tuple[str, str] | None":
   """``(source, what)``: the line that registers ``primitive`` in a fresh
-  process, and the words for it.  ``import <module>`` of the module its
-  impl was defined in; a module that was run from a file under a name no
-  import finds (``etp-check --conftest PATH``) is run from its path.
-  ``None`` for a script, a session, or a built-in."""
-  impl = getattr(primitive, 'impl_fn', None)
-  module = getattr(impl, '__module__', None)
+  process, and the words for it.  ``import <module>`` of the module that
+  called ``register_primitive`` (not the impl's: that may be a library's,
+  or ``functools``' for a partial); a ``conftest.py``, or a module that was
+  run from a file under a name no import finds (``etp-check --conftest
+  PATH``), is run from its path.  ``None`` for a script, a session, or a
+  built-in."""
+  module, path = getattr(primitive, 'registered_by', None) or (None, None)
+  if module is None:   # made without register_primitive
+    impl = getattr(primitive, 'impl_fn', None)
+    module = getattr(impl, '__module__', None)
+    path = getattr(sys.modules.get(module), '__file__', None) or getattr(
+        getattr(impl, '__code__', None), 'co_filename', None)
   if not module or module == '__main__' or module.startswith('etp.'):
     return None
-  path = getattr(sys.modules.get(module), '__file__', None) or getattr(
-      getattr(impl, '__code__', None), 'co_filename', None)
-  if path and not _importable(module):
+  conftest = module.rpartition('.')[2] == 'conftest'
+  if path and (conftest or not _importable(module)):
     path = os.path.abspath(path)
     return f'import runpy; runpy.run_path({path!r})', f'running {path}'
   return f'import {module}', f'importing {module}'
