@@ -66,6 +66,15 @@ class TestRegistration:
     with pytest.raises(ValueError, match=f'{name}.*already registered'):
       etp.register_primitive(name, dense._impl)
 
+  @pytest.mark.parametrize('bad', ['odd::name', 'one:colon', 'br[0]',
+                                   'two words', 'tab\tname'])
+  def test_a_name_that_splits_a_test_id_is_rejected(self, bad):
+    # etp::<name>::<check>: --lf lost the failures of 'odd::name' and
+    # 'br[0]', and their printed ids selected nothing.
+    with pytest.raises(ValueError, match='not allowed in a name'):
+      etp.register_primitive(bad + _name('x'), dense._impl)
+    etp.register_primitive(_name('fine.name-1'), dense._impl)
+
   def test_rules_twice_need_replace(self):
     p = etp.register_primitive(_name('rules_twice'), dense._impl,
                                trainable_invars_fn=dense._trainable)

@@ -332,12 +332,21 @@ def register_primitive(name: str, impl_fn: Callable[..., Any], *,
     The new :class:`ETPPrimitive`, already in ``etp.primitives()``.
 
   Raises:
-    ValueError: the name is taken, or an index is invalid.
+    ValueError: the name is taken or holds ``:``, ``[``, ``]`` or white
+      space, or an index is invalid.
     TypeError: ``impl_fn`` or ``trainable_invars_fn`` is not callable.
   """
   if not isinstance(name, str) or not name:
     raise TypeError(f'{ERROR_PREFIX}a primitive name must be a non-empty str, '
                     f'got {name!r}.')
+  # The name is a part of pytest's node ids (etp::<name>::<check>), where
+  # these characters split or end a part: --lf lost such a primitive's
+  # failures, and its printed id did not select it.
+  unsafe = sorted({c for c in name if c in ':[]' or c.isspace()})
+  if unsafe:
+    raise ValueError(f'{ERROR_PREFIX}primitive name {name!r}: {unsafe} are '
+                     'not allowed in a name (the battery\'s test ids, '
+                     'etp::<name>::<check>, are split on them).')
   if registry.primitive_by_name(name) is not None:
     raise ValueError(f'{ERROR_PREFIX}an ETP primitive named {name!r} is already '
                      'registered; choose another name.')
