@@ -5,13 +5,15 @@ Per primitive and check, a record of :data:`FIELDS`: the status, the worst
 errors, the share of its bound the closest comparison took, the seed and
 examples (those asked for: a failing run stops at its first failing
 example, which hypothesis shrinks, and the message says after how many
-examples it failed), the seconds, the reasons it skipped (``[]`` for none), the XLA programs compiled and loaded (``None`` where
-they are not counted per check: ``etp-check`` runs every check of a
-primitive on each example, and counts its programs for the whole run), a
-failure's message and the harness's warnings about its cases
-(``VacuousCaseWarning``, ``ApproximateGradientWarning``; ``etp-check``
-gives each check of a primitive those of the whole primitive's run).  Beside them: the versions, devices, compiler options,
-totals per status and the run's compilations.
+examples it failed), the seconds, the reasons it skipped (``[]`` for
+none), the XLA programs compiled and loaded (``None`` where they are not
+counted per check: ``etp-check`` runs every check of a primitive on each
+example, and counts its programs for the whole run), a failure's message
+and the harness's warnings about its cases (``VacuousCaseWarning``,
+``ApproximateGradientWarning``; ``etp-check`` gives each check of a
+primitive those of the whole primitive's run).  Beside them: the versions,
+devices, compiler options, totals per status and the run's compilations.
+Non-finite numbers are written ``"inf"``, ``"nan"`` (strict JSON).
 """
 
 from __future__ import annotations

@@ -339,10 +339,12 @@ def check_jvp(ctx):
       ctx.skip(f'{ctx.name} has a non-floating output ({y.dtype})')
     # Each direction sized to its operand (tolerances.fd_step_scale), so the
     # differences' step is too.
+    # (Scaled as they are drawn, on the host: eager JAX arithmetic would
+    # compile per shape.)
     step = [tolerances.fd_step_scale(ops[i]) for i in diff]
-    tangents = [s * ctx.normal(f'primitive.jvp.v{i}', ops[i].shape,
-                               jnp.float64) for s, i in zip(step, diff)]
-    w = [s * ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float64)
+    tangents = [ctx.normal(f'primitive.jvp.v{i}', ops[i].shape, jnp.float64,
+                           scale=s) for s, i in zip(step, diff)]
+    w = [ctx.normal(f'primitive.jvp.w{i}', t.shape, jnp.float64, scale=s)
          for s, i, t in zip(step, diff, tangents)]
     us = [ctx.normal(f'primitive.jvp.1.u{k}', y.shape, jnp.float64)
           for k in range(DOT_PRODUCT_DIRECTIONS)]
