@@ -850,9 +850,10 @@ def test_anchor_catches_weight_shaped_trace_for_non_anchored_weight():
                 'drtrl', 'lora_b')
 
 
-def _approximate_lora(lora_b_link):
-  """LoRA with ``lora_b`` declared approximate: its trace is weight-shaped
-  (no output positions), carried by ``lora_b_link(g, trace)``."""
+def _approximate_lora(lora_b_link, declared='lora_b'):
+  """LoRA with ``declared`` declared approximate (meant: ``lora_b``, whose
+  trace is weight-shaped, without output positions, and carried by
+  ``lora_b_link(g, trace)``)."""
   prim = etp.register_primitive(f'approx_lora_{next(_ids)}', lora._impl,
                                 batched=True, trainable_invars_fn=lora._trainable)
   prim.register_etp_rules(
@@ -862,7 +863,7 @@ def _approximate_lora(lora_b_link):
       xy_to_dw=lora._xy_to_dw,
       init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
                                                                    True),
-      init_pp=rule_util.pp_trace, approximate=('lora_b',))
+      init_pp=rule_util.pp_trace, approximate=(declared,))
   return prim
 
 
@@ -871,16 +872,7 @@ def test_anchor_names_an_approximate_declaration_that_names_no_weight(
     declared):
   # A typo in approximate= was accepted silently, and the failure then told
   # the user to declare the weight approximate, which they thought they had.
-  prim = etp.register_primitive(f'approx_typo_{next(_ids)}', lora._impl,
-                                batched=True, trainable_invars_fn=lora._trainable)
-  prim.register_etp_rules(
-      yw_to_w=lambda g, t, *, alpha, has_bias: {
-          'lora_b': _mean_link(g, t['lora_b']),
-          'lora_a': g[..., None, :] * t['lora_a']},
-      xy_to_dw=lora._xy_to_dw,
-      init_drtrl=lambda x, y, w, n: rule_util.weight_shaped_traces(x, y, w, n,
-                                                                   True),
-      init_pp=rule_util.pp_trace, approximate=(declared,))
+  prim = _approximate_lora(_mean_link, declared)
   outcome = run(prim, 'yw_to_w.anchor', X, W[:, :2], W[:2], alpha=0.5,
                 has_bias=False)
   if declared == 'lora_b':
