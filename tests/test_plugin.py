@@ -497,7 +497,7 @@ def test_the_report_keeps_the_warnings_about_a_case(tmp_path):
   warned = records['user_vacuous_mul']['xy_to_dw.vjp']['warnings']
   assert warned and all(
       'every gradient comparison of weight was zero against zero' in w and
-      '(the case: operands float32[' in w for w in warned), warned
+      "(the case: params {}, operands float32[" in w for w in warned), warned
   assert records['user_scaled_mm']['xy_to_dw.vjp']['warnings'] == []
 
 

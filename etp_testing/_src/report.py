@@ -295,9 +295,9 @@ class ConsistencyReport:
     return f'{self.primitive}: ' + ', '.join(
         f'{n} {s}' for s, n in sorted(counts.items()))
 
-  def _case_line(self) -> str:
+  def case_line(self) -> str:
     """The case under test: params, operand dtypes and shapes, seed."""
-    return (f'  params {self.params}, operands '
+    return (f'params {self.params}, operands '
             + ', '.join(f"{o['dtype']}{list(o['shape'])}"
                         for o in self.operands) + f', seed {self.seed}')
 
@@ -312,7 +312,7 @@ class ConsistencyReport:
     failed = self.failures
     names = ', '.join(o.name for o in failed)
     lines = [f'[etp_testing] {self.primitive} failed {len(failed)} check(s): '
-             f'{names}', self._case_line()]
+             f'{names}', '  ' + self.case_line()]
     for o in failed:
       lines.append(f'- {o.name} ({o.status})'
                    + (f': {o.reason}' if o.reason else ''))
@@ -331,7 +331,7 @@ class ConsistencyReport:
     and why."""
     lines = [f'[etp_testing] {self.primitive}: nothing was checked: all '
              f'{len(self.outcomes)} selected check(s) were skipped',
-             self._case_line()]
+             '  ' + self.case_line()]
     lines.extend(f'- {o.name}: {o.reason}' for o in self.outcomes)
     return '\n'.join(lines)
 

@@ -173,11 +173,8 @@ def _reject_quantities(name: str, operands) -> None:
 
 
 def _case_words(report) -> str:
-  """The case a warning is about, as a failure's report gives it."""
-  operands = ', '.join(f"{o['dtype']}{list(o['shape'])}"
-                       for o in report.operands)
-  return (f'(the case: operands {operands}, params {report.params}, '
-          f'seed {report.seed})')
+  """The case a warning is about, as a failure's message gives it."""
+  return f'(the case: {report.case_line()})'
 
 
 def _warn_if_vacuous(report) -> None:
