@@ -846,9 +846,11 @@ def test_reports_are_strict_json():
     json.loads(json.dumps({'e': float('inf')}), parse_constant=refuse)
 
 
-def test_the_snippet_of_a_non_finite_operand_runs():
+@pytest.mark.parametrize('dtype', [np.float32, jnp.bfloat16],
+                         ids=lambda d: d.__name__)
+def test_the_snippet_of_a_non_finite_operand_runs(dtype):
   # The operands error's snippet wrote np.array([nan, ...]).
-  x, w = _operands()
+  x, w = _operands(dtype=dtype)
   x[0, 0], x[1, 1] = np.nan, -np.inf
   with pytest.raises(etp_testing.RuleConsistencyError) as info:
     etp_testing.assert_rule_consistent(etp.etp_mm_p, x, w, has_bias=False)

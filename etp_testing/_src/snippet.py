@@ -103,12 +103,9 @@ def value_source(value) -> "str | None":
 
 
 def _array_literal(a: np.ndarray) -> str:
-  values = a.tolist()
-  if a.dtype.kind == 'f' and not np.all(np.isfinite(a)):
-    values = value_source(values) if a.ndim else value_source(float(values))
-  else:
-    values = repr(values)
-  return f'np.array({values}, dtype={_dtype_source(a.dtype)})'
+  values = a.tolist()   # Python numbers, bfloat16's too
+  source = value_source(values) or repr(values)   # (complex: refused anyway)
+  return f'np.array({source}, dtype={_dtype_source(a.dtype)})'
 
 
 def _params_source(params, option_names=()) -> tuple:
